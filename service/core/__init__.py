@@ -1,0 +1,1 @@
+"""The domain: records, rules and errors. No FastAPI, no torch, no database."""

@@ -1,0 +1,18 @@
+"""Prefixed, unguessable resource ids (``model_``, ``ds_``, ``job_``, ``art_``), as Stripe and OpenAI use."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+PREFIXES = {"model": "model", "dataset": "ds", "job": "job", "artifact": "art"}
+
+
+def new_id(kind: str) -> str:
+    # 20 random base32-ish characters: ~100 bits, URL-safe and case-insensitive-friendly.
+    return f"{PREFIXES[kind]}_{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    """Unix seconds, the contract's time unit."""
+    return int(time.time())

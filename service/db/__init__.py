@@ -1,0 +1,1 @@
+"""Persistence: sqlmodel tables, the engine/session factory, and Alembic migrations (applied at start)."""

@@ -1,0 +1,115 @@
+"""Tables. The job row is the single source of truth for a job's state; the queue only carries ids.
+
+Every resource row carries ``tenant``; every query filters on it, so another tenant's id is simply not found.
+``seq`` is an internal, monotonically increasing key used for stable cursor pagination (``?after=<id>``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Text
+from sqlmodel import Field, SQLModel
+
+
+class ModelRow(SQLModel, table=True):
+    __tablename__ = "models"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    name: str = Field(max_length=256)
+    architecture: str | None = Field(default=None, max_length=256)
+    num_parameters: int = Field(default=0, sa_type=BigInteger)
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    status: str = Field(default="ready", max_length=32)
+    files: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: int
+
+
+class DatasetRow(SQLModel, table=True):
+    __tablename__ = "datasets"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    name: str = Field(max_length=256)
+    kind: str = Field(max_length=32)
+    num_records: int = 0
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    sha256: str = Field(max_length=64)
+    status: str = Field(default="ready", max_length=32)
+    created_at: int
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_tenant_status", "tenant", "status"),)
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    name: str | None = Field(default=None, max_length=256)
+    method: str = Field(max_length=32)
+    status: str = Field(default="queued", index=True, max_length=32)
+    stage: str | None = Field(default=None, max_length=32)
+    base_model: str = Field(max_length=64)
+    datasets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    init_adapter: str | None = Field(default=None, max_length=64)
+    reward_model: str | None = Field(default=None, max_length=64)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    lora: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    seed: int = 0
+    progress: float = 0.0
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    # Cancellation is a flag on the row, so it works whichever process runs the job.
+    cancel_requested: bool = False
+    # Lease: the runner that owns the job, its fencing token, and when the lease lapses.
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_token: int = 0
+    lease_expires_at: float | None = None
+    attempts: int = 0
+
+
+class ArtifactRow(SQLModel, table=True):
+    __tablename__ = "artifacts"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    job_id: str = Field(index=True, max_length=64)
+    stage: str | None = Field(default=None, max_length=32)
+    kind: str = Field(max_length=32)
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    sha256: str = Field(max_length=64)
+    storage_key: str = Field(max_length=512)
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    created_at: int
+
+
+class JobEventRow(SQLModel, table=True):
+    __tablename__ = "job_events"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=64)
+    created_at: int
+    level: str = Field(default="info", max_length=16)
+    stage: str | None = Field(default=None, max_length=32)
+    message: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class JobMetricRow(SQLModel, table=True):
+    __tablename__ = "job_metrics"
+    __table_args__ = (Index("ix_job_metrics_job_seq", "job_id", "seq"),)
+
+    seq: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(max_length=64)
+    stage: str | None = Field(default=None, max_length=32)
+    step: int
+    name: str = Field(max_length=64)
+    value: float
+    created_at: int

@@ -1,0 +1,81 @@
+"""All configuration, read once from ``ALIGND_*`` environment variables and passed down explicitly.
+
+Nothing below this module reads the environment: the app factory, the worker and the runner all take a
+``Settings`` object, so tests build as many differently-configured servers as they like in one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TENANT = "default"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
+
+    data_dir: Path = Field(Path(".alignd"), description="Local state: SQLite file, artifacts, work dirs.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    storage_url: str | None = Field(
+        None, description="file:///abs/path or s3://bucket/prefix; default data_dir/storage."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint for MinIO and other S3-compatible stores."
+    )
+    s3_presign: bool = Field(False, description="Answer artifact downloads with 307 to a presigned URL.")
+    queue: Literal["inline", "arq"] = Field("inline", description="inline: in-process; arq: Redis workers.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the arq queue.")
+    api_keys: SecretStr | None = Field(
+        None, description="'tenant-a:key1,tenant-b:key2'. Unset: single tenant, no auth, loopback only."
+    )
+    max_dataset_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload accepted.")
+    max_model_bytes: int = Field(64 << 30, ge=1, description="Largest model upload accepted (all files).")
+    worker_concurrency: int = Field(1, ge=1, description="Jobs run at once by one worker / embedded server.")
+    cancel_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM -> SIGKILL delay on cancel.")
+    training_python: str | None = Field(
+        None, description="Python executable for the training child; default the server's own."
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch threads in the training child.")
+    log_level: str = Field("INFO")
+    log_json: bool = Field(False, description="One JSON object per log line (production).")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'alignd.db'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir / "storage").as_uri()
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for the runner: materialised inputs and the child's outputs."""
+        return self.data_dir / "work"
+
+    def tenant_keys(self) -> dict[str, str]:
+        """API key -> tenant. Empty when auth is off."""
+        if self.api_keys is None:
+            return {}
+        keys: dict[str, str] = {}
+        for entry in self.api_keys.get_secret_value().split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            tenant, sep, key = entry.partition(":")
+            if not sep or not tenant.strip() or not key.strip():
+                raise ValueError("ALIGND_API_KEYS entries must look like 'tenant:key'")
+            keys[key.strip()] = tenant.strip()
+        return keys
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.tenant_keys())

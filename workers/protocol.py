@@ -1,0 +1,114 @@
+"""The contract between the runner (parent, no torch) and the training child (``python -m workers.training``).
+
+Parent -> child: a JSON file, :class:`TrainingSpec`, whose path is the child's only argument. Every path in it
+is local and absolute; the runner has already fetched the base model, datasets and input adapters from storage.
+
+Child -> parent: one JSON object per line on the child's **stdout**, which carries nothing else (the child
+points ``sys.stdout`` at stderr at start, so library prints cannot corrupt the stream). Lines:
+
+- ``{"type": "event", "level": "info"|"warning"|"error", "stage": str, "message": str}``
+- ``{"type": "metric", "stage": str, "step": int, "values": {name: float, ...}}``
+- ``{"type": "progress", "stage": str, "progress": float}``  (0..1 over the whole job)
+- ``{"type": "artifact", "stage": str, "kind": "adapter"|"reward_model"|"model_card"|"checkpoint",
+  "path": str, "metadata": {...}}``  (a folder whose files become the artifact's .tar.gz root)
+- ``{"type": "error", "code": str, "message": str}``  (then the child exits non-zero)
+
+Exit status 0 means every artifact line has been written; anything else is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ArtifactKind = Literal["adapter", "reward_model", "model_card", "checkpoint"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelRef(_Spec):
+    id: str
+    name: str
+    path: str = Field(description="Local folder holding config.json, *.safetensors and tokenizer files.")
+
+
+class DatasetRef(_Spec):
+    id: str
+    name: str
+    kind: str
+    sha256: str
+    num_records: int
+    path: str = Field(description="Local JSONL file, already validated at upload.")
+
+
+class AdapterRef(_Spec):
+    id: str
+    path: str = Field(description="Local folder with adapter_config.json and adapter_model.safetensors.")
+
+
+class TrainingSpec(_Spec):
+    job_id: str
+    method: str
+    base_model: BaseModelRef
+    datasets: dict[str, DatasetRef] = Field(description="Keyed by role, which is also the dataset kind.")
+    init_adapter: AdapterRef | None = None
+    reward_model: AdapterRef | None = None
+    lora: dict[str, Any] = Field(description="Resolved service.core.jobs.LoraSettings.")
+    hyperparameters: dict[str, Any] = Field(description="Resolved hyperparameters of the method.")
+    seed: int
+    output_dir: str = Field(description="Empty folder the child writes artifacts under.")
+    checkpoint_dir: str | None = Field(None, description="Where checkpoints go; a resume reads the newest.")
+
+    @classmethod
+    def read(cls, path: str) -> TrainingSpec:
+        with open(path, encoding="utf-8") as handle:
+            return cls.model_validate_json(handle.read())
+
+
+class ProgressWriter:
+    """Child side: writes protocol lines, flushed at once so the parent sees them as they happen."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def _emit(self, payload: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(payload, allow_nan=False, default=float) + "\n")
+        self._stream.flush()
+
+    def event(self, message: str, *, stage: str, level: str = "info") -> None:
+        self._emit({"type": "event", "level": level, "stage": stage, "message": message})
+
+    def metric(self, *, stage: str, step: int, values: dict[str, float]) -> None:
+        finite = {k: float(v) for k, v in values.items() if v == v and abs(float(v)) != float("inf")}
+        self._emit({"type": "metric", "stage": stage, "step": int(step), "values": finite})
+
+    def progress(self, fraction: float, *, stage: str) -> None:
+        self._emit({"type": "progress", "stage": stage, "progress": min(1.0, max(0.0, float(fraction)))})
+
+    def artifact(
+        self, path: str, *, stage: str, kind: ArtifactKind, metadata: dict[str, Any] | None = None
+    ) -> None:
+        self._emit(
+            {"type": "artifact", "stage": stage, "kind": kind, "path": path, "metadata": metadata or {}}
+        )
+
+    def error(self, message: str, *, code: str) -> None:
+        self._emit({"type": "error", "code": code, "message": message})
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """Parent side: one stdout line -> message dict, or None for a line that is not protocol."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(message, dict) or "type" not in message:
+        return None
+    return message
