@@ -1,0 +1,294 @@
+"""What the sync and the async client share: configuration, request building, response parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import httpx
+import pydantic
+
+from alignd._errors import APIResponseValidationError, make_status_error
+from alignd._retry import new_idempotency_key
+from alignd._version import __version__
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+DEFAULT_MAX_RETRIES = 2
+MAX_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+T = TypeVar("T", bound=pydantic.BaseModel)
+
+# One multipart part, as httpx takes it: (field name, (file name, open binary file, content type)).
+FilePart = tuple[str, tuple[str, IO[bytes], str]]
+# Opens the files of an upload afresh: called once per attempt so a retry re-sends every byte.
+FilesFactory = Callable[[], list[FilePart]]
+
+
+@dataclass
+class RequestOptions:
+    method: str
+    path: str
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    data: Mapping[str, Any] | None = None
+    files: FilesFactory | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | httpx.Timeout | None = None
+    max_retries: int | None = None
+    idempotency_key: str | None = None
+    follow_redirects: bool = False
+
+
+def resolve_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    return httpx.Timeout(float(timeout), connect=min(10.0, float(timeout)))
+
+
+class BaseClient:
+    """Configuration and pure helpers; no I/O here."""
+
+    base_url: str
+    api_key: str | None
+    timeout: httpx.Timeout
+    max_retries: int
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+        default_headers: Mapping[str, str] | None,
+    ) -> None:
+        if base_url is None:
+            base_url = os.environ.get("ALIGND_BASE_URL") or DEFAULT_BASE_URL
+        if api_key is None:
+            api_key = os.environ.get("ALIGND_API_KEY") or None
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = resolve_timeout(timeout)
+        self.max_retries = max_retries
+        self._default_headers = dict(default_headers or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    # -- request building -------------------------------------------------------------------------
+
+    def _headers(self, opts: RequestOptions, idempotency_key: str | None) -> dict[str, str]:
+        headers = {
+            "User-Agent": f"alignd-python/{__version__} python/{platform.python_version()}",
+            "Accept": "application/json",
+            **self._default_headers,
+        }
+        # Authorization goes on each API request, never into the httpx client's defaults, so a redirect
+        # to another host (a presigned storage URL) can never carry the key.
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        headers.update(opts.headers)
+        return headers
+
+    def _idempotency_key(self, opts: RequestOptions) -> str | None:
+        """One key per logical call, reused by each of its retries. Every POST carries one."""
+        if opts.idempotency_key is not None:
+            return opts.idempotency_key
+        if opts.method.upper() == "POST":
+            return new_idempotency_key()
+        return None
+
+    def _build_request(
+        self, http: httpx.Client | httpx.AsyncClient, opts: RequestOptions, idempotency_key: str | None
+    ) -> tuple[httpx.Request, list[IO[bytes]]]:
+        """Build one attempt's request; returns the files it opened so the caller closes them."""
+        opened: list[IO[bytes]] = []
+        files: list[FilePart] | None = None
+        if opts.files is not None:
+            files = opts.files()
+            opened = [part[1][1] for part in files]
+        try:
+            request = http.build_request(
+                opts.method,
+                self.base_url + opts.path,
+                params=_clean_params(opts.params),
+                json=opts.json,
+                data=dict(opts.data) if opts.data is not None else None,
+                files=files,
+                headers=self._headers(opts, idempotency_key),
+                timeout=resolve_timeout(opts.timeout) if opts.timeout is not None else self.timeout,
+            )
+        except BaseException:
+            close_all(opened)
+            raise
+        return request, opened
+
+    def _redirect_request(self, response: httpx.Response) -> httpx.Request | None:
+        """The request to follow a redirect with, or None when it is not one we follow.
+
+        Same origin: the original headers. Any other origin (a presigned URL): no Authorization and no
+        Idempotency-Key; the URL carries its own credentials.
+        """
+        if response.status_code not in REDIRECT_STATUSES or "location" not in response.headers:
+            return None
+        original = response.request
+        target = original.url.join(response.headers["location"])
+        same_origin = (target.scheme, target.host, target.port) == (
+            original.url.scheme,
+            original.url.host,
+            original.url.port,
+        )
+        headers = httpx.Headers(original.headers)
+        headers.pop("host", None)
+        if not same_origin:
+            for name in ("authorization", "idempotency-key", "cookie"):
+                headers.pop(name, None)
+        method = original.method if response.status_code in (307, 308) else "GET"
+        return httpx.Request(
+            method, target, headers=headers, extensions={"timeout": original.extensions.get("timeout")}
+        )
+
+    # -- response parsing -------------------------------------------------------------------------
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise APIResponseValidationError(
+                f"Expected JSON from {response.request.method} {response.request.url.path}, got "
+                f"{response.headers.get('content-type', 'no content type')}",
+                response=response,
+            ) from exc
+
+    @classmethod
+    def _parse(cls, response: httpx.Response, model: type[T]) -> T:
+        body = cls._json(response)
+        try:
+            return model.model_validate(body)
+        except pydantic.ValidationError as exc:
+            raise APIResponseValidationError(
+                f"Unexpected {model.__name__} from {response.request.url.path}: {exc}", response=response
+            ) from exc
+
+    @classmethod
+    def _parse_list(cls, response: httpx.Response, model: type[T]) -> tuple[list[T], bool]:
+        body = cls._json(response)
+        raw = body.get("data") if isinstance(body, dict) else body
+        if not isinstance(raw, list):
+            raise APIResponseValidationError(
+                f"Expected a list envelope from {response.request.url.path}", response=response
+            )
+        try:
+            items = [model.model_validate(item) for item in raw]
+        except pydantic.ValidationError as exc:
+            raise APIResponseValidationError(
+                f"Unexpected {model.__name__} in list from {response.request.url.path}: {exc}",
+                response=response,
+            ) from exc
+        has_more = bool(body.get("has_more", False)) if isinstance(body, dict) else False
+        return items, has_more
+
+    @staticmethod
+    def _raise_for_status(response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            raise make_status_error(response)
+
+
+def _clean_params(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if params is None:
+        return None
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def close_all(files: Sequence[IO[bytes]]) -> None:
+    for handle in files:
+        with contextlib.suppress(Exception):
+            handle.close()
+
+
+def path_id(value: str) -> str:
+    """Refuse ids that would change the URL path (``/``, ``..``, empty)."""
+    if not value or "/" in value or value in (".", "..") or "?" in value or "#" in value:
+        raise ValueError(f"invalid id: {value!r}")
+    return value
+
+
+def model_folder_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The files to upload for a Hugging Face model folder: its top-level regular files, sorted.
+
+    Hidden files (``.gitattributes``...) and sub-folders are left out; the server decides what it accepts
+    (it refuses pickled weights with 422 ``unsafe_weights``).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a model folder: {root}")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no files in model folder {root}")
+    return files
+
+
+def model_files_factory(paths: Sequence[Path]) -> FilesFactory:
+    def open_parts() -> list[FilePart]:
+        parts: list[FilePart] = []
+        try:
+            for p in paths:
+                parts.append(("files", (p.name, p.open("rb"), "application/octet-stream")))
+        except BaseException:
+            close_all([part[1][1] for part in parts])
+            raise
+        return parts
+
+    return open_parts
+
+
+def dataset_file_factory(path: Path) -> FilesFactory:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such dataset file: {path}")
+
+    def open_parts() -> list[FilePart]:
+        return [("file", (path.name, path.open("rb"), "application/x-ndjson"))]
+
+    return open_parts
+
+
+def job_body(
+    *,
+    method: str,
+    base_model: str,
+    datasets: Mapping[str, str] | None,
+    init_adapter: str | None,
+    reward_model: str | None,
+    lora: Mapping[str, Any] | None,
+    hyperparameters: Mapping[str, Any] | None,
+    seed: int | None,
+    name: str | None,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"method": method, "base_model": base_model, "datasets": dict(datasets or {})}
+    optional = {
+        "init_adapter": init_adapter,
+        "reward_model": reward_model,
+        "lora": dict(lora) if lora is not None else None,
+        "hyperparameters": dict(hyperparameters) if hyperparameters is not None else None,
+        "seed": seed,
+        "name": name,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if extra:
+        body.update(extra)
+    return body

@@ -1,0 +1,17 @@
+"""One module per REST resource; each holds the sync class and its ``Async`` twin."""
+
+from alignd.resources.artifacts import Artifacts, AsyncArtifacts
+from alignd.resources.datasets import AsyncDatasets, Datasets
+from alignd.resources.jobs import AsyncJobs, Jobs
+from alignd.resources.models import AsyncModels, Models
+
+__all__ = [
+    "Artifacts",
+    "AsyncArtifacts",
+    "AsyncDatasets",
+    "AsyncJobs",
+    "AsyncModels",
+    "Datasets",
+    "Jobs",
+    "Models",
+]

@@ -1,0 +1,360 @@
+"""``/v1/jobs``: submit, list, get, cancel, wait (with live progress), events (SSE), metrics, artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, TextIO
+
+import httpx
+
+from alignd._base import RequestOptions, job_body, path_id
+from alignd._errors import APIConnectionError, JobFailedError, JobWaitTimeoutError
+from alignd._progress import ProgressLine
+from alignd._retry import backoff_delay
+from alignd._sse import ServerSentEvent, SSEDecoder
+from alignd.pagination import AsyncPage, AsyncPaginator, SyncPage
+from alignd.resources._resource import AsyncResource, SyncResource
+from alignd.types import Artifact, Job, JobEvent, Metric, MetricList
+
+# SSE: a quiet job may send nothing for minutes; a read timeout just means "reconnect".
+STREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=30.0)
+END_EVENTS = frozenset({"end", "done", "close", "eof"})
+SKIP_EVENTS = frozenset({"ping", "heartbeat", "keepalive"})
+
+
+def _event_from_sse(sse: ServerSentEvent) -> JobEvent:
+    try:
+        payload = json.loads(sse.data)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        event = JobEvent.model_validate(payload)
+        if event.id is None and sse.id is not None:
+            event.id = sse.id
+        return event
+    return JobEvent(id=sse.id, message=sse.data)
+
+
+def _stream_options(job_id: str, last_event_id: str | None) -> RequestOptions:
+    headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    return RequestOptions(
+        "GET", f"/v1/jobs/{path_id(job_id)}/events", headers=headers, timeout=STREAM_TIMEOUT, max_retries=0
+    )
+
+
+def _metrics_from(client_parse: Any, response: httpx.Response) -> MetricList:
+    rows, _ = client_parse(response, Metric)
+    return MetricList(rows)
+
+
+def _check_finished(job: Job, raise_on_failure: bool) -> Job:
+    if raise_on_failure and job.status in ("failed", "cancelled"):
+        raise JobFailedError(job)
+    return job
+
+
+class Jobs(SyncResource):
+    def create(
+        self,
+        *,
+        method: str,
+        base_model: str,
+        datasets: Mapping[str, str] | None = None,
+        init_adapter: str | None = None,
+        reward_model: str | None = None,
+        lora: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        name: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Submit a job (202 -> queued Job).
+
+        ``datasets`` maps a role to a dataset id: ``{"sft": "ds_..."}``; ``preference`` for reward_model and
+        dpo; ``prompts`` (+ ``reward_model``, an artifact id) for ppo; all three for rlhf.
+        """
+        body = job_body(
+            method=method,
+            base_model=base_model,
+            datasets=datasets,
+            init_adapter=init_adapter,
+            reward_model=reward_model,
+            lora=lora,
+            hyperparameters=hyperparameters,
+            seed=seed,
+            name=name,
+            extra=extra_body,
+        )
+        response = self._client._post("/v1/jobs", json=body, idempotency_key=idempotency_key)
+        return self._client._parse(response, Job)
+
+    def list(
+        self, *, status: str | None = None, limit: int | None = None, after: str | None = None
+    ) -> SyncPage[Job]:
+        response = self._client._get("/v1/jobs", params={"status": status, "limit": limit, "after": after})
+        data, has_more = self._client._parse_list(response, Job)
+        return SyncPage(
+            data=data,
+            has_more=has_more,
+            fetch=lambda cursor: self.list(status=status, limit=limit, after=cursor),
+        )
+
+    def get(self, job_id: str) -> Job:
+        return self._client._parse(self._client._get(f"/v1/jobs/{path_id(job_id)}"), Job)
+
+    retrieve = get
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job; ConflictError (409) once it has finished."""
+        return self._client._parse(self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel"), Job)
+
+    def events(self, job_id: str) -> builtins.list[JobEvent]:
+        """Every event so far (no streaming)."""
+        data, _ = self._client._parse_list(self._client._get(f"/v1/jobs/{path_id(job_id)}/events"), JobEvent)
+        return data
+
+    def metrics(self, job_id: str) -> MetricList:
+        """Every metric row so far; ``.as_dict()`` -> ``{name: {"step": [...], "value": [...]}}``."""
+        response = self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics")
+        return _metrics_from(self._client._parse_list, response)
+
+    def metrics_csv(self, job_id: str) -> str:
+        response = self._client._get(
+            f"/v1/jobs/{path_id(job_id)}/metrics", params={"format": "csv"}, headers={"Accept": "text/csv"}
+        )
+        return response.text
+
+    def artifacts(self, job_id: str) -> builtins.list[Artifact]:
+        data, _ = self._client._parse_list(
+            self._client._get(f"/v1/jobs/{path_id(job_id)}/artifacts"), Artifact
+        )
+        return data
+
+    def stream_events(
+        self, job_id: str, *, last_event_id: str | int | None = None, reconnect: bool = True
+    ) -> Iterator[JobEvent]:
+        """Yield the job's events live over SSE until the job ends.
+
+        A dropped connection is resumed with ``Last-Event-ID`` (so no event is lost or repeated); a stream
+        that ends while the job is still unfinished is resumed too. Gives up with APIConnectionError after
+        ``max_retries`` consecutive failed connection attempts.
+        """
+        last = None if last_event_id is None else str(last_event_id)
+        failures = 0
+        while True:
+            try:
+                with self._client.stream(_stream_options(job_id, last)) as response:
+                    failures = 0
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        if sse.id is not None:
+                            last = sse.id
+                        if sse.event in END_EVENTS:
+                            return
+                        if sse.event in SKIP_EVENTS or not sse.data:
+                            continue
+                        yield _event_from_sse(sse)
+            except (httpx.TransportError, APIConnectionError) as exc:
+                if not reconnect:
+                    raise APIConnectionError(f"Event stream of {job_id} broke: {exc}") from exc
+                failures += 1
+                if failures > self._client.max_retries:
+                    raise APIConnectionError(
+                        f"Event stream of {job_id} could not be resumed after {failures} attempts: {exc}"
+                    ) from exc
+                time.sleep(backoff_delay(failures - 1))
+                continue
+            if not reconnect or self.get(job_id).is_terminal:
+                return
+            time.sleep(0.5)
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        progress: bool = False,
+        raise_on_failure: bool = True,
+        progress_stream: TextIO | None = None,
+    ) -> Job:
+        """Poll until the job is ``succeeded`` (returned), ``failed`` or ``cancelled`` (JobFailedError).
+
+        ``progress=True`` draws one live line on stderr: stage, progress, latest loss/reward.
+        ``timeout`` (seconds) raises JobWaitTimeoutError; the job keeps running on the server.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        line = ProgressLine(progress_stream) if progress else None
+        try:
+            while True:
+                job = self.get(job_id)
+                if line is not None:
+                    metrics = self.metrics(job_id) if job.status != "queued" else None
+                    line.update(job, metrics)
+                if job.is_terminal:
+                    return _check_finished(job, raise_on_failure)
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise JobWaitTimeoutError(
+                            f"Job {job_id} still {job.status} after {timeout:g}s", job=job
+                        )
+                    time.sleep(min(poll_interval, remaining))
+                else:
+                    time.sleep(poll_interval)
+        finally:
+            if line is not None:
+                line.close()
+
+
+class AsyncJobs(AsyncResource):
+    async def create(
+        self,
+        *,
+        method: str,
+        base_model: str,
+        datasets: Mapping[str, str] | None = None,
+        init_adapter: str | None = None,
+        reward_model: str | None = None,
+        lora: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        name: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        body = job_body(
+            method=method,
+            base_model=base_model,
+            datasets=datasets,
+            init_adapter=init_adapter,
+            reward_model=reward_model,
+            lora=lora,
+            hyperparameters=hyperparameters,
+            seed=seed,
+            name=name,
+            extra=extra_body,
+        )
+        response = await self._client._post("/v1/jobs", json=body, idempotency_key=idempotency_key)
+        return self._client._parse(response, Job)
+
+    def list(
+        self, *, status: str | None = None, limit: int | None = None, after: str | None = None
+    ) -> AsyncPaginator[Job]:
+        async def first() -> AsyncPage[Job]:
+            return await self._page(status, limit, after)
+
+        return AsyncPaginator(first)
+
+    async def _page(self, status: str | None, limit: int | None, after: str | None) -> AsyncPage[Job]:
+        response = await self._client._get(
+            "/v1/jobs", params={"status": status, "limit": limit, "after": after}
+        )
+        data, has_more = self._client._parse_list(response, Job)
+        return AsyncPage(data=data, has_more=has_more, fetch=lambda cursor: self._page(status, limit, cursor))
+
+    async def get(self, job_id: str) -> Job:
+        return self._client._parse(await self._client._get(f"/v1/jobs/{path_id(job_id)}"), Job)
+
+    retrieve = get
+
+    async def cancel(self, job_id: str) -> Job:
+        return self._client._parse(await self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel"), Job)
+
+    async def events(self, job_id: str) -> builtins.list[JobEvent]:
+        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/events")
+        data, _ = self._client._parse_list(response, JobEvent)
+        return data
+
+    async def metrics(self, job_id: str) -> MetricList:
+        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics")
+        return _metrics_from(self._client._parse_list, response)
+
+    async def metrics_csv(self, job_id: str) -> str:
+        response = await self._client._get(
+            f"/v1/jobs/{path_id(job_id)}/metrics", params={"format": "csv"}, headers={"Accept": "text/csv"}
+        )
+        return response.text
+
+    async def artifacts(self, job_id: str) -> builtins.list[Artifact]:
+        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/artifacts")
+        data, _ = self._client._parse_list(response, Artifact)
+        return data
+
+    async def stream_events(
+        self, job_id: str, *, last_event_id: str | int | None = None, reconnect: bool = True
+    ) -> AsyncIterator[JobEvent]:
+        last = None if last_event_id is None else str(last_event_id)
+        failures = 0
+        while True:
+            try:
+                async with self._client.stream(_stream_options(job_id, last)) as response:
+                    failures = 0
+                    decoder = SSEDecoder()
+                    async for line in response.aiter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        if sse.id is not None:
+                            last = sse.id
+                        if sse.event in END_EVENTS:
+                            return
+                        if sse.event in SKIP_EVENTS or not sse.data:
+                            continue
+                        yield _event_from_sse(sse)
+            except (httpx.TransportError, APIConnectionError) as exc:
+                if not reconnect:
+                    raise APIConnectionError(f"Event stream of {job_id} broke: {exc}") from exc
+                failures += 1
+                if failures > self._client.max_retries:
+                    raise APIConnectionError(
+                        f"Event stream of {job_id} could not be resumed after {failures} attempts: {exc}"
+                    ) from exc
+                await asyncio.sleep(backoff_delay(failures - 1))
+                continue
+            if not reconnect or (await self.get(job_id)).is_terminal:
+                return
+            await asyncio.sleep(0.5)
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        progress: bool = False,
+        raise_on_failure: bool = True,
+        progress_stream: TextIO | None = None,
+    ) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        line = ProgressLine(progress_stream) if progress else None
+        try:
+            while True:
+                job = await self.get(job_id)
+                if line is not None:
+                    metrics = await self.metrics(job_id) if job.status != "queued" else None
+                    line.update(job, metrics)
+                if job.is_terminal:
+                    return _check_finished(job, raise_on_failure)
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise JobWaitTimeoutError(
+                            f"Job {job_id} still {job.status} after {timeout:g}s", job=job
+                        )
+                    await asyncio.sleep(min(poll_interval, remaining))
+                else:
+                    await asyncio.sleep(poll_interval)
+        finally:
+            if line is not None:
+                line.close()
