@@ -1,0 +1,335 @@
+"""Checks on an uploaded Hugging Face model folder, before anything is stored. No torch, no safetensors package.
+
+What we refuse and why:
+- file names that are not plain names (``invalid_filename``): they become paths in storage and in the
+  training child's folder, so ``../x``, ``a/b`` or hidden names could escape or shadow files;
+- pickle-based weights (``unsafe_weights``): loading a pickle runs arbitrary code;
+- executable-ish files such as ``.py`` and ``.so`` (``unsafe_file``): they only exist to be run (custom model
+  code); we never pass ``trust_remote_code``, so they are at best dead weight, at worst a trap for whoever
+  downloads the folder later;
+- ``auto_map`` in ``config.json`` or ``tokenizer_config.json`` (``remote_code_not_allowed``): the model needs
+  custom code to load;
+- a missing or unreadable ``config.json`` (``missing_config`` / ``invalid_config``), no ``*.safetensors``
+  (``missing_weights``), a corrupt safetensors header (``invalid_safetensors``), an index that names files that
+  were not uploaded (``missing_shard``) or is itself malformed (``invalid_index``).
+
+Other files (tokenizer files, ``generation_config.json``, chat templates, ``README.md``, licences, ...) are
+accepted as they are: they are data, read by tokenizers and templates, never executed.
+
+Safetensors headers are parsed by hand (8-byte little-endian header length, then a JSON header) with the same
+consistency rules the ``safetensors`` library enforces on load, so a file that passes here loads there. Only
+the header is read: memory and time do not grow with the weights' size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.core.errors import ValidationFailed
+
+__all__ = ["ModelCheck", "check_model_files", "inspect_model_files", "read_safetensors_header"]
+
+CONFIG_FILE = "config.json"
+INDEX_SUFFIX = ".safetensors.index.json"
+
+# Pickle-based formats (the ``.bin`` of ``pytorch_model.bin`` included): loading them executes code.
+UNSAFE_WEIGHT_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
+# Files that exist to be executed or imported.
+UNSAFE_FILE_SUFFIXES = frozenset(
+    {".py", ".pyc", ".pyo", ".pyd", ".so", ".dylib", ".dll", ".exe", ".sh", ".bat", ".cmd", ".ps1", ".jar"}
+)
+
+# Bits per element of every dtype the safetensors format defines (sub-byte float types included).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+
+# The safetensors library refuses headers above 100 MB; so do we (and we never read more than that).
+MAX_HEADER_BYTES = 100_000_000
+# config.json, tokenizer_config.json and index files are small; a cap keeps a hostile upload from
+# making us parse gigabytes of JSON.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What the API reports about an accepted model folder."""
+
+    architecture: str
+    model_type: str | None
+    num_parameters: int
+    size_bytes: int
+    weight_files: tuple[str, ...]
+    files: tuple[str, ...] = field(default=())
+
+
+def _fail(code: str, message: str, **detail: Any) -> ValidationFailed:
+    return ValidationFailed(message, code=code, details=[detail] if detail else None)
+
+
+def _check_filename(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise _fail("invalid_filename", "Every uploaded file needs a non-empty file name.")
+    bad = (
+        "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or name != name.strip()
+        or len(name.encode("utf-8", "surrogatepass")) > 255
+    )
+    if bad:
+        raise _fail(
+            "invalid_filename",
+            f"File name {name!r} is not allowed: use plain names (no slashes, no '..', no hidden names).",
+            filename=name,
+        )
+    return name
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def _load_json(name: str, path: Path, *, code: str) -> Any:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise _fail(code, f"{name} is too large ({size} bytes) to be a JSON config.", filename=name)
+    try:
+        with path.open("rb") as f:
+            return json.loads(f.read())
+    except (ValueError, RecursionError) as exc:
+        raise _fail(code, f"{name} is not valid JSON: {exc}", filename=name) from None
+
+
+def read_safetensors_header(
+    name: str, path: str | os.PathLike[str]
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Parse and check one safetensors file's header; return ``{tensor_name: (dtype, shape)}``.
+
+    Raises ``ValidationFailed`` with code ``invalid_safetensors`` naming the file and the problem.
+    """
+
+    def bad(why: str) -> ValidationFailed:
+        return _fail("invalid_safetensors", f"{name} is not a valid safetensors file: {why}.", filename=name)
+
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad("shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES:
+            raise bad(f"header length {n} is over the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > file_size:
+            raise bad(f"header length {n} runs past the end of the file ({file_size} bytes)")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise bad("truncated header")
+    if not raw.startswith(b"{"):
+        raise bad("the header does not start with '{'")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"the header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+
+    data_len = file_size - 8 - n
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise bad("__metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict):
+            raise bad(f"tensor {key!r}: expected an object")
+        dtype = info.get("dtype")
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise bad(f"tensor {key!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {key!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise bad(f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        numel = math.prod(shape)
+        nbits = numel * DTYPE_BITS[dtype]
+        if nbits % 8:
+            raise bad(f"tensor {key!r}: {numel} elements of {dtype} do not fill whole bytes")
+        if offsets[1] - offsets[0] != nbits // 8:
+            raise bad(
+                f"tensor {key!r}: {dtype} {shape} needs {nbits // 8} bytes, "
+                f"data_offsets span {offsets[1] - offsets[0]}"
+            )
+        tensors[key] = (dtype, tuple(shape))
+        spans.append((offsets[0], offsets[1], key))
+
+    # The tensors must tile the data area exactly: no gaps, no overlaps, nothing past the end (and no
+    # trailing bytes), as the safetensors library checks on load.
+    spans.sort()
+    pos = 0
+    for begin, end, key in spans:
+        if begin != pos:
+            raise bad(f"tensor {key!r}: data starts at {begin}, expected {pos} (gap or overlap)")
+        pos = end
+    if pos != data_len:
+        raise bad(f"the tensors cover {pos} bytes of data but the file holds {data_len}")
+    return tensors
+
+
+def _check_index(
+    name: str, path: Path, uploaded: set[str], headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
+) -> None:
+    index = _load_json(name, path, code="invalid_index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise _fail(
+            "invalid_index", f'{name} must have a "weight_map" of tensor names to file names.', filename=name
+        )
+    for shard in sorted(set(weight_map.values())):
+        if shard not in uploaded:
+            raise _fail(
+                "missing_shard",
+                f"{name} refers to {shard!r}, which was not uploaded.",
+                filename=name,
+                shard=shard,
+            )
+    for tensor, shard in weight_map.items():
+        shard_header = headers.get(shard)
+        if shard_header is None or tensor not in shard_header:
+            raise _fail(
+                "invalid_index",
+                f"{name} places tensor {tensor!r} in {shard!r}, which does not contain it.",
+                filename=name,
+                shard=shard,
+            )
+
+
+def check_model_files(files: Iterable[tuple[str, str | os.PathLike[str]]]) -> ModelCheck:
+    """Check an uploaded model folder given as ``(file name, local path)`` pairs.
+
+    Raises ``ValidationFailed`` (422) with one of the codes in the module docstring; returns a
+    :class:`ModelCheck` with the architecture, parameter count and total size.
+    """
+    entries: dict[str, Path] = {}
+    for raw_name, local in files:
+        name = _check_filename(raw_name)
+        if name in entries:
+            raise _fail("invalid_filename", f"File {name!r} was uploaded twice.", filename=name)
+        entries[name] = Path(local)
+
+    # Refuse by name first: cheapest, and a pickle is refused even when everything else is wrong.
+    for name in entries:
+        suffix = _suffix(name)
+        if suffix in UNSAFE_WEIGHT_SUFFIXES or name.lower().endswith(".bin.index.json"):
+            raise _fail(
+                "unsafe_weights",
+                f"{name}: only safetensors weights are accepted (pickle-based formats can run code on load).",
+                filename=name,
+            )
+        if suffix in UNSAFE_FILE_SUFFIXES:
+            raise _fail(
+                "unsafe_file",
+                f"{name}: executable files are not accepted (custom model code is never run).",
+                filename=name,
+            )
+
+    if CONFIG_FILE not in entries:
+        raise _fail("missing_config", "The model folder has no config.json.")
+    config = _load_json(CONFIG_FILE, entries[CONFIG_FILE], code="invalid_config")
+    if not isinstance(config, dict):
+        raise _fail("invalid_config", "config.json must be a JSON object.", filename=CONFIG_FILE)
+    for conf_name in (CONFIG_FILE, "tokenizer_config.json"):
+        if conf_name not in entries:
+            continue
+        conf = (
+            config
+            if conf_name == CONFIG_FILE
+            else _load_json(conf_name, entries[conf_name], code="invalid_config")
+        )
+        if isinstance(conf, dict) and "auto_map" in conf:
+            raise _fail(
+                "remote_code_not_allowed",
+                f'{conf_name} has "auto_map": this model needs custom code, which alignd never runs.',
+                filename=conf_name,
+            )
+
+    architecture: str | None = None
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str) and archs[0]:
+        architecture = archs[0]
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    if architecture is None:
+        architecture = model_type
+    if not architecture:
+        raise _fail(
+            "invalid_config",
+            'config.json names neither "architectures" nor "model_type".',
+            filename=CONFIG_FILE,
+        )
+
+    weight_files = sorted(n for n in entries if _suffix(n) == ".safetensors")
+    if not weight_files:
+        raise _fail("missing_weights", "The model folder has no *.safetensors weights.")
+
+    headers = {name: read_safetensors_header(name, entries[name]) for name in weight_files}
+    uploaded = set(entries)
+    for name in sorted(entries):
+        if name.endswith(INDEX_SUFFIX):
+            _check_index(name, entries[name], uploaded, headers)
+
+    # A tensor stored in two shards (it happens with re-sharded checkpoints) counts once.
+    seen: dict[str, tuple[int, ...]] = {}
+    for header in headers.values():
+        for tensor, (_dtype, shape) in header.items():
+            seen.setdefault(tensor, shape)
+    num_parameters = sum(math.prod(shape) for shape in seen.values())
+    size_bytes = sum(p.stat().st_size for p in entries.values())
+    return ModelCheck(
+        architecture=architecture,
+        model_type=model_type,
+        num_parameters=num_parameters,
+        size_bytes=size_bytes,
+        weight_files=tuple(weight_files),
+        files=tuple(sorted(entries)),
+    )
+
+
+# The name the API routes use.
+inspect_model_files = check_model_files
