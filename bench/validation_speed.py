@@ -1,0 +1,205 @@
+"""Throughput of the dataset validator alone (``alignd.validation``), in MB/s.
+
+Generates a preference file and an sft file of about ``--size-mb`` MB each under a temporary folder (or
+``--dir``), with varied lengths, some non-ASCII text, escaped quotes and newlines inside strings, then times
+``validate_path`` on each (best of ``--repeat`` runs, so the page cache is warm and the figure is the
+validator's, not the disk's). Also reports the raw read+hash rate as the ceiling. Peak RSS is printed to show
+memory stays flat in file size.
+
+    python bench/validation_speed.py [--size-mb 100] [--repeat 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Runnable from a checkout before the SDK is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+
+from alignd.validation import validate_path
+
+_WORDS = [
+    "the",
+    "model",
+    "answer",
+    "question",
+    "because",
+    "which",
+    "would",
+    "could",
+    "should",
+    "explain",
+    "step",
+    "first",
+    "then",
+    "finally",
+    "result",
+    "data",
+    "value",
+    "function",
+    "return",
+    "error",
+    "example",
+    "python",
+    "code",
+    "list",
+    "number",
+    "people",
+    "time",
+    "year",
+    "work",
+    "world",
+    "however",
+    "therefore",
+    "although",
+    "consider",
+    "important",
+    "different",
+    "possible",
+    "between",
+    "without",
+    "during",
+]
+_EXTRA = ["café", "naïve", "über", "日本語", "données", "😀", "ñandú", "Ελληνικά", "привет"]
+
+
+def _paragraph(rng: random.Random, min_words: int, max_words: int) -> str:
+    words = rng.choices(_WORDS, k=rng.randint(min_words, max_words))
+    if rng.random() < 0.15:
+        words[rng.randrange(len(words))] = rng.choice(_EXTRA)
+    text = " ".join(words)
+    if rng.random() < 0.3:
+        text = text.replace(" then ", ' then "quoted"\n', 1)  # escapes inside JSON strings
+    return text.capitalize() + "."
+
+
+def _pool(rng: random.Random, n: int, min_words: int, max_words: int) -> list[str]:
+    return [_paragraph(rng, min_words, max_words) for _ in range(n)]
+
+
+def generate_preference(path: Path, size_bytes: int, seed: int = 0) -> int:
+    rng = random.Random(seed)
+    prompts = _pool(rng, 3000, 8, 80)
+    answers = _pool(rng, 6000, 20, 400)
+    n = 0
+    written = 0
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        while written < size_bytes:
+            chosen, rejected = rng.sample(answers, 2)
+            prompt: object = rng.choice(prompts)
+            if rng.random() < 0.2:
+                prompt = [{"role": "system", "content": "Be helpful."}, {"role": "user", "content": prompt}]
+            rec = {"id": n, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+            line = json.dumps(rec, ensure_ascii=rng.random() < 0.5) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            n += 1
+    return n
+
+
+def generate_sft(path: Path, size_bytes: int, seed: int = 1) -> int:
+    rng = random.Random(seed)
+    prompts = _pool(rng, 3000, 8, 80)
+    answers = _pool(rng, 6000, 20, 400)
+    n = 0
+    written = 0
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        while written < size_bytes:
+            rec: dict[str, object]
+            if rng.random() < 0.5:
+                rec = {"prompt": rng.choice(prompts), "completion": rng.choice(answers)}
+            else:
+                msgs = [{"role": "system", "content": "You are a helpful assistant."}]
+                for _ in range(rng.randint(1, 3)):
+                    msgs.append({"role": "user", "content": rng.choice(prompts)})
+                    msgs.append({"role": "assistant", "content": rng.choice(answers)})
+                rec = {"messages": msgs, "source": "bench"}
+            line = json.dumps(rec, ensure_ascii=rng.random() < 0.5) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            n += 1
+    return n
+
+
+def _read_hash_rate(path: Path) -> float:
+    size = path.stat().st_size
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    with path.open("rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            chunk.split(b"\n")
+    return size / (time.perf_counter() - t0) / 1e6
+
+
+def _time_validation(path: Path, kind: str, repeat: int) -> tuple[float, int, int]:
+    best = float("inf")
+    records = issues = 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        report = validate_path(path, kind)
+        best = min(best, time.perf_counter() - t0)
+        records, issues = report.num_records, report.num_issues
+    return path.stat().st_size / best / 1e6, records, issues
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-mb", type=float, default=100.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write the files (default: a temp dir)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args()
+
+    size = int(args.size_mb * 1e6)
+    results: dict[str, dict[str, float | int]] = {}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for kind, gen in (("preference", generate_preference), ("sft", generate_sft)):
+            path = Path(tmp) / f"{kind}.jsonl"
+            lines = gen(path, size)
+            mbps, records, issues = _time_validation(path, kind, args.repeat)
+            if issues:
+                raise SystemExit(
+                    f"generated {kind} file has {issues} issues: the generator or the rules are off"
+                )
+            results[kind] = {
+                "size_mb": round(path.stat().st_size / 1e6, 1),
+                "records": records,
+                "avg_line_bytes": round(path.stat().st_size / lines),
+                "validate_mb_per_s": round(mbps, 1),
+                "read_hash_split_mb_per_s": round(_read_hash_rate(path), 1),
+            }
+            os.unlink(path)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    machine = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+    if args.json:
+        print(json.dumps({"machine": machine, "results": results, "peak_rss_mb": round(peak_rss_mb, 1)}))
+        return
+    print(f"python {machine['python']} on {machine['cpu']}, {os.cpu_count()} cpus")
+    print(
+        f"{'kind':<11} {'MB':>6} {'records':>8} {'avg line':>9} {'validate MB/s':>14} {'read+hash MB/s':>15}"
+    )
+    for kind, r in results.items():
+        print(
+            f"{kind:<11} {r['size_mb']:>6} {r['records']:>8} {r['avg_line_bytes']:>9} "
+            f"{r['validate_mb_per_s']:>14} {r['read_hash_split_mb_per_s']:>15}"
+        )
+    print(f"peak RSS {peak_rss_mb:.0f} MB (the generator's pools included)")
+
+
+if __name__ == "__main__":
+    main()
