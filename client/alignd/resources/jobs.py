@@ -116,9 +116,16 @@ class Jobs(SyncResource):
         return self._client._parse(self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel"), Job)
 
     def events(self, job_id: str) -> builtins.list[JobEvent]:
-        """Every event so far (no streaming)."""
-        data, _ = self._client._parse_list(self._client._get(f"/v1/jobs/{path_id(job_id)}/events"), JobEvent)
-        return data
+        """Every event so far, oldest first (no streaming; pages are followed)."""
+        out: builtins.list[JobEvent] = []
+        after: str | None = None
+        while True:
+            response = self._client._get(f"/v1/jobs/{path_id(job_id)}/events", params={"after": after})
+            data, has_more = self._client._parse_list(response, JobEvent)
+            out.extend(data)
+            if not has_more or not data or data[-1].id is None:
+                return out
+            after = str(data[-1].id)
 
     def metrics(self, job_id: str) -> MetricList:
         """Every metric row so far; ``.as_dict()`` -> ``{name: {"step": [...], "value": [...]}}``."""
@@ -272,9 +279,15 @@ class AsyncJobs(AsyncResource):
         return self._client._parse(await self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel"), Job)
 
     async def events(self, job_id: str) -> builtins.list[JobEvent]:
-        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/events")
-        data, _ = self._client._parse_list(response, JobEvent)
-        return data
+        out: builtins.list[JobEvent] = []
+        after: str | None = None
+        while True:
+            response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/events", params={"after": after})
+            data, has_more = self._client._parse_list(response, JobEvent)
+            out.extend(data)
+            if not has_more or not data or data[-1].id is None:
+                return out
+            after = str(data[-1].id)
 
     async def metrics(self, job_id: str) -> MetricList:
         response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics")
