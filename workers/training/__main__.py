@@ -1,0 +1,135 @@
+"""Entry point of the training child: ``python -m workers.training /path/spec.json``.
+
+Exit status: 0 when every artifact line has been written; 1 after an ``error`` line; 143 when SIGTERM
+stopped training (at an optimizer-step boundary); 2 for a wrong command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import IO
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 128 + 15  # what a shell reports for SIGTERM; the parent knows it asked
+
+
+def _claim_stdout() -> IO[str]:
+    """Keep the real stdout for protocol lines and point fd 1 at stderr.
+
+    Libraries (transformers, peft, tqdm) print to stdout at will; after this, anything written to fd 1, from
+    Python or from C, lands on stderr, and only ProgressWriter writes to the protocol stream.
+    """
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return proto
+
+
+def _configure_threads() -> str | None:
+    """Apply ALIGND_TORCH_THREADS; return a warning message for a value we could not use."""
+    raw = os.environ.get("ALIGND_TORCH_THREADS")
+    if not raw:
+        return None
+    try:
+        threads = int(raw)
+        if threads < 1:
+            raise ValueError
+    except ValueError:
+        return f"ignoring ALIGND_TORCH_THREADS={raw!r}: not a positive integer"
+    import torch
+
+    torch.set_num_threads(threads)
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional for us
+        pass
+    torch.manual_seed(seed)  # seeds CUDA devices too
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # The CPU allocator raises a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    proto = _claim_stdout()
+    # Every path in the spec is local; never let a library reach for the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from pydantic import ValidationError
+
+    from workers.protocol import ProgressWriter, TrainingSpec
+    from workers.training.context import CancelToken, RunContext
+    from workers.training.errors import (
+        INTERNAL_ERROR,
+        INVALID_SPEC,
+        OUT_OF_MEMORY,
+        Cancelled,
+        TrainingError,
+    )
+
+    progress = ProgressWriter(proto)
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        progress.error("usage: python -m workers.training /path/spec.json", code=INVALID_SPEC)
+        return EXIT_USAGE
+
+    cancel = CancelToken()
+    cancel.install()
+    stage = "setup"
+    try:
+        try:
+            spec = TrainingSpec.read(args[0])
+        except (OSError, ValidationError, ValueError) as exc:
+            raise TrainingError(INVALID_SPEC, f"cannot read training spec {args[0]}: {exc}") from exc
+        stage = spec.method
+        warning = _configure_threads()
+        if warning:
+            progress.event(warning, stage=stage, level="warning")
+        seed_everything(spec.seed)
+
+        from workers.training.registry import get_trainer
+
+        trainer = get_trainer(spec.method)
+        trainer(RunContext(spec=spec, progress=progress, cancel=cancel))
+    except Cancelled:
+        progress.event("received SIGTERM; stopped before finishing", stage=stage, level="warning")
+        return EXIT_CANCELLED
+    except TrainingError as exc:
+        progress.error(exc.message, code=exc.code)
+        return EXIT_FAILED
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        if _is_out_of_memory(exc):
+            progress.error(f"out of memory: {exc}", code=OUT_OF_MEMORY)
+        else:
+            progress.error(f"{type(exc).__name__}: {exc}", code=INTERNAL_ERROR)
+        return EXIT_FAILED
+    finally:
+        sys.stderr.flush()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

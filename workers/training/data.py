@@ -1,0 +1,262 @@
+"""SFT data: reading JSONL, tokenising with masks, padding collator, length-bucketed batches.
+
+Record forms (validated at upload, checked again here because the child must never trust its input):
+
+- ``{"prompt": str, "completion": str}``
+- ``{"messages": [{"role": str, "content": str}, ...]}`` whose last message is the assistant's.
+
+The loss is on the completion: for the messages form that is the **last** assistant message; earlier turns,
+assistant ones included, are context. (Training on every assistant turn needs a per-turn boundary search that
+chat templates do not make reliable; one boundary per example we can verify, see :func:`encode_sft_record`.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers.training.errors import INVALID_DATASET, TrainingError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label value torch's cross_entropy skips
+Message = dict[str, str]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _bad(line: int, message: str) -> TrainingError:
+    return TrainingError(INVALID_DATASET, f"line {line}: {message}")
+
+
+def parse_sft_record(record: Any, line: int) -> tuple[list[Message], str]:
+    """One record -> (prompt messages, completion text). Raises ``invalid_dataset`` naming the line."""
+    if not isinstance(record, dict):
+        raise _bad(line, "a record must be a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise _bad(line, "'messages' must be a non-empty list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise _bad(line, f"messages[{i}] must be an object")
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(role, str) or not role or not isinstance(content, str):
+                raise _bad(line, f"messages[{i}] needs string 'role' and 'content'")
+        if messages[-1]["role"] != "assistant":
+            raise _bad(line, "the last message must be the assistant's")
+        if len(messages) < 2:
+            raise _bad(line, "'messages' needs at least one message before the assistant's answer")
+        if not messages[-1]["content"].strip():
+            raise _bad(line, "the assistant's answer is empty")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+        return prompt, messages[-1]["content"]
+    prompt_text, completion = record.get("prompt"), record.get("completion")
+    if prompt_text is None or completion is None:
+        raise _bad(line, "expected 'prompt' and 'completion', or 'messages'")
+    if not isinstance(prompt_text, str) or not isinstance(completion, str):
+        raise _bad(line, "'prompt' and 'completion' must be strings")
+    if not completion.strip():
+        raise _bad(line, "'completion' is empty")
+    return [{"role": "user", "content": prompt_text}], completion
+
+
+def read_sft_records(path: str | Path) -> list[tuple[list[Message], str]]:
+    records: list[tuple[list[Message], str]] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise _bad(number, f"invalid JSON: {exc.msg}") from None
+                records.append(parse_sft_record(record, number))
+    except UnicodeDecodeError as exc:
+        raise TrainingError(INVALID_DATASET, f"{path} is not UTF-8: {exc}") from None
+    except OSError as exc:
+        raise TrainingError(INVALID_DATASET, f"cannot read {path}: {exc}") from None
+    if not records:
+        raise TrainingError(INVALID_DATASET, f"{path} holds no records")
+    return records
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trainable(self) -> int:
+        # Position 0 is never a target: the model predicts token t from tokens < t.
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizeStats:
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_no_trainable: int = 0
+    prefix_fallback: int = 0  # chat template did not reproduce the prompt as a prefix
+    tokens: int = 0
+    trainable_tokens: int = 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_sft_record(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], completion: str
+) -> tuple[list[int], int, bool]:
+    """Tokenise one example; return (token ids, prompt length, whether the prefix fallback was needed).
+
+    With a chat template: the prompt is rendered with ``add_generation_prompt=True`` (so it ends with the
+    assistant header) and the full conversation without it; both texts already contain any BOS, so they are
+    encoded with ``add_special_tokens=False``. The prompt's tokens should be exactly the first tokens of the
+    full sequence; templates that rewrite earlier turns, or merges across the boundary, can break that. Then
+    the boundary is the longest common prefix of the two encodings: it never masks a completion token, at the
+    price of training on the few prompt tokens after the first difference.
+
+    Without a template: ``prompt + completion + eos`` with the prompt and completion encoded separately, so the
+    boundary is exact by construction (the tokenizer adds BOS to the prompt if it normally does).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        full_messages = [*prompt, {"role": "assistant", "content": completion}]
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(full_messages, tokenize=False)
+        assert isinstance(prompt_text, str) and isinstance(full_text, str)
+        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        full_ids = list(tokenizer(full_text, add_special_tokens=False)["input_ids"])
+        if full_ids[: len(prompt_ids)] == prompt_ids:
+            return full_ids, len(prompt_ids), False
+        return full_ids, _common_prefix(prompt_ids, full_ids), True
+
+    if len(prompt) == 1 and prompt[0]["role"] == "user":
+        prompt_text = prompt[0]["content"]
+    else:
+        # Chat records on a tokenizer without a template: a plain transcript ending in an assistant cue.
+        prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        completion_ids.append(int(tokenizer.eos_token_id))
+    return prompt_ids + completion_ids, len(prompt_ids), False
+
+
+def tokenize_sft(
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[tuple[list[Message], str]],
+    *,
+    max_length: int,
+    completion_only_loss: bool = True,
+) -> tuple[list[SFTExample], TokenizeStats]:
+    """Tokenise, mask and truncate every record; drop (and count) examples left with nothing to learn.
+
+    Truncation keeps the start (right truncation): the prompt survives and the completion's tail is cut. An
+    example whose completion is cut away entirely (prompt >= ``max_length``) has no trainable tokens and is
+    dropped; the caller reports the count rather than silently training on nothing.
+    """
+    stats = TokenizeStats(records=len(records))
+    examples: list[SFTExample] = []
+    for prompt, completion in records:
+        ids, prompt_len, fallback = encode_sft_record(tokenizer, prompt, completion)
+        stats.prefix_fallback += int(fallback)
+        if len(ids) > max_length:
+            ids = ids[:max_length]
+            stats.truncated += 1
+        if completion_only_loss:
+            labels = [IGNORE_INDEX] * min(prompt_len, len(ids)) + ids[prompt_len:]
+        else:
+            labels = list(ids)
+        example = SFTExample(input_ids=ids, labels=labels)
+        if example.num_trainable == 0:
+            stats.dropped_no_trainable += 1
+            continue
+        examples.append(example)
+        stats.tokens += example.length
+        stats.trainable_tokens += example.num_trainable
+    stats.examples = len(examples)
+    return examples, stats
+
+
+class SFTCollator:
+    """Pads a list of examples on the right into ``input_ids``, ``attention_mask`` and ``labels`` tensors.
+
+    Right padding suits training: real tokens keep positions 0..n-1, so default position ids are right, and
+    padded positions are masked out of attention and carry IGNORE_INDEX labels. (Generation wants left padding;
+    that belongs to the PPO rollout code, not here.)
+    """
+
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[SFTExample]) -> dict[str, torch.Tensor]:
+        import torch
+
+        width = max(example.length for example in examples)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = example.length
+            input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+            labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, *, rng: random.Random, chunk_batches: int = 16
+) -> list[list[int]]:
+    """Shuffle, then sort by length within chunks of ``chunk_batches * batch_size``, then shuffle the batches.
+
+    Why: a batch is as wide as its longest member, so mixing a 20-token and a 500-token example wastes ~96% of
+    the short one's compute on padding. Sorting the whole set would remove nearly all padding but make the
+    order a function of length (all long examples together, at a fixed point of the lr schedule) and identical
+    every epoch. Sorting only inside random chunks keeps most of the saving while batches still come from a
+    fresh random mix each epoch, and shuffling the batch order removes the short-to-long drift within a chunk.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * chunk_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def split_micro_batches(batch: Sequence[int], accumulation_steps: int) -> list[list[int]]:
+    """Split one optimizer step's examples into at most ``accumulation_steps`` micro-batches."""
+    size = math.ceil(len(batch) / accumulation_steps)
+    return [list(batch[i : i + size]) for i in range(0, len(batch), size)]

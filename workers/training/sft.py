@@ -1,0 +1,308 @@
+"""Supervised fine-tuning with LoRA: a plain torch loop (no HF Trainer), so every number is ours to explain.
+
+One optimizer step consumes ``batch_size`` examples (the API's definition), split into
+``gradient_accumulation_steps`` micro-batches. The loss is summed over the step's trainable (completion)
+tokens and divided by their count *for the whole step*, so accumulation gives exactly the gradient of one big
+batch, and long and short examples weigh by their tokens, not per example.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from service.core.jobs import LoraSettings, SFTHyperparameters
+from workers.training import data, lora
+from workers.training.context import RunContext
+from workers.training.errors import (
+    INVALID_HYPERPARAMETERS,
+    INVALID_LORA,
+    INVALID_SPEC,
+    NO_TRAINABLE_EXAMPLES,
+    TRAINING_DIVERGED,
+    TrainingError,
+)
+from workers.training.modelcard import DatasetCardEntry, render_model_card
+
+STAGE = "sft"
+
+
+@dataclass
+class SFTResult:
+    model: torch.nn.Module
+    adapter_dir: Path
+    model_card_dir: Path
+    steps: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def lr_lambda(kind: str, *, warmup_steps: int, total_steps: int) -> Any:
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warm-up, then the decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress  # linear
+
+    return factor
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not IGNORE_INDEX (fp32 for stability)."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=data.IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def _validated(spec_hp: dict[str, Any], spec_lora: dict[str, Any]) -> tuple[SFTHyperparameters, LoraSettings]:
+    # The runner passes resolved values; validating again turns a corrupt spec into a clear error code.
+    try:
+        hp = SFTHyperparameters.model_validate(spec_hp)
+    except ValidationError as exc:
+        raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid sft hyperparameters: {exc}") from None
+    try:
+        settings = LoraSettings.model_validate(spec_lora)
+    except ValidationError as exc:
+        raise TrainingError(INVALID_LORA, f"invalid LoRA settings: {exc}") from None
+    return hp, settings
+
+
+def train_sft(ctx: RunContext) -> SFTResult:
+    spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
+    hp, lora_settings = _validated(spec.hyperparameters, spec.lora)
+    dataset_ref = spec.datasets.get("sft")
+    if dataset_ref is None:
+        raise TrainingError(INVALID_SPEC, "method sft needs a dataset with role 'sft'")
+
+    # Data first: a bad dataset fails in a second, before the (slow) model load.
+    records = data.read_sft_records(dataset_ref.path)
+    dataset_sha256 = data.sha256_file(dataset_ref.path)
+    if dataset_sha256 != dataset_ref.sha256:
+        progress.event(
+            f"dataset {dataset_ref.id}: sha256 of the local file ({dataset_sha256}) differs from the spec's "
+            f"({dataset_ref.sha256}); the model card records the local file's",
+            stage=STAGE,
+            level="warning",
+        )
+    tokenizer = lora.load_tokenizer(spec.base_model.path)
+    examples, stats = data.tokenize_sft(
+        tokenizer, records, max_length=hp.max_length, completion_only_loss=hp.completion_only_loss
+    )
+    progress.event(
+        f"dataset {dataset_ref.name}: {stats.records} records -> {stats.examples} examples, "
+        f"{stats.tokens} tokens ({stats.trainable_tokens} trained on), {stats.truncated} truncated to "
+        f"{hp.max_length} tokens",
+        stage=STAGE,
+    )
+    if stats.dropped_no_trainable:
+        progress.event(
+            f"dropped {stats.dropped_no_trainable} of {stats.records} examples with no completion tokens left "
+            f"after truncation to max_length={hp.max_length}",
+            stage=STAGE,
+            level="warning",
+        )
+    if stats.prefix_fallback:
+        progress.event(
+            f"{stats.prefix_fallback} examples: the chat template's prompt was not a token prefix of the full "
+            "conversation; masked the longest common prefix instead",
+            stage=STAGE,
+            level="warning",
+        )
+    if not examples:
+        raise TrainingError(NO_TRAINABLE_EXAMPLES, "no example has a completion token left to train on")
+
+    pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is None:
+        # Harmless for training: right padding is masked out of attention and labels.
+        pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    collate = data.SFTCollator(int(pad_token_id))
+
+    device = lora.pick_device()
+    base = lora.load_base_model(spec.base_model.path, device=device)
+    init_path = spec.init_adapter.path if spec.init_adapter else None
+    model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
+    if hp.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input-grad hack with frozen embeddings.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    params = lora.trainable_parameters(model)
+    n_trainable, n_total = lora.count_parameters(model)
+    progress.event(
+        f"base {spec.base_model.name} on {device.type}: {n_total - n_trainable:,} frozen parameters, "
+        f"{n_trainable:,} trainable LoRA parameters"
+        + (f" (from init adapter {spec.init_adapter.id})" if spec.init_adapter else ""),
+        stage=STAGE,
+    )
+
+    steps_per_epoch = math.ceil(len(examples) / hp.batch_size)
+    total_steps = hp.epochs * steps_per_epoch
+    if hp.max_steps is not None:
+        total_steps = min(total_steps, hp.max_steps)
+    warmup_steps = math.ceil(hp.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(hp.lr_scheduler, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
+    lengths = [example.length for example in examples]
+
+    step = 0
+    history: list[dict[str, float]] = []
+    window_loss = 0.0
+    window_tokens = 0
+    window_inputs = 0
+    window_grad_norms: list[float] = []
+    window_start = time.perf_counter()
+    train_start = window_start
+    model.train()  # LoRA dropout on; the frozen base has its own dropout settings
+    progress.progress(0.0, stage=STAGE)
+
+    with cancel.deferred():
+        for epoch in range(hp.epochs):
+            if step >= total_steps:
+                break
+            # A fresh, seeded batch order per epoch; the same seed gives the same run.
+            batches = data.length_bucketed_batches(
+                lengths, hp.batch_size, rng=random.Random(spec.seed * 1_000_003 + epoch)
+            )
+            for batch in batches:
+                if step >= total_steps:
+                    break
+                cancel.check()
+                step_tokens = sum(examples[i].num_trainable for i in batch)
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
+                    inputs = {k: v.to(device) for k, v in collate([examples[i] for i in micro]).items()}
+                    logits = model(
+                        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                    ).logits
+                    loss_sum = token_loss_sum(logits, inputs["labels"])
+                    (loss_sum / step_tokens).backward()
+                    step_loss += float(loss_sum.detach())
+                    window_inputs += int(inputs["attention_mask"].sum())
+                if not math.isfinite(step_loss):
+                    raise TrainingError(
+                        TRAINING_DIVERGED,
+                        f"loss became {step_loss} at step {step + 1}; try a lower learning_rate",
+                    )
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
+                learning_rate = float(scheduler.get_last_lr()[0])
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                window_loss += step_loss
+                window_tokens += step_tokens
+                window_grad_norms.append(grad_norm)
+
+                if step % hp.logging_steps == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    values = {
+                        # mean over the window's completion tokens (the step's, with logging_steps=1)
+                        "loss": window_loss / window_tokens,
+                        "learning_rate": learning_rate,
+                        # mean pre-clipping global norm over the window's steps
+                        "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
+                        # every non-pad input token (prompt included) per wall-clock second
+                        "tokens_per_second": window_inputs / max(now - window_start, 1e-9),
+                        "epoch": step / steps_per_epoch,
+                    }
+                    progress.metric(stage=STAGE, step=step, values=values)
+                    progress.progress(step / total_steps, stage=STAGE)
+                    history.append({"step": float(step), **values})
+                    window_loss, window_tokens, window_inputs = 0.0, 0, 0
+                    window_grad_norms = []
+                    window_start = now
+        train_seconds = time.perf_counter() - train_start
+        cancel.check()
+
+        model.eval()
+        last = history[-1]
+        metrics = {
+            "loss": last["loss"],
+            "first_loss": history[0]["loss"],
+            "steps": float(step),
+            "epochs": step / steps_per_epoch,
+            "train_seconds": train_seconds,
+            "trainable_parameters": float(n_trainable),
+        }
+        out = Path(spec.output_dir)
+        adapter_dir = lora.save_adapter(
+            model, tokenizer, out / "adapter", base_model_name=spec.base_model.name
+        )
+        card = render_model_card(
+            title=f"{spec.base_model.name} + LoRA (SFT)",
+            method="sft",
+            job_id=spec.job_id,
+            base_model_name=spec.base_model.name,
+            base_model_id=spec.base_model.id,
+            datasets=[
+                DatasetCardEntry(
+                    role="sft",
+                    name=dataset_ref.name,
+                    id=dataset_ref.id,
+                    sha256=dataset_sha256,
+                    num_records=stats.records,
+                    num_examples=stats.examples,
+                )
+            ],
+            lora=model.peft_config[lora.POLICY_ADAPTER].to_dict()
+            if spec.init_adapter
+            else lora_settings.model_dump(),
+            hyperparameters=hp.model_dump(),
+            seed=spec.seed,
+            metrics=metrics,
+        )
+        # Overwrites the generic README peft writes on save.
+        (adapter_dir / "README.md").write_text(card, encoding="utf-8")
+        card_dir = out / "model_card"
+        card_dir.mkdir(parents=True, exist_ok=True)
+        (card_dir / "README.md").write_text(card, encoding="utf-8")
+        cancel.check()
+
+    metadata = {
+        "base_model": spec.base_model.id,
+        "method": "sft",
+        "metrics": metrics,
+        "datasets": {"sft": {"id": dataset_ref.id, "sha256": dataset_sha256}},
+    }
+    progress.artifact(str(adapter_dir), stage=STAGE, kind="adapter", metadata=metadata)
+    progress.artifact(
+        str(card_dir), stage=STAGE, kind="model_card", metadata={"base_model": spec.base_model.id}
+    )
+    progress.progress(1.0, stage=STAGE)
+    progress.event(
+        f"finished {step} steps in {train_seconds:.1f} s; loss {metrics['first_loss']:.4f} -> {metrics['loss']:.4f}",
+        stage=STAGE,
+    )
+    return SFTResult(
+        model=model,
+        adapter_dir=adapter_dir,
+        model_card_dir=card_dir,
+        steps=step,
+        metrics=metrics,
+        history=history,
+    )
+
+
+def run(ctx: RunContext) -> None:
+    train_sft(ctx)
