@@ -43,7 +43,7 @@ Handler = Callable[[Recorded, int], Reply]
 
 
 def error_reply(
-    status: int, code: str, message: str, details: list[Any] | None = None, **headers: str
+    status: int, code: str, message: str, details: list[Any] | None = None, /, **headers: str
 ) -> Reply:
     return Reply(
         status, {"error": {"code": code, "message": message, "details": details or []}}, headers=dict(headers)

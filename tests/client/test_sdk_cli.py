@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import alignd.cli as cli
 import pytest
-from alignd import cli
 
 from tests.client.scripted import Reply, ScriptedServer, error_reply, job_body, model_body
 

@@ -85,7 +85,7 @@ def test_ids_cannot_change_the_path() -> None:
 
 
 def test_job_failed_error_carries_job_and_error() -> None:
-    job = alignd.Job(id="job_1", status="failed", error={"code": "oom", "message": "out of memory"})
+    job = alignd.Job(id="job_1", status="failed", error=alignd.JobError(code="oom", message="out of memory"))
     exc = alignd.JobFailedError(job)
     assert exc.job is job
     assert exc.code == "oom"

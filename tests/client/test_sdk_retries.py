@@ -7,6 +7,7 @@ import random
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import alignd
 import httpx
@@ -15,7 +16,7 @@ from alignd._retry import MAX_BACKOFF, backoff_delay, parse_retry_after
 
 from tests.client.scripted import Reply, ScriptedServer, error_reply, job_body, model_body
 
-JOB_ARGS = {"method": "sft", "base_model": "model_1", "datasets": {"sft": "ds_1"}}
+JOB_ARGS: dict[str, Any] = {"method": "sft", "base_model": "model_1", "datasets": {"sft": "ds_1"}}
 
 
 def _unavailable(retry_after: str = "1") -> Reply:
