@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     )
     max_dataset_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload accepted.")
     max_model_bytes: int = Field(64 << 30, ge=1, description="Largest model upload accepted (all files).")
+    max_queued_jobs_per_tenant: int = Field(
+        100, ge=1, description="Submissions beyond this many queued jobs get 429 too_many_queued_jobs."
+    )
     worker_concurrency: int = Field(1, ge=1, description="Jobs run at once by one worker / embedded server.")
     cancel_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM -> SIGKILL delay on cancel.")
     training_python: str | None = Field(

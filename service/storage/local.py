@@ -25,14 +25,20 @@ class LocalStore:
 
     def _atomic_write(self, key: str, write: Callable[[BinaryIO], int]) -> int:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write {key}: {exc}") from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 size: int = write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageUnavailable(f"cannot write {key}: {exc}") from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -1,0 +1,123 @@
+"""Annotated dependencies: the per-request database session, the caller's tenant, the store and the queue."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, SQLModel, col, select
+
+from service.core.errors import AuthenticationError, NotFoundError, ValidationFailed
+from service.queue import JobQueue
+from service.settings import DEFAULT_TENANT, Settings
+from service.storage import ArtifactStore
+
+RowT = TypeVar("RowT", bound=SQLModel)
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: Engine
+    store: ArtifactStore
+    queue: JobQueue
+    tenant_keys: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def get_context(request: Request) -> AppContext:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+ContextDep = Annotated[AppContext, Depends(get_context)]
+
+
+def get_session(ctx: ContextDep) -> Iterator[Session]:
+    with Session(ctx.engine, expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_tenant(request: Request, ctx: ContextDep) -> str:
+    if not ctx.tenant_keys:
+        return DEFAULT_TENANT
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError(
+            "Missing API key: send 'Authorization: Bearer <key>'.",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    for key, tenant in ctx.tenant_keys.items():
+        # Constant-time comparison: no timing oracle on the keys.
+        if hmac.compare_digest(key.encode(), token.strip().encode()):
+            return tenant
+    raise AuthenticationError(
+        "Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def get_store(ctx: ContextDep) -> ArtifactStore:
+    return ctx.store
+
+
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def get_queue(ctx: ContextDep) -> JobQueue:
+    return ctx.queue
+
+
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+
+
+@dataclass
+class Page:
+    limit: int
+    after: str | None
+
+
+def get_page(
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size (1..100).")] = 20,
+    after: Annotated[str | None, Query(description="Return items after this id (cursor).")] = None,
+) -> Page:
+    return Page(limit=limit, after=after)
+
+
+PageDep = Annotated[Page, Depends(get_page)]
+
+
+def get_owned(session: Session, table: type[RowT], resource_id: str, tenant: str, kind: str) -> RowT:
+    """The tenant's row with this id; another tenant's id is indistinguishable from a missing one."""
+    row = session.exec(
+        select(table).where(table.id == resource_id, table.tenant == tenant)  # type: ignore[attr-defined]
+    ).first()
+    if row is None:
+        raise NotFoundError.for_resource(kind, resource_id)
+    return row
+
+
+def paginate(
+    session: Session, statement: Any, table: type[RowT], page: Page, tenant: str
+) -> tuple[list[RowT], bool]:
+    """Newest first; ``after`` is the last id of the previous page. Fetch one extra row to set has_more."""
+    seq = col(table.seq)  # type: ignore[attr-defined]
+    if page.after is not None:
+        cursor = session.exec(
+            select(seq).where(table.id == page.after, table.tenant == tenant)  # type: ignore[attr-defined]
+        ).first()
+        if cursor is None:
+            raise ValidationFailed(f"Unknown cursor 'after={page.after}'.", code="invalid_cursor")
+        statement = statement.where(seq < cursor)
+    rows = list(session.exec(statement.order_by(seq.desc()).limit(page.limit + 1)).all())
+    return rows[: page.limit], len(rows) > page.limit

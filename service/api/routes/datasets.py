@@ -1,0 +1,132 @@
+"""Datasets: JSONL files validated line by line at upload (one pass: validate, hash, stage), then stored."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from sqlmodel import select
+
+from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDep, get_owned, paginate
+from service.api.errors import error_responses
+from service.api.schemas import DatasetPublic, ListResponse
+from service.api.uploads import require_content_type
+from service.core.datasets import DatasetKind, validate_and_store
+from service.core.errors import ConflictError
+from service.core.ids import new_id, now
+from service.core.jobs import TERMINAL_STATUSES
+from service.db.tables import DatasetRow, JobRow
+from service.storage.keys import dataset_key
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetPublic,
+    operation_id="createDataset",
+    summary="Upload and validate a JSONL dataset",
+    dependencies=[Depends(require_content_type("multipart/form-data"))],
+    responses=error_responses(400, 413, 415, 422),
+)
+def create_dataset(
+    ctx: ContextDep,
+    session: SessionDep,
+    store: StoreDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile, File(description="JSONL, UTF-8, one record per line.")],
+    kind: Annotated[DatasetKind, Form(description="sft | preference | prompts")],
+    name: Annotated[str | None, Form(max_length=256)] = None,
+) -> DatasetPublic:
+    tmp_root = ctx.settings.data_dir / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_root))
+    try:
+        staged = staging / "data.jsonl"
+        # Raises 422 invalid_dataset / empty_dataset or 413 before anything is stored.
+        with open(staged, "wb") as sink:
+            report = validate_and_store(file.file, kind, sink, max_bytes=ctx.settings.max_dataset_bytes)
+        dataset_id = new_id("dataset")
+        store.put_file(dataset_key(dataset_id), staged)
+        row = DatasetRow(
+            id=dataset_id,
+            tenant=tenant,
+            name=name or file.filename or dataset_id,
+            kind=kind.value,
+            num_records=report.num_records,
+            size_bytes=report.size_bytes,
+            sha256=report.sha256,
+            created_at=now(),
+        )
+        session.add(row)
+        try:
+            session.commit()
+        except BaseException:
+            store.delete(dataset_key(dataset_id))
+            raise
+        return DatasetPublic.of(row)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@router.get(
+    "",
+    response_model=ListResponse[DatasetPublic],
+    operation_id="listDatasets",
+    summary="List datasets",
+    responses=error_responses(),
+)
+def list_datasets(
+    session: SessionDep,
+    tenant: TenantDep,
+    page: PageDep,
+    kind: Annotated[DatasetKind | None, Query(description="Only datasets of this kind.")] = None,
+) -> ListResponse[DatasetPublic]:
+    statement = select(DatasetRow).where(DatasetRow.tenant == tenant)
+    if kind is not None:
+        statement = statement.where(DatasetRow.kind == kind.value)
+    rows, has_more = paginate(session, statement, DatasetRow, page, tenant)
+    return ListResponse(data=[DatasetPublic.of(row) for row in rows], has_more=has_more)
+
+
+@router.get(
+    "/{dataset_id}",
+    response_model=DatasetPublic,
+    operation_id="getDataset",
+    summary="Get a dataset",
+    responses=error_responses(404),
+)
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetPublic:
+    return DatasetPublic.of(get_owned(session, DatasetRow, dataset_id, tenant, "dataset"))
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=204,
+    operation_id="deleteDataset",
+    summary="Delete a dataset (409 while an unfinished job uses it)",
+    responses=error_responses(404, 409),
+)
+def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
+    row = get_owned(session, DatasetRow, dataset_id, tenant, "dataset")
+    unfinished = session.exec(
+        select(JobRow).where(
+            JobRow.tenant == tenant,
+            JobRow.status.not_in([s.value for s in TERMINAL_STATUSES]),  # type: ignore[attr-defined]
+        )
+    ).all()
+    users = [job.id for job in unfinished if dataset_id in job.datasets.values()]
+    if users:
+        raise ConflictError(
+            f"Dataset {dataset_id} is used by unfinished jobs: {', '.join(users[:5])}.",
+            code="in_use",
+            details=[{"job": job_id} for job_id in users],
+        )
+    session.delete(row)
+    session.commit()
+    store.delete(dataset_key(dataset_id))
+    return Response(status_code=204)

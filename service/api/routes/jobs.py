@@ -1,0 +1,286 @@
+"""Jobs: submit, list, inspect, cancel; events (JSON or live SSE) and metrics (JSON or CSV)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import update
+from sqlmodel import Session, col, func, select
+
+from service.api.deps import ContextDep, PageDep, QueueDep, SessionDep, TenantDep, get_owned, paginate
+from service.api.errors import error_responses
+from service.api.schemas import (
+    EventPublic,
+    JobCreate,
+    JobPublic,
+    ListResponse,
+    MetricPublic,
+    parse_event_id,
+)
+from service.api.uploads import require_content_type
+from service.core.errors import ConflictError, RateLimitedError
+from service.core.ids import new_id, now
+from service.core.jobs import JobStatus
+from service.core.submission import ResourceInfo, resolve_job
+from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    operation_id="createJob",
+    summary="Submit a training job",
+    dependencies=[Depends(require_content_type("application/json"))],
+    responses=error_responses(400, 415, 422, 429),
+)
+def create_job(
+    body: JobCreate, ctx: ContextDep, session: SessionDep, queue: QueueDep, tenant: TenantDep
+) -> JobPublic:
+    waiting = session.exec(
+        select(func.count())
+        .select_from(JobRow)
+        .where(JobRow.tenant == tenant, JobRow.status == JobStatus.queued)
+    ).one()
+    if waiting >= ctx.settings.max_queued_jobs_per_tenant:
+        raise RateLimitedError(
+            f"{waiting} jobs are already queued for this tenant (limit {ctx.settings.max_queued_jobs_per_tenant}).",
+            code="too_many_queued_jobs",
+            headers={"Retry-After": "30"},
+        )
+
+    def lookup(resource: str, resource_id: str) -> ResourceInfo | None:
+        if resource == "model":
+            model = session.exec(
+                select(ModelRow.id).where(ModelRow.id == resource_id, ModelRow.tenant == tenant)
+            ).first()
+            return ResourceInfo(kind=None) if model else None
+        if resource == "dataset":
+            kind = session.exec(
+                select(DatasetRow.kind).where(DatasetRow.id == resource_id, DatasetRow.tenant == tenant)
+            ).first()
+            return ResourceInfo(kind=kind) if kind else None
+        kind = session.exec(
+            select(ArtifactRow.kind).where(ArtifactRow.id == resource_id, ArtifactRow.tenant == tenant)
+        ).first()
+        return ResourceInfo(kind=kind) if kind else None
+
+    resolved = resolve_job(
+        method=body.method,
+        base_model=body.base_model,
+        datasets=body.datasets.model_dump(),
+        init_adapter=body.init_adapter,
+        reward_model=body.reward_model,
+        lora=body.lora.model_dump(exclude_none=True) if body.lora else None,
+        hyperparameters=body.hyperparameters,
+        seed=body.seed,
+        lookup=lookup,
+    )
+    job = JobRow(
+        id=new_id("job"),
+        tenant=tenant,
+        name=body.name,
+        method=resolved.method.value,
+        status=JobStatus.queued.value,
+        base_model=resolved.base_model,
+        datasets=resolved.datasets,
+        init_adapter=resolved.init_adapter,
+        reward_model=resolved.reward_model,
+        hyperparameters=resolved.hyperparameters,
+        lora=resolved.lora,
+        seed=resolved.seed,
+        created_at=now(),
+    )
+    session.add(job)
+    session.add(JobEventRow(job_id=job.id, created_at=job.created_at, level="info", message="Job queued."))
+    session.commit()
+    # The row is committed first: if the queue is down the job stays `queued` and the reconciler
+    # enqueues it later, so an accepted job is never lost.
+    queue.enqueue(job.id)
+    return JobPublic.of(job)
+
+
+@router.get(
+    "",
+    response_model=ListResponse[JobPublic],
+    operation_id="listJobs",
+    summary="List jobs",
+    responses=error_responses(),
+)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    page: PageDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+) -> ListResponse[JobPublic]:
+    statement = select(JobRow).where(JobRow.tenant == tenant)
+    if status is not None:
+        statement = statement.where(JobRow.status == status.value)
+    rows, has_more = paginate(session, statement, JobRow, page, tenant)
+    return ListResponse(data=[JobPublic.of(row) for row in rows], has_more=has_more)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    operation_id="getJob",
+    summary="Get a job",
+    responses=error_responses(404),
+)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    return JobPublic.of(get_owned(session, JobRow, job_id, tenant, "job"))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    operation_id="cancelJob",
+    summary="Cancel a job (a queued job at once; a running one within the grace period)",
+    responses=error_responses(404, 409),
+)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    if JobStatus(job.status).is_terminal:
+        raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
+    # Queued: cancel outright (compare-and-set, in case a worker takes it this instant).
+    result = session.execute(
+        update(JobRow)
+        .where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.queued.value)
+        .values(status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now())
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        session.add(JobEventRow(job_id=job_id, created_at=now(), level="info", message="Job cancelled."))
+    else:
+        # Running: flag it; the runner that holds the lease stops the child (SIGTERM, then SIGKILL).
+        session.execute(update(JobRow).where(col(JobRow.id) == job_id).values(cancel_requested=True))
+        session.add(
+            JobEventRow(
+                job_id=job_id, created_at=now(), level="info", message="Cancel requested.", stage=job.stage
+            )
+        )
+    session.commit()
+    session.refresh(job)
+    return JobPublic.of(job)
+
+
+def _events_after(session: Session, job_id: str, after_seq: int, limit: int) -> list[JobEventRow]:
+    return list(
+        session.exec(
+            select(JobEventRow)
+            .where(JobEventRow.job_id == job_id, col(JobEventRow.seq) > after_seq)
+            .order_by(col(JobEventRow.seq))
+            .limit(limit)
+        ).all()
+    )
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=ListResponse[EventPublic],
+    operation_id="listJobEvents",
+    summary="Job events, oldest first; with Accept: text/event-stream they stream live until the job ends",
+    responses={
+        **error_responses(404),
+        200: {
+            "description": "A list of events, or an SSE stream when asked for text/event-stream.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+def list_events(
+    job_id: str,
+    request: Request,
+    ctx: ContextDep,
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(description="Event id (evt_...) to continue after.")] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
+) -> ListResponse[EventPublic] | StreamingResponse:
+    get_owned(session, JobRow, job_id, tenant, "job")
+    after_seq = parse_event_id(last_event_id or after)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(
+            _stream_events(ctx, job_id, after_seq, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    rows = _events_after(session, job_id, after_seq, limit + 1)
+    return ListResponse(data=[EventPublic.of(row) for row in rows[:limit]], has_more=len(rows) > limit)
+
+
+async def _stream_events(
+    ctx: ContextDep, job_id: str, after_seq: int, request: Request
+) -> AsyncIterator[str]:
+    """Poll the event rows (the database is the bus: any replica can serve any job's stream)."""
+    last_sent = asyncio.get_running_loop().time()
+    while True:
+        rows, status = await asyncio.to_thread(_poll, ctx, job_id, after_seq)
+        for row in rows:
+            after_seq = row.seq or after_seq
+            event = EventPublic.of(row)
+            yield f"id: {event.id}\nevent: event\ndata: {event.model_dump_json()}\n\n"
+            last_sent = asyncio.get_running_loop().time()
+        if status is None or (JobStatus(status).is_terminal and not rows):
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        if await request.is_disconnected():
+            return
+        if asyncio.get_running_loop().time() - last_sent > SSE_KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            last_sent = asyncio.get_running_loop().time()
+        if not rows:
+            await asyncio.sleep(SSE_POLL_SECONDS)
+
+
+def _poll(ctx: ContextDep, job_id: str, after_seq: int) -> tuple[list[JobEventRow], str | None]:
+    with Session(ctx.engine, expire_on_commit=False) as session:
+        # Status first, then events: a terminal status read before the last events were written
+        # cannot end the stream early, because the loop ends only on a terminal status with no new rows.
+        status = session.exec(select(JobRow.status).where(JobRow.id == job_id)).first()
+        return _events_after(session, job_id, after_seq, 500), status
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=ListResponse[MetricPublic],
+    operation_id="listJobMetrics",
+    summary="Training metrics, in the order they were logged (?format=csv for CSV)",
+    responses={
+        **error_responses(404),
+        200: {"description": "Metric points.", "content": {"text/csv": {"schema": {"type": "string"}}}},
+    },
+)
+def list_metrics(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv.")] = "json",
+    name: Annotated[str | None, Query(description="Only this metric.")] = None,
+) -> ListResponse[MetricPublic] | Response:
+    get_owned(session, JobRow, job_id, tenant, "job")
+    statement = select(JobMetricRow).where(JobMetricRow.job_id == job_id)
+    if name is not None:
+        statement = statement.where(JobMetricRow.name == name)
+    rows = session.exec(statement.order_by(col(JobMetricRow.seq))).all()
+    points = [MetricPublic(stage=row.stage, step=row.step, name=row.name, value=row.value) for row in rows]
+    if format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["stage", "step", "name", "value"])
+        for point in points:
+            writer.writerow([point.stage or "", point.step, point.name, repr(point.value)])
+        return Response(content=buffer.getvalue(), media_type="text/csv")
+    return ListResponse(data=points, has_more=False)

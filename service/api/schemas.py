@@ -1,0 +1,210 @@
+"""Request and response schemas: ``XCreate`` for input, ``XPublic`` for output, one list envelope."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.core.jobs import JobStatus, Method
+from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobRow, ModelRow
+
+T = TypeVar("T")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. 'invalid_dataset'.")
+    message: str
+    details: list[dict[str, Any]] = Field(
+        default_factory=list, description="Per-item problems, e.g. {line, code, message} for datasets."
+    )
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ListResponse(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    name: str
+    architecture: str | None
+    num_parameters: int
+    size_bytes: int
+    status: str
+    created_at: int
+
+    @classmethod
+    def of(cls, row: ModelRow) -> ModelPublic:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    name: str
+    kind: str
+    num_records: int
+    size_bytes: int
+    sha256: str
+    status: str
+    created_at: int
+
+    @classmethod
+    def of(cls, row: DatasetRow) -> DatasetPublic:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class LoraCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    target_modules: str | list[str] | None = None
+
+
+class JobDatasets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sft: str | None = Field(None, description="Dataset id of kind 'sft' (demonstrations).")
+    preference: str | None = Field(None, description="Dataset id of kind 'preference' (chosen/rejected).")
+    prompts: str | None = Field(None, description="Dataset id of kind 'prompts' (for PPO rollouts).")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method
+    base_model: str = Field(description="Model id (model_...).")
+    datasets: JobDatasets = Field(default_factory=JobDatasets)
+    init_adapter: str | None = Field(None, description="Adapter artifact id to continue from (art_...).")
+    reward_model: str | None = Field(None, description="reward_model artifact id, for ppo (art_...).")
+    lora: LoraCreate | None = None
+    hyperparameters: dict[str, Any] | None = Field(
+        None,
+        description="Per-method knobs; for rlhf keyed by stage: {sft: {...}, reward_model: {...}, ppo: {...}}.",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="Fixed seed; random (and recorded) if omitted."
+    )
+    name: str | None = Field(None, max_length=256)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    name: str | None
+    method: Method
+    status: JobStatus
+    stage: str | None
+    base_model: str
+    datasets: dict[str, str]
+    init_adapter: str | None
+    reward_model: str | None
+    hyperparameters: dict[str, Any]
+    lora: dict[str, Any]
+    seed: int
+    progress: float
+    error: JobError | None
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+    @classmethod
+    def of(cls, row: JobRow) -> JobPublic:
+        error = JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None
+        return cls(
+            id=row.id,
+            name=row.name,
+            method=Method(row.method),
+            status=JobStatus(row.status),
+            stage=row.stage,
+            base_model=row.base_model,
+            datasets=dict(row.datasets),
+            init_adapter=row.init_adapter,
+            reward_model=row.reward_model,
+            hyperparameters=row.hyperparameters,
+            lora=row.lora,
+            seed=row.seed,
+            progress=row.progress,
+            error=error,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class EventPublic(BaseModel):
+    id: str
+    object: Literal["job.event"] = "job.event"
+    created_at: int
+    level: str
+    stage: str | None
+    message: str
+
+    @classmethod
+    def of(cls, row: JobEventRow) -> EventPublic:
+        return cls(
+            id=event_id(row.seq or 0),
+            created_at=row.created_at,
+            level=row.level,
+            stage=row.stage,
+            message=row.message,
+        )
+
+
+def event_id(seq: int) -> str:
+    return f"evt_{seq}"
+
+
+def parse_event_id(value: str | None) -> int:
+    if value and value.startswith("evt_") and value[4:].isdigit():
+        return int(value[4:])
+    return 0
+
+
+class MetricPublic(BaseModel):
+    stage: str | None
+    step: int
+    name: str
+    value: float
+
+
+class ArtifactPublic(BaseModel):
+    id: str
+    object: Literal["artifact"] = "artifact"
+    job: str
+    stage: str | None
+    kind: str
+    size_bytes: int
+    sha256: str
+    created_at: int
+
+    @classmethod
+    def of(cls, row: ArtifactRow) -> ArtifactPublic:
+        return cls(
+            id=row.id,
+            job=row.job_id,
+            stage=row.stage,
+            kind=row.kind,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            created_at=row.created_at,
+        )
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,82 @@
+"""Request-level guards for uploads: Content-Type checks and a streaming body-size cap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
+
+from service.core.errors import UnsupportedMediaTypeError
+
+# Multipart framing and form fields on top of the file bytes themselves.
+MULTIPART_OVERHEAD = 1 << 20
+JSON_BODY_LIMIT = 1 << 20
+
+
+def require_content_type(expected: str) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != expected:
+            raise UnsupportedMediaTypeError(
+                f"Expected Content-Type {expected}, got {content_type or 'none'}.",
+                code="unsupported_media_type",
+            )
+
+    return check
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: refuse bodies over the cap for their route, before and while they stream.
+
+    Starlette spools multipart files to disk with no size limit, so the cap must sit in front of it.
+    """
+
+    def __init__(self, app: Any, *, limits: Callable[[str, str], int]) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits(scope["method"], scope["path"])
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_413(send, limit)
+            return
+        received = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # An HTTPException passes through FastAPI's body parsing unchanged (others become 400).
+                    raise HTTPException(413, detail=_too_large_message(limit))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large_message(limit: int) -> str:
+    return f"Request body exceeds the limit of {limit} bytes."
+
+
+async def _send_413(send: Any, limit: int) -> None:
+    import json
+
+    body = json.dumps(
+        {"error": {"code": "payload_too_large", "message": _too_large_message(limit), "details": []}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

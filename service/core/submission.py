@@ -1,0 +1,158 @@
+"""Turning a job request into a job record: every rule about what a job may reference lives here.
+
+Framework-free: takes plain values and a lookup callback, returns the resolved fields or raises
+ValidationFailed naming each offending field (422), so the API route stays a few lines.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from service.core.errors import ValidationFailed
+from service.core.jobs import (
+    AVAILABLE_METHODS,
+    REQUIRED_DATASETS,
+    Method,
+    resolve_hyperparameters,
+    resolve_lora,
+)
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    """What the rules need to know about a referenced resource: its kind (dataset kind, artifact kind)."""
+
+    kind: str | None
+
+
+Lookup = Callable[[str, str], ResourceInfo | None]  # (resource type, id) -> info, None if not the tenant's
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    method: Method
+    base_model: str
+    datasets: dict[str, str]
+    init_adapter: str | None
+    reward_model: str | None
+    lora: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    seed: int
+
+
+def resolve_job(
+    *,
+    method: Method,
+    base_model: str,
+    datasets: dict[str, str | None],
+    init_adapter: str | None,
+    reward_model: str | None,
+    lora: dict[str, Any] | None,
+    hyperparameters: dict[str, Any] | None,
+    seed: int | None,
+    lookup: Lookup,
+) -> ResolvedJob:
+    if method not in AVAILABLE_METHODS:
+        available = ", ".join(sorted(m.value for m in AVAILABLE_METHODS))
+        raise ValidationFailed(
+            f"Method '{method.value}' is not available in this version (available: {available}).",
+            code="method_not_available",
+            details=[{"field": "method", "code": "method_not_available", "message": method.value}],
+        )
+    problems: list[dict[str, Any]] = []
+    if lookup("model", base_model) is None:
+        problems.append(
+            {"field": "base_model", "code": "unknown_model", "message": f"no model '{base_model}'"}
+        )
+
+    needed = REQUIRED_DATASETS[method]
+    given = {role: dataset_id for role, dataset_id in datasets.items() if dataset_id is not None}
+    for role in needed:
+        if role not in given:
+            problems.append(
+                {
+                    "field": f"datasets.{role}",
+                    "code": "missing_dataset",
+                    "message": f"method '{method.value}' needs a '{role}' dataset",
+                }
+            )
+    for role, dataset_id in given.items():
+        if role not in needed:
+            problems.append(
+                {
+                    "field": f"datasets.{role}",
+                    "code": "unexpected_dataset",
+                    "message": f"method '{method.value}' does not use a '{role}' dataset",
+                }
+            )
+            continue
+        info = lookup("dataset", dataset_id)
+        if info is None:
+            problems.append(
+                {
+                    "field": f"datasets.{role}",
+                    "code": "unknown_dataset",
+                    "message": f"no dataset '{dataset_id}'",
+                }
+            )
+        elif info.kind != role:
+            problems.append(
+                {
+                    "field": f"datasets.{role}",
+                    "code": "wrong_dataset_kind",
+                    "message": f"dataset '{dataset_id}' is of kind '{info.kind}', expected '{role}'",
+                }
+            )
+
+    for field, artifact_id, expected_kind in (
+        ("init_adapter", init_adapter, "adapter"),
+        ("reward_model", reward_model, "reward_model"),
+    ):
+        if artifact_id is None:
+            continue
+        info = lookup("artifact", artifact_id)
+        if info is None:
+            problems.append(
+                {"field": field, "code": "unknown_artifact", "message": f"no artifact '{artifact_id}'"}
+            )
+        elif info.kind != expected_kind:
+            problems.append(
+                {
+                    "field": field,
+                    "code": "wrong_artifact_kind",
+                    "message": f"artifact '{artifact_id}' is a '{info.kind}', expected '{expected_kind}'",
+                }
+            )
+    if method is Method.ppo and reward_model is None:
+        problems.append(
+            {"field": "reward_model", "code": "missing_reward_model", "message": "ppo needs a reward_model"}
+        )
+
+    resolved_lora: dict[str, Any] = {}
+    resolved_hparams: dict[str, Any] = {}
+    try:
+        resolved_lora = resolve_lora(lora)
+    except ValidationFailed as exc:
+        problems.extend(exc.details)
+    try:
+        resolved_hparams = resolve_hyperparameters(method, hyperparameters)
+    except ValidationFailed as exc:
+        problems.extend(exc.details)
+
+    if problems:
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
+        # The first problem's code on top (e.g. 'wrong_dataset_kind'); every problem in details.
+        raise ValidationFailed(f"Invalid job: {summary}", code=problems[0]["code"], details=problems)
+    return ResolvedJob(
+        method=method,
+        base_model=base_model,
+        datasets=given,  # type: ignore[arg-type]
+        init_adapter=init_adapter,
+        reward_model=reward_model,
+        lora=resolved_lora,
+        hyperparameters=resolved_hparams,
+        seed=seed if seed is not None else secrets.randbelow(2**31),
+    )

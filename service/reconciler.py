@@ -1,0 +1,97 @@
+"""Repairs the queue from the database: the row is the truth, the queue only a hint.
+
+- A `running` job whose lease expired (its worker died) goes back to `queued`, fenced by a compare-and-set
+  on the lease token so that a live runner's heartbeat and the reconciler cannot both win.
+- Every `queued` job is (re-)enqueued; queues de-duplicate ids, so this also repairs a queue that lost its
+  entries (a Redis restarted empty) without double-running anything: a runner takes a job only by
+  moving its row from `queued` to `running`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import col, select
+
+from service.core.ids import now
+from service.core.jobs import JobStatus
+from service.db.session import session_scope
+from service.db.tables import JobEventRow, JobRow
+from service.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
+    requeued = 0
+    with session_scope(engine) as session:
+        expired = session.exec(
+            select(JobRow).where(
+                JobRow.status == JobStatus.running.value,
+                col(JobRow.lease_expires_at) < time.time(),
+            )
+        ).all()
+        for job in expired:
+            result = session.execute(
+                update(JobRow)
+                .where(
+                    col(JobRow.id) == job.id,
+                    col(JobRow.status) == JobStatus.running.value,
+                    col(JobRow.lease_token) == job.lease_token,
+                )
+                .values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                requeued += 1
+                session.add(
+                    JobEventRow(
+                        job_id=job.id,
+                        created_at=now(),
+                        level="warning",
+                        stage=job.stage,
+                        message=f"Worker {job.lease_owner} stopped heartbeating; job queued again.",
+                    )
+                )
+    with session_scope(engine) as session:
+        queued = session.exec(
+            select(JobRow.id).where(JobRow.status == JobStatus.queued.value).order_by(col(JobRow.seq))
+        ).all()
+    enqueued = 0
+    for job_id in queued:
+        try:
+            queue.enqueue(job_id)
+            enqueued += 1
+        except Exception as exc:  # queue down: the rows stay queued; the next pass retries
+            log.warning("reconciler could not enqueue %s: %s", job_id, exc)
+            break
+    return {"requeued": requeued, "enqueued": enqueued}
+
+
+class Reconciler:
+    def __init__(self, engine: Engine, queue: JobQueue, *, interval: float = 10.0) -> None:
+        self._engine = engine
+        self._queue = queue
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="alignd-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reconcile_once(self._engine, self._queue)
+            except Exception as exc:  # database down: try again next round
+                log.warning("reconcile pass failed: %s", exc)
+            self._stop.wait(self._interval)

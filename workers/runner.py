@@ -1,0 +1,497 @@
+"""Runs one job: lease it, fetch its inputs, spawn the training child, relay its output, store artifacts, finish.
+
+The job row is the truth. The runner takes a lease (owner + fencing token + expiry) with a compare-and-set
+on the row; every later write checks the token, so a runner whose lease was handed to another worker
+(after a long pause, say) can no longer touch the job. Cancellation is a flag on the row, read at every
+heartbeat, so a cancel accepted by any API replica reaches the process that runs the job.
+
+No torch here: training happens in ``python -m workers.training spec.json`` (see workers/protocol.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from service.core.ids import new_id, now
+from service.core.jobs import JobStatus
+from service.db.session import session_scope
+from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
+from service.settings import Settings
+from service.storage import ArtifactStore
+from service.storage.keys import artifact_key, dataset_key, model_key
+from workers.protocol import AdapterRef, BaseModelRef, DatasetRef, TrainingSpec, parse_line
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 30.0
+HEARTBEAT_SECONDS = 2.0
+
+
+class LeaseLost(Exception):
+    """Another runner owns the job now (or it was reset): stop writing."""
+
+
+@dataclass
+class Lease:
+    job_id: str
+    token: int
+    owner: str
+
+
+def pack_folder(folder: Path, dest: Path) -> tuple[int, str]:
+    """Write ``folder``'s files at the root of a .tar.gz; return (size, sha256)."""
+    with tarfile.open(dest, "w:gz") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                archive.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+    digest = hashlib.sha256()
+    with open(dest, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return dest.stat().st_size, digest.hexdigest()
+
+
+class JobRunner:
+    def __init__(self, *, settings: Settings, engine: Engine, store: ArtifactStore, worker_id: str) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.worker_id = worker_id
+        self._stopping = threading.Event()
+        self._children: set[subprocess.Popen[str]] = set()
+        self._children_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def shutdown(self) -> None:
+        """Stop every running child; their jobs go back to `queued` for the next start."""
+        self._stopping.set()
+        with self._children_lock:
+            children = list(self._children)
+        for child in children:
+            _signal_group(child, signal.SIGTERM)
+
+    # ------------------------------------------------------------------ lease and fenced writes
+
+    def acquire(self, job_id: str) -> Lease | None:
+        """Take the job if it is queued (compare-and-set on status). None when someone else has it."""
+        with session_scope(self.engine) as session:
+            job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
+            if job is None or job.status != JobStatus.queued:
+                return None
+            token = job.lease_token + 1
+            result = session.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id == job_id,
+                    JobRow.status == JobStatus.queued,
+                    JobRow.lease_token == job.lease_token,
+                )  # type: ignore[arg-type]
+                .values(
+                    status=JobStatus.running,
+                    lease_owner=self.worker_id,
+                    lease_token=token,
+                    lease_expires_at=time.time() + LEASE_SECONDS,
+                    started_at=job.started_at or now(),
+                    attempts=job.attempts + 1,
+                    error_code=None,
+                    error_message=None,
+                )
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+        return Lease(job_id=job_id, token=token, owner=self.worker_id)
+
+    def _fenced(self, session: Any, lease: Lease) -> JobRow:
+        job = session.exec(select(JobRow).where(JobRow.id == lease.job_id).with_for_update()).first()
+        if job is None or job.lease_token != lease.token or job.status != JobStatus.running:
+            raise LeaseLost(lease.job_id)
+        return job  # type: ignore[no-any-return]
+
+    def heartbeat(self, lease: Lease) -> bool:
+        """Extend the lease; returns whether a cancel was requested. Raises LeaseLost."""
+        with session_scope(self.engine) as session:
+            job = self._fenced(session, lease)
+            job.lease_expires_at = time.time() + LEASE_SECONDS
+            session.add(job)
+            return job.cancel_requested
+
+    def add_event(self, lease: Lease, message: str, *, level: str = "info", stage: str | None = None) -> None:
+        with session_scope(self.engine) as session:
+            job = self._fenced(session, lease)
+            session.add(
+                JobEventRow(
+                    job_id=lease.job_id,
+                    created_at=now(),
+                    level=level,
+                    stage=stage or job.stage,
+                    message=message,
+                )
+            )
+
+    def finish(self, lease: Lease, status: JobStatus, *, error: tuple[str, str] | None = None) -> None:
+        with session_scope(self.engine) as session:
+            job = self._fenced(session, lease)
+            job.status = status
+            job.finished_at = now()
+            job.lease_owner = None
+            job.lease_expires_at = None
+            if status is JobStatus.succeeded:
+                job.progress = 1.0
+            if error is not None:
+                job.error_code, job.error_message = error
+            session.add(job)
+            text = {
+                JobStatus.succeeded: "Job succeeded.",
+                JobStatus.cancelled: "Job cancelled.",
+                JobStatus.failed: f"Job failed: {error[1] if error else 'unknown error'}",
+                JobStatus.queued: "Job released and queued again.",
+            }[status]
+            level = "error" if status is JobStatus.failed else "info"
+            session.add(
+                JobEventRow(job_id=lease.job_id, created_at=now(), level=level, stage=job.stage, message=text)
+            )
+
+    def release(self, lease: Lease, reason: str) -> None:
+        """Give a running job back to the queue (worker shutting down): it will run again, resuming."""
+        with session_scope(self.engine) as session:
+            job = self._fenced(session, lease)
+            job.status = JobStatus.queued
+            job.lease_owner = None
+            job.lease_expires_at = None
+            session.add(job)
+            session.add(
+                JobEventRow(
+                    job_id=lease.job_id, created_at=now(), level="warning", stage=job.stage, message=reason
+                )
+            )
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, job_id: str) -> JobStatus | None:
+        """Run a queued job to a final state. Returns the final status, or None if the job was not ours."""
+        lease = self.acquire(job_id)
+        if lease is None:
+            return None
+        try:
+            return self._run_leased(lease)
+        except LeaseLost:
+            log.warning("lease on %s lost; leaving the job to its new owner", job_id)
+            return None
+
+    def _run_leased(self, lease: Lease) -> JobStatus | None:
+        attempt_dir = self.settings.work_dir / "jobs" / lease.job_id / f"attempt-{lease.token}"
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        attempt_dir.mkdir(parents=True)
+        try:
+            with session_scope(self.engine) as session:
+                job = self._fenced(session, lease)  # detached afterwards; expire_on_commit is off
+            if job.cancel_requested:
+                self.finish(lease, JobStatus.cancelled)
+                return JobStatus.cancelled
+            self.add_event(lease, f"Job started on worker {self.worker_id} (attempt {job.attempts}).")
+            try:
+                spec = self._prepare(job, attempt_dir)
+            except InputMissing as exc:
+                self.finish(lease, JobStatus.failed, error=("input_missing", str(exc)))
+                return JobStatus.failed
+            return self._supervise(lease, spec, attempt_dir)
+        finally:
+            # Outputs were uploaded; the log stays for post-mortems until the next attempt.
+            for child in ("out", "spec.json"):
+                target = attempt_dir / child
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+
+    def _prepare(self, job: JobRow, attempt_dir: Path) -> TrainingSpec:
+        with session_scope(self.engine) as session:
+            model = session.exec(select(ModelRow).where(ModelRow.id == job.base_model)).first()
+            if model is None:
+                raise InputMissing(f"base model {job.base_model} no longer exists")
+            model_ref = BaseModelRef(id=model.id, name=model.name, path=str(self._materialise_model(model)))
+            datasets: dict[str, DatasetRef] = {}
+            for role, dataset_id in job.datasets.items():
+                row = session.exec(select(DatasetRow).where(DatasetRow.id == dataset_id)).first()
+                if row is None:
+                    raise InputMissing(f"dataset {dataset_id} no longer exists")
+                datasets[role] = DatasetRef(
+                    id=row.id,
+                    name=row.name,
+                    kind=row.kind,
+                    sha256=row.sha256,
+                    num_records=row.num_records,
+                    path=str(self._materialise_dataset(row)),
+                )
+            adapters: dict[str, AdapterRef | None] = {}
+            for field in ("init_adapter", "reward_model"):
+                artifact_id = getattr(job, field)
+                if artifact_id is None:
+                    adapters[field] = None
+                    continue
+                artifact = session.exec(select(ArtifactRow).where(ArtifactRow.id == artifact_id)).first()
+                if artifact is None:
+                    raise InputMissing(f"artifact {artifact_id} no longer exists")
+                adapters[field] = AdapterRef(id=artifact.id, path=str(self._materialise_artifact(artifact)))
+        output_dir = attempt_dir / "out"
+        output_dir.mkdir()
+        spec = TrainingSpec(
+            job_id=job.id,
+            method=job.method,
+            base_model=model_ref,
+            datasets=datasets,
+            init_adapter=adapters["init_adapter"],
+            reward_model=adapters["reward_model"],
+            lora=job.lora,
+            hyperparameters=job.hyperparameters,
+            seed=job.seed,
+            output_dir=str(output_dir),
+            checkpoint_dir=str(self.settings.work_dir / "jobs" / job.id / "checkpoints"),
+        )
+        (attempt_dir / "spec.json").write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+        return spec
+
+    # Inputs are immutable once uploaded, so a folder completed once (marker written last) is reused.
+    def _cache_dir(self, kind: str, resource_id: str) -> Path:
+        return self.settings.data_dir / "cache" / kind / resource_id
+
+    def _materialise_model(self, model: ModelRow) -> Path:
+        folder = self._cache_dir("models", model.id)
+        if (folder / ".complete").exists():
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for filename in model.files:
+            self.store.get_to_path(model_key(model.id, filename), folder / filename)
+        (folder / ".complete").touch()
+        return folder
+
+    def _materialise_dataset(self, dataset: DatasetRow) -> Path:
+        local = self.store.local_path(dataset_key(dataset.id))
+        if local is not None:
+            return local
+        path = self._cache_dir("datasets", dataset.id) / "data.jsonl"
+        if not path.exists():
+            self.store.get_to_path(dataset_key(dataset.id), path)
+        return path
+
+    def _materialise_artifact(self, artifact: ArtifactRow) -> Path:
+        folder = self._cache_dir("artifacts", artifact.id)
+        if (folder / ".complete").exists():
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = folder.parent / f"{artifact.id}.tar.gz"
+        self.store.get_to_path(artifact_key(artifact.id), archive)
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(folder, filter="data")  # written by us, but never trust paths blindly
+        archive.unlink()
+        (folder / ".complete").touch()
+        return folder
+
+    def _child_command(self, spec_path: Path) -> list[str]:
+        python = self.settings.training_python or sys.executable
+        return [python, "-m", "workers.training", str(spec_path)]
+
+    def _supervise(self, lease: Lease, spec: TrainingSpec, attempt_dir: Path) -> JobStatus | None:
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if self.settings.torch_threads:
+            env["ALIGND_TORCH_THREADS"] = str(self.settings.torch_threads)
+        # The child must import the same `workers` package as this process, installed or not.
+        project_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [project_root, env.get("PYTHONPATH")]))
+        log_path = attempt_dir / "child.log"
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            child = subprocess.Popen(
+                self._child_command(attempt_dir / "spec.json"),
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                text=True,
+                env=env,
+                cwd=attempt_dir,
+                start_new_session=True,  # its own process group: cancel reaches grandchildren too
+            )
+        with self._children_lock:
+            self._children.add(child)
+        try:
+            return self._relay(lease, spec, child, log_path)
+        finally:
+            with self._children_lock:
+                self._children.discard(child)
+            if child.poll() is None:
+                _signal_group(child, signal.SIGKILL)
+                child.wait()
+
+    def _relay(
+        self, lease: Lease, spec: TrainingSpec, child: subprocess.Popen[str], log_path: Path
+    ) -> JobStatus | None:
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read() -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, name=f"relay-{lease.job_id}", daemon=True).start()
+        self.add_event(lease, f"Training process started (pid {child.pid}).")
+        error: tuple[str, str] | None = None
+        cancel_sent_at: float | None = None
+        stop_sent = False
+        next_beat = 0.0
+        eof = False
+        while not eof:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                eof = True
+            elif line:
+                message = parse_line(line)
+                if message is not None:
+                    if message["type"] == "error":
+                        error = (str(message.get("code", "training_error")), str(message.get("message", "")))
+                    self._handle(lease, message)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                cancel = self.heartbeat(lease)
+                if cancel and cancel_sent_at is None:
+                    self.add_event(lease, "Cancel requested: stopping the training process.", level="warning")
+                    _signal_group(child, signal.SIGTERM)
+                    cancel_sent_at = time.monotonic()
+                if self._stopping.is_set() and not stop_sent:
+                    _signal_group(child, signal.SIGTERM)
+                    stop_sent = True
+            if (
+                cancel_sent_at is not None
+                and time.monotonic() - cancel_sent_at > self.settings.cancel_grace_seconds
+            ):
+                _signal_group(child, signal.SIGKILL)
+        returncode = child.wait()
+        if cancel_sent_at is not None:
+            self.finish(lease, JobStatus.cancelled)
+            return JobStatus.cancelled
+        if self._stopping.is_set():
+            self.release(lease, "Worker shutting down; the job will run again.")
+            return JobStatus.queued
+        if returncode == 0:
+            self.finish(lease, JobStatus.succeeded)
+            return JobStatus.succeeded
+        if error is None:
+            tail = _tail(log_path, 20)
+            error = (
+                "training_crashed",
+                f"training process exited with code {returncode}. Last output:\n{tail}",
+            )
+        self.finish(lease, JobStatus.failed, error=error)
+        return JobStatus.failed
+
+    def _handle(self, lease: Lease, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        stage = message.get("stage")
+        if kind == "event":
+            self.add_event(
+                lease, str(message.get("message", "")), level=str(message.get("level", "info")), stage=stage
+            )
+        elif kind == "metric":
+            with session_scope(self.engine) as session:
+                job = self._fenced(session, lease)
+                created = now()
+                for name, value in (message.get("values") or {}).items():
+                    session.add(
+                        JobMetricRow(
+                            job_id=lease.job_id,
+                            stage=stage or job.stage,
+                            step=int(message.get("step", 0)),
+                            name=str(name)[:64],
+                            value=float(value),
+                            created_at=created,
+                        )
+                    )
+        elif kind == "progress":
+            with session_scope(self.engine) as session:
+                job = self._fenced(session, lease)
+                job.progress = float(message.get("progress", job.progress))
+                if stage:
+                    job.stage = stage
+                session.add(job)
+        elif kind == "artifact":
+            self._store_artifact(lease, message)
+        elif kind == "error":
+            self.add_event(
+                lease, f"{message.get('code')}: {message.get('message')}", level="error", stage=stage
+            )
+
+    def _store_artifact(self, lease: Lease, message: dict[str, Any]) -> None:
+        folder = Path(str(message["path"]))
+        artifact_id = new_id("artifact")
+        archive = folder.parent / f"{artifact_id}.tar.gz"
+        size, sha256 = pack_folder(folder, archive)
+        key = artifact_key(artifact_id)
+        self.store.put_file(key, archive)
+        archive.unlink()
+        try:
+            with session_scope(self.engine) as session:
+                job = self._fenced(session, lease)
+                session.add(
+                    ArtifactRow(
+                        id=artifact_id,
+                        tenant=job.tenant,
+                        job_id=job.id,
+                        stage=message.get("stage") or job.stage,
+                        kind=str(message["kind"]),
+                        size_bytes=size,
+                        sha256=sha256,
+                        storage_key=key,
+                        meta=dict(message.get("metadata") or {}),
+                        created_at=now(),
+                    )
+                )
+                session.add(
+                    JobEventRow(
+                        job_id=job.id,
+                        created_at=now(),
+                        level="info",
+                        stage=message.get("stage") or job.stage,
+                        message=f"Stored {message['kind']} artifact {artifact_id} ({size} bytes).",
+                    )
+                )
+        except LeaseLost:
+            self.store.delete(key)  # not ours to publish any more
+            raise
+
+
+class InputMissing(Exception):
+    pass
+
+
+def _signal_group(child: subprocess.Popen[str], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, sig)
+
+
+def _tail(path: Path, count: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return "".join(deque(handle, maxlen=count)).strip()
+    except OSError:
+        return ""
