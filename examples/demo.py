@@ -13,6 +13,7 @@ Run it with `make demo`. Settings: DEMO_MAX_STEPS (default 30), DEMO_PORT (defau
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -147,6 +148,7 @@ def main() -> int:
             loss = metrics["loss"]["value"]
             print(f"      succeeded: loss {loss[0]:.3f} -> {loss[-1]:.3f} over {len(loss)} logged steps")
             adapter = next(a for a in client.jobs.artifacts(job.id) if a.kind == "adapter")
+            shutil.rmtree(DATA_DIR / "adapter", ignore_errors=True)  # the previous run's adapter
             adapter_dir = client.artifacts.download(adapter.id, DATA_DIR / "adapter")
             print(
                 f"      adapter {adapter.id} ({adapter.size_bytes / 1e6:.1f} MB, sha256 verified) -> {adapter_dir}"
