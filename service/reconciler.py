@@ -4,7 +4,11 @@
   on the lease token so that a live runner's heartbeat and the reconciler cannot both win.
 - Every `queued` job is (re-)enqueued; queues de-duplicate ids, so this also repairs a queue that lost its
   entries (a Redis restarted empty) without double-running anything: a runner takes a job only by
-  moving its row from `queued` to `running`.
+  moving its row from `queued` to `running`. The row's lease token goes along as the entry's generation
+  (see service/queue/arq.py): a job handed back after a dead worker gets a fresh entry even while arq still
+  holds the dead worker's one "in progress".
+
+Every API replica runs one; their writes are compare-and-sets on the row, so running several is safe.
 """
 
 from __future__ import annotations
@@ -58,12 +62,14 @@ def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
                 )
     with session_scope(engine) as session:
         queued = session.exec(
-            select(JobRow.id).where(JobRow.status == JobStatus.queued.value).order_by(col(JobRow.seq))
+            select(JobRow.id, JobRow.method, JobRow.lease_token)
+            .where(JobRow.status == JobStatus.queued.value)
+            .order_by(col(JobRow.seq))
         ).all()
     enqueued = 0
-    for job_id in queued:
+    for job_id, method, generation in queued:
         try:
-            queue.enqueue(job_id)
+            queue.enqueue(job_id, method=method, generation=generation)
             enqueued += 1
         except Exception as exc:  # queue down: the rows stay queued; the next pass retries
             log.warning("reconciler could not enqueue %s: %s", job_id, exc)

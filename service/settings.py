@@ -38,6 +38,41 @@ class Settings(BaseSettings):
         100, ge=1, description="Submissions beyond this many queued jobs get 429 too_many_queued_jobs."
     )
     worker_concurrency: int = Field(1, ge=1, description="Jobs run at once by one worker / embedded server.")
+    worker_methods: str | None = Field(
+        None,
+        description="Comma-separated methods an `alignd-server worker` serves (e.g. 'sft,dpo'); unset: all. "
+        "Each method has its own arq queue (alignd:queue:<method>), so a pool only ever sees its methods.",
+    )
+    worker_metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Prometheus /metrics port of `alignd-server worker`; 0 disables it."
+    )
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A running job's lease: a worker that stops heartbeating for this long loses the job, "
+        "which the reconciler queues again.",
+    )
+    heartbeat_seconds: float = Field(
+        2.0, gt=0, description="How often a runner extends its lease and reads the cancel flag."
+    )
+    reconcile_interval_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How often the API's reconciler re-queues expired leases and lost queue entries.",
+    )
+    job_timeout_seconds: float = Field(
+        48 * 3600.0,
+        gt=0,
+        description="arq job_timeout: a job running longer is stopped and marked failed (job_timeout).",
+    )
+    job_max_tries: int = Field(
+        5,
+        ge=1,
+        description="arq max_tries: deliveries of one queue entry (worker crashes, database outages).",
+    )
+    db_retry_seconds: float = Field(
+        2.0, gt=0, description="Delay between migration attempts while the database is unreachable at start."
+    )
     cancel_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM -> SIGKILL delay on cancel.")
     training_python: str | None = Field(
         None, description="Python executable for the training child; default the server's own."

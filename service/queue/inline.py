@@ -36,7 +36,9 @@ class InlineQueue:
             thread.join(timeout)
         self._threads.clear()
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, *, method: str = "", generation: int = 0) -> None:
+        # One process runs every method, and a dead runner thread means a dead server: the id alone
+        # de-duplicates.
         with self._lock:
             if job_id in self._known:
                 return
@@ -45,6 +47,10 @@ class InlineQueue:
 
     def ping(self) -> None:
         return None
+
+    def depth(self) -> int | None:
+        with self._lock:
+            return len(self._known)
 
     def _loop(self) -> None:
         while True:

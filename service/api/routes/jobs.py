@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -30,6 +31,9 @@ from service.core.ids import new_id, now
 from service.core.jobs import JobStatus
 from service.core.submission import ResourceInfo, resolve_job
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
+from service.queue import QueueUnavailable
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -106,9 +110,15 @@ def create_job(
     session.add(job)
     session.add(JobEventRow(job_id=job.id, created_at=job.created_at, level="info", message="Job queued."))
     session.commit()
-    # The row is committed first: if the queue is down the job stays `queued` and the reconciler
-    # enqueues it later, so an accepted job is never lost.
-    queue.enqueue(job.id)
+    # The row is committed first and is the truth: if the queue is down the job is still accepted (202,
+    # `queued`) and the reconciler enqueues it once the queue is back. Answering 503 here would make a
+    # client retry and submit the job twice.
+    try:
+        queue.enqueue(job.id, method=job.method, generation=job.lease_token)
+    except QueueUnavailable as exc:
+        log.warning(
+            "job %s accepted while the queue is down (%s); the reconciler will enqueue it", job.id, exc
+        )
     return JobPublic.of(job)
 
 
