@@ -1,10 +1,9 @@
-"""``alignd-server serve | migrate``: the server's command line."""
+"""``alignd-server serve | worker | migrate``: the server's command line."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import sys
 
 from service.settings import Settings
@@ -20,11 +19,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from service.logs import configure_logging
+
+    configure_logging(settings)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -41,7 +38,37 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     _configure_logging(settings)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    # log_config=None: keep our handlers (JSON when ALIGND_LOG_JSON) instead of uvicorn's own.
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+    )
+    return 0
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    settings = Settings()
+    if settings.queue != "arq":
+        print("alignd-server worker needs ALIGND_QUEUE=arq (and ALIGND_REDIS_URL)", file=sys.stderr)
+        return 2
+    from workers import tasks
+
+    try:
+        tasks.served_methods(settings)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if args.check:
+        healthy = asyncio.run(tasks.check_health(settings))
+        print("healthy" if healthy else "no recent health check from a worker on every served queue")
+        return 0 if healthy else 1
+    _configure_logging(settings)
+    asyncio.run(tasks.serve(settings))
     return 0
 
 
@@ -63,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.set_defaults(func=serve)
+    worker_parser = commands.add_parser(
+        "worker",
+        help="Run an arq worker (ALIGND_QUEUE=arq): ALIGND_WORKER_CONCURRENCY jobs at once, "
+        "methods from ALIGND_WORKER_METHODS.",
+    )
+    worker_parser.add_argument(
+        "--check",
+        action="store_true",
+        help="Exit 0 if workers recently reported health on every served queue.",
+    )
+    worker_parser.set_defaults(func=worker_command)
     migrate_parser = commands.add_parser("migrate", help="Apply database migrations and exit.")
     migrate_parser.set_defaults(func=migrate_command)
     args = parser.parse_args(argv)

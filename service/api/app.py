@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from service import __version__
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
 from service.api.routes import artifacts, datasets, health, jobs, models
 from service.api.uploads import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodySizeLimit
+from service.core.errors import ServiceUnavailableError
+from service.core.jobs import Method
 from service.db.session import make_engine, migrate
+from service.logs import request_id_var
+from service.metrics import ApiMetrics
+from service.queue import JobQueue
 from service.queue.inline import InlineQueue
 from service.reconciler import Reconciler
 from service.settings import Settings
@@ -37,31 +48,99 @@ def _body_limits(settings: Settings) -> Callable[[str, str], int]:
     return limit
 
 
+def _open_queue(settings: Settings, runner: JobRunner | None) -> JobQueue:
+    if settings.queue == "arq":
+        from service.queue.arq import ArqQueue
+
+        return ArqQueue(settings.redis_url, methods=[method.value for method in Method])
+    assert runner is not None
+    return InlineQueue(runner.run, concurrency=settings.worker_concurrency)
+
+
+class _Startup:
+    """Applies migrations, retrying in the background while the database is unreachable.
+
+    The API must come up with its database down (a restarted cluster starts pods in any order): until the
+    schema is in place /readyz says so and every /v1 request answers 503 database_unavailable. Workers and
+    the reconciler start only once the schema is there.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, then: Callable[[], None]) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.then = then
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.last_error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def _attempt(self) -> bool:
+        try:
+            migrate(self.engine)
+        except (OperationalError, DBAPIError, OSError) as exc:
+            self.last_error = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
+            log.warning("database unavailable at start (%s); retrying", self.last_error)
+            return False
+        self.last_error = None
+        self.ready.set()
+        self.then()
+        return True
+
+    def start(self) -> None:
+        if self._attempt():
+            return
+        self._thread = threading.Thread(target=self._retry, name="alignd-migrations", daemon=True)
+        self._thread.start()
+
+    def _retry(self) -> None:
+        while not self.stopping.wait(self.settings.db_retry_seconds):
+            if self._attempt():
+                log.info("database reachable; schema up to date")
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
-        migrate(engine)
         store = open_store(settings.resolved_storage_url, s3_endpoint_url=settings.s3_endpoint_url)
-        worker_id = f"{socket.gethostname()}-{secrets.token_hex(3)}"
-        runner = JobRunner(settings=settings, engine=engine, store=store, worker_id=worker_id)
-        queue = InlineQueue(runner.run, concurrency=settings.worker_concurrency)
+        runner: JobRunner | None = None
+        if settings.queue == "inline":
+            # Embedded mode runs jobs in this process; with arq the API only enqueues ids.
+            worker_id = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+            runner = JobRunner(settings=settings, engine=engine, store=store, worker_id=worker_id)
+        queue = _open_queue(settings, runner)
         ctx = AppContext(
             settings=settings, engine=engine, store=store, queue=queue, tenant_keys=settings.tenant_keys()
         )
         ctx.extras["runner"] = runner
+        reconciler = Reconciler(engine, queue, interval=settings.reconcile_interval_seconds)
+
+        def start_work() -> None:
+            queue.start()
+            reconciler.start()
+
+        startup = _Startup(settings, engine, start_work)
+        ctx.extras["startup"] = startup
         app.state.ctx = ctx
-        queue.start()
-        reconciler = Reconciler(engine, queue)
-        reconciler.start()
+        metrics.watch_state(lambda: engine if startup.ready.is_set() else None, queue.depth)
+        await asyncio.to_thread(startup.start)
         try:
             yield
         finally:
+            startup.stop()
             reconciler.stop()
-            runner.shutdown()
+            if runner is not None:
+                runner.shutdown()
             queue.stop()
             engine.dispose()
 
@@ -75,20 +154,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, datasets.router, jobs.router, artifacts.router):
         app.include_router(router)
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request.headers.get("x-request-id") or f"req_{secrets.token_hex(8)}"
+        token = request_id_var.set(rid)
         started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = rid
-        log.debug(
-            "%s %s -> %s in %.1f ms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            (time.perf_counter() - started) * 1000,
-        )
-        return response
+        status = 500
+        try:
+            startup: _Startup | None = getattr(getattr(request.app.state, "ctx", None), "extras", {}).get(
+                "startup"
+            )
+            if startup is not None and not startup.ready.is_set() and request.url.path.startswith("/v1/"):
+                error = ServiceUnavailableError(
+                    "The database is unreachable (schema not applied yet); retry shortly.",
+                    code="database_unavailable",
+                )
+                response: Response = JSONResponse(
+                    status_code=503, content=error.to_body(), headers=error.headers
+                )
+            else:
+                response = await call_next(request)
+            status = response.status_code
+            response.headers["X-Request-ID"] = rid
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            route = request.scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            metrics.observe(request.method, template, status, elapsed)
+            log.debug("%s %s -> %s in %.1f ms", request.method, request.url.path, status, elapsed * 1000)
+            request_id_var.reset(token)
 
     app.add_middleware(BodySizeLimit, limits=_body_limits(settings))
     return app

@@ -24,7 +24,11 @@ def _check_all(ctx: ContextDep) -> dict[str, str]:
     try:
         with ctx.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
-        checks["database"] = "ok"
+        startup = ctx.extras.get("startup")
+        if startup is not None and not startup.ready.is_set():
+            checks["database"] = "unavailable: schema not applied yet (migrations retrying)"
+        else:
+            checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
     for name, ping in (("storage", ctx.store.ping), ("queue", ctx.queue.ping)):
