@@ -23,6 +23,7 @@ import tarfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,7 @@ from workers.protocol import AdapterRef, BaseModelRef, DatasetRef, TrainingSpec,
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 30.0
-HEARTBEAT_SECONDS = 2.0
+# The lease and heartbeat come from Settings.lease_seconds / heartbeat_seconds (tests shorten them).
 
 
 class LeaseLost(Exception):
@@ -79,6 +79,18 @@ class JobRunner:
         self._stopping = threading.Event()
         self._children: set[subprocess.Popen[str]] = set()
         self._children_lock = threading.Lock()
+        # job id -> error: jobs to stop and fail (the arq worker's job_timeout), read at each heartbeat.
+        self._aborts: dict[str, tuple[str, str]] = {}
+        # Called with (job_id, metric name, value) for every metric the child reports (worker /metrics).
+        self.on_metric: Callable[[str, str, float], None] | None = None
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.lease_seconds
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return self.settings.heartbeat_seconds
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -89,6 +101,10 @@ class JobRunner:
             children = list(self._children)
         for child in children:
             _signal_group(child, signal.SIGTERM)
+
+    def abort(self, job_id: str, code: str, message: str) -> None:
+        """Stop a job this runner is running and mark it failed with ``code`` (e.g. the arq job timeout)."""
+        self._aborts[job_id] = (code, message)
 
     # ------------------------------------------------------------------ lease and fenced writes
 
@@ -110,7 +126,7 @@ class JobRunner:
                     status=JobStatus.running,
                     lease_owner=self.worker_id,
                     lease_token=token,
-                    lease_expires_at=time.time() + LEASE_SECONDS,
+                    lease_expires_at=time.time() + self.lease_seconds,
                     started_at=job.started_at or now(),
                     attempts=job.attempts + 1,
                     error_code=None,
@@ -131,7 +147,7 @@ class JobRunner:
         """Extend the lease; returns whether a cancel was requested. Raises LeaseLost."""
         with session_scope(self.engine) as session:
             job = self._fenced(session, lease)
-            job.lease_expires_at = time.time() + LEASE_SECONDS
+            job.lease_expires_at = time.time() + self.lease_seconds
             session.add(job)
             return job.cancel_requested
 
@@ -354,6 +370,7 @@ class JobRunner:
         threading.Thread(target=read, name=f"relay-{lease.job_id}", daemon=True).start()
         self.add_event(lease, f"Training process started (pid {child.pid}).")
         error: tuple[str, str] | None = None
+        abort_error: tuple[str, str] | None = None
         cancel_sent_at: float | None = None
         stop_sent = False
         next_beat = 0.0
@@ -372,8 +389,13 @@ class JobRunner:
                         error = (str(message.get("code", "training_error")), str(message.get("message", "")))
                     self._handle(lease, message)
             if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                next_beat = time.monotonic() + self.heartbeat_seconds
                 cancel = self.heartbeat(lease)
+                if lease.job_id in self._aborts and abort_error is None:
+                    abort_error = self._aborts[lease.job_id]
+                    self.add_event(lease, f"{abort_error[1]} Stopping the training process.", level="error")
+                    _signal_group(child, signal.SIGTERM)
+                    cancel_sent_at = time.monotonic()
                 if cancel and cancel_sent_at is None:
                     self.add_event(lease, "Cancel requested: stopping the training process.", level="warning")
                     _signal_group(child, signal.SIGTERM)
@@ -387,6 +409,10 @@ class JobRunner:
             ):
                 _signal_group(child, signal.SIGKILL)
         returncode = child.wait()
+        if abort_error is not None:
+            self._aborts.pop(lease.job_id, None)
+            self.finish(lease, JobStatus.failed, error=abort_error)
+            return JobStatus.failed
         if cancel_sent_at is not None:
             self.finish(lease, JobStatus.cancelled)
             return JobStatus.cancelled
@@ -413,6 +439,10 @@ class JobRunner:
                 lease, str(message.get("message", "")), level=str(message.get("level", "info")), stage=stage
             )
         elif kind == "metric":
+            if self.on_metric is not None:
+                for name, value in (message.get("values") or {}).items():
+                    with contextlib.suppress(TypeError, ValueError):
+                        self.on_metric(lease.job_id, str(name), float(value))
             with session_scope(self.engine) as session:
                 job = self._fenced(session, lease)
                 created = now()
