@@ -57,7 +57,12 @@ def sft_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     )
     started = time.perf_counter()
     run = run_child(spec)
-    print(f"sft child: {time.perf_counter() - started:.1f} s")
+    metrics = run.of_type("metric")
+    speed = sorted(m["values"]["tokens_per_second"] for m in metrics)[len(metrics) // 2]
+    print(
+        f"sft child: {time.perf_counter() - started:.1f} s, loss {metrics[0]['values']['loss']:.3f} -> "
+        f"{metrics[-1]['values']['loss']:.3f}, median {speed:.0f} tokens/s"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     # The child never writes the base model's file.
     assert hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest() == base_sha
@@ -235,7 +240,7 @@ def test_everything_truncated_is_an_error(tiny_model_dir: Path, tmp_path: Path) 
     ("mutate", "code"),
     [
         (lambda spec: spec.pop("base_model"), "invalid_spec"),
-        (lambda spec: spec.update(method="dpo"), "method_not_available"),
+        (lambda spec: spec.update(method="magic"), "method_not_available"),
         (lambda spec: spec["hyperparameters"].update(learning_rate=-1), "invalid_hyperparameters"),
         (lambda spec: spec["base_model"].update(path="/nonexistent/model"), "model_load_failed"),
     ],
