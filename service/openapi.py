@@ -11,7 +11,7 @@ from service.settings import Settings
 
 def openapi_document() -> dict[str, Any]:
     # The schema does not depend on settings; a throwaway Settings keeps it from reading the environment.
-    return create_app(Settings(_env_file=None)).openapi()  # type: ignore[call-arg]
+    return create_app(Settings(_env_file=None)).openapi()
 
 
 def render() -> str:

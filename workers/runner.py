@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from service.core.ids import new_id, now
 from service.core.jobs import JobStatus
@@ -118,10 +118,10 @@ class JobRunner:
             result = session.execute(
                 update(JobRow)
                 .where(
-                    JobRow.id == job_id,
-                    JobRow.status == JobStatus.queued,
-                    JobRow.lease_token == job.lease_token,
-                )  # type: ignore[arg-type]
+                    col(JobRow.id) == job_id,
+                    col(JobRow.status) == JobStatus.queued.value,
+                    col(JobRow.lease_token) == job.lease_token,
+                )
                 .values(
                     status=JobStatus.running,
                     lease_owner=self.worker_id,
@@ -141,7 +141,7 @@ class JobRunner:
         job = session.exec(select(JobRow).where(JobRow.id == lease.job_id).with_for_update()).first()
         if job is None or job.lease_token != lease.token or job.status != JobStatus.running:
             raise LeaseLost(lease.job_id)
-        return job  # type: ignore[no-any-return]
+        return job
 
     def heartbeat(self, lease: Lease) -> bool:
         """Extend the lease; returns whether a cancel was requested. Raises LeaseLost."""

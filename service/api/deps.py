@@ -30,7 +30,7 @@ class AppContext:
 
 
 def get_context(request: Request) -> AppContext:
-    return request.app.state.ctx  # type: ignore[no-any-return]
+    return request.app.state.ctx  # type: ignore[no-any-return,unused-ignore]
 
 
 ContextDep = Annotated[AppContext, Depends(get_context)]

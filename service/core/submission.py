@@ -149,7 +149,7 @@ def resolve_job(
     return ResolvedJob(
         method=method,
         base_model=base_model,
-        datasets=given,  # type: ignore[arg-type]
+        datasets=given,
         init_adapter=init_adapter,
         reward_model=reward_model,
         lora=resolved_lora,

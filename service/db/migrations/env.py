@@ -16,6 +16,8 @@ def run() -> None:
         from sqlalchemy import create_engine
 
         url = context.config.get_main_option("sqlalchemy.url")
+        if url is None:
+            raise RuntimeError("alembic needs a connection or sqlalchemy.url")
         with create_engine(url).connect() as conn:
             context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
             with context.begin_transaction():
