@@ -6,8 +6,14 @@ database a real SQLite file, the training a real child process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -120,24 +126,375 @@ def live_server(tmp_path: Path, tiny_model_dir: Path, sft_jsonl: Path) -> Iterat
         )
 
 
-@pytest.fixture(params=["in-process", "http"])
+@pytest.fixture(params=["in-process", "http", "http-postgresql"])
 def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[httpx.Client]:
-    """The same API two ways: FastAPI's in-process TestClient and real HTTP to uvicorn. Tenant A's key."""
+    """The same API three ways: FastAPI's in-process TestClient and real HTTP to uvicorn on SQLite, and real
+    HTTP on PostgreSQL (a fresh database per test, dropped afterwards). Tenant A's key."""
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
 
-    settings = make_settings(tmp_path / "alignd")
-    app = create_app(settings)
-    headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
-    if request.param == "in-process":
-        with TestClient(app, headers=headers) as client:
-            client.app_settings = settings  # type: ignore[attr-defined]
-            yield client
-    else:
-        with (
-            UvicornThread(app) as server,
-            httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as client,
-        ):
-            client.app_settings = settings  # type: ignore[attr-defined]
-            yield client
+    with contextlib.ExitStack() as stack:
+        overrides: dict[str, Any] = {}
+        if request.param.endswith("postgresql"):
+            overrides["database_url"] = stack.enter_context(pg_database())
+        settings = make_settings(tmp_path / "alignd", **overrides)
+        app = create_app(settings)
+        headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
+        if request.param == "in-process":
+            client: httpx.Client = stack.enter_context(TestClient(app, headers=headers))
+        else:
+            server = stack.enter_context(UvicornThread(app))
+            client = stack.enter_context(httpx.Client(base_url=server.base_url, headers=headers, timeout=60))
+        client.app_settings = settings  # type: ignore[attr-defined]
+        yield client
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Production-mode services: PostgreSQL databases, a private redis-server, moto S3, TCP proxies for outages.
+# ---------------------------------------------------------------------------------------------------------
+
+PG_ADMIN_DSNS = (
+    "postgresql://postgres@127.0.0.1:5432/postgres",
+    "postgresql://postgres@127.0.0.1:5432/test",
+    "postgresql://root@127.0.0.1:5432/postgres",
+    "postgresql://root@127.0.0.1:5432/test",
+)
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _pg_admin() -> Any:
+    import psycopg
+
+    errors = []
+    for dsn in PG_ADMIN_DSNS:
+        try:
+            return psycopg.connect(dsn, autocommit=True, connect_timeout=3)
+        except psycopg.OperationalError as exc:
+            errors.append(f"{dsn}: {exc}")
+    pytest.skip("no PostgreSQL at 127.0.0.1:5432: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def pg_database() -> Iterator[str]:
+    """A fresh database ``alignd_test_<random>``; yields its SQLAlchemy URL, drops it afterwards."""
+    name = f"alignd_test_{secrets.token_hex(6)}"
+    with _pg_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        user = admin.info.user
+        try:
+            yield f"postgresql+psycopg://{user}@127.0.0.1:5432/{name}"
+        finally:
+            # FORCE: a test that failed half-way may have left connections open.
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        yield url
+
+
+class RedisServer:
+    """A private, non-persistent redis-server on a free port that tests may stop and start (empty)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()  # no SHUTDOWN SAVE: it comes back empty
+            self.process.wait()
+            self.process = None
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a backend; stop() refuses new connections and cuts open ones.
+
+    Lets a test take PostgreSQL or S3 "down" and bring it back with its state intact.
+    """
+
+    def __init__(self, backend_port: int, port: int | None = None) -> None:
+        self.backend_port = backend_port
+        self.port = port or free_port()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpProxy:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.backend_port), 5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture(scope="session")
+def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Credentials for moto through the standard AWS chain (also inherited by worker processes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in AWS_TEST_ENV.items():
+            mp.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+            mp.delenv(name, raising=False)
+        nothing = tmp_path_factory.mktemp("aws-conf") / "absent"
+        mp.setenv("AWS_CONFIG_FILE", str(nothing))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nothing))
+        yield dict(AWS_TEST_ENV, AWS_CONFIG_FILE=str(nothing), AWS_SHARED_CREDENTIALS_FILE=str(nothing))
+
+
+@pytest.fixture(scope="session")
+def moto_s3(aws_env: dict[str, str]) -> Iterator[str]:
+    """moto's S3 server (real HTTP) on a free port; yields its endpoint URL. Tests make their own buckets."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def make_bucket(endpoint_url: str) -> str:
+    import boto3
+    from botocore.config import Config
+
+    name = f"alignd-{secrets.token_hex(6)}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )
+    client.create_bucket(Bucket=name)
+    return name
+
+
+class WorkerProcess:
+    """``alignd-server worker`` as a real process in its own process group (so a test can SIGKILL it all)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker"],
+                env=env,
+                cwd=root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.process is None:
+            return None
+        self.kill(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+            return self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class ProductionStack:
+    """API (uvicorn in this process, arq mode) + PostgreSQL database + private Redis + moto S3 bucket."""
+
+    base_url: str
+    settings: Any
+    redis: RedisServer
+    s3_endpoint: str
+    bucket: str
+    worker_env: dict[str, str]
+    tmp_path: Path
+    workers: list[WorkerProcess]
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {API_KEYS['tenant-a']}"},
+            timeout=60,
+            **kwargs,
+        )
+
+    def start_worker(self, **env: str) -> WorkerProcess:
+        index = len(self.workers)
+        data_dir = self.tmp_path / f"worker-{index}"
+        worker = WorkerProcess(
+            {**self.worker_env, "ALIGND_DATA_DIR": str(data_dir), **env},
+            self.tmp_path / f"worker-{index}.log",
+        ).start()
+        self.workers.append(worker)
+        return worker
+
+
+def production_env(
+    *, data_dir: Path, database_url: str, redis_url: str, s3_endpoint: str, bucket: str
+) -> dict[str, str]:
+    """ALIGND_* for production mode with test timings (short lease, fast reconciler)."""
+    return {
+        "ALIGND_DATA_DIR": str(data_dir),
+        "ALIGND_DATABASE_URL": database_url,
+        "ALIGND_QUEUE": "arq",
+        "ALIGND_REDIS_URL": redis_url,
+        "ALIGND_STORAGE_URL": f"s3://{bucket}/alignd",
+        "ALIGND_S3_ENDPOINT_URL": s3_endpoint,
+        "ALIGND_S3_PRESIGN": "true",
+        "ALIGND_API_KEYS": ",".join(f"{tenant}:{key}" for tenant, key in API_KEYS.items()),
+        "ALIGND_LEASE_SECONDS": "3",
+        "ALIGND_HEARTBEAT_SECONDS": "0.5",
+        "ALIGND_RECONCILE_INTERVAL_SECONDS": "0.5",
+        "ALIGND_DB_RETRY_SECONDS": "0.5",
+        "ALIGND_TORCH_THREADS": "1",
+        "ALIGND_CANCEL_GRACE_SECONDS": "3",
+        "ALIGND_LOG_JSON": "true",
+        "ALIGND_WORKER_CONCURRENCY": "1",
+    }
+
+
+@pytest.fixture
+def production_stack(
+    tmp_path: Path, pg_url: str, redis_server: RedisServer, moto_s3: str, aws_env: dict[str, str]
+) -> Iterator[ProductionStack]:
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    bucket = make_bucket(moto_s3)
+    env = production_env(
+        data_dir=tmp_path / "api",
+        database_url=pg_url,
+        redis_url=redis_server.url,
+        s3_endpoint=moto_s3,
+        bucket=bucket,
+    )
+    settings = Settings(**{key.removeprefix("ALIGND_").lower(): value for key, value in env.items()})
+    stack: ProductionStack | None = None
+    with UvicornThread(create_app(settings)) as server:
+        stack = ProductionStack(
+            base_url=server.base_url,
+            settings=settings,
+            redis=redis_server,
+            s3_endpoint=moto_s3,
+            bucket=bucket,
+            worker_env={**env, **aws_env, "ALIGND_WORKER_METRICS_PORT": "0"},
+            tmp_path=tmp_path,
+            workers=[],
+        )
+        try:
+            yield stack
+        finally:
+            for worker in stack.workers:
+                worker.stop(timeout=30)
