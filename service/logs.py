@@ -20,7 +20,12 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("ali
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("alignd_job_id", default=None)
 
 # LogRecord attributes that are not "extra" fields a caller attached.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "job_id",
+}
 
 
 class ContextFilter(logging.Filter):

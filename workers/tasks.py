@@ -140,15 +140,19 @@ class WorkerState:
         started = time.monotonic()
         self.metrics.running.inc()
         try:
+            log.info("job delivered")
             status = runner.run(job_id)
+            if status is None:
+                log.info("job not queued any more (taken elsewhere, finished or cancelled); skipped")
+                return None
+            elapsed = time.monotonic() - started
+            log.info("job ended: %s after %.1f s", status.value, elapsed)
+            self.metrics.duration.labels(status.value).observe(elapsed)
+            self.metrics.jobs.labels(status.value).inc()
+            return status.value
         finally:
             self.metrics.running.dec()
             job_id_var.reset(token)
-        if status is None:
-            return None  # not ours (already taken, finished or cancelled): nothing ran
-        self.metrics.duration.labels(status.value).observe(time.monotonic() - started)
-        self.metrics.jobs.labels(status.value).inc()
-        return status.value
 
     def requeue_info(self, job_id: str) -> tuple[str, int] | None:
         """(method, generation) of a job that is queued again, to hand it straight back to the queue."""
