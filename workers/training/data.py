@@ -16,10 +16,10 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from workers.training.errors import INVALID_DATASET, TrainingError
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100  # label value torch's cross_entropy skips
 Message = dict[str, str]
+T = TypeVar("T")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -75,8 +76,9 @@ def parse_sft_record(record: Any, line: int) -> tuple[list[Message], str]:
     return [{"role": "user", "content": prompt_text}], completion
 
 
-def read_sft_records(path: str | Path) -> list[tuple[list[Message], str]]:
-    records: list[tuple[list[Message], str]] = []
+def _read_jsonl(path: str | Path, parse: Callable[[Any, int], T]) -> list[T]:
+    """Every non-blank line of ``path`` parsed by ``parse(record, line_number)``; errors name the line."""
+    records: list[T] = []
     try:
         with open(path, encoding="utf-8") as handle:
             for number, raw in enumerate(handle, start=1):
@@ -86,7 +88,7 @@ def read_sft_records(path: str | Path) -> list[tuple[list[Message], str]]:
                     record = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     raise _bad(number, f"invalid JSON: {exc.msg}") from None
-                records.append(parse_sft_record(record, number))
+                records.append(parse(record, number))
     except UnicodeDecodeError as exc:
         raise TrainingError(INVALID_DATASET, f"{path} is not UTF-8: {exc}") from None
     except OSError as exc:
@@ -94,6 +96,10 @@ def read_sft_records(path: str | Path) -> list[tuple[list[Message], str]]:
     if not records:
         raise TrainingError(INVALID_DATASET, f"{path} holds no records")
     return records
+
+
+def read_sft_records(path: str | Path) -> list[tuple[list[Message], str]]:
+    return _read_jsonl(path, parse_sft_record)
 
 
 @dataclass(frozen=True)
@@ -260,3 +266,172 @@ def split_micro_batches(batch: Sequence[int], accumulation_steps: int) -> list[l
     """Split one optimizer step's examples into at most ``accumulation_steps`` micro-batches."""
     size = math.ceil(len(batch) / accumulation_steps)
     return [list(batch[i : i + size]) for i in range(0, len(batch), size)]
+
+
+# --- preference pairs (reward model, DPO)
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+def _check_messages(value: list[Any], line: int, field: str) -> list[Message]:
+    messages: list[Message] = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _bad(line, f"{field}[{i}] must be an object")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role or not isinstance(content, str):
+            raise _bad(line, f"{field}[{i}] needs string 'role' and 'content'")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _response_text(value: Any, line: int, field: str) -> str:
+    """A response is a string or a list of assistant messages; a list counts as its contents joined by
+    newlines, which is also how the upload validator reads it (one answer, one loss boundary)."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and value:
+        messages = _check_messages(value, line, field)
+        if any(m["role"] != "assistant" for m in messages):
+            raise _bad(line, f"'{field}' messages must all be the assistant's")
+        text = "\n".join(m["content"] for m in messages)
+    else:
+        raise _bad(line, f"'{field}' must be a string or a non-empty list of assistant messages")
+    if not text.strip():
+        raise _bad(line, f"'{field}' is empty")
+    return text
+
+
+def parse_preference_record(record: Any, line: int) -> PreferenceRecord:
+    """``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}``."""
+    if not isinstance(record, dict):
+        raise _bad(line, "a record must be a JSON object")
+    if any(name not in record for name in ("prompt", "chosen", "rejected")):
+        raise _bad(line, "expected 'prompt', 'chosen' and 'rejected'")
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _bad(line, "'prompt' is empty")
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt:
+        messages = _check_messages(prompt, line, "prompt")
+        if messages[-1]["role"] != "user":
+            raise _bad(line, "the prompt's last message must be the user's")
+    else:
+        raise _bad(line, "'prompt' must be a string or a non-empty list of messages")
+    chosen = _response_text(record["chosen"], line, "chosen")
+    rejected = _response_text(record["rejected"], line, "rejected")
+    return PreferenceRecord(prompt=messages, chosen=chosen, rejected=rejected)
+
+
+def read_preference_records(path: str | Path) -> list[PreferenceRecord]:
+    return _read_jsonl(path, parse_preference_record)
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One pair, each side tokenised like an SFT example: ``labels`` mask the prompt (IGNORE_INDEX)."""
+
+    chosen: SFTExample
+    rejected: SFTExample
+
+
+@dataclass
+class PreferenceStats:
+    records: int = 0
+    pairs: int = 0
+    truncated: int = 0  # pairs with either side cut (prompt from the left, response from the right)
+    dropped: int = 0  # pairs left with no response tokens on a side, or with identical sides
+    prefix_fallback: int = 0
+    tokens: int = 0
+
+
+def _encode_side(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: list[Message],
+    response: str,
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+) -> tuple[SFTExample, bool, bool]:
+    """(example, truncated, prefix fallback). The prompt/response boundary is SFT's (encode_sft_record)."""
+    ids, prompt_len, fallback = encode_sft_record(tokenizer, prompt, response)
+    truncated = False
+    if max_prompt_length is not None and prompt_len > max_prompt_length:
+        # Keep the prompt's end: the latest turn and the assistant header are what the answer follows.
+        ids = ids[prompt_len - max_prompt_length :]
+        prompt_len = max_prompt_length
+        truncated = True
+    if len(ids) > max_length:
+        ids = ids[:max_length]
+        truncated = True
+    labels = [IGNORE_INDEX] * min(prompt_len, len(ids)) + ids[prompt_len:]
+    return SFTExample(input_ids=ids, labels=labels), truncated, fallback
+
+
+def tokenize_preference(
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[PreferenceRecord],
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+) -> tuple[list[PreferenceExample], PreferenceStats]:
+    """Tokenise each side as ``prompt + response`` (chat template when the tokenizer has one).
+
+    ``max_prompt_length`` cuts the prompt from the left first; then each side is cut from the right to
+    ``max_length``. A pair whose response is cut away on either side, or whose two sides end up identical, can
+    teach nothing and is dropped (counted).
+    """
+    stats = PreferenceStats(records=len(records))
+    examples: list[PreferenceExample] = []
+    for record in records:
+        chosen, cut_c, fb_c = _encode_side(
+            tokenizer,
+            record.prompt,
+            record.chosen,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        )
+        rejected, cut_r, fb_r = _encode_side(
+            tokenizer,
+            record.prompt,
+            record.rejected,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        )
+        stats.prefix_fallback += int(fb_c or fb_r)
+        stats.truncated += int(cut_c or cut_r)
+        if not chosen.num_trainable or not rejected.num_trainable or chosen.input_ids == rejected.input_ids:
+            stats.dropped += 1
+            continue
+        examples.append(PreferenceExample(chosen=chosen, rejected=rejected))
+        stats.tokens += chosen.length + rejected.length
+    stats.pairs = len(examples)
+    return examples, stats
+
+
+def collate_pairs(pairs: Sequence[PreferenceExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch: rows ``[0, n)`` are the chosen sides, rows ``[n, 2n)`` the rejected ones.
+
+    Both sides of a pair go through the same forward pass, so they see the same dropout mask statistics and
+    the same weights, and the model runs once per step instead of twice.
+    """
+    return SFTCollator(pad_token_id)([p.chosen for p in pairs] + [p.rejected for p in pairs])
+
+
+def holdout_split(n: int, fraction: float, *, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, eval) index lists: a seeded permutation, the first ``round(n * fraction)`` held out.
+
+    With a positive fraction at least one item is held out and at least one kept for training (n >= 2).
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = 0
+    if fraction > 0 and n >= 2:
+        n_eval = min(n - 1, max(1, round(n * fraction)))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])

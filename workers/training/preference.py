@@ -1,0 +1,153 @@
+"""What the two preference methods (reward model, DPO) share: reading and tokenising pairs, the optimizer and
+schedule, and step-sized batches of pairs. The losses live in ``reward.py`` and ``dpo.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from service.core.jobs import LoraSettings, OptimizerHyperparameters
+from workers.protocol import DatasetRef
+from workers.training import data, lora
+from workers.training.context import RunContext
+from workers.training.errors import (
+    INVALID_HYPERPARAMETERS,
+    INVALID_LORA,
+    INVALID_SPEC,
+    NO_TRAINABLE_EXAMPLES,
+    TrainingError,
+)
+from workers.training.modelcard import DatasetCardEntry
+from workers.training.sft import lr_lambda
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+ROLE = "preference"
+H = TypeVar("H", bound=BaseModel)
+
+
+def validated(
+    model: type[H], raw_hp: dict[str, Any], raw_lora: dict[str, Any], *, method: str
+) -> tuple[H, LoraSettings]:
+    # The runner passes resolved values; validating again turns a corrupt spec into a clear error code.
+    try:
+        hp = model.model_validate(raw_hp)
+    except ValidationError as exc:
+        raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid {method} hyperparameters: {exc}") from None
+    try:
+        settings = LoraSettings.model_validate(raw_lora)
+    except ValidationError as exc:
+        raise TrainingError(INVALID_LORA, f"invalid LoRA settings: {exc}") from None
+    return hp, settings
+
+
+@dataclass
+class PreparedPairs:
+    dataset_ref: DatasetRef
+    dataset_sha256: str
+    tokenizer: PreTrainedTokenizerBase
+    pairs: list[data.PreferenceExample]
+    stats: data.PreferenceStats
+    pad_token_id: int
+
+    def card_entry(self) -> DatasetCardEntry:
+        return DatasetCardEntry(
+            role=ROLE,
+            name=self.dataset_ref.name,
+            id=self.dataset_ref.id,
+            sha256=self.dataset_sha256,
+            num_records=self.stats.records,
+            num_examples=self.stats.pairs,
+        )
+
+
+def prepare_pairs(
+    ctx: RunContext, *, stage: str, max_length: int, max_prompt_length: int | None = None
+) -> PreparedPairs:
+    """Read, check and tokenise the ``preference`` dataset, reporting what was cut or dropped.
+
+    Data first: a bad dataset fails in a second, before the (slow) model load.
+    """
+    spec, progress = ctx.spec, ctx.progress
+    dataset_ref = spec.datasets.get(ROLE)
+    if dataset_ref is None:
+        raise TrainingError(INVALID_SPEC, f"method {spec.method} needs a dataset with role '{ROLE}'")
+    records = data.read_preference_records(dataset_ref.path)
+    sha256 = data.sha256_file(dataset_ref.path)
+    if sha256 != dataset_ref.sha256:
+        progress.event(
+            f"dataset {dataset_ref.id}: sha256 of the local file ({sha256}) differs from the spec's "
+            f"({dataset_ref.sha256}); the model card records the local file's",
+            stage=stage,
+            level="warning",
+        )
+    tokenizer = lora.load_tokenizer(spec.base_model.path)
+    pairs, stats = data.tokenize_preference(
+        tokenizer, records, max_length=max_length, max_prompt_length=max_prompt_length
+    )
+    progress.event(
+        f"dataset {dataset_ref.name}: {stats.records} records -> {stats.pairs} pairs, {stats.tokens} tokens, "
+        f"{stats.truncated} truncated",
+        stage=stage,
+    )
+    if stats.dropped:
+        progress.event(
+            f"dropped {stats.dropped} of {stats.records} pairs with no response tokens left after truncation "
+            f"(max_length={max_length}) or with identical sides",
+            stage=stage,
+            level="warning",
+        )
+    if stats.prefix_fallback:
+        progress.event(
+            f"{stats.prefix_fallback} pairs: the chat template's prompt was not a token prefix of the full "
+            "conversation; masked the longest common prefix instead",
+            stage=stage,
+            level="warning",
+        )
+    if not pairs:
+        raise TrainingError(NO_TRAINABLE_EXAMPLES, "no preference pair has response tokens left to train on")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        # Right padding is masked out of attention and labels, and rewards are read at the last *attended*
+        # token, so any id works; EOS is the usual choice.
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return PreparedPairs(dataset_ref, sha256, tokenizer, pairs, stats, int(pad))
+
+
+def total_steps(n_pairs: int, hp: OptimizerHyperparameters) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) with ``max_steps`` applied."""
+    per_epoch = math.ceil(n_pairs / hp.batch_size)
+    total = hp.epochs * per_epoch
+    if hp.max_steps is not None:
+        total = min(total, hp.max_steps)
+    return per_epoch, total
+
+
+def optimizer_and_scheduler(
+    params: list[torch.nn.Parameter], hp: OptimizerHyperparameters, total: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    warmup = math.ceil(hp.warmup_ratio * total)
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(hp.lr_scheduler, warmup_steps=warmup, total_steps=total)
+    )
+    return optimizer, scheduler
+
+
+def epoch_batches(
+    pairs: list[data.PreferenceExample], batch_size: int, *, seed: int, epoch: int
+) -> list[list[int]]:
+    """Length-bucketed batches of pair indices (a pair is as long as its longer side), fresh per epoch."""
+    lengths = [max(p.chosen.length, p.rejected.length) for p in pairs]
+    return data.length_bucketed_batches(lengths, batch_size, rng=random.Random(seed * 1_000_003 + epoch))
+
+
+def iter_chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
