@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,16 +121,20 @@ def attach_adapter(
     *,
     init_adapter: str | Path | None = None,
     adapter_name: str = POLICY_ADAPTER,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: list[str] | None = None,
 ) -> PeftModel:
     """Wrap ``base`` with a trainable LoRA adapter: fresh from ``settings``, or loaded from ``init_adapter``.
 
     A loaded adapter keeps its own shape (r, alpha, targets), since its weights fix it; ``settings`` then only
-    matter for new adapters.
+    matter for new adapters. ``task_type="SEQ_CLS"`` with ``modules_to_save=["score"]`` makes a reward model:
+    LoRA on the body, a trainable copy of the head saved with the adapter.
     """
     model: PeftModel
     if init_adapter is None:
+        config = lora_config(settings, task_type=task_type, modules_to_save=modules_to_save)
         try:
-            model = get_peft_model(base, lora_config(settings), adapter_name=adapter_name)
+            model = get_peft_model(base, config, adapter_name=adapter_name)
         except ValueError as exc:  # e.g. target_modules naming nothing in this model
             raise TrainingError(INVALID_ADAPTER, f"cannot build the LoRA adapter: {exc}") from None
     else:
@@ -198,3 +205,167 @@ def save_adapter(
         nested.rmdir()
     tokenizer.save_pretrained(str(out))
     return out
+
+
+# --- sequence positions and scalar heads
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over the real tokens of each row, whatever side the padding is on.
+
+    Default position ids count from the row's first column; with left padding that shifts every real token by
+    the pad count, so a left-padded batch (generation, PPO) must pass these explicitly.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last real token, for left or right padding (the rightmost 1 in the mask)."""
+    columns = torch.arange(attention_mask.size(-1), device=attention_mask.device)
+    return (columns * attention_mask.long()).argmax(-1)
+
+
+def score_last_token(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    head: str = "score",
+) -> torch.Tensor:
+    """Run the model's transformer body and a scalar head on each row's last real token -> ``[batch]`` floats.
+
+    Works on a sequence classifier (``AutoModelForSequenceClassification``, head ``score``) and on a causal LM
+    that carries an extra head (:func:`attach_head`), bare or inside a ``PeftModel``: the LoRA layers live in
+    the body's modules, so whichever adapter is active applies. We pick the token from the attention mask
+    rather than letting transformers' classifier look for the pad id, which fails when pad == EOS and an
+    answer ends with EOS.
+    """
+    inner: Any = model.get_base_model() if isinstance(model, PeftModel) else model
+    body = getattr(inner, inner.base_model_prefix)
+    hidden = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask)]
+    scores: torch.Tensor = getattr(inner, head)(last)
+    return scores[:, 0].float()
+
+
+def attach_head(
+    model: torch.nn.Module, name: str = "score", *, out_features: int = 1, bias: bool = False
+) -> torch.nn.Linear:
+    """Give a (causal LM) model a frozen linear head ``name`` on its hidden size, as a sequence classifier has.
+
+    Its weights are placeholders: a reward adapter loaded afterwards with ``modules_to_save=["score"]`` wraps it
+    and brings its own trained copy. Attach it *after* the policy adapter is built, or ``all-linear`` would put
+    LoRA on it too.
+    """
+    inner: Any = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = inner.config.get_text_config()
+    reference = inner.get_input_embeddings().weight
+    head = torch.nn.Linear(config.hidden_size, out_features, bias=bias)
+    head = head.to(device=reference.device, dtype=reference.dtype)
+    head.weight.data.zero_()
+    head.requires_grad_(False)
+    setattr(inner, name, head)
+    return head
+
+
+# --- one base, several named adapters (policy, reference, reward)
+
+REFERENCE_ADAPTER = "reference"
+REWARD_ADAPTER = "reward"
+
+
+def add_frozen_adapter(model: PeftModel, name: str, path: str | Path) -> None:
+    """Load the adapter folder ``path`` as a frozen extra adapter ``name`` on the same base (no new base)."""
+    active = model.active_adapter
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise TrainingError(INVALID_ADAPTER, f"cannot load adapter {path} as {name!r}: {exc}") from None
+    # load_adapter leaves the active adapter as it was; keep every existing parameter's trainability too.
+    model.set_adapter(active)
+    for p in model.parameters():
+        p.requires_grad_(grads.get(p, False))
+
+
+@contextmanager
+def use_adapter(model: PeftModel, name: str | None) -> Iterator[None]:
+    """Run the block with adapter ``name`` active (``None``: every adapter disabled, i.e. the base model).
+
+    peft's ``set_adapter`` also flips ``requires_grad`` (the active adapter becomes trainable, the others
+    frozen), which would unfreeze a reference or reward adapter and freeze the policy mid-step; we put every
+    flag back afterwards, so only the caller decides what trains.
+    """
+    if name is None:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    if name == previous:
+        yield
+        return
+    grads = {p: p.requires_grad for p in model.parameters()}
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for p in model.parameters():
+            p.requires_grad_(grads[p])
+
+
+@dataclass
+class SharedBase:
+    """One frozen base serving several roles; every role's module is ``model`` with a different adapter."""
+
+    model: PeftModel
+    policy: str = POLICY_ADAPTER
+    reference: str | None = None  # None: the base itself (adapters disabled)
+    reward: str | None = None  # adapter name whose ``score`` head gives the reward
+
+    def roles(self) -> dict[str, str | None]:
+        return {"policy": self.policy, "reference": self.reference, "reward": self.reward}
+
+
+def load_shared_base(
+    base_path: str | Path,
+    settings: LoraSettings,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    policy_init: str | Path | None = None,
+    reference_adapter: str | Path | None = None,
+    reward_adapter: str | Path | None = None,
+) -> SharedBase:
+    """Load the base once and hang every role on it as a named adapter.
+
+    - policy: trainable ``"default"`` adapter, fresh from ``settings`` or continued from ``policy_init``;
+    - reference: ``reference_adapter`` loaded frozen as ``"reference"`` (e.g. the SFT adapter the policy starts
+      from), or, when not given, the base with adapters disabled;
+    - reward: ``reward_adapter`` (a reward model folder: LoRA + ``score`` head in ``modules_to_save``) loaded
+      frozen as ``"reward"``, its head attached to the causal LM (:func:`attach_head`).
+    Only the policy's LoRA weights are trainable. A reward model trained on a *different* base cannot share this
+    one; load it separately as a sequence classifier.
+    """
+    base = load_base_model(base_path, device=device, dtype=dtype)
+    model = attach_adapter(base, settings, init_adapter=policy_init)
+    shared = SharedBase(model=model)
+    if reference_adapter is not None:
+        add_frozen_adapter(model, REFERENCE_ADAPTER, reference_adapter)
+        shared.reference = REFERENCE_ADAPTER
+    if reward_adapter is not None:
+        attach_head(model, "score")
+        add_frozen_adapter(model, REWARD_ADAPTER, reward_adapter)
+        shared.reward = REWARD_ADAPTER
+    return shared
+
+
+def storage_pointers(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Distinct storages behind ``tensors``: two views of one weight count once, two copies twice."""
+    return {t.untyped_storage().data_ptr() for t in tensors}
