@@ -4,6 +4,7 @@ Public API (kept small on purpose; service tests use it too):
 
 - :func:`build_tiny_llama` -> a Hugging Face model folder (safetensors + tokenizer files).
 - :func:`tiny_sft_jsonl` -> an SFT JSONL file whose completions are a deterministic function of the prompt.
+- :func:`tiny_preference_jsonl` -> preference pairs: chosen names the thing's true colour, rejected a wrong one.
 
 Needs torch, transformers and tokenizers (the ``train`` extra). No network, no hub.
 """
@@ -14,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "build_tiny_llama", "tiny_sft_jsonl"]
+__all__ = ["CHAT_TEMPLATE", "build_tiny_llama", "tiny_preference_jsonl", "tiny_sft_jsonl"]
 
 # A minimal chat template in the usual shape: every turn is "<s>role\ncontent</s>\n", and the generation
 # prompt opens an assistant turn. "</s>" is the EOS token, so a trained model learns to end its answer.
@@ -156,4 +157,35 @@ def tiny_sft_jsonl(path: Path, n: int = 64, *, seed: int = 0, messages: bool = F
             else:
                 record = {"prompt": prompt, "completion": completion}
             handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def tiny_preference_jsonl(
+    path: Path, n: int = 64, *, seed: int = 0, offset: int = 0, messages: bool = False
+) -> Path:
+    """Write ``n`` preference records and return the path.
+
+    "What colour is the X?" -> chosen "The X is <its colour>.", rejected "The X is <another colour>.": the
+    rule (the fact table) is learnable, and the two sides differ in one word, so only that word can explain
+    the preference. Records are the distinct (thing, wrong colour) pairs, 84 in all, in a seeded order;
+    this file holds positions ``offset .. offset + n`` of it, so two files with the same seed and disjoint
+    ranges share no pair (a truly held-out set). With ``messages=True`` every other record uses the messages
+    forms (prompt as a user turn, responses as assistant-message lists).
+    """
+    colours = sorted(set(_FACTS.values()))
+    combos = [(thing, wrong) for thing in sorted(_FACTS) for wrong in colours if wrong != _FACTS[thing]]
+    random.Random(seed).shuffle(combos)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(offset, offset + n):
+            thing, wrong = combos[i % len(combos)]
+            prompt: object = f"What colour is the {thing}?"
+            chosen: object = f"The {thing} is {_FACTS[thing]}."
+            rejected: object = f"The {thing} is {wrong}."
+            if messages and i % 2:
+                prompt = [{"role": "user", "content": prompt}]
+                chosen = [{"role": "assistant", "content": chosen}]
+                rejected = [{"role": "assistant", "content": rejected}]
+            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     return path

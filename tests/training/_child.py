@@ -23,30 +23,45 @@ def write_spec(
     lora: dict[str, Any] | None = None,
     method: str = "sft",
     seed: int = 0,
+    init_adapter: Path | None = None,
 ) -> Path:
-    """A TrainingSpec as the runner writes it: hyperparameters and LoRA resolved by the service's models."""
-    from service.core.jobs import LoraSettings, SFTHyperparameters
+    """A TrainingSpec as the runner writes it: hyperparameters and LoRA resolved by the service's models.
 
+    The dataset's role (and kind) is the one ``method`` needs; hyperparameters go through that method's model.
+    """
+    from service.core.jobs import (
+        HYPERPARAMETER_MODELS,
+        REQUIRED_DATASETS,
+        LoraSettings,
+        Method,
+        SFTHyperparameters,
+    )
+
+    known = method in Method.__members__
+    role = REQUIRED_DATASETS[Method(method)][0] if known else "sft"
+    hp_model = HYPERPARAMETER_MODELS.get(Method(method), SFTHyperparameters) if known else SFTHyperparameters
     folder.mkdir(parents=True, exist_ok=True)
     spec = {
         "job_id": "job_test",
         "method": method,
         "base_model": {"id": "model_tiny", "name": "tiny-llama", "path": str(model_dir)},
         "datasets": {
-            "sft": {
+            role: {
                 "id": "ds_tiny",
                 "name": "tiny-colours",
-                "kind": "sft",
+                "kind": role,
                 "sha256": hashlib.sha256(dataset.read_bytes()).hexdigest(),
                 "num_records": sum(1 for line in dataset.read_text().splitlines() if line.strip()),
                 "path": str(dataset),
             }
         },
         "lora": LoraSettings.model_validate(lora or {}).model_dump(),
-        "hyperparameters": SFTHyperparameters.model_validate(hyperparameters or {}).model_dump(),
+        "hyperparameters": hp_model.model_validate(hyperparameters or {}).model_dump(),
         "seed": seed,
         "output_dir": str(folder / "out"),
     }
+    if init_adapter is not None:
+        spec["init_adapter"] = {"id": "adapter_init", "path": str(init_adapter)}
     path = folder / "spec.json"
     path.write_text(json.dumps(spec), encoding="utf-8")
     return path

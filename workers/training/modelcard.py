@@ -39,6 +39,8 @@ def render_model_card(
     seed: int,
     metrics: Mapping[str, float],
     loader: str = "AutoModelForCausalLM",
+    loader_args: str = "",
+    notes: str = "",
 ) -> str:
     dataset_rows = "\n".join(
         f"| {d.role} | {d.name} | `{d.id}` | `{d.sha256}` | {d.num_records} | "
@@ -92,10 +94,10 @@ this base model.
 from peft import PeftModel
 from transformers import {loader}, AutoTokenizer
 
-base = {loader}.from_pretrained("path/to/{base_model_name}")
+base = {loader}.from_pretrained("path/to/{base_model_name}"{loader_args})
 model = PeftModel.from_pretrained(base, "path/to/this/folder")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 ```
 
 `model.merge_and_unload()` folds the adapter into the base weights if you want a plain transformers model.
-"""
+{notes}"""
