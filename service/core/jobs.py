@@ -54,7 +54,7 @@ def can_transition(current: JobStatus, new: JobStatus) -> bool:
 
 
 # Methods whose training code exists; the others are accepted by the schema and refused with 422.
-AVAILABLE_METHODS: frozenset[Method] = frozenset({Method.sft})
+AVAILABLE_METHODS: frozenset[Method] = frozenset({Method.sft, Method.reward_model, Method.dpo})
 
 # Which dataset kinds each method needs (role name == dataset kind).
 REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
@@ -173,6 +173,13 @@ class DPOHyperparameters(OptimizerHyperparameters):
         0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label-noise rate."
     )
     max_prompt_length: int = Field(256, ge=1, description="Token budget for the prompt part of each pair.")
+    # With an init adapter (the SFT policy) the literature's reference is that SFT policy, not the bare base;
+    # the worker loads it a second time as a frozen adapter on the same base, so it costs no second model.
+    reference_model: Literal["init_adapter", "base"] = Field(
+        "init_adapter",
+        description="Reference policy when init_adapter is given: a frozen copy of the init adapter (the SFT "
+        "model, as in the DPO paper) or the bare base. Without init_adapter it is always the base.",
+    )
 
 
 class PPOHyperparameters(CommonHyperparameters):

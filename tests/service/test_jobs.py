@@ -55,10 +55,10 @@ def test_job_validation_errors(api: httpx.Client, uploaded: dict[str, str]) -> N
     unknown_model = {**base, "base_model": "model_nope"}
     assert_error(api.post("/v1/jobs", json=unknown_model), 422, "unknown_model")
 
-    not_yet = {
-        "method": "dpo",
+    not_yet = {  # rlhf until the pipeline lands; availability is checked before the datasets
+        "method": "rlhf",
         "base_model": uploaded["model"],
-        "datasets": {"preference": uploaded["preference"]},
+        "datasets": {"sft": uploaded["sft"], "preference": uploaded["preference"]},
     }
     assert_error(api.post("/v1/jobs", json=not_yet), 422, "method_not_available")
 

@@ -18,6 +18,8 @@ Trainer = Callable[[RunContext], object]
 
 METHODS: dict[str, str] = {
     "sft": "workers.training.sft:run",
+    "reward_model": "workers.training.reward:run",
+    "dpo": "workers.training.dpo:run",
 }
 
 
