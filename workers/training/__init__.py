@@ -6,5 +6,6 @@ runner and the API can refer to method names and error codes without the ``train
 
 Modules: ``__main__`` (entry point: stdout protocol, signals, dispatch), ``registry`` (method -> trainer),
 ``data`` (tokenisation, masking, collators, length bucketing), ``lora`` (base loading, adapters, save),
-``sft`` (the SFT loop), ``modelcard`` (README.md written next to every adapter).
+``sft`` (the SFT loop), ``reward`` (reward model), ``dpo`` (DPO), ``preference`` (what reward and DPO
+share), ``modelcard`` (README.md written next to every adapter).
 """

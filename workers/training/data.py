@@ -1,4 +1,5 @@
-"""SFT data: reading JSONL, tokenising with masks, padding collator, length-bucketed batches.
+"""Training data: reading JSONL, tokenising with masks, padding collator, length-bucketed batches; SFT records
+and (at the end) preference pairs, which reuse the SFT prompt/answer boundary.
 
 Record forms (validated at upload, checked again here because the child must never trust its input):
 
