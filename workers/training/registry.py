@@ -18,6 +18,7 @@ Trainer = Callable[[RunContext], object]
 
 METHODS: dict[str, str] = {
     "sft": "workers.training.sft:run",
+    "ppo": "workers.training.ppo:run",
     "reward_model": "workers.training.reward:run",
     "dpo": "workers.training.dpo:run",
 }

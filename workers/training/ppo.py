@@ -1,0 +1,956 @@
+"""PPO with LoRA: policy, reference, reward and value on ONE copy of the base weights.
+
+The base causal LM is loaded once and wrapped once in a ``PeftModel``. Each role is a way of running that
+same module tree:
+
+- **policy**: the trainable adapter ``"default"`` (fresh, or initialised from ``init_adapter``: the SFT
+  adapter). Its adapter folder is the job's output.
+- **reference**: what the KL penalty measures against. Without ``init_adapter`` it is the base itself (the
+  policy adapter disabled). With one, it is the SFT policy: a frozen second copy of the init adapter
+  (``"reference"``, a few MB of LoRA weights), as in the literature and TRL, where the reference is the SFT
+  model. Measuring KL to the raw base instead would pull the policy back past its SFT behaviour.
+- **reward**: the reward model's LoRA adapter (``"reward"``), loaded from its folder onto the *causal LM's*
+  body (a reward model is a sequence classifier on the same body: same module names), plus its ``score``
+  head, a small ``Linear`` applied to the last hidden state at the last real token.
+- **value**: a value head on the policy's trunk (``value_model="head"``, the default: one forward gives
+  logits and values), or a third adapter initialised from the reward model with a copy of its head
+  (``value_model="adapter"``, TRL's choice of initialisation, at the cost of a second forward per minibatch).
+
+Switching roles toggles adapters, never weights, so the frozen base exists once in memory; only adapters and
+heads are trainable (the test suite counts storages to prove it). The reference and reward passes run without
+gradients. Only a reward model trained on a *different* base could need a second base; that is refused with
+a clear error rather than silently scoring with mismatched weights.
+
+The math follows TRL's PPO trainer (``trl/experimental/ppo/ppo_trainer.py``) with three deliberate
+differences, each a correctness fix: the "old" log-probs are recomputed by the training forward rather than
+taken from generation scores (so the first minibatch's ratio is exactly 1); the score lands on the last real
+token (TRL adds it one position after it); and values are masked with the same mask as everything else.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.utils import set_peft_model_state_dict
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from service.core.jobs import LoraSettings, PPOHyperparameters
+from workers.training import data, lora, rollout
+from workers.training.context import RunContext
+from workers.training.errors import (
+    INVALID_ADAPTER,
+    INVALID_HYPERPARAMETERS,
+    INVALID_LORA,
+    INVALID_SPEC,
+    MODEL_LOAD_FAILED,
+    TRAINING_DIVERGED,
+    TrainingError,
+)
+from workers.training.modelcard import DatasetCardEntry, render_model_card
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+STAGE = "ppo"
+POLICY_ADAPTER = lora.POLICY_ADAPTER
+REFERENCE_ADAPTER = "reference"
+REWARD_ADAPTER = "reward"
+VALUE_ADAPTER = "value"
+ROLES = ("policy", "reference", "reward", "value")
+
+
+class RewardFunction(Protocol):
+    """Scores a batch of finished episodes; one float per episode (higher is better).
+
+    ``prompt_ids``: (B, P) left-padded prompts. ``response_ids``: (B, R) responses, every token after the
+    first EOS replaced by the pad id. ``attention_mask``: (B, P + R), 1 on the real prompt tokens and the
+    response up to and including its EOS. The missing-EOS penalty is applied by the trainer, not here.
+    """
+
+    def __call__(
+        self, prompt_ids: torch.Tensor, response_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+# --- the shared model and its roles
+
+
+class SharedBaseModel:
+    """One ``PeftModel`` and the small heads beside it; :meth:`role` switches which adapter runs.
+
+    Invariant: outside and inside every role, ``requires_grad`` is True exactly on the trainable adapter(s)
+    and the value head. (peft's ``set_adapter`` and ``disable_adapter`` flip ``requires_grad`` on adapter
+    weights as a side effect; we put the flags back after every switch.)
+    """
+
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        *,
+        value_head: torch.nn.Linear,
+        reward_head: torch.nn.Linear | None,
+        reference_adapter: str | None,
+        reward_adapter: str | None,
+        value_adapter: str | None,
+    ) -> None:
+        self.peft = peft_model
+        base = peft_model.get_base_model()
+        # Run the decoder body ourselves: we need its final (normed) hidden states for the heads, and logits
+        # only for response positions (the LM head is most of the compute on a large vocabulary).
+        prefix = str(getattr(base, "base_model_prefix", "model"))
+        self.body: torch.nn.Module = getattr(base, prefix)
+        lm_head = base.get_output_embeddings()  # type: ignore[operator]  # transformers' typing
+        if not isinstance(lm_head, torch.nn.Module):
+            raise TrainingError(MODEL_LOAD_FAILED, "the base model has no output embedding (LM head)")
+        self.lm_head: torch.nn.Module = lm_head
+        self.value_head = value_head
+        self.reward_head = reward_head
+        self.reference_adapter = reference_adapter
+        self.reward_adapter = reward_adapter
+        self.value_adapter = value_adapter
+        trainable_adapters = {POLICY_ADAPTER} | ({value_adapter} if value_adapter else set())
+        self._trainable: list[torch.nn.Parameter] = []
+        for name, param in peft_model.named_parameters():
+            # LoRA parameter names look like "...q_proj.lora_A.<adapter>.weight".
+            keep = "lora_" in name and name.split(".")[-2] in trainable_adapters
+            param.requires_grad_(keep)
+            if keep:
+                self._trainable.append(param)
+        value_head.requires_grad_(True)
+        if reward_head is not None:
+            reward_head.requires_grad_(False)
+        self._trainable.extend(value_head.parameters())
+        self._trainable_ids = {id(p) for p in self._trainable}
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._trainable)
+
+    def _restore_requires_grad(self) -> None:
+        for param in self.peft.parameters():
+            param.requires_grad_(id(param) in self._trainable_ids)
+
+    @contextmanager
+    def role(self, name: str) -> Iterator[None]:
+        """Run the body as ``name`` (policy, reference, reward, value) inside the block."""
+        if name == "policy" or (name == "value" and self.value_adapter is None):
+            yield  # the policy adapter is the resting state; a head-only value shares the policy's trunk
+            return
+        if name == "reference" and self.reference_adapter is None:
+            try:
+                with self.peft.disable_adapter():
+                    yield
+            finally:
+                self._restore_requires_grad()
+            return
+        adapter = {
+            "reference": self.reference_adapter,
+            "reward": self.reward_adapter,
+            "value": self.value_adapter,
+        }.get(name)
+        if adapter is None:
+            raise ValueError(f"no adapter for role {name!r}")
+        self.peft.set_adapter(adapter)
+        self._restore_requires_grad()
+        try:
+            yield
+        finally:
+            self.peft.set_adapter(POLICY_ADAPTER)
+            self._restore_requires_grad()
+
+    def role_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """Every module each role computes with (for the single-base-copy test and memory accounting)."""
+        reward: list[torch.nn.Module] = [self.peft]
+        if self.reward_head is not None:
+            reward.append(self.reward_head)
+        return {
+            "policy": [self.peft],
+            "reference": [self.peft],
+            "reward": reward,
+            "value": [self.peft, self.value_head],
+        }
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the body under the current role; positions from the attention mask."""
+        out = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=rollout.position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden: torch.Tensor = out.last_hidden_state
+        return hidden
+
+    def generation_step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """One KV-cached step for :func:`rollout.sample_responses`: logits of the last position only."""
+        out = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits: torch.Tensor = self.lm_head(out.last_hidden_state[:, -1])
+        return logits, out.past_key_values
+
+    def response_logits(self, hidden: torch.Tensor, prompt_width: int, temperature: float) -> torch.Tensor:
+        """Logits (divided by the temperature) that predicted each response token: positions P-1 .. P+R-2."""
+        width = hidden.size(1) - prompt_width
+        logits: torch.Tensor = self.lm_head(hidden[:, prompt_width - 1 : prompt_width - 1 + width])
+        return logits.float() / temperature
+
+    def response_values(self, hidden: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """V(state before response token t), from the same positions as the logits."""
+        width = hidden.size(1) - prompt_width
+        states = hidden[:, prompt_width - 1 : prompt_width - 1 + width].float()
+        values: torch.Tensor = self.value_head(states).squeeze(-1)
+        return values
+
+
+class AdapterRewardModel:
+    """The default :class:`RewardFunction`: the reward adapter on the shared body plus its score head."""
+
+    def __init__(self, models: SharedBaseModel) -> None:
+        if models.reward_adapter is None or models.reward_head is None:
+            raise ValueError("the shared model has no reward adapter")
+        self.models = models
+        self.head: torch.nn.Linear = models.reward_head
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt_ids: torch.Tensor, response_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+        with self.models.role("reward"):
+            hidden = self.models.hidden_states(input_ids, attention_mask)
+        rows = torch.arange(hidden.size(0), device=hidden.device)
+        # The reward sits at the last real token: the EOS of an ended answer, else the last sampled token.
+        last = hidden[rows, lora.last_token_index(attention_mask)].float()
+        scores: torch.Tensor = self.head(last).squeeze(-1)
+        return scores
+
+
+def _adapter_base_name(folder: Path) -> str | None:
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError):
+        return None
+    return config.base_model_name_or_path
+
+
+def load_scalar_adapter(
+    model: PeftModel, folder: str | Path, adapter_name: str, *, trainable: bool
+) -> torch.nn.Linear:
+    """Load a sequence-classifier LoRA folder (reward model) onto the causal LM as adapter ``adapter_name``.
+
+    The folder is what ``PeftModel.from_pretrained(AutoModelForSequenceClassification(base, num_labels=1),
+    folder)`` loads: LoRA weights on the body plus the ``score`` head saved through ``modules_to_save``. The
+    body's module names are the same in the causal LM, so the LoRA weights go onto it unchanged; the head
+    becomes a separate ``Linear`` (fp32). Returns the head.
+    """
+    path = Path(folder)
+    weights_file = path / "adapter_model.safetensors"
+    try:
+        config = LoraConfig.from_pretrained(str(path))
+        state = load_file(str(weights_file))
+    except (OSError, ValueError, TypeError) as exc:
+        raise TrainingError(
+            INVALID_ADAPTER, f"cannot read the reward model adapter in {path}: {exc}"
+        ) from None
+    head_state = {k: v for k, v in state.items() if "lora_" not in k}
+    lora_state = {k: v for k, v in state.items() if "lora_" in k}
+    weight_keys = [k for k in head_state if k.endswith(".weight")]
+    if (
+        len(weight_keys) != 1
+        or head_state[weight_keys[0]].dim() != 2
+        or head_state[weight_keys[0]].size(0) != 1
+    ):
+        raise TrainingError(
+            INVALID_ADAPTER,
+            f"{path} is not a reward model: expected one scalar head (a 'score' weight of shape [1, hidden]) "
+            f"next to the LoRA weights, found {sorted(head_state)}",
+        )
+    head_weight = head_state[weight_keys[0]]
+    bias_key = weight_keys[0][: -len("weight")] + "bias"
+    # As a causal-LM adapter: the head is ours to apply, so nothing is "saved" as a module here.
+    causal_config = replace(config, task_type="CAUSAL_LM", modules_to_save=None, inference_mode=not trainable)
+    try:
+        model.add_adapter(adapter_name, causal_config)
+        result = set_peft_model_state_dict(model, lora_state, adapter_name=adapter_name)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise TrainingError(
+            INVALID_ADAPTER, f"cannot load the reward model adapter {path} onto this base model: {exc}"
+        ) from None
+    expected = [n for n, _ in model.named_parameters() if "lora_" in n and n.split(".")[-2] == adapter_name]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected or len(lora_state) != len(expected):
+        raise TrainingError(
+            INVALID_ADAPTER,
+            f"the reward model adapter {path} does not fit this base model "
+            f"({len(lora_state)} LoRA tensors for {len(expected)} slots; "
+            f"unexpected: {unexpected[:3]})",
+        )
+    hidden_size = head_weight.size(1)
+    head = torch.nn.Linear(hidden_size, 1, bias=bias_key in head_state, dtype=torch.float32)
+    with torch.no_grad():
+        head.weight.copy_(head_weight.float())
+        if head.bias is not None:
+            head.bias.copy_(head_state[bias_key].float())
+    return head
+
+
+# --- one PPO update
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    responses: torch.Tensor  # (B, R) pads after the first EOS
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the first EOS
+    has_eos: torch.Tensor  # (B,)
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    logprobs: torch.Tensor  # (B, R) old log-probs, recomputed by the training forward
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor  # (B, R) old values, 0 outside the mask
+    entropy: torch.Tensor  # (B, R) per-token entropy of the sampling distribution
+    scores: torch.Tensor  # (B,) raw reward-function scores
+    rewards: torch.Tensor  # (B,) scores after the missing-EOS penalty
+    kl: torch.Tensor  # (B, R) per-token KL estimate (the penalised one), 0 outside the mask
+    advantages: torch.Tensor  # (B, R) whitened, 0 outside the mask
+    returns: torch.Tensor  # (B, R) value targets
+    first_order: torch.Tensor  # the first PPO epoch's permutation, used to chunk the old-logprob pass
+    generation_seconds: float
+
+
+@dataclass
+class MinibatchStats:
+    epoch: int
+    index: int
+    policy_loss: float
+    value_loss: float
+    clipfrac: float
+    value_clipfrac: float
+    approxkl: float
+    ratio_mean: float
+    ratio_max_deviation: float  # max |ratio - 1| over valid tokens
+    grad_norm: float
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    minibatches: list[MinibatchStats]
+    rollout: Rollout
+
+
+def _chunks(order: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [order[i : i + size] for i in range(0, order.numel(), size)]
+
+
+class PPOTrainer:
+    """Rollout, advantages and clipped updates on a :class:`SharedBaseModel`; no I/O (the job loop is
+    :func:`train_ppo`), so tests can drive it update by update."""
+
+    def __init__(
+        self,
+        models: SharedBaseModel,
+        reward_function: RewardFunction,
+        hp: PPOHyperparameters,
+        *,
+        eos_token_id: int,
+        pad_token_id: int,
+        generator: torch.Generator,
+    ) -> None:
+        if pad_token_id == eos_token_id:
+            raise ValueError("the pad token must differ from EOS")
+        self.models = models
+        self.reward_function = reward_function
+        self.hp = hp
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.generator = generator
+        rollout_size = hp.rollout_batch_size or hp.batch_size
+        self.mini_batch_size = min(hp.mini_batch_size or rollout_size, rollout_size)
+        # Adam with eps 1e-5 (TRL's and the usual PPO setting): the default 1e-8 makes early steps on tiny
+        # gradients needlessly large. No weight decay: LoRA B starts at 0 and decay would only pull it back.
+        self.optimizer = torch.optim.Adam(models.trainable_parameters, lr=hp.learning_rate, eps=1e-5)
+        self.device = next(models.peft.parameters()).device
+
+    # The training forward, also used (without gradients) to compute the old log-probs and values, so that
+    # both are the same computation on the same rows and the ratio is exactly 1 before the first step.
+    def _policy_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_width: int,
+        responses: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs of the responses, values, logits) under the current policy and value function."""
+        models = self.models
+        hidden = models.hidden_states(input_ids, attention_mask)
+        logits = models.response_logits(hidden, prompt_width, self.hp.temperature)
+        logprobs = rollout.token_logprobs(logits, responses)
+        if models.value_adapter is None:
+            values = models.response_values(hidden, prompt_width)
+        else:
+            with models.role("value"):
+                values = models.response_values(models.hidden_states(input_ids, attention_mask), prompt_width)
+        return logprobs, values, logits
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[int]]) -> Rollout:
+        hp, models = self.hp, self.models
+        prompt_ids, prompt_mask = rollout.left_pad(prompts, self.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        started = time.perf_counter()
+        raw = rollout.sample_responses(
+            models.generation_step,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=hp.max_new_tokens,
+            temperature=hp.temperature,
+            top_p=hp.top_p,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            generator=self.generator,
+        )
+        generation_seconds = time.perf_counter() - started
+        responses, response_mask, has_eos = rollout.truncate_after_eos(
+            raw, self.eos_token_id, self.pad_token_id
+        )
+        input_ids = torch.cat([prompt_ids, responses], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        width = prompt_ids.size(1)
+        batch = input_ids.size(0)
+        maskf = response_mask.float()
+
+        # Old log-probs and values, minibatch by minibatch in the first PPO epoch's order: the first
+        # minibatch of the update then repeats exactly this computation (same rows, same shapes).
+        first_order = torch.randperm(batch, generator=self.generator).to(self.device)
+        logprobs = torch.zeros_like(maskf)
+        values = torch.zeros_like(maskf)
+        entropy = torch.zeros_like(maskf)
+        for rows in _chunks(first_order, self.mini_batch_size):
+            lp, v, logits = self._policy_forward(
+                input_ids[rows], attention_mask[rows], width, responses[rows]
+            )
+            logprobs[rows], values[rows] = lp, v
+            entropy[rows] = rollout.entropy_from_logits(logits)
+            del logits
+        ref_logprobs = torch.zeros_like(maskf)
+        with models.role("reference"):
+            for rows in _chunks(first_order, self.mini_batch_size):
+                hidden = models.hidden_states(input_ids[rows], attention_mask[rows])
+                ref_logits = models.response_logits(hidden, width, hp.temperature)
+                ref_logprobs[rows] = rollout.token_logprobs(ref_logits, responses[rows])
+                del hidden, ref_logits
+        scores = self.reward_function(prompt_ids, responses, attention_mask).float().reshape(batch)
+        rewards_seq = scores.clone()
+        if hp.missing_eos_penalty is not None:
+            # An answer cut by max_new_tokens is not an answer; without this, PPO never learns to stop.
+            rewards_seq = rewards_seq - hp.missing_eos_penalty * (~has_eos).float()
+
+        logprobs, ref_logprobs, values = logprobs * maskf, ref_logprobs * maskf, values * maskf
+        kl = rollout.kl_penalty(logprobs, ref_logprobs, hp.kl_estimator) * maskf
+        token_rewards = -hp.kl_coef * kl
+        last = response_mask.sum(dim=1) - 1  # index of the EOS, or of the last token when there is none
+        token_rewards[torch.arange(batch, device=self.device), last] += rewards_seq
+        if hp.whiten_rewards:
+            token_rewards = rollout.masked_whiten(token_rewards, response_mask, shift_mean=False)
+        advantages, returns = rollout.compute_gae(
+            token_rewards, values, response_mask, gamma=hp.gamma, lam=hp.lam
+        )
+        advantages = rollout.masked_whiten(advantages, response_mask)
+        return Rollout(
+            prompt_ids=prompt_ids,
+            responses=responses,
+            response_mask=response_mask,
+            has_eos=has_eos,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            entropy=entropy,
+            scores=scores,
+            rewards=rewards_seq,
+            kl=kl,
+            advantages=advantages,
+            returns=returns,
+            first_order=first_order,
+            generation_seconds=generation_seconds,
+        )
+
+    def learn(self, ro: Rollout) -> list[MinibatchStats]:
+        """``ppo_epochs`` passes over the rollout, a fresh permutation each (the first is ``first_order``)."""
+        hp, models = self.hp, self.models
+        width = ro.prompt_ids.size(1)
+        stats: list[MinibatchStats] = []
+        params = models.trainable_parameters
+        for epoch in range(hp.ppo_epochs):
+            order = (
+                ro.first_order
+                if epoch == 0
+                else torch.randperm(ro.responses.size(0), generator=self.generator)
+            )
+            for index, rows in enumerate(_chunks(order.to(self.device), self.mini_batch_size)):
+                mask = ro.response_mask[rows]
+                input_ids, attention_mask = ro.input_ids[rows], ro.attention_mask[rows]
+                self.optimizer.zero_grad(set_to_none=True)
+                if models.value_adapter is None:
+                    # One trunk: the policy's forward gives log-probs and values; one backward.
+                    logprobs, values, _ = self._policy_forward(
+                        input_ids, attention_mask, width, ro.responses[rows]
+                    )
+                    pg = rollout.clipped_policy_loss(
+                        logprobs, ro.logprobs[rows], ro.advantages[rows], mask, cliprange=hp.cliprange
+                    )
+                    vf_loss, vf_clipfrac = rollout.clipped_value_loss(
+                        values * mask,
+                        ro.values[rows],
+                        ro.returns[rows],
+                        mask,
+                        cliprange_value=hp.cliprange_value,
+                    )
+                    (pg.loss + hp.vf_coef * vf_loss).backward()
+                else:
+                    # Two trunks (policy and value adapters): backward each loss as soon as it is built, so only
+                    # one graph is alive at a time. The adapters are disjoint, so the gradients are the same.
+                    hidden = models.hidden_states(input_ids, attention_mask)
+                    logits = models.response_logits(hidden, width, hp.temperature)
+                    logprobs = rollout.token_logprobs(logits, ro.responses[rows])
+                    pg = rollout.clipped_policy_loss(
+                        logprobs, ro.logprobs[rows], ro.advantages[rows], mask, cliprange=hp.cliprange
+                    )
+                    pg.loss.backward()
+                    del hidden, logits
+                    with models.role("value"):
+                        values = models.response_values(
+                            models.hidden_states(input_ids, attention_mask), width
+                        )
+                    vf_loss, vf_clipfrac = rollout.clipped_value_loss(
+                        values * mask,
+                        ro.values[rows],
+                        ro.returns[rows],
+                        mask,
+                        cliprange_value=hp.cliprange_value,
+                    )
+                    (hp.vf_coef * vf_loss).backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
+                if not math.isfinite(grad_norm) or not math.isfinite(float(pg.loss.detach())):
+                    raise TrainingError(
+                        TRAINING_DIVERGED,
+                        f"PPO loss or gradient became non-finite (policy loss {float(pg.loss)}, grad norm "
+                        f"{grad_norm}); try a lower learning_rate",
+                    )
+                self.optimizer.step()
+                valid = mask.bool()
+                ratio = pg.ratio[valid]
+                stats.append(
+                    MinibatchStats(
+                        epoch=epoch,
+                        index=index,
+                        policy_loss=float(pg.loss.detach()),
+                        value_loss=float(vf_loss.detach()),
+                        clipfrac=float(pg.clipfrac),
+                        value_clipfrac=float(vf_clipfrac),
+                        approxkl=float(pg.approxkl),
+                        ratio_mean=float(ratio.mean()) if ratio.numel() else 1.0,
+                        ratio_max_deviation=float((ratio - 1).abs().max()) if ratio.numel() else 0.0,
+                        grad_norm=grad_norm,
+                    )
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def step(self, prompts: list[list[int]]) -> UpdateResult:
+        """One PPO update: rollout, then ``ppo_epochs`` of clipped minibatch steps; returns its metrics."""
+        started = time.perf_counter()
+        ro = self.rollout(prompts)
+        minibatches = self.learn(ro)
+        seconds = time.perf_counter() - started
+        mask = ro.response_mask.float()
+        n = len(minibatches)
+
+        def mean_of(attr: str) -> float:
+            return sum(getattr(m, attr) for m in minibatches) / n
+
+        metrics = {
+            "reward_mean": float(ro.rewards.mean()),
+            "reward_std": float(ro.rewards.std(unbiased=False)),
+            "score_mean": float(ro.scores.mean()),
+            # nats per sequence (sum over the response's tokens), averaged over episodes, as TRL reports it
+            "kl": float(ro.kl.sum(dim=1).mean()),
+            "entropy": float(rollout.masked_mean(ro.entropy, mask)),
+            "policy_loss": mean_of("policy_loss"),
+            "value_loss": mean_of("value_loss"),
+            "clipfrac": mean_of("clipfrac"),
+            "value_clipfrac": mean_of("value_clipfrac"),
+            "approxkl": mean_of("approxkl"),
+            "ratio_mean": mean_of("ratio_mean"),
+            "grad_norm": mean_of("grad_norm"),
+            "response_length": float(mask.sum(dim=1).mean()),
+            "eos_fraction": float(ro.has_eos.float().mean()),
+            "episodes_per_second": ro.responses.size(0) / max(seconds, 1e-9),
+            "generation_seconds": ro.generation_seconds,
+            "update_seconds": seconds,
+            "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        return UpdateResult(metrics=metrics, minibatches=minibatches, rollout=ro)
+
+
+# --- the job
+
+
+@dataclass
+class PPOResult:
+    models: SharedBaseModel
+    trainer: PPOTrainer
+    adapter_dir: Path
+    model_card_dir: Path
+    updates: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    first_minibatch: MinibatchStats | None = None
+
+
+def _validated(spec_hp: dict[str, Any], spec_lora: dict[str, Any]) -> tuple[PPOHyperparameters, LoraSettings]:
+    try:
+        hp = PPOHyperparameters.model_validate(spec_hp)
+    except ValidationError as exc:
+        raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid ppo hyperparameters: {exc}") from None
+    try:
+        settings = LoraSettings.model_validate(spec_lora)
+    except ValidationError as exc:
+        raise TrainingError(INVALID_LORA, f"invalid LoRA settings: {exc}") from None
+    return hp, settings
+
+
+def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -> int:
+    """A pad id distinct from EOS, without resizing the embeddings.
+
+    Our masks never read pad ids (they come from prompt lengths and the EOS position), but reward models and
+    programmatic scorers may, and a pad equal to EOS makes an ended answer look padded. SmolLM2 pads with its
+    end token; its ``<|endoftext|>`` (id 0) is a real token that a chat answer never needs.
+    """
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad != eos_token_id:
+        return int(pad)
+    candidates = [tokenizer.get_vocab().get("<|endoftext|>"), tokenizer.bos_token_id, 0]
+    for candidate in candidates:
+        if isinstance(candidate, int) and candidate >= 0 and candidate != eos_token_id:
+            return candidate
+    raise TrainingError(INVALID_SPEC, "cannot find a pad token distinct from the EOS token")
+
+
+def _check_reward_base(folder: Path, base_name: str, base_path: str, progress: Any) -> None:
+    recorded = _adapter_base_name(folder)
+    if recorded is None or recorded in (base_name, base_path) or Path(recorded) == Path(base_path):
+        return
+    # Same architecture under another name loads fine (shapes are checked when the weights go in); a
+    # different architecture fails there with invalid_adapter. Say what we assumed.
+    progress.event(
+        f"the reward model adapter names base {recorded!r}, the policy's base is {base_name!r}; loading it onto "
+        "the policy's base (one shared copy). Its LoRA shapes are checked; make sure it was trained on this "
+        "base model",
+        stage=STAGE,
+        level="warning",
+    )
+
+
+@dataclass
+class PPOSession:
+    """Everything :func:`setup_ppo` builds; :func:`train_ppo` runs the loop on it (tests may drive it)."""
+
+    hp: PPOHyperparameters
+    lora_settings: LoraSettings
+    tokenizer: PreTrainedTokenizerBase
+    models: SharedBaseModel
+    trainer: PPOTrainer
+    prompts: list[list[int]]
+    num_records: int
+    dataset_sha256: str
+    total_updates: int
+    rollout_size: int
+    next_prompts: Callable[[], list[list[int]]]
+
+
+def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None) -> PPOSession:
+    """Read the prompts, load the one base copy, attach every role's adapter and head, build the trainer.
+
+    ``reward_function`` replaces the reward-model adapter (a programmatic scorer in tests); otherwise the spec
+    must name a ``reward_model`` folder.
+    """
+    spec, progress = ctx.spec, ctx.progress
+    hp, lora_settings = _validated(spec.hyperparameters, spec.lora)
+    dataset_ref = spec.datasets.get("prompts")
+    if dataset_ref is None:
+        raise TrainingError(INVALID_SPEC, "method ppo needs a dataset with role 'prompts'")
+    if reward_function is None and spec.reward_model is None:
+        raise TrainingError(INVALID_SPEC, "method ppo needs a reward_model (a reward model adapter folder)")
+    if hp.value_model == "adapter" and spec.reward_model is None:
+        raise TrainingError(
+            INVALID_SPEC, "value_model='adapter' starts from the reward model; none was given"
+        )
+
+    records = rollout.read_prompt_records(dataset_ref.path)
+    dataset_sha256 = data.sha256_file(dataset_ref.path)
+    tokenizer = lora.load_tokenizer(spec.base_model.path)
+    prompts, truncated = rollout.encode_prompts(tokenizer, records, max_length=hp.max_length)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TrainingError(INVALID_SPEC, "the tokenizer has no EOS token; PPO needs one to end answers")
+    eos_token_id = int(eos)
+    pad_token_id = choose_pad_token_id(tokenizer, eos_token_id)
+    progress.event(
+        f"dataset {dataset_ref.name}: {len(prompts)} prompts, {sum(map(len, prompts))} tokens"
+        + (f", {truncated} cut from the left to {hp.max_length} tokens" if truncated else "")
+        + f"; pad id {pad_token_id}, EOS id {eos_token_id}",
+        stage=STAGE,
+    )
+
+    rollout_size = hp.rollout_batch_size or hp.batch_size
+    # `steps` counts PPO updates; `epochs` (passes over the prompts) and `max_steps` cap it.
+    by_epochs = math.ceil(hp.epochs * len(prompts) / rollout_size)
+    total_updates = min(hp.steps, by_epochs, hp.max_steps or hp.steps)
+    if total_updates < hp.steps:
+        progress.event(
+            f"running {total_updates} PPO updates, not steps={hp.steps}: epochs={hp.epochs} over "
+            f"{len(prompts)} prompts at {rollout_size} per update allows {by_epochs}"
+            + (f" and max_steps={hp.max_steps}" if hp.max_steps else ""),
+            stage=STAGE,
+            level="warning",
+        )
+
+    device = lora.pick_device()
+    base = lora.load_base_model(spec.base_model.path, device=device)
+    hidden_size = int(base.config.hidden_size)
+    # Adapter initialisation draws from the global RNG; seed it from the spec without disturbing callers.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        init_path = spec.init_adapter.path if spec.init_adapter else None
+        peft_model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
+        reference_adapter = None
+        if init_path is not None:
+            # The reference is the SFT policy: a frozen copy of the init adapter (LoRA weights only).
+            try:
+                peft_model.load_adapter(init_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise TrainingError(
+                    INVALID_ADAPTER, f"cannot load init_adapter as the reference: {exc}"
+                ) from None
+            reference_adapter = REFERENCE_ADAPTER
+        reward_head: torch.nn.Linear | None = None
+        reward_adapter = None
+        if spec.reward_model is not None and reward_function is None:
+            folder = Path(spec.reward_model.path)
+            _check_reward_base(folder, spec.base_model.name, spec.base_model.path, progress)
+            reward_head = load_scalar_adapter(peft_model, folder, REWARD_ADAPTER, trainable=False).to(device)
+            reward_adapter = REWARD_ADAPTER
+        value_adapter = None
+        if hp.value_model == "adapter":
+            assert spec.reward_model is not None
+            value_head = load_scalar_adapter(
+                peft_model, spec.reward_model.path, VALUE_ADAPTER, trainable=True
+            ).to(device)
+            value_adapter = VALUE_ADAPTER
+        else:
+            # Starts at V = 0 everywhere: a zero head is the neutral guess and keeps early advantages = returns.
+            value_head = torch.nn.Linear(hidden_size, 1, dtype=torch.float32, device=device)
+            torch.nn.init.zeros_(value_head.weight)
+            torch.nn.init.zeros_(value_head.bias)
+    peft_model.set_adapter(POLICY_ADAPTER)
+    models = SharedBaseModel(
+        peft_model,
+        value_head=value_head,
+        reward_head=reward_head,
+        reference_adapter=reference_adapter,
+        reward_adapter=reward_adapter,
+        value_adapter=value_adapter,
+    )
+    # Dropout off everywhere, for good: eval() only changes dropout here (no batch norm in these models) and
+    # gradients still flow. With dropout on, the training forward would not reproduce the rollout's log-probs.
+    peft_model.eval()
+    reward_fn: RewardFunction = reward_function or AdapterRewardModel(models)
+
+    n_trainable = sum(p.numel() for p in models.trainable_parameters)
+    _, n_total = lora.count_parameters(peft_model)
+    progress.event(
+        f"base {spec.base_model.name} on {device.type}, one shared copy: {n_total:,} parameters, {n_trainable:,} "
+        f"trainable (policy adapter + value {hp.value_model}); reference = "
+        + ("the init adapter, frozen" if reference_adapter else "the base (adapter disabled)")
+        + "; reward = "
+        + ("the reward model adapter + score head" if reward_adapter else "a programmatic reward function"),
+        stage=STAGE,
+    )
+
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    trainer = PPOTrainer(
+        models, reward_fn, hp, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator
+    )
+    order_rng = random.Random(spec.seed)
+    order: list[int] = []
+
+    def next_prompts() -> list[list[int]]:
+        # A fresh shuffled pass over the prompts whenever the previous one runs out.
+        batch: list[list[int]] = []
+        while len(batch) < rollout_size:
+            if not order:
+                order.extend(order_rng.sample(range(len(prompts)), len(prompts)))
+            batch.append(prompts[order.pop()])
+        return batch
+
+    return PPOSession(
+        hp=hp,
+        lora_settings=lora_settings,
+        tokenizer=tokenizer,
+        models=models,
+        trainer=trainer,
+        prompts=prompts,
+        num_records=len(records),
+        dataset_sha256=dataset_sha256,
+        total_updates=total_updates,
+        rollout_size=rollout_size,
+        next_prompts=next_prompts,
+    )
+
+
+def train_ppo(
+    ctx: RunContext,
+    *,
+    reward_function: RewardFunction | None = None,
+    on_update: Callable[[int, UpdateResult], None] | None = None,
+) -> PPOResult:
+    """Run the PPO job of ``ctx.spec`` in-process (the rlhf pipeline calls this) and return final metrics.
+
+    ``reward_function``: see :func:`setup_ppo`. ``on_update(update, result)`` sees each update's full result.
+    """
+    spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
+    session = setup_ppo(ctx, reward_function=reward_function)
+    hp, models, trainer, tokenizer = session.hp, session.models, session.trainer, session.tokenizer
+    peft_model, total_updates, rollout_size = models.peft, session.total_updates, session.rollout_size
+    dataset_ref = spec.datasets["prompts"]
+    dataset_sha256 = session.dataset_sha256
+    n_trainable = sum(p.numel() for p in models.trainable_parameters)
+    reward_adapter = models.reward_adapter
+
+    history: list[dict[str, float]] = []
+    first_minibatch: MinibatchStats | None = None
+    train_start = time.perf_counter()
+    progress.progress(0.0, stage=STAGE)
+    with cancel.deferred():
+        for update in range(1, total_updates + 1):
+            cancel.check()
+            result = trainer.step(session.next_prompts())
+            if first_minibatch is None:
+                first_minibatch = result.minibatches[0]
+            if on_update is not None:
+                on_update(update, result)
+            history.append({"step": float(update), **result.metrics})
+            if update % hp.logging_steps == 0 or update == total_updates:
+                progress.metric(stage=STAGE, step=update, values=result.metrics)
+                progress.progress(update / total_updates, stage=STAGE)
+        train_seconds = time.perf_counter() - train_start
+        cancel.check()
+
+        last = history[-1]
+        metrics = {
+            "reward_mean": last["reward_mean"],
+            "first_reward_mean": history[0]["reward_mean"],
+            "score_mean": last["score_mean"],
+            "kl": last["kl"],
+            "eos_fraction": last["eos_fraction"],
+            "response_length": last["response_length"],
+            "updates": float(total_updates),
+            "episodes": float(total_updates * rollout_size),
+            "train_seconds": train_seconds,
+            "trainable_parameters": float(n_trainable),
+        }
+        out = Path(spec.output_dir)
+        adapter_dir = lora.save_adapter(
+            peft_model,
+            tokenizer,
+            out / "adapter",
+            adapter_name=POLICY_ADAPTER,
+            base_model_name=spec.base_model.name,
+        )
+        card = render_model_card(
+            title=f"{spec.base_model.name} + LoRA (PPO)",
+            method="ppo",
+            job_id=spec.job_id,
+            base_model_name=spec.base_model.name,
+            base_model_id=spec.base_model.id,
+            datasets=[
+                DatasetCardEntry(
+                    role="prompts",
+                    name=dataset_ref.name,
+                    id=dataset_ref.id,
+                    sha256=dataset_sha256,
+                    num_records=session.num_records,
+                    num_examples=len(session.prompts),
+                )
+            ],
+            lora=peft_model.peft_config[POLICY_ADAPTER].to_dict()
+            if spec.init_adapter
+            else session.lora_settings.model_dump(),
+            hyperparameters=hp.model_dump(),
+            seed=spec.seed,
+            metrics=metrics,
+        )
+        card += (
+            "\n## PPO setup\n\n"
+            f"- reward: {'reward model adapter `' + spec.reward_model.id + '`' if reward_adapter and spec.reward_model else 'a programmatic reward function'}\n"
+            f"- reference for the KL penalty: {'the init adapter `' + spec.init_adapter.id + '` (frozen)' if spec.init_adapter else 'the base model'}\n"
+            f"- value function: {hp.value_model}; one shared copy of the base weights for all roles\n"
+        )
+        (adapter_dir / "README.md").write_text(card, encoding="utf-8")
+        card_dir = out / "model_card"
+        card_dir.mkdir(parents=True, exist_ok=True)
+        (card_dir / "README.md").write_text(card, encoding="utf-8")
+        cancel.check()
+
+    metadata = {
+        "base_model": spec.base_model.id,
+        "method": "ppo",
+        "metrics": metrics,
+        "datasets": {"prompts": {"id": dataset_ref.id, "sha256": dataset_sha256}},
+        "reward_model": spec.reward_model.id if spec.reward_model else None,
+        "init_adapter": spec.init_adapter.id if spec.init_adapter else None,
+    }
+    progress.artifact(str(adapter_dir), stage=STAGE, kind="adapter", metadata=metadata)
+    progress.artifact(
+        str(card_dir), stage=STAGE, kind="model_card", metadata={"base_model": spec.base_model.id}
+    )
+    progress.progress(1.0, stage=STAGE)
+    progress.event(
+        f"finished {total_updates} PPO updates in {train_seconds:.1f} s; reward {metrics['first_reward_mean']:.3f} "
+        f"-> {metrics['reward_mean']:.3f}, KL {metrics['kl']:.3f} nats/answer",
+        stage=STAGE,
+    )
+    return PPOResult(
+        models=models,
+        trainer=trainer,
+        adapter_dir=adapter_dir,
+        model_card_dir=card_dir,
+        updates=total_updates,
+        metrics=metrics,
+        history=history,
+        first_minibatch=first_minibatch,
+    )
+
+
+def run(ctx: RunContext) -> None:
+    train_ppo(ctx)

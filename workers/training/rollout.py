@@ -1,0 +1,336 @@
+"""PPO rollout pieces that are pure tensor work: prompts, left padding, sampling, masks, GAE.
+
+Kept apart from :mod:`workers.training.ppo` (which owns the models and the loop) so that each detail that
+makes PPO on language models work is a small function with its own unit test:
+
+- prompts are **left**-padded, so every row's last prompt token sits in the same column and generation
+  appends in lock-step; the pad token must differ from EOS, otherwise a pad cannot be told from an ended
+  answer (the masks below never look at pad ids anyway, they come from the EOS position);
+- position ids come from the attention mask (``cumsum - 1``) in every forward, so a left-padded row sees the
+  same positions as the unpadded sequence;
+- a response ends at its first EOS: later tokens become padding and are masked everywhere;
+- logits are divided by the sampling temperature before any log-softmax (rollout and training alike);
+- GAE runs over masked rewards and values, and advantages are whitened over valid tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workers.training.errors import INVALID_DATASET, TrainingError
+
+# Positions counted over real tokens only (cumsum - 1): a left-padded row sees the same positions as the
+# unpadded sequence. Shared with the other trainers.
+from workers.training.lora import position_ids_from_mask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Message = dict[str, str]
+
+
+# --- prompts
+
+
+def _bad(line: int, message: str) -> TrainingError:
+    return TrainingError(INVALID_DATASET, f"line {line}: {message}")
+
+
+def parse_prompt_record(record: Any, line: int) -> list[Message]:
+    """``{"prompt": str | messages}`` or ``{"messages": [...]}`` ending with the user's turn -> messages."""
+    if not isinstance(record, dict):
+        raise _bad(line, "a record must be a JSON object")
+    if "prompt" in record and "messages" in record:
+        raise _bad(line, "has both 'prompt' and 'messages'; use one form per record")
+    value = record.get("prompt", record.get("messages"))
+    if isinstance(value, str):
+        if not value.strip():
+            raise _bad(line, "'prompt' is empty")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise _bad(line, "expected 'prompt' (a string or messages) or 'messages'")
+    messages: list[Message] = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _bad(line, f"messages[{i}] must be an object")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role or not isinstance(content, str):
+            raise _bad(line, f"messages[{i}] needs string 'role' and 'content'")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise _bad(line, "the last message must be the user's (the model answers next)")
+    return messages
+
+
+def read_prompt_records(path: str | Path) -> list[list[Message]]:
+    records: list[list[Message]] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise _bad(number, f"invalid JSON: {exc.msg}") from None
+                records.append(parse_prompt_record(record, number))
+    except UnicodeDecodeError as exc:
+        raise TrainingError(INVALID_DATASET, f"{path} is not UTF-8: {exc}") from None
+    except OSError as exc:
+        raise TrainingError(INVALID_DATASET, f"cannot read {path}: {exc}") from None
+    if not records:
+        raise TrainingError(INVALID_DATASET, f"{path} holds no records")
+    return records
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+    """Token ids the policy continues: the chat template with the assistant header, or the plain text.
+
+    Same conventions as SFT (:func:`workers.training.data.encode_sft_record`), so a policy initialised from
+    an SFT adapter sees prompts exactly as it was trained on them.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert isinstance(text, str)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        text = messages[0]["content"]
+    else:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[list[Message]], *, max_length: int
+) -> tuple[list[list[int]], int]:
+    """Encode every prompt; cut longer ones from the **left** to ``max_length`` (the end of a prompt, with
+    the assistant header, is what the answer follows). Returns (ids per prompt, how many were cut)."""
+    encoded: list[list[int]] = []
+    truncated = 0
+    for messages in records:
+        ids = encode_prompt(tokenizer, messages)
+        if len(ids) > max_length:
+            ids = ids[-max_length:]
+            truncated += 1
+        encoded.append(ids)
+    return encoded, truncated
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the left so that every row ends in the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+# --- responses
+
+
+def truncate_after_eos(
+    responses: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first EOS.
+
+    Returns (responses with every token after the first EOS replaced by the pad id, response mask with 1 up to
+    and including the EOS, and whether each response has an EOS at all). A response without an EOS keeps all
+    its tokens: it was cut by ``max_new_tokens`` and pays the missing-EOS penalty.
+    """
+    is_eos = responses == eos_token_id
+    has_eos = is_eos.any(dim=-1)
+    width = responses.size(1)
+    # Index of the first EOS, or the width when there is none.
+    first = torch.where(
+        has_eos, is_eos.long().argmax(dim=-1), torch.full_like(has_eos, width, dtype=torch.long)
+    )
+    columns = torch.arange(width, device=responses.device).unsqueeze(0)
+    mask = (columns <= first.unsqueeze(1)).long()
+    return responses.masked_fill(mask == 0, pad_token_id), mask, has_eos
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of tokens whose probability reaches ``top_p`` (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Drop a token when the tokens before it already reach top_p (so the one that crosses is kept).
+    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# A step function of the model: (input_ids, attention_mask, position_ids, cache) -> (last logits, cache).
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+@torch.no_grad()
+def sample_responses(
+    step: StepFn,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """KV-cached batched sampling from left-padded prompts; returns the raw responses (B, <= max_new_tokens).
+
+    ``step`` runs the model on the new tokens with the cache of the previous call and returns the logits of
+    the last position. The whole batch advances one token per call; rows that have emitted EOS keep going (the
+    batch is a rectangle) but their tokens become pads, and the loop stops as soon as every row has ended.
+    Sampling is from ``softmax(logits / temperature)`` (then top-p), the same distribution whose log-probs the
+    trainer recomputes, so the PPO ratio starts at exactly 1.
+    """
+    batch = prompt_ids.size(0)
+    attention = prompt_mask.long()
+    positions = position_ids_from_mask(attention)
+    next_input = prompt_ids
+    cache: Any = None
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    tokens: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        logits, cache = step(next_input, attention, positions, cache)
+        logits = logits.float() / temperature
+        if top_p < 1.0:
+            logits = _top_p_filter(logits, top_p)
+        probs = logits.softmax(dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        finished |= token == eos_token_id
+        if bool(finished.all()):
+            break
+        # Finished rows still attend to what they emit; nothing downstream reads their later positions.
+        next_input = token.unsqueeze(1)
+        positions = positions[:, -1:] + 1
+        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
+    return torch.stack(tokens, dim=1)
+
+
+# --- log-probs, KL, advantages
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under ``logits`` (already divided by the temperature), in fp32."""
+    return torch.gather(logits.float().log_softmax(dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    probs = logits.softmax(dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate of the policy from the reference, on the sampled tokens.
+
+    k1 = log p - log q (unbiased, can be negative per token); k3 = (q/p - 1) - log(q/p) (unbiased, never
+    negative, lower variance). See http://joschu.net/blog/kl-approx.html.
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over masked entries (unbiased variance, as TRL); masked entries come back as 0."""
+    maskf = mask.to(values.dtype)
+    count = maskf.sum()
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if count > 1:
+        var = var * count / (count - 1)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * maskf
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; returns (advantages, returns).
+
+    ``values[:, t]`` is V of the state before token t. Rewards and values are zeroed outside the mask, so the
+    value after the last real token is 0 (the episode ends there) and padded steps add nothing. Returns
+    (``advantages + values``) are the value targets; they too are 0 outside the mask.
+    """
+    maskf = mask.to(rewards.dtype)
+    rewards = rewards * maskf
+    values = values * maskf
+    width = rewards.size(1)
+    last = torch.zeros_like(rewards[:, 0])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(width)):
+        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * maskf
+    return advantages, (advantages + values) * maskf
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+    approxkl: torch.Tensor
+    ratio: torch.Tensor  # per token, for statistics
+
+
+def clipped_policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+) -> PolicyLoss:
+    """PPO's clipped surrogate: mean over valid tokens of max(-A r, -A clip(r, 1 - eps, 1 + eps))."""
+    log_ratio = (new_logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    losses = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(losses, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > losses).float(), mask)
+        approxkl = 0.5 * masked_mean(log_ratio.detach() ** 2, mask)
+    return PolicyLoss(loss=loss, clipfrac=clipfrac, approxkl=approxkl, ratio=ratio.detach())
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean over valid tokens of max((V - R)^2, (clip(V, V_old +- eps) - R)^2); returns (loss, clipfrac)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2
+    losses_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((losses_clipped > losses).float(), mask)
+    return loss, clipfrac
