@@ -42,16 +42,23 @@ __all__ = [
     "CODES",
     "DEFAULT_MAX_ISSUES",
     "DEFAULT_MAX_LINE_BYTES",
+    "DUPLICATE_RESPONSE",
     "EMPTY_DATASET",
     "EMPTY_TEXT",
     "IDENTICAL_PAIR",
     "INVALID_JSON",
     "INVALID_MESSAGES",
+    "INVALID_RANKING",
     "INVALID_ROLE",
     "INVALID_UTF8",
     "LINE_TOO_LONG",
+    "MAX_RESPONSES",
+    "MIN_RESPONSES",
     "MISSING_FIELD",
     "NOT_AN_OBJECT",
+    "SCORES_LENGTH_MISMATCH",
+    "TOO_FEW_RESPONSES",
+    "TOO_MANY_RESPONSES",
     "WRONG_TYPE",
     "Issue",
     "KindSpec",
@@ -62,6 +69,7 @@ __all__ = [
     "ValidationReport",
     "get_kind",
     "kinds",
+    "ranking_responses",
     "register_kind",
     "validate_path",
     "validate_stream",
@@ -80,6 +88,12 @@ AMBIGUOUS_RECORD: Final = "ambiguous_record"
 INVALID_UTF8: Final = "invalid_utf8"
 LINE_TOO_LONG: Final = "line_too_long"
 EMPTY_DATASET: Final = "empty_dataset"
+# ranking and candidates
+TOO_FEW_RESPONSES: Final = "too_few_responses"
+TOO_MANY_RESPONSES: Final = "too_many_responses"
+DUPLICATE_RESPONSE: Final = "duplicate_response"
+INVALID_RANKING: Final = "invalid_ranking"
+SCORES_LENGTH_MISMATCH: Final = "scores_length_mismatch"
 
 CODES: Final = frozenset(
     {
@@ -95,8 +109,18 @@ CODES: Final = frozenset(
         INVALID_UTF8,
         LINE_TOO_LONG,
         EMPTY_DATASET,
+        TOO_FEW_RESPONSES,
+        TOO_MANY_RESPONSES,
+        DUPLICATE_RESPONSE,
+        INVALID_RANKING,
+        SCORES_LENGTH_MISMATCH,
     }
 )
+
+# Responses per prompt in ranking and candidates records: fewer than 2 is no comparison; past 16 a person
+# cannot rank them reliably, and the C(K,2) pairs per prompt (120 at 16) would dominate a reward-model batch.
+MIN_RESPONSES: Final = 2
+MAX_RESPONSES: Final = 16
 
 DEFAULT_MAX_LINE_BYTES: Final = 1 << 20
 DEFAULT_MAX_ISSUES: Final = 100
@@ -409,9 +433,98 @@ def check_prompts(rec: dict[str, Any]) -> Problem | None:
     return MISSING_FIELD, '"prompt": missing (a record needs "prompt", a string or a list of messages)'
 
 
+def _normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+def ranking_responses(rec: dict[str, Any]) -> list[str] | Problem:
+    """The ``prompt`` and ``responses`` part shared by ``ranking`` and ``candidates`` records.
+
+    Returns the responses' texts (each a string, or assistant messages joined by newlines), or a Problem:
+    2..16 non-blank responses, no two the same after normalising whitespace (a ranking between identical
+    answers would teach the reward model a preference that is not in the text).
+    """
+    if "prompt" not in rec:
+        return MISSING_FIELD, '"prompt": missing (a record needs "prompt" and "responses")'
+    problem = _check_prompt(rec["prompt"])
+    if problem is not None:
+        return problem
+    if "responses" not in rec:
+        return MISSING_FIELD, '"responses": missing (a record needs "prompt" and "responses")'
+    responses = rec["responses"]
+    if type(responses) is not list:
+        return WRONG_TYPE, f'"responses": expected a list of responses, got {_tname(responses)}'
+    if len(responses) < MIN_RESPONSES:
+        return TOO_FEW_RESPONSES, f'"responses": needs at least {MIN_RESPONSES}, got {len(responses)}'
+    if len(responses) > MAX_RESPONSES:
+        return TOO_MANY_RESPONSES, f'"responses": at most {MAX_RESPONSES} are allowed, got {len(responses)}'
+    texts: list[str] = []
+    seen: dict[str, int] = {}
+    for i, value in enumerate(responses):
+        text = _response_text(f"responses[{i}]", value)
+        if not isinstance(text, str):
+            return text
+        key = _normalised(text)
+        if key in seen:
+            return (
+                DUPLICATE_RESPONSE,
+                f'"responses[{i}]": the same text as "responses[{seen[key]}]" (after normalising whitespace)',
+            )
+        seen[key] = i
+        texts.append(text)
+    return texts
+
+
+def check_candidates(rec: dict[str, Any]) -> Problem | None:
+    """``{"prompt": str | messages, "responses": [str | assistant messages, ...]}``: 2 to 16 distinct
+    answers to one prompt, not yet judged (what a ``generate`` job writes and a feedback set is made from)."""
+    texts = ranking_responses(rec)
+    return None if isinstance(texts, list) else texts
+
+
+def check_ranking(rec: dict[str, Any]) -> Problem | None:
+    """``{"prompt", "responses", "ranking": [int, ...]}`` (a permutation of the response indices, best first) or
+    ``{"prompt", "responses", "scores": [number, ...]}`` (one per response, higher is better, ties allowed)."""
+    texts = ranking_responses(rec)
+    if not isinstance(texts, list):
+        return texts
+    k = len(texts)
+    has_ranking, has_scores = "ranking" in rec, "scores" in rec
+    if has_ranking and has_scores:
+        return AMBIGUOUS_RECORD, 'has both "ranking" and "scores"; use one per record'
+    if has_ranking:
+        ranking = rec["ranking"]
+        if type(ranking) is not list:
+            return WRONG_TYPE, f'"ranking": expected a list of response indices, got {_tname(ranking)}'
+        for i, index in enumerate(ranking):
+            if type(index) is not int:  # bool is not int here: type() identity, not isinstance
+                return WRONG_TYPE, f'"ranking[{i}]": expected an integer response index, got {_tname(index)}'
+        if len(ranking) != k:
+            return (
+                INVALID_RANKING,
+                f'"ranking": must order all {k} responses (a permutation of 0..{k - 1}), got {len(ranking)}',
+            )
+        if sorted(ranking) != list(range(k)):
+            return INVALID_RANKING, f'"ranking": must be a permutation of 0..{k - 1}, got {_show(ranking)}'
+        return None
+    if has_scores:
+        scores = rec["scores"]
+        if type(scores) is not list:
+            return WRONG_TYPE, f'"scores": expected a list of numbers, got {_tname(scores)}'
+        for i, score in enumerate(scores):
+            if type(score) is not int and type(score) is not float:
+                return WRONG_TYPE, f'"scores[{i}]": expected a number, got {_tname(score)}'
+        if len(scores) != k:
+            return SCORES_LENGTH_MISMATCH, f'"scores": expected one per response ({k}), got {len(scores)}'
+        return None
+    return MISSING_FIELD, '"ranking": missing (a record needs "ranking" or "scores")'
+
+
 register_kind("sft", check_sft, description=check_sft.__doc__ or "")
 register_kind("preference", check_preference, description=check_preference.__doc__ or "")
 register_kind("prompts", check_prompts, description=check_prompts.__doc__ or "")
+register_kind("ranking", check_ranking, description=check_ranking.__doc__ or "")
+register_kind("candidates", check_candidates, description=check_candidates.__doc__ or "")
 
 
 # --- the reader

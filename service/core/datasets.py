@@ -28,6 +28,8 @@ class DatasetKind(StrEnum):
     sft = "sft"
     preference = "preference"
     prompts = "prompts"
+    ranking = "ranking"
+    candidates = "candidates"
 
 
 # Every kind the API accepts must have rules; a kind added here without rules fails at import, not at upload.

@@ -21,6 +21,7 @@ class Method(StrEnum):
     dpo = "dpo"
     ppo = "ppo"
     rlhf = "rlhf"
+    generate = "generate"
 
 
 class JobStatus(StrEnum):
@@ -63,6 +64,7 @@ REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
     Method.dpo: ("preference",),
     Method.ppo: ("prompts",),
     Method.rlhf: ("sft", "preference", "prompts"),
+    Method.generate: ("prompts",),
 }
 
 RLHF_STAGES: tuple[Method, ...] = (Method.sft, Method.reward_model, Method.ppo)
@@ -229,11 +231,35 @@ class PPOHyperparameters(CommonHyperparameters):
     )
 
 
-HYPERPARAMETER_MODELS: dict[Method, type[CommonHyperparameters]] = {
+class GenerateHyperparameters(_Strict):
+    """Candidate generation: K sampled answers per prompt, written as a ``candidates`` dataset for labelling."""
+
+    num_responses: int = Field(
+        4, ge=2, le=16, description="Answers sampled per prompt (the K annotators will rank; 2..16)."
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest sampled answer, in tokens.")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature; lower gives safer, more similar answers."
+    )
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="Sampling seed (default: the job's seed)."
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts sampled together (each K times).")
+    max_length: int = Field(
+        512, ge=8, le=131072, description="Token budget for the prompt; longer prompts keep their end."
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="Use only the first this many prompts of the dataset."
+    )
+
+
+HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.sft: SFTHyperparameters,
     Method.reward_model: RewardModelHyperparameters,
     Method.dpo: DPOHyperparameters,
     Method.ppo: PPOHyperparameters,
+    Method.generate: GenerateHyperparameters,
 }
 
 

@@ -308,24 +308,24 @@ def test_validate_path_matches_validate_stream(tmp_path: Path) -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(v.UnknownKindError, match="unknown dataset kind 'ranking'"):
-        check("ranking", "{}")
+    with pytest.raises(v.UnknownKindError, match="unknown dataset kind 'verdicts'"):
+        check("verdicts", "{}")
 
 
 def test_a_new_kind_plugs_into_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    def check_ranking(rec: dict[str, Any]) -> v.Problem | None:
+    def check_verdicts(rec: dict[str, Any]) -> v.Problem | None:
         responses = rec.get("responses")
         if not isinstance(responses, list) or len(responses) < 2:
             return "too_few_responses", '"responses": needs at least 2'
         return None
 
     monkeypatch.setattr(v, "_REGISTRY", dict(v._REGISTRY))  # undone after the test
-    v.register_kind("ranking", check_ranking, description="test kind")
+    v.register_kind("verdicts", check_verdicts, description="test kind")
     with pytest.raises(ValueError, match="already registered"):
-        v.register_kind("ranking", check_ranking, description="again")
-    report = check("ranking", '{"responses": ["a", "b"]}\n{"responses": ["a"]}\nnope\n')
+        v.register_kind("verdicts", check_verdicts, description="again")
+    report = check("verdicts", '{"responses": ["a", "b"]}\n{"responses": ["a"]}\nnope\n')
     assert [(i["line"], i["code"]) for i in report.issues] == [(2, "too_few_responses"), (3, "invalid_json")]
-    assert "ranking" in v.kinds()
+    assert "verdicts" in v.kinds()
 
 
 # --- the server wrapper ---------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ class CountingStream:
 
 
 def test_dataset_kinds_all_have_rules() -> None:
-    assert {k.value for k in DatasetKind} == {"sft", "preference", "prompts"}
+    assert {k.value for k in DatasetKind} == {"sft", "preference", "prompts", "ranking", "candidates"}
     assert set(DatasetKind) <= set(v.kinds())
 
 
@@ -389,7 +389,7 @@ def test_validate_upload_empty_is_its_own_422() -> None:
 
 def test_validate_upload_unknown_kind() -> None:
     with pytest.raises(ValidationFailed) as info:
-        validate_upload(io.BytesIO(b"{}"), "ranking", max_bytes=100)
+        validate_upload(io.BytesIO(b"{}"), "verdicts", max_bytes=100)
     assert (info.value.status, info.value.code) == (422, "invalid_kind")
 
 
