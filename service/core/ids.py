@@ -5,7 +5,15 @@ from __future__ import annotations
 import secrets
 import time
 
-PREFIXES = {"model": "model", "dataset": "ds", "job": "job", "artifact": "art"}
+PREFIXES = {
+    "model": "model",
+    "dataset": "ds",
+    "job": "job",
+    "artifact": "art",
+    "feedback_set": "fbs",
+    "feedback_item": "fbi",
+    "label": "lbl",
+}
 
 
 def new_id(kind: str) -> str:

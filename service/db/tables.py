@@ -40,6 +40,11 @@ class DatasetRow(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     status: str = Field(default="ready", max_length=32)
     created_at: int
+    # Where a dataset came from, when alignd made it: the job that generated it (``candidates``), the feedback
+    # set it was exported from (``ranking``); and the feedback round it belongs to (optional, user-set).
+    job_id: str | None = Field(default=None, index=True, max_length=64)
+    feedback_set_id: str | None = Field(default=None, max_length=64)
+    round: int | None = Field(default=None, index=True)
 
 
 class JobRow(SQLModel, table=True):
@@ -57,6 +62,8 @@ class JobRow(SQLModel, table=True):
     datasets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     init_adapter: str | None = Field(default=None, max_length=64)
     reward_model: str | None = Field(default=None, max_length=64)
+    init_reward_model: str | None = Field(default=None, max_length=64)
+    round: int | None = Field(default=None, index=True)
     hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     lora: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     seed: int = 0
@@ -112,4 +119,69 @@ class JobMetricRow(SQLModel, table=True):
     step: int
     name: str = Field(max_length=64)
     value: float
+    created_at: int
+
+
+class FeedbackSetRow(SQLModel, table=True):
+    """A set of candidates put up for human labelling; its items are copied from the candidates dataset."""
+
+    __tablename__ = "feedback_sets"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    name: str = Field(max_length=256)
+    candidates: str = Field(max_length=64)
+    annotations_per_item: int = 1
+    num_items: int = 0
+    round: int | None = Field(default=None)
+    created_at: int
+
+
+class FeedbackItemRow(SQLModel, table=True):
+    """One prompt and its responses. Copied into the database (not read from the dataset file per request):
+    /next and /ratings touch many items, and the set must outlive a deleted candidates dataset."""
+
+    __tablename__ = "feedback_items"
+    __table_args__ = (Index("ix_feedback_items_set_index", "set_id", "position"),)
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    set_id: str = Field(max_length=64)
+    position: int
+    prompt: Any = Field(sa_column=Column(JSON, nullable=False))
+    responses: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    response_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class FeedbackAssignmentRow(SQLModel, table=True):
+    """An item handed to an annotator by /next. Unique per (item, annotator): nobody gets an item twice."""
+
+    __tablename__ = "feedback_assignments"
+    __table_args__ = (
+        Index("ux_feedback_assignments_item_annotator", "item_id", "annotator", unique=True),
+        Index("ix_feedback_assignments_set_annotator", "set_id", "annotator"),
+    )
+
+    seq: int | None = Field(default=None, primary_key=True)
+    set_id: str = Field(max_length=64)
+    item_id: str = Field(max_length=64)
+    annotator: str = Field(max_length=128)
+    served_at: float
+    done: bool = False
+
+
+class FeedbackLabelRow(SQLModel, table=True):
+    """One label: a ranking, scores, a pairwise comparison, or a skip (``payload`` per ``kind``)."""
+
+    __tablename__ = "feedback_labels"
+    __table_args__ = (Index("ix_feedback_labels_set_seq", "set_id", "seq"),)
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    set_id: str = Field(max_length=64)
+    item_id: str = Field(index=True, max_length=64)
+    annotator: str = Field(max_length=128)
+    kind: str = Field(max_length=16)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: int
