@@ -11,6 +11,10 @@ points ``sys.stdout`` at stderr at start, so library prints cannot corrupt the s
 - ``{"type": "progress", "stage": str, "progress": float}``  (0..1 over the whole job)
 - ``{"type": "artifact", "stage": str, "kind": "adapter"|"reward_model"|"model_card"|"checkpoint",
   "path": str, "metadata": {...}}``  (a folder whose files become the artifact's .tar.gz root)
+- ``{"type": "checkpoint", "stage": str, "step": int, "path": str, "stage_complete": bool}``  (a complete
+  checkpoint folder, already renamed into place; the runner stores it as a ``checkpoint`` artifact and may
+  delete the folder at once. ``stage_complete``: the stage's artifacts were all announced before this line,
+  so a resume skips the stage; see workers/training/checkpoint.py for the folder's contents)
 - ``{"type": "error", "code": str, "message": str}``  (then the child exits non-zero)
 
 Exit status 0 means every artifact line has been written; anything else is a failure.
@@ -24,6 +28,9 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ArtifactKind = Literal["adapter", "reward_model", "model_card", "checkpoint"]
+
+# Written last into a checkpoint folder (workers/training/checkpoint.py): a folder without it is incomplete.
+CHECKPOINT_META_FILE = "checkpoint.json"
 
 
 class _Spec(BaseModel):
@@ -50,6 +57,17 @@ class AdapterRef(_Spec):
     path: str = Field(description="Local folder with adapter_config.json and adapter_model.safetensors.")
 
 
+class ResumeRef(_Spec):
+    """Where a resumed attempt starts: a checkpoint folder the runner fetched from storage."""
+
+    path: str = Field(description="Local folder of the checkpoint (checkpoint.json and its state files).")
+    stage: str = Field(description="Stage the checkpoint was taken in.")
+    step: int = Field(ge=0, description="Optimizer steps (PPO updates) of that stage already done.")
+    stage_complete: bool = Field(
+        False, description="The stage finished and its artifacts are stored: start at the next stage."
+    )
+
+
 class TrainingSpec(_Spec):
     job_id: str
     method: str
@@ -61,7 +79,15 @@ class TrainingSpec(_Spec):
     hyperparameters: dict[str, Any] = Field(description="Resolved hyperparameters of the method.")
     seed: int
     output_dir: str = Field(description="Empty folder the child writes artifacts under.")
-    checkpoint_dir: str | None = Field(None, description="Where checkpoints go; a resume reads the newest.")
+    checkpoint_dir: str | None = Field(None, description="Where the child writes checkpoints (None: none).")
+    resume_from: ResumeRef | None = Field(
+        None, description="Continue from this checkpoint instead of step 0."
+    )
+    stage_artifacts: dict[str, AdapterRef] = Field(
+        default_factory=dict,
+        description="Multi-stage jobs resumed past a stage: that stage's stored output (sft: its adapter, "
+        "reward_model: the reward model), keyed by stage, so the stage is not run again.",
+    )
 
     @classmethod
     def read(cls, path: str) -> TrainingSpec:
@@ -94,6 +120,17 @@ class ProgressWriter:
     ) -> None:
         self._emit(
             {"type": "artifact", "stage": stage, "kind": kind, "path": path, "metadata": metadata or {}}
+        )
+
+    def checkpoint(self, path: str, *, stage: str, step: int, stage_complete: bool = False) -> None:
+        self._emit(
+            {
+                "type": "checkpoint",
+                "stage": stage,
+                "step": int(step),
+                "path": path,
+                "stage_complete": bool(stage_complete),
+            }
         )
 
     def error(self, message: str, *, code: str) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from service.core.jobs import LoraSettings, SFTHyperparameters
-from workers.training import data, lora
+from workers.training import checkpoint, data, lora
 from workers.training.context import RunContext
 from workers.training.errors import (
     INVALID_HYPERPARAMETERS,
@@ -165,8 +165,27 @@ def train_sft(ctx: RunContext) -> SFTResult:
     )
     lengths = [example.length for example in examples]
 
+    ckpt = checkpoint.Checkpointer(
+        ctx,
+        stage=STAGE,
+        every=hp.checkpoint_steps,
+        modules={"model": model},
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
     step = 0
     history: list[dict[str, float]] = []
+    start_epoch, skip_batches = 0, 0
+    resumed = ckpt.restore()
+    if resumed is not None:
+        step, start_epoch, skip_batches = resumed.step, resumed.epoch, resumed.position
+        # Only the first and last logged points travel in the checkpoint (the final metrics need them).
+        history = [dict(point) for point in resumed.extra.get("history", [])]
+    last_epoch, last_position = start_epoch, skip_batches
+
+    def ckpt_extra() -> dict[str, object]:
+        return {"history": history[:1] + history[-1:] if len(history) > 1 else history}
+
     window_loss = 0.0
     window_tokens = 0
     window_inputs = 0
@@ -174,19 +193,22 @@ def train_sft(ctx: RunContext) -> SFTResult:
     window_start = time.perf_counter()
     train_start = window_start
     model.train()  # LoRA dropout on; the frozen base has its own dropout settings
-    progress.progress(0.0, stage=STAGE)
+    progress.progress(step / total_steps, stage=STAGE)
 
     with cancel.deferred():
-        for epoch in range(hp.epochs):
+        for epoch in range(start_epoch, hp.epochs):
             if step >= total_steps:
                 break
-            # A fresh, seeded batch order per epoch; the same seed gives the same run.
+            # A fresh, seeded batch order per epoch; the same seed gives the same run, and a resumed run
+            # skips the batches its checkpoint had consumed.
             batches = data.length_bucketed_batches(
                 lengths, hp.batch_size, rng=random.Random(spec.seed * 1_000_003 + epoch)
             )
-            for batch in batches:
+            for position, batch in enumerate(batches, start=1):
                 if step >= total_steps:
                     break
+                if epoch == start_epoch and position <= skip_batches:
+                    continue
                 cancel.check()
                 step_tokens = sum(examples[i].num_trainable for i in batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -232,8 +254,13 @@ def train_sft(ctx: RunContext) -> SFTResult:
                     window_loss, window_tokens, window_inputs = 0.0, 0, 0
                     window_grad_norms = []
                     window_start = now
+                last_epoch, last_position = epoch, position
+                # A checkpoint mid-way through a logging window drops that window's partial sums on resume:
+                # the weights are exact, the first metric point after a resume covers fewer steps.
+                ckpt.maybe_save(step, epoch=epoch, position=position, extra=ckpt_extra())
         train_seconds = time.perf_counter() - train_start
         cancel.check()
+        ckpt.save(step, epoch=last_epoch, position=last_position, extra=ckpt_extra(), final=True)
 
         model.eval()
         last = history[-1]
