@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -28,18 +29,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from service.core.ids import new_id, now
-from service.core.jobs import JobStatus
+from service.core.jobs import RLHF_STAGES, JobStatus, Method
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
 from service.settings import Settings
 from service.storage import ArtifactStore
 from service.storage.keys import artifact_key, dataset_key, model_key
-from workers.protocol import AdapterRef, BaseModelRef, DatasetRef, TrainingSpec, parse_line
+from workers.protocol import (
+    CHECKPOINT_META_FILE,
+    AdapterRef,
+    BaseModelRef,
+    DatasetRef,
+    ResumeRef,
+    TrainingSpec,
+    parse_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,29 @@ class Lease:
     job_id: str
     token: int
     owner: str
+
+
+# A stage's output that later stages consume (and that a resume past the stage hands back in the spec).
+STAGE_OUTPUT_KINDS = ("adapter", "reward_model")
+
+
+def job_stages(method: str) -> tuple[str, ...]:
+    """The stages a job of ``method`` runs through, in order (the ``stage`` its lines carry)."""
+    if method == Method.rlhf.value:
+        return tuple(stage.value for stage in RLHF_STAGES)
+    return (method,)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where the next attempt of a job starts: a checkpoint (None: from scratch) and the stages it skips."""
+
+    checkpoint: ArtifactRow | None
+    stage: str | None
+    step: int
+    stage_complete: bool
+    done_stages: tuple[str, ...]  # stages whose stored outputs the attempt reuses
+    stage_outputs: dict[str, ArtifactRow]
 
 
 def pack_folder(folder: Path, dest: Path) -> tuple[int, str]:
@@ -165,6 +197,7 @@ class JobRunner:
             )
 
     def finish(self, lease: Lease, status: JobStatus, *, error: tuple[str, str] | None = None) -> None:
+        stale_keys: list[str] = []
         with session_scope(self.engine) as session:
             job = self._fenced(session, lease)
             job.status = status
@@ -173,6 +206,9 @@ class JobRunner:
             job.lease_expires_at = None
             if status is JobStatus.succeeded:
                 job.progress = 1.0
+                # Nothing resumes a succeeded job: its checkpoints go in the same transaction, so no reader
+                # ever sees the job succeeded with them still listed. (Failed/cancelled jobs keep theirs.)
+                stale_keys = self._delete_checkpoint_rows(session, lease.job_id)
             if error is not None:
                 job.error_code, job.error_message = error
             session.add(job)
@@ -186,6 +222,9 @@ class JobRunner:
             session.add(
                 JobEventRow(job_id=lease.job_id, created_at=now(), level=level, stage=job.stage, message=text)
             )
+        if status is JobStatus.succeeded:
+            self._delete_objects(stale_keys)
+            shutil.rmtree(self._checkpoint_dir(lease.job_id), ignore_errors=True)
 
     def release(self, lease: Lease, reason: str) -> None:
         """Give a running job back to the queue (worker shutting down): it will run again, resuming."""
@@ -203,18 +242,24 @@ class JobRunner:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, job_id: str) -> JobStatus | None:
-        """Run a queued job to a final state. Returns the final status, or None if the job was not ours."""
+    def run(self, job_id: str, *, resume: bool = True) -> JobStatus | None:
+        """Run a queued job to a final state. Returns the final status, or None if the job was not ours.
+
+        ``resume``: continue from the job's newest usable checkpoint (see :meth:`resume_plan`) when an earlier
+        attempt left one; False starts over (its checkpoints are replaced as the new run writes its own).
+        Returns ``queued`` when the job was handed back to run again (worker stopping, or a crashed child
+        with tries left); the caller (or the reconciler) enqueues it.
+        """
         lease = self.acquire(job_id)
         if lease is None:
             return None
         try:
-            return self._run_leased(lease)
+            return self._run_leased(lease, resume=resume)
         except LeaseLost:
             log.warning("lease on %s lost; leaving the job to its new owner", job_id)
             return None
 
-    def _run_leased(self, lease: Lease) -> JobStatus | None:
+    def _run_leased(self, lease: Lease, *, resume: bool = True) -> JobStatus | None:
         attempt_dir = self.settings.work_dir / "jobs" / lease.job_id / f"attempt-{lease.token}"
         shutil.rmtree(attempt_dir, ignore_errors=True)
         attempt_dir.mkdir(parents=True)
@@ -226,19 +271,21 @@ class JobRunner:
                 return JobStatus.cancelled
             self.add_event(lease, f"Job started on worker {self.worker_id} (attempt {job.attempts}).")
             try:
-                spec = self._prepare(job, attempt_dir)
+                spec = self._prepare(job, attempt_dir, lease=lease, resume=resume)
             except InputMissing as exc:
                 self.finish(lease, JobStatus.failed, error=("input_missing", str(exc)))
                 return JobStatus.failed
             return self._supervise(lease, spec, attempt_dir)
         finally:
             # Outputs were uploaded; the log stays for post-mortems until the next attempt.
-            for child in ("out", "spec.json"):
+            for child in ("out", "spec.json", "resume"):
                 target = attempt_dir / child
                 if target.is_dir():
                     shutil.rmtree(target, ignore_errors=True)
 
-    def _prepare(self, job: JobRow, attempt_dir: Path) -> TrainingSpec:
+    def _prepare(
+        self, job: JobRow, attempt_dir: Path, *, lease: Lease | None = None, resume: bool = True
+    ) -> TrainingSpec:
         with session_scope(self.engine) as session:
             model = session.exec(select(ModelRow).where(ModelRow.id == job.base_model)).first()
             if model is None:
@@ -267,6 +314,32 @@ class JobRunner:
                 if artifact is None:
                     raise InputMissing(f"artifact {artifact_id} no longer exists")
                 adapters[field] = AdapterRef(id=artifact.id, path=str(self._materialise_artifact(artifact)))
+        resume_from: ResumeRef | None = None
+        stage_artifacts: dict[str, AdapterRef] = {}
+        if lease is not None:
+            plan, folder = self._resume_plan_fetched(job, attempt_dir) if resume else (None, None)
+            plan = plan or ResumePlan(None, None, 0, False, (), {})
+            self._discard_redone_work(lease, job, plan)
+            if plan.checkpoint is not None and folder is not None and plan.stage is not None:
+                resume_from = ResumeRef(
+                    path=str(folder), stage=plan.stage, step=plan.step, stage_complete=plan.stage_complete
+                )
+                for stage, output in plan.stage_outputs.items():
+                    stage_artifacts[stage] = AdapterRef(
+                        id=output.id, path=str(self._materialise_artifact(output))
+                    )
+                self.add_event(
+                    lease,
+                    f"Resuming from checkpoint {plan.checkpoint.id}: stage {plan.stage}, step {plan.step}"
+                    + (" (stage complete)" if plan.stage_complete else "")
+                    + (
+                        f"; reusing the stored outputs of {', '.join(plan.done_stages)}"
+                        if plan.done_stages
+                        else ""
+                    )
+                    + ".",
+                    stage=plan.stage,
+                )
         output_dir = attempt_dir / "out"
         output_dir.mkdir()
         spec = TrainingSpec(
@@ -280,10 +353,186 @@ class JobRunner:
             hyperparameters=job.hyperparameters,
             seed=job.seed,
             output_dir=str(output_dir),
-            checkpoint_dir=str(self.settings.work_dir / "jobs" / job.id / "checkpoints"),
+            checkpoint_dir=str(self._checkpoint_dir(job.id)),
+            resume_from=resume_from,
+            stage_artifacts=stage_artifacts,
         )
         (attempt_dir / "spec.json").write_text(spec.model_dump_json(indent=2), encoding="utf-8")
         return spec
+
+    # ------------------------------------------------------------------ checkpoints and resume
+
+    checkpoints_kept = 2  # newest checkpoints kept in storage per job; older ones are deleted
+
+    def _checkpoint_dir(self, job_id: str) -> Path:
+        return self.settings.work_dir / "jobs" / job_id / "checkpoints"
+
+    def checkpoints(self, job_id: str) -> list[ArtifactRow]:
+        """The job's stored checkpoints, newest first (their metadata: stage, step, stage_complete)."""
+        with session_scope(self.engine) as session:
+            return list(
+                session.exec(
+                    select(ArtifactRow)
+                    .where(ArtifactRow.job_id == job_id, ArtifactRow.kind == "checkpoint")
+                    .order_by(col(ArtifactRow.seq).desc())
+                ).all()
+            )
+
+    def resume_plan(self, job: JobRow) -> list[ResumePlan]:
+        """Every checkpoint of ``job`` a new attempt could start from, best (newest) first.
+
+        A checkpoint of stage S at step k is usable when every stage before S (and S itself when the
+        checkpoint marks S complete) has its output artifact stored: the attempt skips those stages, and
+        resumes S from step k (or starts the next stage). Download problems are handled by the caller, which
+        falls back to the next plan.
+        """
+        stages = job_stages(job.method)
+        with session_scope(self.engine) as session:
+            outputs = list(
+                session.exec(
+                    select(ArtifactRow)
+                    .where(ArtifactRow.job_id == job.id, col(ArtifactRow.kind).in_(STAGE_OUTPUT_KINDS))
+                    .order_by(col(ArtifactRow.seq).desc())
+                ).all()
+            )
+        newest_output: dict[str, ArtifactRow] = {}
+        for row in outputs:
+            if row.stage is not None:
+                newest_output.setdefault(row.stage, row)
+        plans = []
+        for row in self.checkpoints(job.id):
+            stage = row.meta.get("stage") or row.stage
+            if stage not in stages:
+                continue
+            complete = bool(row.meta.get("stage_complete"))
+            index = stages.index(stage)
+            done = stages[: index + 1] if complete else stages[:index]
+            if any(s not in newest_output for s in done):
+                continue  # an earlier stage's output is gone: this checkpoint cannot be continued
+            plans.append(
+                ResumePlan(
+                    checkpoint=row,
+                    stage=stage,
+                    step=int(row.meta.get("step", 0)),
+                    stage_complete=complete,
+                    done_stages=done,
+                    stage_outputs={s: newest_output[s] for s in done},
+                )
+            )
+        return plans
+
+    def _resume_plan_fetched(self, job: JobRow, attempt_dir: Path) -> tuple[ResumePlan | None, Path | None]:
+        """The best plan whose checkpoint downloads and unpacks complete, with its local folder."""
+        for plan in self.resume_plan(job):
+            assert plan.checkpoint is not None
+            folder = attempt_dir / "resume" / plan.checkpoint.id
+            try:
+                self._extract_artifact(plan.checkpoint, folder)
+                json.loads((folder / CHECKPOINT_META_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError, tarfile.TarError) as exc:
+                log.warning(
+                    "checkpoint %s of %s unusable (%s); trying an older one", plan.checkpoint.id, job.id, exc
+                )
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            return plan, folder
+        return None, None
+
+    def _discard_redone_work(self, lease: Lease, job: JobRow, plan: ResumePlan) -> None:
+        """Delete what the new attempt produces again: outputs of stages it reruns, metrics past the resume point.
+
+        Earlier attempts' metric points after the checkpoint's step would otherwise appear twice; the series
+        then describes the one run that produced the final artifacts (the events keep every attempt's story).
+        """
+        stages = job_stages(job.method)
+        kept = set(plan.done_stages)
+        redo = [s for s in stages if s not in kept]
+        keys: list[str] = []
+        with session_scope(self.engine) as session:
+            self._fenced(session, lease)
+            rows = session.exec(
+                select(ArtifactRow).where(ArtifactRow.job_id == job.id, ArtifactRow.kind != "checkpoint")
+            ).all()
+            for row in rows:
+                if row.stage in kept:
+                    continue
+                keys.append(row.storage_key)
+                session.delete(row)
+            metric_filter = [col(JobMetricRow.job_id) == job.id]
+            if plan.stage is not None and not plan.stage_complete:
+                # Points of the resumed stage up to its step stay; every later stage starts over.
+                later = [s for s in redo if s != plan.stage]
+                session.execute(
+                    delete(JobMetricRow).where(
+                        *metric_filter,
+                        col(JobMetricRow.stage) == plan.stage,
+                        col(JobMetricRow.step) > plan.step,
+                    )
+                )
+                if later:
+                    session.execute(
+                        delete(JobMetricRow).where(*metric_filter, col(JobMetricRow.stage).in_(later))
+                    )
+            elif plan.checkpoint is not None:
+                session.execute(delete(JobMetricRow).where(*metric_filter, col(JobMetricRow.stage).in_(redo)))
+            else:
+                # From scratch: earlier checkpoints (unusable, or resume=False) must not be resumed later.
+                session.execute(delete(JobMetricRow).where(*metric_filter))
+                keys.extend(self._delete_checkpoint_rows(session, job.id))
+        self._delete_objects(keys)
+
+    def _extract_artifact(self, artifact: ArtifactRow, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        archive = folder.parent / f"{artifact.id}.tar.gz"
+        try:
+            self.store.get_to_path(artifact_key(artifact.id), archive)
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(folder, filter="data")
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def _store_checkpoint(self, lease: Lease, message: dict[str, Any]) -> None:
+        folder = Path(str(message["path"]))
+        metadata = {
+            "stage": message.get("stage"),
+            "step": int(message.get("step", 0)),
+            "stage_complete": bool(message.get("stage_complete", False)),
+        }
+        self._store_artifact(lease, {**message, "kind": "checkpoint", "metadata": metadata})
+        # Stored: the child never reads the local folder again, and a resume fetches from storage.
+        shutil.rmtree(folder, ignore_errors=True)
+        self._prune_checkpoints(lease)
+
+    def _prune_checkpoints(self, lease: Lease) -> None:
+        with session_scope(self.engine) as session:
+            self._fenced(session, lease)
+            rows = session.exec(
+                select(ArtifactRow)
+                .where(ArtifactRow.job_id == lease.job_id, ArtifactRow.kind == "checkpoint")
+                .order_by(col(ArtifactRow.seq).desc())
+            ).all()
+            stale = list(rows[self.checkpoints_kept :])
+            keys = [row.storage_key for row in stale]
+            for row in stale:
+                session.delete(row)
+        self._delete_objects(keys)
+
+    @staticmethod
+    def _delete_checkpoint_rows(session: Any, job_id: str) -> list[str]:
+        rows = session.exec(
+            select(ArtifactRow).where(ArtifactRow.job_id == job_id, ArtifactRow.kind == "checkpoint")
+        ).all()
+        for row in rows:
+            session.delete(row)
+        return [row.storage_key for row in rows]
+
+    def _delete_objects(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.store.delete(key)
+            except Exception as exc:  # an orphaned object costs space, not correctness
+                log.warning("could not delete artifact object %s: %s", key, exc)
 
     # Inputs are immutable once uploaded, so a folder completed once (marker written last) is reused.
     def _cache_dir(self, kind: str, resource_id: str) -> Path:
@@ -422,6 +671,23 @@ class JobRunner:
         if returncode == 0:
             self.finish(lease, JobStatus.succeeded)
             return JobStatus.succeeded
+        if error is None and returncode < 0:
+            # Killed by a signal nobody here sent (the OOM killer, an operator, a node problem): a crash, not
+            # a verdict on the job. Run it again, resuming from its newest checkpoint, while tries are left.
+            name = _signal_name(-returncode)
+            attempts = self._attempts(lease)
+            if attempts < self.settings.job_max_tries:
+                self.release(
+                    lease,
+                    f"Training process killed by {name} (attempt {attempts} of {self.settings.job_max_tries}); "
+                    "queued again to resume from its newest checkpoint.",
+                )
+                return JobStatus.queued
+            error = (
+                "training_crashed",
+                f"training process killed by {name} in attempt {attempts}, the last of "
+                f"ALIGND_JOB_MAX_TRIES={self.settings.job_max_tries}. Last output:\n{_tail(log_path, 20)}",
+            )
         if error is None:
             tail = _tail(log_path, 20)
             error = (
@@ -430,6 +696,10 @@ class JobRunner:
             )
         self.finish(lease, JobStatus.failed, error=error)
         return JobStatus.failed
+
+    def _attempts(self, lease: Lease) -> int:
+        with session_scope(self.engine) as session:
+            return int(self._fenced(session, lease).attempts)
 
     def _handle(self, lease: Lease, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -466,6 +736,8 @@ class JobRunner:
                 session.add(job)
         elif kind == "artifact":
             self._store_artifact(lease, message)
+        elif kind == "checkpoint":
+            self._store_checkpoint(lease, message)
         elif kind == "error":
             self.add_event(
                 lease, f"{message.get('code')}: {message.get('message')}", level="error", stage=stage
@@ -502,7 +774,8 @@ class JobRunner:
                         created_at=now(),
                         level="info",
                         stage=message.get("stage") or job.stage,
-                        message=f"Stored {message['kind']} artifact {artifact_id} ({size} bytes).",
+                        message=f"Stored {message['kind']} artifact {artifact_id} ({size} bytes)"
+                        + (f" at step {message.get('step')}." if message["kind"] == "checkpoint" else "."),
                     )
                 )
         except LeaseLost:
@@ -517,6 +790,13 @@ class InputMissing(Exception):
 def _signal_group(child: subprocess.Popen[str], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, sig)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _tail(path: Path, count: int) -> str:
