@@ -187,7 +187,12 @@ class DPOHyperparameters(OptimizerHyperparameters):
 class PPOHyperparameters(CommonHyperparameters):
     """PPO against a reward model with a per-token KL penalty to the reference (the adapter disabled)."""
 
-    epochs: int = Field(1, ge=1, le=1000, description="Passes over the prompts (bounded by `steps`).")
+    epochs: int | None = Field(  # type: ignore[assignment]
+        None,
+        ge=1,
+        le=1000,
+        description="Cap on passes over the prompts; unset: prompts are recycled until `steps` updates.",
+    )
     steps: int = Field(100, ge=1, le=100000, description="PPO updates (one rollout batch each).")
     batch_size: int = Field(8, ge=1, le=4096, description="Alias of rollout_batch_size for uniformity.")
     rollout_batch_size: int | None = Field(

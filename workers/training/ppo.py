@@ -723,8 +723,9 @@ def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None)
     )
 
     rollout_size = hp.rollout_batch_size or hp.batch_size
-    # `steps` counts PPO updates; `epochs` (passes over the prompts) and `max_steps` cap it.
-    by_epochs = math.ceil(hp.epochs * len(prompts) / rollout_size)
+    # `steps` counts PPO updates and prompts are recycled to reach it; `epochs` (passes over the
+    # prompts) caps it only when given, and `max_steps` always does.
+    by_epochs = math.ceil(hp.epochs * len(prompts) / rollout_size) if hp.epochs is not None else hp.steps
     total_updates = min(hp.steps, by_epochs, hp.max_steps or hp.steps)
     if total_updates < hp.steps:
         progress.event(
