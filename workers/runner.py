@@ -113,6 +113,9 @@ class JobRunner:
         self._children_lock = threading.Lock()
         # job id -> error: jobs to stop and fail (the arq worker's job_timeout), read at each heartbeat.
         self._aborts: dict[str, tuple[str, str]] = {}
+        # Concurrent jobs (ALIGND_WORKER_CONCURRENCY > 1) often share a base model: one download at a time
+        # into the cache, or two writers of the same file would interleave.
+        self._cache_lock = threading.Lock()
         # Called with (job_id, metric name, value) for every metric the child reports (worker /metrics).
         self.on_metric: Callable[[str, str, float], None] | None = None
 
@@ -540,12 +543,13 @@ class JobRunner:
 
     def _materialise_model(self, model: ModelRow) -> Path:
         folder = self._cache_dir("models", model.id)
-        if (folder / ".complete").exists():
-            return folder
-        folder.mkdir(parents=True, exist_ok=True)
-        for filename in model.files:
-            self.store.get_to_path(model_key(model.id, filename), folder / filename)
-        (folder / ".complete").touch()
+        with self._cache_lock:
+            if (folder / ".complete").exists():
+                return folder
+            folder.mkdir(parents=True, exist_ok=True)
+            for filename in model.files:
+                self.store.get_to_path(model_key(model.id, filename), folder / filename)
+            (folder / ".complete").touch()
         return folder
 
     def _materialise_dataset(self, dataset: DatasetRow) -> Path:
@@ -553,21 +557,23 @@ class JobRunner:
         if local is not None:
             return local
         path = self._cache_dir("datasets", dataset.id) / "data.jsonl"
-        if not path.exists():
-            self.store.get_to_path(dataset_key(dataset.id), path)
+        with self._cache_lock:
+            if not path.exists():
+                self.store.get_to_path(dataset_key(dataset.id), path)
         return path
 
     def _materialise_artifact(self, artifact: ArtifactRow) -> Path:
         folder = self._cache_dir("artifacts", artifact.id)
-        if (folder / ".complete").exists():
-            return folder
-        folder.mkdir(parents=True, exist_ok=True)
-        archive = folder.parent / f"{artifact.id}.tar.gz"
-        self.store.get_to_path(artifact_key(artifact.id), archive)
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(folder, filter="data")  # written by us, but never trust paths blindly
-        archive.unlink()
-        (folder / ".complete").touch()
+        with self._cache_lock:
+            if (folder / ".complete").exists():
+                return folder
+            folder.mkdir(parents=True, exist_ok=True)
+            archive = folder.parent / f"{artifact.id}.tar.gz"
+            self.store.get_to_path(artifact_key(artifact.id), archive)
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(folder, filter="data")  # written by us, but never trust paths blindly
+            archive.unlink()
+            (folder / ".complete").touch()
         return folder
 
     def _child_command(self, spec_path: Path) -> list[str]:
