@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
     requeued = 0
+    lost: list[tuple[str, str, int]] = []
     with session_scope(engine) as session:
         expired = session.exec(
             select(JobRow).where(
@@ -51,6 +52,8 @@ def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 requeued += 1
+                # The entry that delivered the lost attempt was queued under the token before it.
+                lost.append((job.id, job.method, job.lease_token - 1))
                 session.add(
                     JobEventRow(
                         job_id=job.id,
@@ -60,6 +63,14 @@ def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
                         message=f"Worker {job.lease_owner} stopped heartbeating; job queued again.",
                     )
                 )
+    forget = getattr(queue, "forget", None)  # only queues that remember entries (arq) have it
+    for job_id, method, generation in lost:
+        if forget is None:
+            break
+        try:
+            forget(job_id, method=method, generation=generation)
+        except Exception as exc:  # harmless if it stays: a stale delivery finds the row not queued
+            log.warning("reconciler could not drop the lost queue entry of %s: %s", job_id, exc)
     with session_scope(engine) as session:
         queued = session.exec(
             select(JobRow.id, JobRow.method, JobRow.lease_token)

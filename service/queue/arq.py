@@ -27,6 +27,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
@@ -122,6 +123,25 @@ class ArqQueue:
         )
         if job is None:
             log.debug("job %s (generation %s) is already in the arq queue", job_id, generation)
+
+    def forget(self, job_id: str, *, method: str, generation: int) -> None:
+        """Drop the entry of a generation whose worker died (the reconciler calls this on lease expiry).
+
+        Without it arq would keep the dead worker's entry "in progress" until job_timeout passes, counted
+        in the queue depth (and by KEDA) all that time; re-delivering it later would be harmless (the row
+        is no longer `queued` for that generation), just wasteful.
+        """
+        arq_id = arq_job_id(job_id, generation)
+
+        async def drop(redis: ArqRedis) -> None:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(queue_name(method), arq_id)
+                pipe.delete(
+                    job_key_prefix + arq_id, in_progress_key_prefix + arq_id, retry_key_prefix + arq_id
+                )
+                await pipe.execute()
+
+        self._call(drop)
 
     def ping(self) -> None:
         self._call(lambda redis: redis.ping())

@@ -158,6 +158,14 @@ def test_sigkilled_worker_job_finishes_on_a_new_worker_once(
         assert any("stopped heartbeating" in m for m in messages), messages
         assert any("(attempt 2)" in m for m in messages), messages
         assert messages.count("Job succeeded.") == 1
+        # The dead worker's arq entry was dropped with its lease: nothing lingers "in progress".
+        # (arq removes the entry just after the runner commits the final status, hence the wait.)
+        redis = stack.redis.client()
+        _wait(
+            lambda: redis.zcard("alignd:queue:sft") == 0,
+            10,
+            f"empty queue: {redis.zrange('alignd:queue:sft', 0, -1)}",
+        )
         artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
         assert sorted(a["kind"] for a in artifacts) == ["adapter", "model_card"]
 
@@ -195,7 +203,8 @@ def test_redis_restarted_empty_every_accepted_job_still_finishes(
 
         stack.redis.start()  # empty: every arq entry is gone
         for job_id in ids:
-            assert wait_for(client, job_id, TERMINAL, timeout=120)["status"] == "succeeded"
+            done = wait_for(client, job_id, TERMINAL, timeout=120)
+            assert done["status"] == "succeeded", (done, stack.workers[0].log()[-3000:])
         assert client.get("/readyz").status_code == 200
 
 
@@ -254,3 +263,17 @@ def test_stale_runner_cannot_publish_artifacts(tmp_path: Any, pg_url: str, moto_
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="x/").get("Contents", [])]
     assert keys == [f"x/{artifact.storage_key}"]
     engine.dispose()
+
+
+def test_job_timeout_stops_the_child_and_fails_the_job(
+    production_stack: ProductionStack, tiny_model_dir: Any, sft_jsonl: Any
+) -> None:
+    stack = production_stack
+    stack.start_worker(ALIGND_JOB_TIMEOUT_SECONDS="8")
+    with stack.client() as client:
+        model, dataset = _inputs(client, stack, tiny_model_dir, sft_jsonl)
+        job_id = client.post("/v1/jobs", json=_sft(model, dataset, epochs=1000)).json()["id"]
+        done = wait_for(client, job_id, TERMINAL, timeout=60)
+        assert done["status"] == "failed", done
+        assert done["error"]["code"] == "job_timeout"
+        assert client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
