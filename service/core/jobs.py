@@ -55,7 +55,9 @@ def can_transition(current: JobStatus, new: JobStatus) -> bool:
 
 
 # Methods whose training code exists; the others are accepted by the schema and refused with 422.
-AVAILABLE_METHODS: frozenset[Method] = frozenset({Method.sft, Method.reward_model, Method.dpo, Method.ppo})
+AVAILABLE_METHODS: frozenset[Method] = frozenset(
+    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.rlhf}
+)
 
 # Which dataset kinds each method needs (role name == dataset kind).
 REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {

@@ -14,6 +14,8 @@ REMOTE_CODE_NOT_ALLOWED = "remote_code_not_allowed"
 INVALID_ADAPTER = "invalid_adapter"
 OUT_OF_MEMORY = "out_of_memory"
 TRAINING_DIVERGED = "training_diverged"
+# rlhf quality gate: the reward model's held-out accuracy is below reward_model.min_eval_accuracy.
+REWARD_MODEL_TOO_WEAK = "reward_model_too_weak"
 INTERNAL_ERROR = "internal_error"
 
 

@@ -1,0 +1,212 @@
+"""The rlhf pipeline over REST on the tiny model: SFT -> reward model -> PPO in one job, and its quality gate."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import LiveServer
+from tests.helpers.tiny_model import tiny_preference_jsonl
+from tests.service.helpers import jsonl, upload_dataset, upload_model, wait_for
+
+PROMPTS = jsonl(
+    [
+        {"prompt": f"What colour is the {thing}?"}
+        for thing in ("apple", "sky", "grass", "snow", "coal", "plum")
+    ]
+    + [{"messages": [{"role": "user", "content": "Name a colour."}]}]
+)
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+# Small enough for a busy 2-core box: a few SFT steps, a reward model that learns the colour table, 2 PPO updates.
+HYPERPARAMETERS: dict[str, Any] = {
+    "sft": {"epochs": 1, "max_steps": 6, "batch_size": 8, "learning_rate": 3e-3, "max_length": 64},
+    "reward_model": {
+        "epochs": 20,
+        "max_steps": 40,
+        "batch_size": 16,
+        "learning_rate": 5e-3,
+        "max_length": 64,
+        "eval_fraction": 0.25,
+        "eval_steps": 20,
+        "logging_steps": 5,
+        "center_rewards_coefficient": 0.01,
+        "min_eval_accuracy": 0.75,
+    },
+    "ppo": {
+        "steps": 2,
+        "batch_size": 4,
+        "mini_batch_size": 4,
+        "ppo_epochs": 2,
+        "max_new_tokens": 8,
+        "max_length": 64,
+        "learning_rate": 1e-3,
+    },
+}
+
+
+def _inputs(client: httpx.Client, server: LiveServer, preference: bytes) -> dict[str, str]:
+    return {
+        "model": upload_model(client, server.tiny_model_dir).json()["id"],
+        "sft": upload_dataset(client, server.sft_jsonl, "sft").json()["id"],
+        "preference": upload_dataset(client, preference, "preference").json()["id"],
+        "prompts": upload_dataset(client, PROMPTS, "prompts").json()["id"],
+    }
+
+
+def _rlhf(ids: dict[str, str], hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "method": "rlhf",
+        "base_model": ids["model"],
+        "datasets": {"sft": ids["sft"], "preference": ids["preference"], "prompts": ids["prompts"]},
+        "lora": LORA,
+        "hyperparameters": hyperparameters,
+        "seed": 0,
+    }
+
+
+def _download(client: httpx.Client, artifact: dict[str, Any], dest: Path) -> Path:
+    content = client.get(f"/v1/artifacts/{artifact['id']}/content")
+    assert content.status_code == 200, content.text
+    with tarfile.open(fileobj=io.BytesIO(content.content), mode="r:gz") as archive:
+        archive.extractall(dest, filter="data")
+    return dest
+
+
+def test_rlhf_end_to_end(live_server: LiveServer, tmp_path: Path) -> None:
+    preference = tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=84).read_bytes()
+    with live_server.client() as client:
+        ids = _inputs(client, live_server, preference)
+        response = client.post("/v1/jobs", json=_rlhf(ids, HYPERPARAMETERS))
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert set(job["hyperparameters"]) == {"sft", "reward_model", "ppo"}
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert done["status"] == "succeeded", (done, client.get(f"/v1/jobs/{job['id']}/events").json())
+        assert done["progress"] == 1.0 and done["stage"] == "ppo"
+
+        # Stages in order, in the events and in the metrics.
+        events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+        stage_order = [e["stage"] for e in events if e["stage"] in ("sft", "reward_model", "ppo")]
+        first_seen = sorted(set(stage_order), key=stage_order.index)
+        assert first_seen == ["sft", "reward_model", "ppo"], stage_order
+        assert any("quality gate passed" in e["message"] for e in events)
+        metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
+        by_stage: dict[str, set[str]] = {}
+        for point in metrics:
+            by_stage.setdefault(point["stage"], set()).add(point["name"])
+        assert {"loss"} <= by_stage["sft"]
+        assert {"loss", "accuracy", "eval_accuracy"} <= by_stage["reward_model"]
+        assert {"reward_mean", "kl"} <= by_stage["ppo"]
+        assert {"loss", "accuracy", "eval_accuracy", "reward_mean", "kl"} <= {m["name"] for m in metrics}
+
+        # Each stage's artifacts; checkpoints were dropped when the job succeeded.
+        artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+        kinds = sorted((a["stage"], a["kind"]) for a in artifacts)
+        assert kinds == [
+            ("ppo", "adapter"),
+            ("ppo", "model_card"),
+            ("reward_model", "model_card"),
+            ("reward_model", "reward_model"),
+            ("sft", "adapter"),
+            ("sft", "model_card"),
+        ], kinds
+        folders = {
+            (a["stage"], a["kind"]): _download(client, a, tmp_path / f"{a['stage']}-{a['kind']}")
+            for a in artifacts
+        }
+
+    # Every stage's output loads with plain peft on the original base.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_dir = live_server.tiny_model_dir
+    for stage in ("sft", "ppo"):
+        folder = folders[(stage, "adapter")]
+        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), folder)
+        assert any(p.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n), stage
+        card = (folder / "README.md").read_text()
+        assert "## rlhf pipeline" in card and "PeftModel.from_pretrained" in card
+        for dataset in (ids["sft"], ids["preference"], ids["prompts"]):
+            assert dataset in card
+    sft_weights = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), folders[("sft", "adapter")]
+    ).state_dict()
+    ppo_weights = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), folders[("ppo", "adapter")]
+    ).state_dict()
+    lora_keys = [k for k in sft_weights if "lora_" in k]
+    # PPO started from the SFT adapter and moved it.
+    assert any(not torch.equal(sft_weights[k], ppo_weights[k]) for k in lora_keys)
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    base.config.pad_token_id = 0
+    scorer = PeftModel.from_pretrained(base, folders[("reward_model", "reward_model")]).eval()
+    with torch.no_grad():
+        out = scorer(
+            input_ids=torch.tensor([[1, 5, 6, 2]]), attention_mask=torch.ones(1, 4, dtype=torch.long)
+        )
+    assert out.logits.shape == (1, 1)
+    assert "held-out" in (folders[("reward_model", "reward_model")] / "README.md").read_text()
+
+
+def _random_labels(path: Path) -> bytes:
+    """The learnable colour pairs with chosen/rejected swapped by a coin flip: nothing left to learn."""
+    rng = random.Random(0)
+    lines = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if rng.random() < 0.5:
+            record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
+        lines.append(record)
+    return jsonl(lines)
+
+
+def test_rlhf_gate_stops_a_weak_reward_model_before_ppo(live_server: LiveServer, tmp_path: Path) -> None:
+    preference = _random_labels(tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=84))
+    hyperparameters = {
+        **HYPERPARAMETERS,
+        "sft": {**HYPERPARAMETERS["sft"], "max_steps": 2},
+        "reward_model": {
+            **HYPERPARAMETERS["reward_model"],
+            "max_steps": 10,
+            "eval_fraction": 0.4,
+            "min_eval_accuracy": 0.95,
+        },
+    }
+    with live_server.client() as client:
+        ids = _inputs(client, live_server, preference)
+        job = client.post("/v1/jobs", json=_rlhf(ids, hyperparameters)).json()
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=240)
+        assert done["status"] == "failed", done
+        assert done["error"]["code"] == "reward_model_too_weak", done
+        message = done["error"]["message"]
+        assert "0.95" in message and "held-out accuracy" in message
+        metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
+        assert {m["stage"] for m in metrics} == {"sft", "reward_model"}  # no PPO time spent
+        assert not any(m["name"] in ("reward_mean", "kl") for m in metrics)
+        kinds = {
+            (a["stage"], a["kind"]) for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+        }
+        assert ("ppo", "adapter") not in kinds and ("reward_model", "reward_model") in kinds
+
+
+def test_rlhf_gate_needs_a_held_out_set(live_server: LiveServer, tmp_path: Path) -> None:
+    preference = tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=16).read_bytes()
+    hyperparameters = {
+        **HYPERPARAMETERS,
+        "reward_model": {**HYPERPARAMETERS["reward_model"], "eval_fraction": 0, "min_eval_accuracy": 0.7},
+    }
+    with live_server.client() as client:
+        ids = _inputs(client, live_server, preference)
+        job = client.post("/v1/jobs", json=_rlhf(ids, hyperparameters)).json()
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+        assert done["status"] == "failed" and done["error"]["code"] == "invalid_hyperparameters", done
+        assert "eval_fraction" in done["error"]["message"]
+        assert client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"] == []  # refused before SFT

@@ -1,0 +1,273 @@
+"""The ``rlhf`` method: SFT -> reward model -> PPO in one child process, with a quality gate before PPO.
+
+Each stage is the standalone trainer (``train_sft``, ``train_reward_model``, ``train_ppo``) called in-process
+on a copy of the job's spec narrowed to that stage: its hyperparameters (``spec.hyperparameters[stage]``),
+its dataset, its output folder, and the earlier stages' outputs as inputs (PPO starts from the SFT adapter and
+scores with this job's reward model). So every stage emits exactly what the method alone would (metrics,
+artifacts with their model cards) with ``stage`` moving sft -> reward_model -> ppo, and the job's progress is
+each stage's 0..1 mapped into its share of the whole.
+
+Base weights: each trainer loads the base itself (a causal LM for SFT and PPO, a sequence classifier for the
+reward model) and the previous stage's model is released first, so at most one stage's models are in memory.
+PPO itself holds one copy for policy, reference, reward and value (see ppo.py).
+
+Quality gate: after the reward stage, held-out pair accuracy below ``reward_model.min_eval_accuracy`` stops
+the job with ``reward_model_too_weak`` before any PPO time is spent (the reward model's artifacts stay stored,
+to look at). A job asking for a gate with no held-out set (``eval_fraction`` 0) is refused before SFT starts.
+
+Resume: after each stage the pipeline writes a ``stage_complete`` checkpoint (after that stage's artifacts);
+a resumed attempt skips completed stages, taking their outputs from ``spec.stage_artifacts`` (the runner
+passes the stored artifacts back), and resumes a stage from its own checkpoint when it has one (SFT).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from service.core.jobs import (
+    RLHF_STAGES,
+    PPOHyperparameters,
+    RewardModelHyperparameters,
+    SFTHyperparameters,
+)
+from workers.protocol import AdapterRef, ProgressWriter, TrainingSpec
+from workers.training import checkpoint
+from workers.training.context import RunContext
+from workers.training.errors import (
+    INVALID_HYPERPARAMETERS,
+    INVALID_SPEC,
+    REWARD_MODEL_TOO_WEAK,
+    TrainingError,
+)
+
+STAGES: tuple[str, ...] = tuple(stage.value for stage in RLHF_STAGES)  # ("sft", "reward_model", "ppo")
+DATASET_ROLE = {"sft": "sft", "reward_model": "preference", "ppo": "prompts"}
+HYPERPARAMETER_MODELS: dict[str, type[BaseModel]] = {
+    "sft": SFTHyperparameters,
+    "reward_model": RewardModelHyperparameters,
+    "ppo": PPOHyperparameters,
+}
+# Share of the job's progress bar per stage. Fixed rather than derived from step counts: a PPO update
+# (generation + several training passes) costs tens of SFT steps, and a bar that crawls at the end is worse
+# than one that is roughly right. Tuned on the demo (SmolLM2-135M, 2 cores).
+PROGRESS_SPANS: dict[str, tuple[float, float]] = {
+    "sft": (0.0, 0.3),
+    "reward_model": (0.3, 0.5),
+    "ppo": (0.5, 1.0),
+}
+
+
+class StageWriter(ProgressWriter):
+    """The job's writer seen from one stage: progress mapped into the stage's span, artifacts hooked."""
+
+    def __init__(
+        self,
+        inner: ProgressWriter,
+        span: tuple[float, float],
+        on_artifact: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__(inner._stream)
+        self._inner = inner
+        self._span = span
+        self._on_artifact = on_artifact
+
+    def _emit(self, payload: dict[str, Any]) -> None:
+        if payload["type"] == "progress":
+            start, end = self._span
+            payload = {**payload, "progress": start + (end - start) * float(payload["progress"])}
+        elif payload["type"] == "artifact" and self._on_artifact is not None:
+            self._on_artifact(payload)  # before the line: the runner packs the folder as soon as it reads it
+        self._inner._emit(payload)
+
+
+@dataclass
+class RLHFResult:
+    stages_run: list[str]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # stage -> local folder of its main artifact
+
+
+def _stage_hyperparameters(spec: TrainingSpec) -> dict[str, dict[str, Any]]:
+    raw = spec.hyperparameters
+    unknown = sorted(set(raw) - set(STAGES))
+    if unknown:
+        raise TrainingError(
+            INVALID_HYPERPARAMETERS, f"rlhf hyperparameters are keyed by stage; unknown: {unknown}"
+        )
+    resolved: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        try:
+            resolved[stage] = HYPERPARAMETER_MODELS[stage].model_validate(raw.get(stage) or {}).model_dump()
+        except ValidationError as exc:
+            raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid {stage} hyperparameters: {exc}") from None
+    return resolved
+
+
+def _stage_spec(
+    spec: TrainingSpec, stage: str, hyperparameters: dict[str, Any], **inputs: Any
+) -> TrainingSpec:
+    role = DATASET_ROLE[stage]
+    resume = spec.resume_from if spec.resume_from and spec.resume_from.stage == stage else None
+    update: dict[str, Any] = {
+        "method": stage,
+        "datasets": {role: spec.datasets[role]},
+        "hyperparameters": hyperparameters,
+        "output_dir": str(Path(spec.output_dir) / stage),
+        "resume_from": resume,
+        "stage_artifacts": {},
+        "init_adapter": None,
+        "reward_model": None,
+        **inputs,
+    }
+    return spec.model_copy(update=update)
+
+
+def _pipeline_card_section(spec: TrainingSpec, stage: str, hyperparameters: Mapping[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {s} | {DATASET_ROLE[s]} | {spec.datasets[DATASET_ROLE[s]].name} | `{spec.datasets[DATASET_ROLE[s]].id}` "
+        f"| `{spec.datasets[DATASET_ROLE[s]].sha256}` |"
+        for s in STAGES
+    )
+    floor = hyperparameters["reward_model"]["min_eval_accuracy"]
+    return f"""
+## rlhf pipeline
+
+Stage `{stage}` ({STAGES.index(stage) + 1} of {len(STAGES)}) of the rlhf job `{spec.job_id}`: SFT -> reward model
+-> PPO on base `{spec.base_model.name}`. PPO starts from the SFT adapter, uses this job's reward model, and
+ran only because the reward model's held-out accuracy met the floor `min_eval_accuracy` = {floor}.
+
+| stage | role | dataset | id | sha256 |
+|---|---|---|---|---|
+{rows}
+"""
+
+
+def train_rlhf(ctx: RunContext) -> RLHFResult:
+    # Imported here: each pulls in torch and transformers, and a bad spec should fail before that.
+    from workers.training.__main__ import seed_everything
+    from workers.training.ppo import train_ppo
+    from workers.training.reward import train_reward_model
+    from workers.training.sft import train_sft
+
+    spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
+    hyperparameters = _stage_hyperparameters(spec)
+    missing = [DATASET_ROLE[s] for s in STAGES if DATASET_ROLE[s] not in spec.datasets]
+    if missing:
+        raise TrainingError(INVALID_SPEC, f"method rlhf needs datasets with roles {missing}")
+    reward_hp = hyperparameters["reward_model"]
+    floor = float(reward_hp["min_eval_accuracy"])
+    if floor > 0 and reward_hp["eval_fraction"] == 0:
+        raise TrainingError(
+            INVALID_HYPERPARAMETERS,
+            f"reward_model.min_eval_accuracy={floor} needs held-out pairs to judge the reward model, but "
+            "reward_model.eval_fraction is 0: set eval_fraction > 0, or min_eval_accuracy 0 to skip the gate",
+        )
+
+    start = 0
+    if spec.resume_from is not None:
+        if spec.resume_from.stage not in STAGES:
+            raise TrainingError(INVALID_SPEC, f"resume_from names unknown stage {spec.resume_from.stage!r}")
+        start = STAGES.index(spec.resume_from.stage) + (1 if spec.resume_from.stage_complete else 0)
+    for stage in STAGES[:start]:
+        if stage not in spec.stage_artifacts:
+            raise TrainingError(
+                INVALID_SPEC, f"resuming after stage {stage} needs its output in stage_artifacts"
+            )
+
+    def writer(stage: str) -> StageWriter:
+        section = _pipeline_card_section(spec, stage, hyperparameters)
+
+        def annotate(payload: dict[str, Any]) -> None:
+            readme = Path(str(payload["path"])) / "README.md"
+            if readme.is_file():
+                readme.write_text(readme.read_text(encoding="utf-8") + section, encoding="utf-8")
+
+        return StageWriter(progress, PROGRESS_SPANS[stage], on_artifact=annotate)
+
+    result = RLHFResult(stages_run=[])
+    sft_adapter: AdapterRef | None = spec.stage_artifacts.get("sft")
+    reward_model: AdapterRef | None = spec.stage_artifacts.get("reward_model")
+    progress.event(
+        "rlhf pipeline: sft -> reward_model -> ppo"
+        + (f", resuming at {STAGES[start] if start < len(STAGES) else 'the end'}" if start else "")
+        + f"; quality gate: held-out reward accuracy >= {floor}",
+        stage=STAGES[min(start, len(STAGES) - 1)],
+    )
+
+    if start <= 0:
+        # Every stage starts from the same seeded RNG whether or not earlier stages ran in this process, so a
+        # resumed attempt that skips them trains exactly as the uninterrupted run did.
+        seed_everything(spec.seed)
+        stage_spec = _stage_spec(spec, "sft", hyperparameters["sft"], init_adapter=spec.init_adapter)
+        sft = train_sft(RunContext(spec=stage_spec, progress=writer("sft"), cancel=cancel))
+        sft_adapter = AdapterRef(id=f"{spec.job_id}/sft", path=str(sft.adapter_dir))
+        result.stages_run.append("sft")
+        result.metrics["sft"] = dict(sft.metrics)
+        steps = sft.steps
+        del sft  # the SFT model: the reward stage loads its own base
+        gc.collect()
+        checkpoint.mark_stage_complete(ctx, stage="sft", step=steps)
+
+    if start <= 1:
+        seed_everything(spec.seed)
+        stage_spec = _stage_spec(spec, "reward_model", reward_hp)
+        rm = train_reward_model(RunContext(spec=stage_spec, progress=writer("reward_model"), cancel=cancel))
+        reward_model = AdapterRef(id=f"{spec.job_id}/reward_model", path=str(rm.reward_model_dir))
+        result.stages_run.append("reward_model")
+        result.metrics["reward_model"] = dict(rm.metrics)
+        steps = rm.steps
+        accuracy = rm.metrics.get("eval_accuracy")
+        n_eval = int(rm.metrics.get("eval_pairs", 0))
+        del rm
+        gc.collect()
+        if accuracy is None:  # unreachable after the check above, unless the held-out split came out empty
+            if floor > 0:
+                raise TrainingError(
+                    REWARD_MODEL_TOO_WEAK, "the reward model has no held-out pairs to check against the gate"
+                )
+        elif accuracy < floor:
+            raise TrainingError(
+                REWARD_MODEL_TOO_WEAK,
+                f"reward model held-out accuracy {accuracy:.3f} (on {n_eval} pairs) is below the floor "
+                f"min_eval_accuracy={floor:g}; PPO against it would optimise noise. Stopped before PPO: improve "
+                "the preference data (more pairs, consistent labels) or lower reward_model.min_eval_accuracy",
+            )
+        else:
+            progress.event(
+                f"quality gate passed: held-out accuracy {accuracy:.3f} on {n_eval} pairs >= {floor:g}",
+                stage="reward_model",
+            )
+        checkpoint.mark_stage_complete(ctx, stage="reward_model", step=steps)
+
+    if start <= 2:
+        assert sft_adapter is not None and reward_model is not None
+        seed_everything(spec.seed)
+        stage_spec = _stage_spec(
+            spec, "ppo", hyperparameters["ppo"], init_adapter=sft_adapter, reward_model=reward_model
+        )
+        ppo = train_ppo(RunContext(spec=stage_spec, progress=writer("ppo"), cancel=cancel))
+        result.stages_run.append("ppo")
+        result.metrics["ppo"] = dict(ppo.metrics)
+        result.outputs["ppo"] = str(ppo.adapter_dir)
+        updates = ppo.updates
+        del ppo
+        gc.collect()
+        checkpoint.mark_stage_complete(ctx, stage="ppo", step=updates)
+    else:
+        progress.event("every stage was already complete; nothing left to run", stage="ppo")
+
+    if sft_adapter is not None:
+        result.outputs["sft"] = sft_adapter.path
+    if reward_model is not None:
+        result.outputs["reward_model"] = reward_model.path
+    return result
+
+
+def run(ctx: RunContext) -> None:
+    train_rlhf(ctx)
