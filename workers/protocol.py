@@ -15,6 +15,8 @@ points ``sys.stdout`` at stderr at start, so library prints cannot corrupt the s
   checkpoint folder, already renamed into place; the runner stores it as a ``checkpoint`` artifact and may
   delete the folder at once. ``stage_complete``: the stage's artifacts were all announced before this line,
   so a resume skips the stage; see workers/training/checkpoint.py for the folder's contents)
+- ``{"type": "dataset", "stage": str, "kind": "candidates", "path": str, "name": str, "metadata": {...}}``  (a
+  JSONL file the runner checks with the dataset rules of ``kind`` and stores as a new dataset made by the job)
 - ``{"type": "error", "code": str, "message": str}``  (then the child exits non-zero)
 
 Exit status 0 means every artifact line has been written; anything else is a failure.
@@ -50,6 +52,12 @@ class DatasetRef(_Spec):
     sha256: str
     num_records: int
     path: str = Field(description="Local JSONL file, already validated at upload.")
+    source_kind: str | None = Field(
+        None,
+        description="Set when the runner converted the dataset for this role: 'ranking' means the file holds "
+        "the ranking's (better, worse) pairs as preference lines, each with a 'group' (its source line) that "
+        "keeps one prompt's pairs in one batch (service/core/ranking.py).",
+    )
 
 
 class AdapterRef(_Spec):
@@ -75,6 +83,9 @@ class TrainingSpec(_Spec):
     datasets: dict[str, DatasetRef] = Field(description="Keyed by role, which is also the dataset kind.")
     init_adapter: AdapterRef | None = None
     reward_model: AdapterRef | None = None
+    init_reward_model: AdapterRef | None = Field(
+        None, description="A reward model to continue training (reward_model and rlhf; a new feedback round)."
+    )
     lora: dict[str, Any] = Field(description="Resolved service.core.jobs.LoraSettings.")
     hyperparameters: dict[str, Any] = Field(description="Resolved hyperparameters of the method.")
     seed: int
@@ -130,6 +141,20 @@ class ProgressWriter:
                 "step": int(step),
                 "path": path,
                 "stage_complete": bool(stage_complete),
+            }
+        )
+
+    def dataset(
+        self, path: str, *, stage: str, kind: str, name: str, metadata: dict[str, Any] | None = None
+    ) -> None:
+        self._emit(
+            {
+                "type": "dataset",
+                "stage": stage,
+                "kind": kind,
+                "path": path,
+                "name": name,
+                "metadata": metadata or {},
             }
         )
 

@@ -31,10 +31,13 @@ from typing import Any
 
 from sqlalchemy import delete, update
 from sqlalchemy.engine import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
+from service.core import ranking
+from service.core.errors import AlignError
 from service.core.ids import new_id, now
 from service.core.jobs import RLHF_STAGES, JobStatus, Method
+from service.db.datasets import add_dataset_file
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
 from service.settings import Settings
@@ -299,16 +302,20 @@ class JobRunner:
                 row = session.exec(select(DatasetRow).where(DatasetRow.id == dataset_id)).first()
                 if row is None:
                     raise InputMissing(f"dataset {dataset_id} no longer exists")
+                path = self._materialise_dataset(row)
+                if role == "preference" and row.kind == "ranking":
+                    datasets[role] = self._expanded_ranking(row, path)
+                    continue
                 datasets[role] = DatasetRef(
                     id=row.id,
                     name=row.name,
                     kind=row.kind,
                     sha256=row.sha256,
                     num_records=row.num_records,
-                    path=str(self._materialise_dataset(row)),
+                    path=str(path),
                 )
             adapters: dict[str, AdapterRef | None] = {}
-            for field in ("init_adapter", "reward_model"):
+            for field in ("init_adapter", "reward_model", "init_reward_model"):
                 artifact_id = getattr(job, field)
                 if artifact_id is None:
                     adapters[field] = None
@@ -351,6 +358,7 @@ class JobRunner:
             base_model=model_ref,
             datasets=datasets,
             init_adapter=adapters["init_adapter"],
+            init_reward_model=adapters["init_reward_model"],
             reward_model=adapters["reward_model"],
             lora=job.lora,
             hyperparameters=job.hyperparameters,
@@ -664,6 +672,8 @@ class JobRunner:
             ):
                 _signal_group(child, signal.SIGKILL)
         returncode = child.wait()
+        # An abort raised while handling the last lines (a rejected generated dataset) lands after EOF.
+        abort_error = abort_error or self._aborts.get(lease.job_id)
         if abort_error is not None:
             self._aborts.pop(lease.job_id, None)
             self.finish(lease, JobStatus.failed, error=abort_error)
@@ -744,10 +754,74 @@ class JobRunner:
             self._store_artifact(lease, message)
         elif kind == "checkpoint":
             self._store_checkpoint(lease, message)
+        elif kind == "dataset":
+            self._store_dataset(lease, message)
         elif kind == "error":
             self.add_event(
                 lease, f"{message.get('code')}: {message.get('message')}", level="error", stage=stage
             )
+
+    # --- datasets in and out (feedback rounds)
+
+    def _expanded_ranking(self, row: DatasetRow, path: Path) -> DatasetRef:
+        """A ``ranking`` dataset in the ``preference`` role, as the (better, worse) pairs the trainers read.
+
+        Expanded once per dataset into the input cache (inputs are immutable); each pair keeps its source line
+        as ``group`` so the reward trainer can keep one prompt's pairs in one batch.
+        """
+        folder = self._cache_dir("datasets", row.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        pairs = folder / "pairs.jsonl"
+        if not pairs.exists():  # expand_file renames into place: an existing file is complete
+            ranking.expand_file(path, pairs)
+        digest = hashlib.sha256()
+        count = 0
+        with open(pairs, "rb") as handle:
+            for line in handle:
+                digest.update(line)
+                count += 1
+        return DatasetRef(
+            id=row.id,
+            name=row.name,
+            kind="preference",
+            sha256=digest.hexdigest(),
+            num_records=count,
+            path=str(pairs),
+            source_kind="ranking",
+        )
+
+    def _store_dataset(self, lease: Lease, message: dict[str, Any]) -> None:
+        """A dataset the child wrote (``generate``'s candidates): checked with the upload rules, then stored."""
+        kind = str(message.get("kind"))
+        try:
+            with session_scope(self.engine) as session:
+                job = self._fenced(session, lease)
+                tenant, job_round, stage = job.tenant, job.round, message.get("stage") or job.stage
+            with Session(self.engine, expire_on_commit=False) as session:
+                row = add_dataset_file(
+                    session,
+                    self.store,
+                    Path(str(message["path"])),
+                    tenant=tenant,
+                    kind=kind,
+                    name=str(message.get("name") or f"{kind} from {lease.job_id}"),
+                    max_bytes=self.settings.max_dataset_bytes,
+                    job_id=lease.job_id,
+                    round=job_round,
+                )
+        except (AlignError, OSError, KeyError) as exc:
+            text = exc.message if isinstance(exc, AlignError) else str(exc)
+            details = getattr(exc, "details", [])[:3]
+            self._aborts[lease.job_id] = (
+                "invalid_output",
+                f"The generated {kind} dataset was refused: {text} {details}",
+            )
+            return
+        self.add_event(
+            lease,
+            f"Stored {kind} dataset {row.id} ({row.num_records} records, {row.size_bytes} bytes).",
+            stage=stage,
+        )
 
     def _store_artifact(self, lease: Lease, message: dict[str, Any]) -> None:
         folder = Path(str(message["path"]))

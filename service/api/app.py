@@ -18,9 +18,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from service import __version__
+from service.api import label_page
 from service.api.deps import AppContext
 from service.api.errors import install_error_handlers
-from service.api.routes import artifacts, datasets, health, jobs, models
+from service.api.routes import artifacts, datasets, feedback_sets, health, jobs, models
 from service.api.uploads import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodySizeLimit
 from service.core.errors import ServiceUnavailableError
 from service.core.jobs import Method
@@ -151,7 +152,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (health.router, models.router, datasets.router, jobs.router, artifacts.router):
+    for router in (
+        health.router,
+        models.router,
+        datasets.router,
+        jobs.router,
+        artifacts.router,
+        feedback_sets.router,
+        label_page.router,
+    ):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)

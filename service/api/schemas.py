@@ -55,10 +55,25 @@ class DatasetPublic(BaseModel):
     sha256: str
     status: str
     created_at: int
+    job: str | None = Field(None, description="The job that generated it (a generate job's candidates).")
+    feedback_set: str | None = Field(None, description="The feedback set it was exported from.")
+    round: int | None = Field(None, description="Feedback round it belongs to, if any.")
 
     @classmethod
     def of(cls, row: DatasetRow) -> DatasetPublic:
-        return cls.model_validate(row, from_attributes=True)
+        return cls(
+            id=row.id,
+            name=row.name,
+            kind=row.kind,
+            num_records=row.num_records,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            status=row.status,
+            created_at=row.created_at,
+            job=row.job_id,
+            feedback_set=row.feedback_set_id,
+            round=row.round,
+        )
 
 
 class LoraCreate(BaseModel):
@@ -74,7 +89,10 @@ class JobDatasets(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sft: str | None = Field(None, description="Dataset id of kind 'sft' (demonstrations).")
-    preference: str | None = Field(None, description="Dataset id of kind 'preference' (chosen/rejected).")
+    preference: str | None = Field(
+        None,
+        description="Dataset id of kind 'preference' (chosen/rejected) or 'ranking' (expanded to pairs).",
+    )
     prompts: str | None = Field(None, description="Dataset id of kind 'prompts' (for PPO rollouts).")
 
 
@@ -86,6 +104,11 @@ class JobCreate(BaseModel):
     datasets: JobDatasets = Field(default_factory=JobDatasets)
     init_adapter: str | None = Field(None, description="Adapter artifact id to continue from (art_...).")
     reward_model: str | None = Field(None, description="reward_model artifact id, for ppo (art_...).")
+    init_reward_model: str | None = Field(
+        None,
+        description="reward_model artifact id to continue training (reward_model and rlhf; art_...).",
+    )
+    round: int | None = Field(None, ge=0, le=1_000_000, description="Feedback round this job belongs to.")
     lora: LoraCreate | None = None
     hyperparameters: dict[str, Any] | None = Field(
         None,
@@ -113,6 +136,8 @@ class JobPublic(BaseModel):
     datasets: dict[str, str]
     init_adapter: str | None
     reward_model: str | None
+    init_reward_model: str | None = None
+    round: int | None = None
     hyperparameters: dict[str, Any]
     lora: dict[str, Any]
     seed: int
@@ -135,6 +160,8 @@ class JobPublic(BaseModel):
             datasets=dict(row.datasets),
             init_adapter=row.init_adapter,
             reward_model=row.reward_model,
+            init_reward_model=row.init_reward_model,
+            round=row.round,
             hyperparameters=row.hyperparameters,
             lora=row.lora,
             seed=row.seed,

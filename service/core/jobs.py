@@ -56,7 +56,7 @@ def can_transition(current: JobStatus, new: JobStatus) -> bool:
 
 # Methods whose training code exists; the others are accepted by the schema and refused with 422.
 AVAILABLE_METHODS: frozenset[Method] = frozenset(
-    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.rlhf}
+    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.rlhf, Method.generate}
 )
 
 # Which dataset kinds each method needs (role name == dataset kind).
@@ -249,9 +249,7 @@ class GenerateHyperparameters(_Strict):
         1.0, gt=0, le=10, description="Sampling temperature; lower gives safer, more similar answers."
     )
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
-    seed: int | None = Field(
-        None, ge=0, le=2**31 - 1, description="Sampling seed (default: the job's seed)."
-    )
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Sampling seed (default: the job's seed).")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts sampled together (each K times).")
     max_length: int = Field(
         512, ge=8, le=131072, description="Token budget for the prompt; longer prompts keep their end."

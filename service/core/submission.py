@@ -30,6 +30,13 @@ class ResourceInfo:
 
 Lookup = Callable[[str, str], ResourceInfo | None]  # (resource type, id) -> info, None if not the tenant's
 
+# Dataset kinds each role accepts besides its own: a ranking expands to all its (better, worse) pairs, so it
+# serves wherever preference pairs do (the runner expands it; see service/core/ranking.py).
+ROLE_KINDS: dict[str, frozenset[str]] = {"preference": frozenset({"preference", "ranking"})}
+
+# Methods that train a reward model, and so may continue one (``init_reward_model``).
+REWARD_MODEL_METHODS = frozenset({Method.reward_model, Method.rlhf})
+
 
 @dataclass(frozen=True)
 class ResolvedJob:
@@ -41,6 +48,7 @@ class ResolvedJob:
     lora: dict[str, Any]
     hyperparameters: dict[str, Any]
     seed: int
+    init_reward_model: str | None = None
 
 
 def resolve_job(
@@ -54,6 +62,7 @@ def resolve_job(
     hyperparameters: dict[str, Any] | None,
     seed: int | None,
     lookup: Lookup,
+    init_reward_model: str | None = None,
 ) -> ResolvedJob:
     if method not in AVAILABLE_METHODS:
         available = ", ".join(sorted(m.value for m in AVAILABLE_METHODS))
@@ -98,18 +107,20 @@ def resolve_job(
                     "message": f"no dataset '{dataset_id}'",
                 }
             )
-        elif info.kind != role:
+        elif info.kind not in ROLE_KINDS.get(role, frozenset({role})):
+            expected = " or ".join(f"'{k}'" for k in sorted(ROLE_KINDS.get(role, {role})))
             problems.append(
                 {
                     "field": f"datasets.{role}",
                     "code": "wrong_dataset_kind",
-                    "message": f"dataset '{dataset_id}' is of kind '{info.kind}', expected '{role}'",
+                    "message": f"dataset '{dataset_id}' is of kind '{info.kind}', expected {expected}",
                 }
             )
 
     for field, artifact_id, expected_kind in (
         ("init_adapter", init_adapter, "adapter"),
         ("reward_model", reward_model, "reward_model"),
+        ("init_reward_model", init_reward_model, "reward_model"),
     ):
         if artifact_id is None:
             continue
@@ -126,6 +137,14 @@ def resolve_job(
                     "message": f"artifact '{artifact_id}' is a '{info.kind}', expected '{expected_kind}'",
                 }
             )
+    if init_reward_model is not None and method not in REWARD_MODEL_METHODS:
+        problems.append(
+            {
+                "field": "init_reward_model",
+                "code": "unexpected_field",
+                "message": f"method '{method.value}' trains no reward model to continue",
+            }
+        )
     if method is Method.ppo and reward_model is None:
         problems.append(
             {"field": "reward_model", "code": "missing_reward_model", "message": "ppo needs a reward_model"}
@@ -155,4 +174,5 @@ def resolve_job(
         lora=resolved_lora,
         hyperparameters=resolved_hparams,
         seed=seed if seed is not None else secrets.randbelow(2**31),
+        init_reward_model=init_reward_model,
     )

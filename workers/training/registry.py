@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "ppo": "workers.training.ppo:run",
     "reward_model": "workers.training.reward:run",
     "dpo": "workers.training.dpo:run",
+    "generate": "workers.training.generate:run",
     "rlhf": "workers.training.pipeline:run",
 }
 

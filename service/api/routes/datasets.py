@@ -39,8 +39,11 @@ def create_dataset(
     store: StoreDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="JSONL, UTF-8, one record per line.")],
-    kind: Annotated[DatasetKind, Form(description="sft | preference | prompts")],
+    kind: Annotated[DatasetKind, Form(description="sft | preference | prompts | ranking | candidates")],
     name: Annotated[str | None, Form(max_length=256)] = None,
+    round: Annotated[
+        int | None, Form(ge=0, le=1_000_000, description="Feedback round this dataset belongs to.")
+    ] = None,
 ) -> DatasetPublic:
     tmp_root = ctx.settings.data_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -61,6 +64,7 @@ def create_dataset(
             size_bytes=report.size_bytes,
             sha256=report.sha256,
             created_at=now(),
+            round=round,
         )
         session.add(row)
         try:
@@ -85,10 +89,18 @@ def list_datasets(
     tenant: TenantDep,
     page: PageDep,
     kind: Annotated[DatasetKind | None, Query(description="Only datasets of this kind.")] = None,
+    round: Annotated[
+        int | None, Query(ge=0, le=1_000_000, description="Only datasets of this feedback round.")
+    ] = None,
+    job: Annotated[str | None, Query(description="Only datasets this job generated.")] = None,
 ) -> ListResponse[DatasetPublic]:
     statement = select(DatasetRow).where(DatasetRow.tenant == tenant)
     if kind is not None:
         statement = statement.where(DatasetRow.kind == kind.value)
+    if round is not None:
+        statement = statement.where(DatasetRow.round == round)
+    if job is not None:
+        statement = statement.where(DatasetRow.job_id == job)
     rows, has_more = paginate(session, statement, DatasetRow, page, tenant)
     return ListResponse(data=[DatasetPublic.of(row) for row in rows], has_more=has_more)
 

@@ -91,6 +91,7 @@ def create_job(
         hyperparameters=body.hyperparameters,
         seed=body.seed,
         lookup=lookup,
+        init_reward_model=body.init_reward_model,
     )
     job = JobRow(
         id=new_id("job"),
@@ -102,6 +103,8 @@ def create_job(
         datasets=resolved.datasets,
         init_adapter=resolved.init_adapter,
         reward_model=resolved.reward_model,
+        init_reward_model=resolved.init_reward_model,
+        round=body.round,
         hyperparameters=resolved.hyperparameters,
         lora=resolved.lora,
         seed=resolved.seed,
@@ -134,10 +137,15 @@ def list_jobs(
     tenant: TenantDep,
     page: PageDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    round: Annotated[
+        int | None, Query(ge=0, le=1_000_000, description="Only jobs of this feedback round.")
+    ] = None,
 ) -> ListResponse[JobPublic]:
     statement = select(JobRow).where(JobRow.tenant == tenant)
     if status is not None:
         statement = statement.where(JobRow.status == status.value)
+    if round is not None:
+        statement = statement.where(JobRow.round == round)
     rows, has_more = paginate(session, statement, JobRow, page, tenant)
     return ListResponse(data=[JobPublic.of(row) for row in rows], has_more=has_more)
 
