@@ -454,7 +454,9 @@ def production_env(
         "ALIGND_S3_ENDPOINT_URL": s3_endpoint,
         "ALIGND_S3_PRESIGN": "true",
         "ALIGND_API_KEYS": ",".join(f"{tenant}:{key}" for tenant, key in API_KEYS.items()),
-        "ALIGND_LEASE_SECONDS": "3",
+        # Short enough for the SIGKILL test, long enough for a loaded 2-core box: the runner heartbeats from
+        # its relay loop, which blocks while it uploads an artifact or checkpoint.
+        "ALIGND_LEASE_SECONDS": "8",
         "ALIGND_HEARTBEAT_SECONDS": "0.5",
         "ALIGND_RECONCILE_INTERVAL_SECONDS": "0.5",
         "ALIGND_DB_RETRY_SECONDS": "0.5",
