@@ -203,7 +203,6 @@ class JobRunner:
             )
 
     def finish(self, lease: Lease, status: JobStatus, *, error: tuple[str, str] | None = None) -> None:
-        stale_keys: list[str] = []
         with session_scope(self.engine) as session:
             job = self._fenced(session, lease)
             job.status = status
@@ -212,9 +211,6 @@ class JobRunner:
             job.lease_expires_at = None
             if status is JobStatus.succeeded:
                 job.progress = 1.0
-                # Nothing resumes a succeeded job: its checkpoints go in the same transaction, so no reader
-                # ever sees the job succeeded with them still listed. (Failed/cancelled jobs keep theirs.)
-                stale_keys = self._delete_checkpoint_rows(session, lease.job_id)
             if error is not None:
                 job.error_code, job.error_message = error
             session.add(job)
@@ -228,9 +224,6 @@ class JobRunner:
             session.add(
                 JobEventRow(job_id=lease.job_id, created_at=now(), level=level, stage=job.stage, message=text)
             )
-        if status is JobStatus.succeeded:
-            self._delete_objects(stale_keys)
-            shutil.rmtree(self._checkpoint_dir(lease.job_id), ignore_errors=True)
 
     def release(self, lease: Lease, reason: str) -> None:
         """Give a running job back to the queue (worker shutting down): it will run again, resuming."""
@@ -440,7 +433,7 @@ class JobRunner:
             try:
                 self._extract_artifact(plan.checkpoint, folder)
                 json.loads((folder / CHECKPOINT_META_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError, tarfile.TarError) as exc:
+            except Exception as exc:  # missing object, corrupt archive, storage hiccup: try an older one
                 log.warning(
                     "checkpoint %s of %s unusable (%s); trying an older one", plan.checkpoint.id, job.id, exc
                 )
@@ -528,6 +521,18 @@ class JobRunner:
             for row in stale:
                 session.delete(row)
         self._delete_objects(keys)
+
+    def drop_checkpoints(self, lease: Lease) -> None:
+        """Delete every checkpoint of a job about to succeed (nothing resumes it), rows then objects.
+
+        Before the job is marked succeeded, so no reader sees a succeeded job still listing checkpoints or
+        holding their objects. (Failed and cancelled jobs keep theirs.)
+        """
+        with session_scope(self.engine) as session:
+            self._fenced(session, lease)
+            keys = self._delete_checkpoint_rows(session, lease.job_id)
+        self._delete_objects(keys)
+        shutil.rmtree(self._checkpoint_dir(lease.job_id), ignore_errors=True)
 
     @staticmethod
     def _delete_checkpoint_rows(session: Any, job_id: str) -> list[str]:
@@ -685,6 +690,7 @@ class JobRunner:
             self.release(lease, "Worker shutting down; the job will run again.")
             return JobStatus.queued
         if returncode == 0:
+            self.drop_checkpoints(lease)
             self.finish(lease, JobStatus.succeeded)
             return JobStatus.succeeded
         if error is None and returncode < 0:

@@ -76,7 +76,7 @@ def test_save_restore_round_trip_restores_weights_optimizer_scheduler_and_rngs(t
         train_step()
     recorder = Recorder()
     ctx = RunContext(spec=_spec(tmp_path), progress=recorder)
-    rngs = {"sampling": generator, "order": order}
+    rngs: dict[str, checkpoint.ExtraRng] = {"sampling": generator, "order": order}
     saver = checkpoint.Checkpointer(
         ctx,
         stage="sft",
@@ -116,9 +116,11 @@ def test_save_restore_round_trip_restores_weights_optimizer_scheduler_and_rngs(t
     torch.manual_seed(123)
     random.seed(1)
     numpy.random.seed(1)
-    model2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
-    model2[0].weight.requires_grad_(False)
-    model2[0].weight.data.copy_(model[0].weight)  # the frozen base is loaded from the model folder
+    first, first2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    model2 = torch.nn.Sequential(first, first2)
+    first.weight.requires_grad_(False)
+    with torch.no_grad():  # the frozen base is loaded from the model folder
+        first.weight.copy_(model.state_dict()["0.weight"])
     optimizer2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2)
     scheduler2 = torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 1.0 / (1 + s))
     generator2, order2 = torch.Generator().manual_seed(0), random.Random(0)
