@@ -35,7 +35,20 @@ from alignd._errors import (
 )
 from alignd._version import __version__
 from alignd.pagination import AsyncPage, AsyncPaginator, SyncPage
-from alignd.types import Artifact, Dataset, Job, JobError, JobEvent, Metric, MetricList, Model
+from alignd.types import (
+    Artifact,
+    Dataset,
+    FeedbackItem,
+    FeedbackLabel,
+    FeedbackRatings,
+    FeedbackSet,
+    Job,
+    JobError,
+    JobEvent,
+    Metric,
+    MetricList,
+    Model,
+)
 
 __all__ = [
     "APIConnectionError",
@@ -52,6 +65,10 @@ __all__ = [
     "Client",
     "ConflictError",
     "Dataset",
+    "FeedbackItem",
+    "FeedbackLabel",
+    "FeedbackRatings",
+    "FeedbackSet",
     "IntegrityError",
     "Job",
     "JobError",

@@ -21,6 +21,7 @@ from alignd._errors import APIConnectionError, APITimeoutError, make_status_erro
 from alignd._retry import retry_delay, should_retry_response
 from alignd.resources.artifacts import AsyncArtifacts
 from alignd.resources.datasets import AsyncDatasets
+from alignd.resources.feedback_sets import AsyncFeedbackSets
 from alignd.resources.jobs import AsyncJobs
 from alignd.resources.models import AsyncModels
 
@@ -41,6 +42,7 @@ class AsyncClient(BaseClient):
 
     models: AsyncModels
     datasets: AsyncDatasets
+    feedback_sets: AsyncFeedbackSets
     jobs: AsyncJobs
     artifacts: AsyncArtifacts
 
@@ -65,6 +67,7 @@ class AsyncClient(BaseClient):
         self._http = http_client or httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
         self.models = AsyncModels(self)
         self.datasets = AsyncDatasets(self)
+        self.feedback_sets = AsyncFeedbackSets(self)
         self.jobs = AsyncJobs(self)
         self.artifacts = AsyncArtifacts(self)
 

@@ -21,6 +21,7 @@ from alignd._errors import APIConnectionError, APITimeoutError, make_status_erro
 from alignd._retry import retry_delay, should_retry_response
 from alignd.resources.artifacts import Artifacts
 from alignd.resources.datasets import Datasets
+from alignd.resources.feedback_sets import FeedbackSets
 from alignd.resources.jobs import Jobs
 from alignd.resources.models import Models
 
@@ -41,6 +42,7 @@ class Client(BaseClient):
 
     models: Models
     datasets: Datasets
+    feedback_sets: FeedbackSets
     jobs: Jobs
     artifacts: Artifacts
 
@@ -65,6 +67,7 @@ class Client(BaseClient):
         self._http = http_client or httpx.Client(timeout=self.timeout, follow_redirects=False)
         self.models = Models(self)
         self.datasets = Datasets(self)
+        self.feedback_sets = FeedbackSets(self)
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
 

@@ -39,8 +39,9 @@ EXIT_CONNECTION = 5
 EXIT_JOB_FAILED = 6
 EXIT_INTERRUPTED = 130
 
-DATASET_KINDS = ("sft", "preference", "prompts")
-METHODS = ("sft", "reward_model", "dpo", "ppo", "rlhf")
+DATASET_KINDS = ("sft", "preference", "prompts")  # also the job's dataset roles (--sft, ...)
+UPLOAD_KINDS = (*DATASET_KINDS, "ranking", "candidates")
+METHODS = ("sft", "reward_model", "dpo", "ppo", "rlhf", "generate")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -354,6 +355,12 @@ def cmd_jobs_create(client: Client, args: argparse.Namespace, out: TextIO) -> in
         hyperparameters=_hyperparameters(args),
         seed=args.seed,
         name=args.name,
+        extra_body={
+            k: v
+            for k, v in (("init_reward_model", args.init_reward_model), ("round", args.round))
+            if v is not None
+        }
+        or None,
     )
     if args.wait:
         if not args.json:
@@ -473,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 validation, 4 API error, 5 connection, 6 job failed.",
     )
     parser.add_argument("--version", action="version", version=f"alignd {__version__}")
-    groups = parser.add_subparsers(dest="group", metavar="{models,datasets,jobs,artifacts}", required=True)
+    groups = parser.add_subparsers(
+        dest="group", metavar="{models,datasets,jobs,artifacts,feedback}", required=True
+    )
 
     def leaf(sub: Any, name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(
@@ -495,14 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = leaf(datasets, "upload", cmd_datasets_upload, "validate locally, then upload a JSONL dataset")
     p.add_argument("path")
-    p.add_argument("--kind", required=True, choices=DATASET_KINDS)
+    p.add_argument("--kind", required=True, choices=UPLOAD_KINDS)
     p.add_argument("--name")
     p.add_argument(
         "--no-validate", action="store_true", help="skip the local check (the server checks anyway)"
     )
     p = leaf(datasets, "validate", cmd_datasets_validate, "check a JSONL dataset locally, no server needed")
     p.add_argument("path")
-    p.add_argument("--kind", required=True, choices=DATASET_KINDS)
+    p.add_argument("--kind", required=True, choices=UPLOAD_KINDS)
     _add_list_options(leaf(datasets, "list", cmd_datasets_list, "list datasets"))
     leaf(datasets, "get", cmd_datasets_get, "show a dataset").add_argument("id")
     leaf(datasets, "delete", cmd_datasets_delete, "delete a dataset").add_argument("id")
@@ -516,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", metavar="DATASET_ID", help="prompts dataset")
     p.add_argument("--init-adapter", metavar="ARTIFACT_ID")
     p.add_argument("--reward-model", metavar="ARTIFACT_ID")
+    p.add_argument("--init-reward-model", metavar="ARTIFACT_ID", help="reward model to continue training")
+    p.add_argument("--round", type=int, help="feedback round of this job")
     p.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a hyperparameter (repeatable)")
     p.add_argument("--hyperparameters", metavar="JSON|@FILE", help="all hyperparameters as JSON")
     p.add_argument("--lora", metavar="JSON|@FILE", help="LoRA settings as JSON")
@@ -554,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
         "job", metavar="JOB_ID"
     )
     leaf(artifacts, "get", cmd_artifacts_get, "show an artifact").add_argument("id")
+
+    from alignd._cli_feedback import add_feedback_commands
+
+    add_feedback_commands(groups, leaf)
     return parser
 
 

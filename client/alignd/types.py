@@ -7,14 +7,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "Agreement",
     "Artifact",
     "Dataset",
+    "FeedbackItem",
+    "FeedbackLabel",
+    "FeedbackProgress",
+    "FeedbackRatings",
+    "FeedbackResponse",
+    "FeedbackSet",
+    "ItemRatings",
     "Job",
     "JobError",
     "JobEvent",
     "Metric",
     "MetricList",
     "Model",
+    "ResponseRating",
     "Timestamp",
 ]
 
@@ -50,6 +59,11 @@ class Dataset(AlignObject):
     sha256: str | None = None
     status: str | None = None
     created_at: Timestamp | None = None
+    job: str | None = None
+    """The job that generated it (a ``generate`` job's candidates)."""
+    feedback_set: str | None = None
+    """The feedback set it was exported from."""
+    round: int | None = None
 
 
 class JobError(AlignObject):
@@ -69,6 +83,8 @@ class Job(AlignObject):
     datasets: dict[str, str] = Field(default_factory=dict)
     init_adapter: str | None = None
     reward_model: str | None = None
+    init_reward_model: str | None = None
+    round: int | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     lora: dict[str, Any] | None = None
     seed: int | None = None
@@ -148,3 +164,94 @@ class MetricList(list[Metric]):
         for row in self:
             seen.setdefault(row.name, None)
         return list(seen)
+
+
+# --- feedback sets (human feedback rounds)
+
+
+class FeedbackProgress(AlignObject):
+    items: int = 0
+    items_labelled: int = 0
+    items_complete: int = 0
+    labels: int = 0
+    skips: int = 0
+    annotators: int = 0
+
+
+class FeedbackSet(AlignObject):
+    id: str
+    object: str = "feedback_set"
+    name: str | None = None
+    candidates: str | None = None
+    annotations_per_item: int | None = None
+    num_items: int | None = None
+    round: int | None = None
+    progress: FeedbackProgress | None = None
+    created_at: Timestamp | None = None
+
+
+class FeedbackResponse(AlignObject):
+    id: str
+    text: str
+
+
+class FeedbackItem(AlignObject):
+    """What ``/next`` hands an annotator: the prompt and the responses in this annotator's order."""
+
+    id: str
+    object: str = "feedback_item"
+    feedback_set: str | None = None
+    annotator: str | None = None
+    prompt: str | list[dict[str, Any]] = ""
+    responses: list[FeedbackResponse] = Field(default_factory=list)
+    labelled_by_you: int | None = None
+    remaining: int | None = None
+
+
+class FeedbackLabel(AlignObject):
+    id: str
+    object: str = "feedback_label"
+    feedback_set: str | None = None
+    item: str | None = None
+    annotator: str | None = None
+    kind: str | None = None
+    ranking: list[str] | None = None
+    scores: dict[str, float] | None = None
+    a: str | None = None
+    b: str | None = None
+    winner: str | None = None
+    created_at: Timestamp | None = None
+
+
+class ResponseRating(AlignObject):
+    id: str
+    index: int | None = None
+    elo: float | None = None
+    bradley_terry: float | None = None
+    comparisons: int | None = None
+    wins: float | None = None
+
+
+class ItemRatings(AlignObject):
+    item: str
+    num_labels: int = 0
+    num_comparisons: int = 0
+    agreement: float | None = None
+    kendalls_w: float | None = None
+    order: list[str] = Field(default_factory=list)
+    responses: list[ResponseRating] = Field(default_factory=list)
+
+
+class Agreement(AlignObject):
+    pairwise: float | None = None
+    overlapping_judgements: int | None = None
+    kendalls_w: float | None = None
+    items_with_overlap: int | None = None
+
+
+class FeedbackRatings(AlignObject):
+    object: str = "feedback_set.ratings"
+    feedback_set: str | None = None
+    progress: FeedbackProgress | None = None
+    agreement: Agreement | None = None
+    items: list[ItemRatings] = Field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from alignd.resources.artifacts import Artifacts, AsyncArtifacts
 from alignd.resources.datasets import AsyncDatasets, Datasets
+from alignd.resources.feedback_sets import AsyncFeedbackSets, FeedbackSets
 from alignd.resources.jobs import AsyncJobs, Jobs
 from alignd.resources.models import AsyncModels, Models
 
@@ -9,9 +10,11 @@ __all__ = [
     "Artifacts",
     "AsyncArtifacts",
     "AsyncDatasets",
+    "AsyncFeedbackSets",
     "AsyncJobs",
     "AsyncModels",
     "Datasets",
+    "FeedbackSets",
     "Jobs",
     "Models",
 ]

@@ -14,7 +14,7 @@ from alignd.types import Dataset
 from alignd.validation import ValidationReport, validate_path
 
 UPLOAD_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
-KINDS = ("sft", "preference", "prompts")
+KINDS = ("sft", "preference", "prompts", "ranking", "candidates")
 
 
 def _upload_options(
@@ -48,7 +48,8 @@ class Datasets(SyncResource):
         timeout: float | httpx.Timeout | None = None,
         idempotency_key: str | None = None,
     ) -> Dataset:
-        """Upload a JSONL file as ``kind`` (``sft`` | ``preference`` | ``prompts``), streamed from disk.
+        """Upload a JSONL file as ``kind`` (``sft`` | ``preference`` | ``prompts`` | ``ranking`` | ``candidates``),
+        streamed from disk.
 
         A file with bad lines raises :class:`alignd.ValidationError` (code ``invalid_dataset``) whose
         ``details`` list each bad line as ``{"line", "code", "message"}``.
@@ -61,11 +62,21 @@ class Datasets(SyncResource):
         """Check a file locally with the server's own rules (no network). ``report.ok``, ``report.issues``."""
         return validate_path(path, kind)
 
-    def list(self, *, limit: int | None = None, after: str | None = None) -> SyncPage[Dataset]:
-        response = self._client._get("/v1/datasets", params={"limit": limit, "after": after})
-        data, has_more = self._client._parse_list(response, Dataset)
+    def list(
+        self,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+        round: int | None = None,
+        job: str | None = None,
+    ) -> SyncPage[Dataset]:
+        """Newest first; ``round`` and ``job`` (the job that generated it) filter."""
+        params = {"limit": limit, "after": after, "round": round, "job": job}
+        data, has_more = self._client._parse_list(self._client._get("/v1/datasets", params=params), Dataset)
         return SyncPage(
-            data=data, has_more=has_more, fetch=lambda cursor: self.list(limit=limit, after=cursor)
+            data=data,
+            has_more=has_more,
+            fetch=lambda cursor: self.list(limit=limit, after=cursor, round=round, job=job),
         )
 
     def get(self, dataset_id: str) -> Dataset:

@@ -1,0 +1,228 @@
+"""``/v1/feedback-sets``: put candidates up for labelling, hand items to annotators, label, rate, export."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from alignd._base import path_id
+from alignd.pagination import AsyncPage, AsyncPaginator, SyncPage
+from alignd.resources._resource import AsyncResource, SyncResource
+from alignd.types import Dataset, FeedbackItem, FeedbackLabel, FeedbackRatings, FeedbackSet
+
+
+def _create_body(
+    name: str, candidates: str, annotations_per_item: int | None, round: int | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": name, "candidates": candidates}
+    if annotations_per_item is not None:
+        body["annotations_per_item"] = annotations_per_item
+    if round is not None:
+        body["round"] = round
+    return body
+
+
+def _label_body(
+    item: str,
+    annotator: str,
+    ranking: Sequence[str] | None,
+    scores: Mapping[str, float] | None,
+    a: str | None,
+    b: str | None,
+    winner: str | None,
+    skip: bool,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"item": item, "annotator": annotator}
+    if ranking is not None:
+        body["ranking"] = list(ranking)
+    if scores is not None:
+        body["scores"] = dict(scores)
+    for key, value in (("a", a), ("b", b), ("winner", winner)):
+        if value is not None:
+            body[key] = value
+    if skip:
+        body["skip"] = True
+    return body
+
+
+def _export_body(
+    name: str | None, min_labels: int | None, min_agreement: float | None, round: int | None
+) -> dict[str, Any]:
+    optional = {"name": name, "min_labels": min_labels, "min_agreement": min_agreement, "round": round}
+    return {k: v for k, v in optional.items() if v is not None}
+
+
+def _next_or_none(parse: Any, response: httpx.Response) -> FeedbackItem | None:
+    if response.status_code == 204:
+        return None
+    item: FeedbackItem = parse(response, FeedbackItem)
+    return item
+
+
+class FeedbackSets(SyncResource):
+    def create(
+        self,
+        *,
+        name: str,
+        candidates: str,
+        annotations_per_item: int | None = None,
+        round: int | None = None,
+    ) -> FeedbackSet:
+        """Put a ``candidates`` dataset up for labelling; each item wants ``annotations_per_item`` labels."""
+        body = _create_body(name, candidates, annotations_per_item, round)
+        return self._client._parse(self._client._post("/v1/feedback-sets", json=body), FeedbackSet)
+
+    def list(
+        self,
+        *,
+        round: int | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> SyncPage[FeedbackSet]:
+        params = {"round": round, "limit": limit, "after": after}
+        data, has_more = self._client._parse_list(
+            self._client._get("/v1/feedback-sets", params=params), FeedbackSet
+        )
+        return SyncPage(
+            data=data,
+            has_more=has_more,
+            fetch=lambda cursor: self.list(round=round, limit=limit, after=cursor),
+        )
+
+    def get(self, feedback_set_id: str) -> FeedbackSet:
+        return self._client._parse(
+            self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}"), FeedbackSet
+        )
+
+    retrieve = get
+
+    def delete(self, feedback_set_id: str) -> None:
+        self._client._delete(f"/v1/feedback-sets/{path_id(feedback_set_id)}")
+
+    def next(self, feedback_set_id: str, *, annotator: str) -> FeedbackItem | None:
+        """The next item for ``annotator`` (responses in their shuffled order), or None when nothing is left."""
+        response = self._client._get(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/next", params={"annotator": annotator}
+        )
+        return _next_or_none(self._client._parse, response)
+
+    def label(
+        self,
+        feedback_set_id: str,
+        *,
+        item: str,
+        annotator: str,
+        ranking: Sequence[str] | None = None,
+        scores: Mapping[str, float] | None = None,
+        a: str | None = None,
+        b: str | None = None,
+        winner: str | None = None,
+        skip: bool = False,
+    ) -> FeedbackLabel:
+        """One label: ``ranking`` (response ids, best first), ``scores``, ``a``/``b``/``winner``, or ``skip``."""
+        body = _label_body(item, annotator, ranking, scores, a, b, winner, skip)
+        response = self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/labels", json=body)
+        return self._client._parse(response, FeedbackLabel)
+
+    def ratings(self, feedback_set_id: str) -> FeedbackRatings:
+        response = self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}/ratings")
+        return self._client._parse(response, FeedbackRatings)
+
+    def export(
+        self,
+        feedback_set_id: str,
+        *,
+        name: str | None = None,
+        min_labels: int | None = None,
+        min_agreement: float | None = None,
+        round: int | None = None,
+    ) -> Dataset:
+        """A new ``ranking`` dataset (best response first) of the items that pass the thresholds."""
+        body = _export_body(name, min_labels, min_agreement, round)
+        response = self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body)
+        return self._client._parse(response, Dataset)
+
+
+class AsyncFeedbackSets(AsyncResource):
+    async def create(
+        self,
+        *,
+        name: str,
+        candidates: str,
+        annotations_per_item: int | None = None,
+        round: int | None = None,
+    ) -> FeedbackSet:
+        body = _create_body(name, candidates, annotations_per_item, round)
+        return self._client._parse(await self._client._post("/v1/feedback-sets", json=body), FeedbackSet)
+
+    def list(
+        self,
+        *,
+        round: int | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> AsyncPaginator[FeedbackSet]:
+        async def page(cursor: str | None) -> AsyncPage[FeedbackSet]:
+            params = {"round": round, "limit": limit, "after": cursor}
+            response = await self._client._get("/v1/feedback-sets", params=params)
+            data, has_more = self._client._parse_list(response, FeedbackSet)
+            return AsyncPage(data=data, has_more=has_more, fetch=page)
+
+        async def first() -> AsyncPage[FeedbackSet]:
+            return await page(after)
+
+        return AsyncPaginator(first)
+
+    async def get(self, feedback_set_id: str) -> FeedbackSet:
+        response = await self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}")
+        return self._client._parse(response, FeedbackSet)
+
+    retrieve = get
+
+    async def delete(self, feedback_set_id: str) -> None:
+        await self._client._delete(f"/v1/feedback-sets/{path_id(feedback_set_id)}")
+
+    async def next(self, feedback_set_id: str, *, annotator: str) -> FeedbackItem | None:
+        response = await self._client._get(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/next", params={"annotator": annotator}
+        )
+        return _next_or_none(self._client._parse, response)
+
+    async def label(
+        self,
+        feedback_set_id: str,
+        *,
+        item: str,
+        annotator: str,
+        ranking: Sequence[str] | None = None,
+        scores: Mapping[str, float] | None = None,
+        a: str | None = None,
+        b: str | None = None,
+        winner: str | None = None,
+        skip: bool = False,
+    ) -> FeedbackLabel:
+        body = _label_body(item, annotator, ranking, scores, a, b, winner, skip)
+        response = await self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/labels", json=body)
+        return self._client._parse(response, FeedbackLabel)
+
+    async def ratings(self, feedback_set_id: str) -> FeedbackRatings:
+        response = await self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}/ratings")
+        return self._client._parse(response, FeedbackRatings)
+
+    async def export(
+        self,
+        feedback_set_id: str,
+        *,
+        name: str | None = None,
+        min_labels: int | None = None,
+        min_agreement: float | None = None,
+        round: int | None = None,
+    ) -> Dataset:
+        body = _export_body(name, min_labels, min_agreement, round)
+        response = await self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body)
+        return self._client._parse(response, Dataset)
+
+
+__all__ = ["AsyncFeedbackSets", "FeedbackSets"]
