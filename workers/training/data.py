@@ -277,6 +277,8 @@ class PreferenceRecord:
     prompt: list[Message]
     chosen: str
     rejected: str
+    group: Any = None
+    """Pairs expanded from one ranking share a group (service/core/ranking.py); None for plain pairs."""
 
 
 def _check_messages(value: list[Any], line: int, field: str) -> list[Message]:
@@ -327,7 +329,7 @@ def parse_preference_record(record: Any, line: int) -> PreferenceRecord:
         raise _bad(line, "'prompt' must be a string or a non-empty list of messages")
     chosen = _response_text(record["chosen"], line, "chosen")
     rejected = _response_text(record["rejected"], line, "rejected")
-    return PreferenceRecord(prompt=messages, chosen=chosen, rejected=rejected)
+    return PreferenceRecord(prompt=messages, chosen=chosen, rejected=rejected, group=record.get("group"))
 
 
 def read_preference_records(path: str | Path) -> list[PreferenceRecord]:
@@ -340,6 +342,7 @@ class PreferenceExample:
 
     chosen: SFTExample
     rejected: SFTExample
+    group: Any = None
 
 
 @dataclass
@@ -410,7 +413,7 @@ def tokenize_preference(
         if not chosen.num_trainable or not rejected.num_trainable or chosen.input_ids == rejected.input_ids:
             stats.dropped += 1
             continue
-        examples.append(PreferenceExample(chosen=chosen, rejected=rejected))
+        examples.append(PreferenceExample(chosen=chosen, rejected=rejected, group=record.group))
         stats.tokens += chosen.length + rejected.length
     stats.pairs = len(examples)
     return examples, stats
@@ -436,3 +439,20 @@ def holdout_split(n: int, fraction: float, *, seed: int) -> tuple[list[int], lis
     if fraction > 0 and n >= 2:
         n_eval = min(n - 1, max(1, round(n * fraction)))
     return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def grouped_holdout_split(
+    groups: Sequence[Any], fraction: float, *, seed: int
+) -> tuple[list[int], list[int]]:
+    """:func:`holdout_split` over whole groups: pairs from one ranking are all held out or all trained on, so a
+    held-out pair never shares its prompt and answers with training pairs (that would flatter the accuracy).
+
+    Pairs without a group (None) are groups of their own, so plain preference data splits exactly as
+    :func:`holdout_split` does.
+    """
+    keys: dict[Any, list[int]] = {}
+    for index, group in enumerate(groups):
+        keys.setdefault(("pair", index) if group is None else ("group", group), []).append(index)
+    members = list(keys.values())
+    train, held = holdout_split(len(members), fraction, seed=seed)
+    return sorted(i for k in train for i in members[k]), sorted(i for k in held for i in members[k])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from pydantic import BaseModel, ValidationError
 
+from service.core import ranking
 from service.core.jobs import LoraSettings, OptimizerHyperparameters
 from workers.protocol import DatasetRef
 from workers.training import data, lora
@@ -144,9 +145,17 @@ def optimizer_and_scheduler(
 def epoch_batches(
     pairs: list[data.PreferenceExample], batch_size: int, *, seed: int, epoch: int
 ) -> list[list[int]]:
-    """Length-bucketed batches of pair indices (a pair is as long as its longer side), fresh per epoch."""
+    """Length-bucketed batches of pair indices (a pair is as long as its longer side), fresh per epoch.
+
+    Pairs expanded from a ranking carry a group (their prompt): those batch by group instead, every pair of a
+    prompt in the same batch, as InstructGPT trains on a prompt's C(K,2) comparisons together (a group larger
+    than ``batch_size`` makes a batch of its own).
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if any(p.group is not None for p in pairs):
+        return ranking.group_batches([p.group for p in pairs], batch_size, rng=rng)
     lengths = [max(p.chosen.length, p.rejected.length) for p in pairs]
-    return data.length_bucketed_batches(lengths, batch_size, rng=random.Random(seed * 1_000_003 + epoch))
+    return data.length_bucketed_batches(lengths, batch_size, rng=rng)
 
 
 def iter_chunks(indices: list[int], size: int) -> list[list[int]]:

@@ -129,7 +129,9 @@ def train_reward_model(
 
     prepared = preference.prepare_pairs(ctx, stage=stage, max_length=hp.max_length)
     pairs, pad_token_id = prepared.pairs, prepared.pad_token_id
-    train_idx, eval_idx = data.holdout_split(len(pairs), hp.eval_fraction, seed=spec.seed)
+    # Whole groups: a ranking's pairs of one prompt are held out together (no prompt on both sides).
+    groups = [p.group for p in pairs]
+    train_idx, eval_idx = data.grouped_holdout_split(groups, hp.eval_fraction, seed=spec.seed)
     train_pairs = [pairs[i] for i in train_idx]
     eval_pairs = [pairs[i] for i in eval_idx]
     progress.event(
