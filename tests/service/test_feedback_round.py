@@ -161,6 +161,16 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
         eval_accuracy = [m["value"] for m in reward_metrics if m["name"] == "eval_accuracy"]
         assert eval_accuracy and 0.0 <= eval_accuracy[-1] <= 1.0, events  # held-out pair accuracy, reported
         reward_model = _artifact(client, reward, "reward_model")
+        # the next round continues this reward model rather than starting over
+        again = _job(client, {**reward_body, "init_reward_model": reward_model["id"], "round": ROUND + 1})
+        assert again["init_reward_model"] == reward_model["id"]
+        events = [e["message"] for e in client.get(f"/v1/jobs/{again['id']}/events").json()["data"]]
+        assert any(f"continuing reward model {reward_model['id']}" in e for e in events), events
+        assert_error(
+            client.post("/v1/jobs", json={**ppo_body, "init_reward_model": reward_model["id"]}),
+            422,
+            "unexpected_field",
+        )
 
         # 6. PPO from the previous policy against the new reward model
         ppo_body["reward_model"] = reward_model["id"]

@@ -160,7 +160,17 @@ def train_reward_model(
     # transformers' classifier refuses batches > 1 without a pad id, and a user loading the artifact with
     # plain peft relies on it to find the last token; we read the last token from the attention mask.
     base.config.pad_token_id = pad_token_id
-    model = lora.attach_adapter(base, lora_settings, task_type="SEQ_CLS", modules_to_save=[HEAD])
+    # A new feedback round continues the previous round's reward model (its LoRA and its score head).
+    init_reward = spec.init_reward_model
+    model = lora.attach_adapter(
+        base,
+        lora_settings,
+        task_type="SEQ_CLS",
+        modules_to_save=[HEAD],
+        init_adapter=init_reward.path if init_reward is not None else None,
+    )
+    if init_reward is not None:
+        progress.event(f"continuing reward model {init_reward.id} (LoRA and {HEAD} head)", stage=stage)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = lora.trainable_parameters(model)
