@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ class Lease:
     job_id: str
     token: int
     owner: str
+    # Set by the lease keeper thread (see JobRunner._keep_lease), read by the relay loop.
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    lost: threading.Event = field(default_factory=threading.Event)
 
 
 # A stage's output that later stages consume (and that a resume past the stage hands back in the spec).
@@ -252,11 +255,36 @@ class JobRunner:
         lease = self.acquire(job_id)
         if lease is None:
             return None
+        keeper_stop = threading.Event()
+        keeper = threading.Thread(
+            target=self._keep_lease, args=(lease, keeper_stop), name=f"lease-{job_id}", daemon=True
+        )
+        keeper.start()
         try:
             return self._run_leased(lease, resume=resume)
         except LeaseLost:
             log.warning("lease on %s lost; leaving the job to its new owner", job_id)
             return None
+        finally:
+            keeper_stop.set()
+            keeper.join()
+
+    def _keep_lease(self, lease: Lease, stop: threading.Event) -> None:
+        """Extend the lease every heartbeat from its own thread, for the whole attempt.
+
+        A thread of its own, because the relay loop is not the only long step: downloading a base model,
+        uploading an artifact or a checkpoint can each outlast the lease, and a lease that lapses meanwhile
+        hands a healthy job to another worker.
+        """
+        while not stop.wait(self.heartbeat_seconds):
+            try:
+                if self.heartbeat(lease):
+                    lease.cancel_requested.set()
+            except LeaseLost:
+                lease.lost.set()
+                return
+            except Exception as exc:  # a database blip: the lease has slack, try again next beat
+                log.warning("heartbeat for %s failed: %s", lease.job_id, exc)
 
     def _run_leased(self, lease: Lease, *, resume: bool = True) -> JobStatus | None:
         attempt_dir = self.settings.work_dir / "jobs" / lease.job_id / f"attempt-{lease.token}"
@@ -641,7 +669,6 @@ class JobRunner:
         abort_error: tuple[str, str] | None = None
         cancel_sent_at: float | None = None
         stop_sent = False
-        next_beat = 0.0
         eof = False
         while not eof:
             try:
@@ -656,21 +683,20 @@ class JobRunner:
                     if message["type"] == "error":
                         error = (str(message.get("code", "training_error")), str(message.get("message", "")))
                     self._handle(lease, message)
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + self.heartbeat_seconds
-                cancel = self.heartbeat(lease)
-                if lease.job_id in self._aborts and abort_error is None:
-                    abort_error = self._aborts[lease.job_id]
-                    self.add_event(lease, f"{abort_error[1]} Stopping the training process.", level="error")
-                    _signal_group(child, signal.SIGTERM)
-                    cancel_sent_at = time.monotonic()
-                if cancel and cancel_sent_at is None:
-                    self.add_event(lease, "Cancel requested: stopping the training process.", level="warning")
-                    _signal_group(child, signal.SIGTERM)
-                    cancel_sent_at = time.monotonic()
-                if self._stopping.is_set() and not stop_sent:
-                    _signal_group(child, signal.SIGTERM)
-                    stop_sent = True
+            if lease.lost.is_set():
+                raise LeaseLost(lease.job_id)  # _supervise kills the child on the way out
+            if lease.job_id in self._aborts and abort_error is None:
+                abort_error = self._aborts[lease.job_id]
+                self.add_event(lease, f"{abort_error[1]} Stopping the training process.", level="error")
+                _signal_group(child, signal.SIGTERM)
+                cancel_sent_at = time.monotonic()
+            if lease.cancel_requested.is_set() and cancel_sent_at is None:
+                self.add_event(lease, "Cancel requested: stopping the training process.", level="warning")
+                _signal_group(child, signal.SIGTERM)
+                cancel_sent_at = time.monotonic()
+            if self._stopping.is_set() and not stop_sent:
+                _signal_group(child, signal.SIGTERM)
+                stop_sent = True
             if (
                 cancel_sent_at is not None
                 and time.monotonic() - cancel_sent_at > self.settings.cancel_grace_seconds
