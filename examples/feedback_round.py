@@ -1,0 +1,160 @@
+"""One human-feedback round with the SDK: generate -> feedback set -> (scripted) annotators -> export ->
+reward model -> PPO from the previous policy.
+
+    python examples/feedback_round.py --base-url http://127.0.0.1:8000 --model model_... [--api-key KEY]
+        [--policy art_...] [--reward-model art_...] [--round 1] [--annotate-in-browser]
+
+Needs a running server (``alignd-server serve``) and a base model uploaded to it (SmolLM2-135M-Instruct via
+``examples/prepare_base_model.py``, or any small causal LM; the test suite's tiny random Llama works too).
+``--policy`` is the previous round's policy adapter (e.g. the SFT adapter of round 0): candidates are sampled
+from it and PPO continues it. ``--reward-model`` continues the previous round's reward model.
+
+The annotators here are a script: "a shorter answer that ends in a full stop is better", a simple rule that
+stands in for people so that the round runs unattended. With ``--annotate-in-browser`` the script prints the
+labeling page's URL and waits until people have labelled every item (``GET /label/{feedback_set_id}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import alignd
+
+PROMPTS = [
+    "What is the capital of Italy?",
+    "How many legs does a dog have?",
+    "What colour is a banana?",
+    "Name a planet.",
+    "What do bees make?",
+    "Which animal says moo?",
+]
+SCRIPTED_ANNOTATORS = ("rule-a", "rule-b")
+
+
+def scripted_preference(text: str) -> tuple[int, int]:
+    """Sort key, best first: answers that end a sentence first, then shorter ones."""
+    return (0 if text.rstrip().endswith((".", "!", "?")) else 1, len(text))
+
+
+def annotate(client: alignd.Client, feedback_set_id: str, annotator: str) -> int:
+    """Label every item /next hands this annotator; returns how many."""
+    labelled = 0
+    while (item := client.feedback_sets.next(feedback_set_id, annotator=annotator)) is not None:
+        ranking = [r.id for r in sorted(item.responses, key=lambda r: scripted_preference(r.text))]
+        client.feedback_sets.label(feedback_set_id, item=item.id, annotator=annotator, ranking=ranking)
+        labelled += 1
+    return labelled
+
+
+def wait_for_people(client: alignd.Client, feedback_set_id: str, base_url: str) -> None:
+    print(f"label at {base_url.rstrip('/')}/label/{feedback_set_id}  (waiting until every item is labelled)")
+    while True:
+        progress = client.feedback_sets.get(feedback_set_id).progress
+        if progress is not None and progress.items_complete >= progress.items:
+            return
+        time.sleep(5)
+
+
+def run_job(client: alignd.Client, **body: object) -> alignd.Job:
+    job = client.jobs.create(**body)
+    print(f"{job.method} job {job.id} submitted")
+    return client.jobs.wait(job.id, progress=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--api-key")
+    parser.add_argument("--model", required=True, help="base model id (model_...)")
+    parser.add_argument("--policy", help="previous round's policy adapter (art_...)")
+    parser.add_argument("--reward-model", help="previous round's reward model to continue (art_...)")
+    parser.add_argument("--round", type=int, default=1)
+    parser.add_argument("--num-responses", type=int, default=4)
+    parser.add_argument("--ppo-steps", type=int, default=4)
+    parser.add_argument("--annotate-in-browser", action="store_true")
+    args = parser.parse_args()
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0}
+
+    with (
+        alignd.Client(base_url=args.base_url, api_key=args.api_key) as client,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        prompts_path = Path(tmp) / "prompts.jsonl"
+        prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+        prompts = client.datasets.upload(prompts_path, kind="prompts", name=f"round {args.round} prompts")
+
+        # 1. candidates from the current policy
+        generate = run_job(
+            client,
+            method="generate",
+            base_model=args.model,
+            datasets={"prompts": prompts.id},
+            init_adapter=args.policy,
+            hyperparameters={"num_responses": args.num_responses, "max_new_tokens": 48, "temperature": 1.0},
+            extra_body={"round": args.round},
+            seed=args.round,
+        )
+        candidates = client.datasets.list(job=generate.id).data[0]
+        print(f"candidates: {candidates.id} ({candidates.num_records} prompts)")
+
+        # 2. a feedback set; 3. annotators
+        feedback = client.feedback_sets.create(
+            name=f"round {args.round}", candidates=candidates.id, annotations_per_item=2
+        )
+        if args.annotate_in_browser:
+            wait_for_people(client, feedback.id, args.base_url)
+        else:
+            for annotator in SCRIPTED_ANNOTATORS:
+                print(f"{annotator} labelled {annotate(client, feedback.id, annotator)} items")
+        ratings = client.feedback_sets.ratings(feedback.id)
+        agreement = ratings.agreement.pairwise if ratings.agreement else None
+        print(f"agreement between annotators: {agreement}")
+
+        # 4. export the rated items as a ranking dataset
+        ranking = client.feedback_sets.export(feedback.id, min_labels=2, min_agreement=0.5)
+        print(f"ranking dataset: {ranking.id} ({ranking.num_records} prompts)")
+
+        # 5. the reward model (continuing last round's, if given)
+        reward = run_job(
+            client,
+            method="reward_model",
+            base_model=args.model,
+            datasets={"preference": ranking.id},
+            lora=lora,
+            hyperparameters={"epochs": 4, "batch_size": 12, "learning_rate": 1e-4, "eval_fraction": 0.2},
+            extra_body={
+                "round": args.round,
+                **({"init_reward_model": args.reward_model} if args.reward_model else {}),
+            },
+        )
+        accuracy = client.jobs.metrics(reward.id).latest("eval_accuracy")
+        print(f"reward model held-out pair accuracy: {accuracy.value if accuracy else 'n/a'}")
+        reward_model = next(a for a in client.jobs.artifacts(reward.id) if a.kind == "reward_model")
+
+        # 6. PPO from the previous policy against the new reward model
+        ppo = run_job(
+            client,
+            method="ppo",
+            base_model=args.model,
+            datasets={"prompts": prompts.id},
+            init_adapter=args.policy,
+            reward_model=reward_model.id,
+            lora=lora,
+            hyperparameters={"steps": args.ppo_steps, "batch_size": 4, "max_new_tokens": 48},
+            extra_body={"round": args.round},
+        )
+        policy = next(a for a in client.jobs.artifacts(ppo.id) if a.kind == "adapter")
+        print(
+            f"round {args.round} done: policy {policy.id}, reward model {reward_model.id}\n"
+            f"next round: --round {args.round + 1} --policy {policy.id} --reward-model {reward_model.id}"
+        )
+
+
+if __name__ == "__main__":
+    main()
