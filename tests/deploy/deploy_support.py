@@ -10,6 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "alignd"
 GPU_VALUES = CHART / "ci" / "gpu-production-values.yaml"
+POOLS_VALUES = CHART / "ci" / "worker-pools-values.yaml"
 FETCH_TOOLS = REPO / "helm" / "fetch-tools.sh"
 TOOLS_BIN = REPO / ".tools" / "bin"
 

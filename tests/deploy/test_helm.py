@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.deploy_support import CHART, FETCH_TOOLS, GPU_VALUES, REPO, TOOLS_BIN, Rendered, run_helm
+from tests.deploy.deploy_support import (
+    CHART,
+    FETCH_TOOLS,
+    GPU_VALUES,
+    POOLS_VALUES,
+    REPO,
+    TOOLS_BIN,
+    Rendered,
+    run_helm,
+)
 
 # Sample credentials passed as values: they must never show up in plain text in a rendered manifest.
 SAMPLE_SECRETS = {
@@ -61,7 +70,9 @@ def walk_strings(node):
 # ------------------------------------------------------------------------------------------------ lint / schema
 
 
-@pytest.mark.parametrize("values", [None, GPU_VALUES], ids=["default", "gpu-production"])
+@pytest.mark.parametrize(
+    "values", [None, GPU_VALUES, POOLS_VALUES], ids=["default", "gpu-production", "worker-pools"]
+)
 def test_helm_lint_strict(tools, values):
     args = ["lint", str(CHART), "--strict"] + (["-f", str(values)] if values else [])
     proc = run_helm(tools, *args)
@@ -481,19 +492,265 @@ def test_notes_render_offline(tools, tmp_path):
 # ------------------------------------------------------------------------------------------------ KEDA
 
 
-def test_keda_scales_workers_on_the_arq_queue(gpu_render):
+def _methods() -> list[str]:
+    jobs = pytest.importorskip("service.core.jobs")
+    return [m.value for m in jobs.Method]
+
+
+def _queue(method: str) -> str:
+    arq_queue = pytest.importorskip("service.queue.arq")
+    return arq_queue.queue_name(method)
+
+
+def test_chart_knows_every_method():
+    """The chart's method list (helpers, schema enum) is service.core.jobs.Method, in order."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    m = re.search(r'define "alignd.allMethods" -}}\n(.*)\n', helpers)
+    assert m and m.group(1).split(",") == _methods()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["worker"]["properties"]["methods"]["items"]["enum"] == _methods()
+
+
+def test_keda_scales_workers_on_the_arq_queues_they_serve(gpu_render):
     so = gpu_render.one("ScaledObject")
-    assert so["spec"]["scaleTargetRef"]["name"] == gpu_render.one("Deployment", "worker")["metadata"]["name"]
+    worker = gpu_render.one("Deployment", "worker")
+    assert so["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
     assert so["spec"]["minReplicaCount"] == 0 and so["spec"]["maxReplicaCount"] == 8
-    (trigger,) = so["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    md = trigger["metadata"]
-    assert md["address"] == "redis.internal:6379"
-    assert md["listLength"] == "1"  # jobsPerWorker 0 -> worker.concurrency
-    assert all(isinstance(v, str) for v in md.values())  # KEDA metadata is map[string]string
-    assert trigger["authenticationRef"]["name"] == gpu_render.one("TriggerAuthentication")["metadata"]["name"]
-    arq_constants = pytest.importorskip("arq.constants")
-    assert md["listName"] == arq_constants.default_queue_name == "arq:queue"
+    triggers = so["spec"]["triggers"]
+    # worker.methods is empty: every method, one redis trigger per arq queue (alignd:queue:<method>)
+    assert [t["name"] for t in triggers] == _methods()
+    assert [t["metadata"]["listName"] for t in triggers] == [_queue(m) for m in _methods()]
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        md = trigger["metadata"]
+        assert md["address"] == "redis.internal:6379"
+        assert md["listLength"] == "1"  # jobsPerWorker 0 -> worker.concurrency
+        assert all(isinstance(v, str) for v in md.values())  # KEDA metadata is map[string]string
+        assert (
+            trigger["authenticationRef"]["name"]
+            == gpu_render.one("TriggerAuthentication")["metadata"]["name"]
+        )
+    # combineQueues=sum: one composite metric, the total of the queues over jobs per worker
+    mod = so["spec"]["advanced"]["scalingModifiers"]
+    assert mod["formula"] == " + ".join(_methods())
+    assert mod["target"] == "1" and mod["metricType"] == "AverageValue"
+    # the worker polls exactly the queues the ScaledObject watches
+    env = {e["name"]: e.get("value") for e in container(worker)["env"]}
+    assert env["ALIGND_WORKER_METHODS"].split(",") == _methods()
+
+
+def test_keda_triggers_follow_worker_methods(helm_template):
+    base = ["worker.keda.enabled=true", "worker.keda.redis.address=r:6379", "worker.concurrency=2"]
+    r = helm_template(sets=[*base, "worker.methods={ppo,rlhf}", "worker.keda.jobsPerWorker=3"])
+    so = r.one("ScaledObject")
+    assert [t["metadata"]["listName"] for t in so["spec"]["triggers"]] == [_queue("ppo"), _queue("rlhf")]
+    assert {t["metadata"]["listLength"] for t in so["spec"]["triggers"]} == {"3"}
+    assert so["spec"]["advanced"]["scalingModifiers"]["formula"] == "ppo + rlhf"
+    assert "authenticationRef" not in so["spec"]["triggers"][0] and "TriggerAuthentication" not in r.kinds
+    env = {e["name"]: e.get("value") for e in container(r.one("Deployment", "worker"))["env"]}
+    assert env["ALIGND_WORKER_METHODS"] == "ppo,rlhf"
+    # one method: a plain trigger, no scaling modifier; combineQueues=max: none either
+    (single,) = helm_template(sets=[*base, "worker.methods={sft}"]).one("ScaledObject")["spec"]["triggers"]
+    assert single["metadata"]["listName"] == _queue("sft") and single["metadata"]["listLength"] == "2"
+    assert "advanced" not in helm_template(sets=[*base, "worker.methods={sft}"]).one("ScaledObject")["spec"]
+    maxed = helm_template(sets=[*base, "worker.keda.combineQueues=max"]).one("ScaledObject")["spec"]
+    assert "advanced" not in maxed and len(maxed["triggers"]) == len(_methods())
+
+
+def test_worker_methods_are_always_explicit(default_render):
+    # unset worker.methods still sets ALIGND_WORKER_METHODS: the chart's list, not the server's "unset = all",
+    # decides which queues a pod polls (a method added to the server later is not silently half-served)
+    env = {e["name"]: e.get("value") for e in container(default_render.one("Deployment", "worker"))["env"]}
+    assert env["ALIGND_WORKER_METHODS"] == ",".join(_methods())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("worker.methods={sft,bogus}", "/worker/methods"), ("worker.keda.combineQueues=avg", "combineQueues")],
+)
+def test_schema_rejects_unknown_methods_and_combinations(tools, override, message):
+    proc = run_helm(tools, "template", "rel", str(CHART), "--set", override)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+def test_worker_probes(default_render, gpu_render, helm_template):
+    for r in (default_render, gpu_render):
+        c = container(r.one("Deployment", "worker"))
+        # readiness: `alignd-server worker --check` (Redis answers and the pool's queues have a fresh arq
+        # health-check key); never liveness, which would restart training runs on a Redis outage
+        assert c["readinessProbe"]["exec"]["command"] == ["alignd-server", "worker", "--check"]
+        assert c["readinessProbe"]["timeoutSeconds"] >= 10  # python start-up + redis socket timeout (5 s)
+        assert c["readinessProbe"]["periodSeconds"] * c["readinessProbe"]["failureThreshold"] > 31
+        assert "exec" not in c["livenessProbe"] and "exec" not in c["startupProbe"]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        assert c["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    off = helm_template(sets=["worker.readinessProbe=null"])
+    assert "readinessProbe" not in container(off.one("Deployment", "worker"))
+
+
+def test_production_settings_reach_the_configmap(helm_template):
+    settings_mod = pytest.importorskip("service.settings")
+    cm = helm_template(values=[POOLS_VALUES]).one("ConfigMap")["data"]
+    assert cm["ALIGND_LEASE_SECONDS"] == "60" and cm["ALIGND_HEARTBEAT_SECONDS"] == "5"
+    assert cm["ALIGND_JOB_MAX_TRIES"] == "3" and cm["ALIGND_JOB_TIMEOUT_SECONDS"] == "86400"
+    assert "ALIGND_TORCH_THREADS" not in cm  # 0: torch's default
+    # every ALIGND_* name the chart sets is a real Settings field, and the values parse as Settings
+    fields = {f"ALIGND_{name.upper()}" for name in settings_mod.Settings.model_fields}
+    assert {k for k in cm if k.startswith("ALIGND_")} <= fields
+    # defaults in values.yaml are Settings' own defaults
+    defaults = helm_template().one("ConfigMap")["data"]
+    parsed = settings_mod.Settings(
+        **{k.removeprefix("ALIGND_").lower(): v for k, v in defaults.items() if k.startswith("ALIGND_")}
+    )
+    reference = settings_mod.Settings()
+    for name in (
+        "lease_seconds",
+        "heartbeat_seconds",
+        "reconcile_interval_seconds",
+        "job_timeout_seconds",
+        "job_max_tries",
+        "db_retry_seconds",
+        "cancel_grace_seconds",
+        "max_queued_jobs_per_tenant",
+    ):
+        assert getattr(parsed, name) == getattr(reference, name), name
+
+
+def test_template_refuses_a_heartbeat_not_below_the_lease(tools):
+    proc = run_helm(
+        tools,
+        "template",
+        "rel",
+        str(CHART),
+        "--set",
+        "config.leaseSeconds=5",
+        "--set",
+        "config.heartbeatSeconds=5",
+    )
+    assert proc.returncode != 0 and "heartbeatSeconds" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ worker pools
+
+
+def _pool(r: Rendered, kind: str, pool: str) -> dict:
+    (found,) = [o for o in r.of_kind(kind) if o["metadata"]["labels"].get("alignd.dev/worker-pool") == pool]
+    return found
+
+
+def test_worker_pools_render_one_deployment_pdb_and_scaledobject_each(helm_template):
+    r = helm_template(values=[POOLS_VALUES])
+    assert len(r.of_kind("Deployment")) == 3  # api + two pools
+    gen, train = _pool(r, "Deployment", "generate"), _pool(r, "Deployment", "train")
+    assert gen["metadata"]["name"] == "rel-alignd-worker-generate"
+    assert train["metadata"]["name"] == "rel-alignd-worker-train"
+    for d, pool in ((gen, "generate"), (train, "train")):
+        sel = d["spec"]["selector"]["matchLabels"]
+        assert sel["alignd.dev/worker-pool"] == pool and sel["app.kubernetes.io/component"] == "worker"
+        assert d["spec"]["template"]["metadata"]["labels"]["alignd.dev/worker-pool"] == pool
+        pdb = _pool(r, "PodDisruptionBudget", pool)
+        assert pdb["spec"]["selector"]["matchLabels"] == sel
+        so = _pool(r, "ScaledObject", pool)
+        assert so["spec"]["scaleTargetRef"]["name"] == d["metadata"]["name"]
+        assert _pool(r, "TriggerAuthentication", pool)["metadata"]["name"] == d["metadata"]["name"]
+        assert "replicas" not in d["spec"]
+    # generate: CPU, two jobs at a time, its own queue only, never scaled to zero
+    gc = container(gen)
+    genv = {e["name"]: e.get("value") for e in gc["env"]}
+    assert genv["ALIGND_WORKER_METHODS"] == "generate" and genv["ALIGND_WORKER_CONCURRENCY"] == "2"
+    assert "nvidia.com/gpu" not in json.dumps(gc["resources"])
+    assert "nodeSelector" not in gen["spec"]["template"]["spec"]
+    assert gc["image"].endswith(":0.1.0")
+    gso = _pool(r, "ScaledObject", "generate")["spec"]
+    assert [t["metadata"]["listName"] for t in gso["triggers"]] == [_queue("generate")]
+    assert gso["minReplicaCount"] == 1 and gso["maxReplicaCount"] == 6
+    assert gso["cooldownPeriod"] == 900  # inherited from worker.keda
+    assert gso["triggers"][0]["metadata"]["listLength"] == "2"
+    # train: GPU, training methods, the CUDA image
+    tc = container(train)
+    tenv = {e["name"]: e.get("value") for e in tc["env"]}
+    training = [m for m in _methods() if m != "generate"]
+    assert tenv["ALIGND_WORKER_METHODS"].split(",") == training
+    assert tc["resources"]["limits"]["nvidia.com/gpu"] == 1 and tc["image"].endswith(":0.1.0-cuda")
+    assert train["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    tso = _pool(r, "ScaledObject", "train")["spec"]
+    assert [t["metadata"]["listName"] for t in tso["triggers"]] == [_queue(m) for m in training]
+    assert tso["minReplicaCount"] == 0 and tso["maxReplicaCount"] == 8
+    # one metrics Service for all pools; together the pools serve every method exactly once
+    (svc,) = [s for s in r.of_kind("Service") if s["metadata"]["name"].endswith("-worker-metrics")]
+    assert "alignd.dev/worker-pool" not in svc["spec"]["selector"]
+    assert sorted(genv["ALIGND_WORKER_METHODS"].split(",") + training) == sorted(_methods())
+
+
+def test_worker_pools_lint_and_validate(tools, helm_template):
+    proc = run_helm(tools, "lint", str(CHART), "--strict", "-f", str(POOLS_VALUES))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dup = run_helm(
+        tools,
+        "template",
+        "rel",
+        str(CHART),
+        "--set",
+        "workerPools[0].name=a",
+        "--set",
+        "workerPools[1].name=a",
+    )
+    assert dup.returncode != 0 and "two pools" in dup.stderr
+    bad = run_helm(tools, "template", "rel", str(CHART), "--set", "workerPools[0].name=A_b")
+    assert bad.returncode != 0 and "workerPools" in bad.stdout + bad.stderr
+    nokeda = run_helm(
+        tools,
+        "template",
+        "rel",
+        str(CHART),
+        "--set",
+        "workerPools[0].name=a",
+        "--set",
+        "workerPools[0].keda.enabled=true",
+    )
+    assert nokeda.returncode != 0 and "workerPools[a]" in nokeda.stderr
+
+
+def test_a_pool_zero_value_overrides_the_worker_default(helm_template):
+    # sprig's merge would keep worker.gpu.count=1 for a pool saying 0; the chart's overlay must not
+    r = helm_template(
+        sets=[
+            "worker.gpu.count=1",
+            "workerPools[0].name=cpu",
+            "workerPools[0].gpu.count=0",
+            "workerPools[0].methods={generate}",
+        ]
+    )
+    c = container(_pool(r, "Deployment", "cpu"))
+    assert "nvidia.com/gpu" not in json.dumps(c["resources"])
+    assert r.one("Deployment", "worker") is not None  # component label: the single pool is gone
+    assert [d["metadata"]["name"] for d in r.of_kind("Deployment") if "worker" in d["metadata"]["name"]] == [
+        "rel-alignd-worker-cpu"
+    ]
+
+
+def test_notes_name_methods_no_pool_serves(tools, tmp_path):
+    env = {"KUBECONFIG": "/dev/null", "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [
+            str(tools.helm),
+            "install",
+            "rel",
+            str(CHART),
+            "--dry-run=client",
+            "--set",
+            "worker.methods={sft,dpo}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "rel-alignd-worker serves sft,dpo" in notes
+    assert "no worker pool of this release serves reward_model,ppo,rlhf,generate" in notes
 
 
 # ------------------------------------------------------------------------------------------------ k8s schemas
@@ -511,7 +768,12 @@ def test_manifests_validate_against_kubernetes_schemas(
     kv = pytest.importorskip(
         "kubernetes_validate", reason="add kubernetes-validate to the dev extra for offline schema checks"
     )
-    renders = [default_render, gpu_render, helm_template(sets=SECRET_SETS)]
+    renders = [
+        default_render,
+        gpu_render,
+        helm_template(sets=SECRET_SETS),
+        helm_template(values=[POOLS_VALUES]),
+    ]
     checked = 0
     for r in renders:
         for o in r.objects:

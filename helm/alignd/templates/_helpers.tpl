@@ -144,6 +144,17 @@ AWS_REGION: {{ . | quote }}
 {{- end }}
 ALIGND_MAX_DATASET_BYTES: {{ .Values.config.maxDatasetBytes | int64 | quote }}
 ALIGND_MAX_MODEL_BYTES: {{ .Values.config.maxModelBytes | int64 | quote }}
+ALIGND_MAX_QUEUED_JOBS_PER_TENANT: {{ .Values.config.maxQueuedJobsPerTenant | int64 | quote }}
+ALIGND_LEASE_SECONDS: {{ .Values.config.leaseSeconds | toString | quote }}
+ALIGND_HEARTBEAT_SECONDS: {{ .Values.config.heartbeatSeconds | toString | quote }}
+ALIGND_RECONCILE_INTERVAL_SECONDS: {{ .Values.config.reconcileIntervalSeconds | toString | quote }}
+ALIGND_JOB_TIMEOUT_SECONDS: {{ .Values.config.jobTimeoutSeconds | int64 | quote }}
+ALIGND_JOB_MAX_TRIES: {{ .Values.config.jobMaxTries | int64 | quote }}
+ALIGND_DB_RETRY_SECONDS: {{ .Values.config.dbRetrySeconds | toString | quote }}
+ALIGND_CANCEL_GRACE_SECONDS: {{ .Values.config.cancelGraceSeconds | toString | quote }}
+{{- with .Values.config.torchThreads }}
+ALIGND_TORCH_THREADS: {{ . | int64 | quote }}
+{{- end }}
 ALIGND_LOG_JSON: {{ .Values.config.logJson | quote }}
 ALIGND_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
 HF_HUB_OFFLINE: {{ ternary "1" "0" .Values.config.hfHubOffline | quote }}
@@ -169,13 +180,29 @@ checksum/secret: {{ toJson .Values.secrets | sha256sum }}
 Fail early on combinations the schema cannot express.
 */}}
 {{- define "alignd.validate" -}}
-{{- if and .Values.worker.enabled .Values.worker.keda.enabled (not .Values.worker.keda.redis.address) }}
-{{- fail "worker.keda.enabled needs worker.keda.redis.address (host:port of the queue's Redis)" }}
+{{- if .Values.worker.enabled }}
+{{- $state := dict }}
+{{- include "alignd.workerPools" (dict "root" . "out" $state) }}
+{{- $seen := dict }}
+{{- range $pool := $state.pools }}
+{{- $where := ternary (printf "workerPools[%s]" $pool.pool) "worker" (ne $pool.pool "") }}
+{{- if hasKey $seen $pool.name }}
+{{- fail (printf "workerPools: two pools are named %q" $pool.pool) }}
 {{- end }}
-{{- if and .Values.worker.keda.enabled .Values.worker.keda.redis.passwordSecretKey (not .Values.existingSecret) }}
-{{- if or (ne .Values.worker.keda.redis.passwordSecretKey "redis-password") (not .Values.secrets.redisPassword) }}
+{{- $_ := set $seen $pool.name true }}
+{{- $k := $pool.cfg.keda }}
+{{- if and $k.enabled (not $k.redis.address) }}
+{{- fail (printf "%s: keda.enabled needs worker.keda.redis.address (host:port of the queue's Redis)" $where) }}
+{{- end }}
+{{- if and $k.enabled $k.redis.passwordSecretKey (not $.Values.existingSecret) }}
+{{- if or (ne $k.redis.passwordSecretKey "redis-password") (not $.Values.secrets.redisPassword) }}
 {{- fail "without existingSecret, worker.keda.redis.passwordSecretKey must be redis-password and secrets.redisPassword set" }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not (lt (float64 .Values.config.heartbeatSeconds) (float64 .Values.config.leaseSeconds)) }}
+{{- fail "config.heartbeatSeconds must be well below config.leaseSeconds (a runner renews its lease every heartbeat)" }}
 {{- end }}
 {{- $hpa := .Values.api.autoscaling }}
 {{- if and .Values.api.enabled $hpa.enabled (eq (int $hpa.targetCPUUtilizationPercentage) 0) (eq (int $hpa.targetMemoryUtilizationPercentage) 0) }}
@@ -189,5 +216,70 @@ Fail early on combinations the schema cannot express.
 {{- end }}
 {{- if and (eq .Values.config.queue "inline") .Values.api.enabled (or .Values.api.autoscaling.enabled (gt (int .Values.api.replicas) 1)) }}
 {{- fail "config.queue=inline supports a single API replica only" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Every job method the server knows (service.core.jobs.Method; tests/deploy checks the two agree). Each has its
+own arq queue, alignd:queue:<method> (service/queue/arq.py).
+*/}}
+{{- define "alignd.allMethods" -}}
+sft,reward_model,dpo,ppo,rlhf,generate
+{{- end }}
+
+{{/*
+Sets every key of .src into .dst (a dict, changed in place). The chart's own maps (image, gpu, dataDir, scratch,
+pdb, keda, keda.redis) are overlaid key by key, so a pool can change gpu.count alone; Kubernetes pass-through
+values (resources, nodeSelector, tolerations, affinity, probes, env, ...) are replaced as a whole. Unlike
+sprig's merge, a zero value (0, false, "", []) in .src does replace the default.
+*/}}
+{{- define "alignd.overlay" -}}
+{{- $dst := .dst }}
+{{- range $key, $value := .src }}
+{{- $current := index $dst $key }}
+{{- if and (has $key (list "image" "gpu" "dataDir" "scratch" "pdb" "keda" "redis")) (kindIs "map" $value) (kindIs "map" $current) }}
+{{- include "alignd.overlay" (dict "dst" $current "src" $value) }}
+{{- else }}
+{{- $_ := set $dst $key (deepCopy $value) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The worker pools to render, stored as a list under .out.pools. Call with (dict "root" $ "out" $dict).
+Without workerPools: one pool from `worker` itself, named as before (<fullname>-worker, no pool label).
+With workerPools: one pool per entry, its keys set over the worker values (alignd.overlay).
+Each pool: name (object name), pool (pool name, "" for the single pool), cfg (resolved worker values),
+methods (the methods it serves: cfg.methods, or every method when empty).
+*/}}
+{{- define "alignd.workerPools" -}}
+{{- $root := .root }}
+{{- $all := splitList "," (include "alignd.allMethods" $root) }}
+{{- $pools := list }}
+{{- $entries := $root.Values.workerPools }}
+{{- if not $entries }}
+{{- $entries = list (dict) }}
+{{- end }}
+{{- range $entries }}
+{{- $cfg := deepCopy (omit $root.Values.worker "enabled") }}
+{{- include "alignd.overlay" (dict "dst" $cfg "src" (omit . "name")) }}
+{{- $methods := default $all $cfg.methods }}
+{{- $name := include "alignd.workerName" $root }}
+{{- if .name }}
+{{- $name = printf "%s-%s" $name .name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- $pools = append $pools (dict "name" $name "pool" (default "" .name) "cfg" $cfg "methods" $methods) }}
+{{- end }}
+{{- $_ := set .out "pools" $pools }}
+{{- end }}
+
+{{/*
+Labels that tell one worker pool's pods apart (selector and pod labels). Call with a pool from alignd.workerPools.
+The single pool (no workerPools) keeps the selector it always had, so upgrades never touch an immutable field.
+*/}}
+{{- define "alignd.workerPoolLabels" -}}
+app.kubernetes.io/component: worker
+{{- if .pool }}
+alignd.dev/worker-pool: {{ .pool }}
 {{- end }}
 {{- end }}
