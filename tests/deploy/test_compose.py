@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
 from tests.deploy.deploy_support import REPO
@@ -53,3 +54,15 @@ def test_no_hardcoded_passwords():
             if key.endswith("_URL") and "@" in str(value):
                 assert re.search(r":\$\{\w+:\?[^}]*\}@", str(value)), (name, key)
     assert checked >= 8
+
+
+def test_worker_methods_and_metrics_port_match_the_server():
+    jobs = pytest.importorskip("service.core.jobs")
+    worker = load()["services"]["worker"]
+    env = worker["environment"]
+    assert env["ALIGND_WORKER_METHODS"].split(",") == [m.value for m in jobs.Method]
+    port = env["ALIGND_WORKER_METRICS_PORT"]
+    assert env["HEALTHCHECK_URL"] == f"http://127.0.0.1:{port}/metrics"
+    assert f"127.0.0.1:{port}:{port}" in worker["ports"]
+    # the API serves /metrics on its own port: nothing extra to publish
+    assert "127.0.0.1:8000:8000" in load()["services"]["api"]["ports"]
