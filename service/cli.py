@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from urllib.parse import urlparse
 
 from service.settings import Settings
 
@@ -56,6 +57,8 @@ def worker_command(args: argparse.Namespace) -> int:
     if settings.queue != "arq":
         print("alignd-server worker needs ALIGND_QUEUE=arq (and ALIGND_REDIS_URL)", file=sys.stderr)
         return 2
+    from redis.exceptions import RedisError
+
     from workers import tasks
 
     try:
@@ -64,12 +67,22 @@ def worker_command(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     if args.check:
-        healthy = asyncio.run(tasks.check_health(settings))
+        try:
+            healthy = asyncio.run(tasks.check_health(settings))
+        except (OSError, RedisError) as exc:  # unreachable: one line for the probe's log, not a traceback
+            print(f"redis unreachable at {_redis_address(settings.redis_url)}: {exc}", file=sys.stderr)
+            return 1
         print("healthy" if healthy else "no recent health check from a worker on every served queue")
         return 0 if healthy else 1
     _configure_logging(settings)
     asyncio.run(tasks.serve(settings))
     return 0
+
+
+def _redis_address(url: str) -> str:
+    """host:port of a Redis URL, never its password."""
+    parsed = urlparse(url)
+    return f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}"
 
 
 def migrate_command(_args: argparse.Namespace) -> int:

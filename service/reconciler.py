@@ -30,8 +30,11 @@ from service.queue import JobQueue
 log = logging.getLogger(__name__)
 
 
-def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
+def reconcile_once(engine: Engine, queue: JobQueue, *, max_tries: int | None = None) -> dict[str, int]:
+    """One repair pass. ``max_tries``: a job whose lease lapsed in its last allowed attempt fails
+    (``worker_lost``) instead of going round again: a job that keeps killing its worker must end."""
     requeued = 0
+    failed = 0
     lost: list[tuple[str, str, int]] = []
     with session_scope(engine) as session:
         expired = session.exec(
@@ -41,14 +44,38 @@ def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
             )
         ).all()
         for job in expired:
-            result = session.execute(
-                update(JobRow)
-                .where(
-                    col(JobRow.id) == job.id,
-                    col(JobRow.status) == JobStatus.running.value,
-                    col(JobRow.lease_token) == job.lease_token,
+            out_of_tries = max_tries is not None and job.attempts >= max_tries
+            fenced = update(JobRow).where(
+                col(JobRow.id) == job.id,
+                col(JobRow.status) == JobStatus.running.value,
+                col(JobRow.lease_token) == job.lease_token,
+            )
+            if out_of_tries:
+                message = (
+                    f"Worker {job.lease_owner} stopped heartbeating in attempt {job.attempts}, the last of "
+                    f"ALIGND_JOB_MAX_TRIES={max_tries}."
                 )
-                .values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None)
+                result = session.execute(
+                    fenced.values(
+                        status=JobStatus.failed.value,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        finished_at=now(),
+                        error_code="worker_lost",
+                        error_message=message,
+                    )
+                )
+                if result.rowcount == 1:  # type: ignore[attr-defined]
+                    failed += 1
+                    lost.append((job.id, job.method, job.lease_token - 1))
+                    session.add(
+                        JobEventRow(
+                            job_id=job.id, created_at=now(), level="error", stage=job.stage, message=message
+                        )
+                    )
+                continue
+            result = session.execute(
+                fenced.values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 requeued += 1
@@ -85,11 +112,14 @@ def reconcile_once(engine: Engine, queue: JobQueue) -> dict[str, int]:
         except Exception as exc:  # queue down: the rows stay queued; the next pass retries
             log.warning("reconciler could not enqueue %s: %s", job_id, exc)
             break
-    return {"requeued": requeued, "enqueued": enqueued}
+    return {"requeued": requeued, "failed": failed, "enqueued": enqueued}
 
 
 class Reconciler:
-    def __init__(self, engine: Engine, queue: JobQueue, *, interval: float = 10.0) -> None:
+    def __init__(
+        self, engine: Engine, queue: JobQueue, *, interval: float = 10.0, max_tries: int | None = None
+    ) -> None:
+        self._max_tries = max_tries
         self._engine = engine
         self._queue = queue
         self._interval = interval
@@ -108,7 +138,7 @@ class Reconciler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                reconcile_once(self._engine, self._queue)
+                reconcile_once(self._engine, self._queue, max_tries=self._max_tries)
             except Exception as exc:  # database down: try again next round
                 log.warning("reconcile pass failed: %s", exc)
             self._stop.wait(self._interval)

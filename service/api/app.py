@@ -124,7 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings, engine=engine, store=store, queue=queue, tenant_keys=settings.tenant_keys()
         )
         ctx.extras["runner"] = runner
-        reconciler = Reconciler(engine, queue, interval=settings.reconcile_interval_seconds)
+        reconciler = Reconciler(
+            engine, queue, interval=settings.reconcile_interval_seconds, max_tries=settings.job_max_tries
+        )
 
         def start_work() -> None:
             queue.start()

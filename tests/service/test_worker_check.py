@@ -109,15 +109,13 @@ def test_check_against_a_closed_port_fails_fast_naming_the_address(tmp_path: Pat
     assert elapsed < 15
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/cli.py lets redis' ConnectionError escape as a traceback; a one-line "
-    "'redis unreachable at ...' on stderr would be clearer in `kubectl describe pod` (probe output)",
-)
 def test_check_against_a_closed_port_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
-    proc = check(tmp_path, ALIGND_REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0")
+    port = _closed_port()
+    proc = check(tmp_path, ALIGND_REDIS_URL=f"redis://:secret@127.0.0.1:{port}/0")
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
+    assert f"redis unreachable at 127.0.0.1:{port}" in proc.stderr
+    assert "secret" not in proc.stderr
 
 
 def test_check_refuses_misconfiguration_with_exit_2(tmp_path: Path) -> None:
