@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint openapi clean
+.PHONY: install demo test test-slow lint openapi clean chromium
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+# The labeling-page test drives Debian's chromium; `playwright install` cannot download browsers here.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium unavailable: the labeling-page browser test will skip"
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

@@ -1,8 +1,5 @@
 """A feedback round over REST on the tiny model: SFT policy -> generate -> feedback set -> scripted annotators
 -> export -> reward model (from the ranking) -> PPO from the previous policy; every step listed and linked.
-
-The reward_model and ppo steps run when their methods are available; until then the same request must be
-refused with 422 ``method_not_available`` (no skip hides a failure).
 """
 
 from __future__ import annotations
@@ -11,7 +8,6 @@ from typing import Any
 
 import httpx
 
-from service.core.jobs import AVAILABLE_METHODS, Method
 from tests.conftest import LiveServer
 from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
 
@@ -152,9 +148,6 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
             "round": ROUND,
             "seed": 0,
         }
-        if Method.reward_model not in AVAILABLE_METHODS:
-            assert_error(client.post("/v1/jobs", json=reward_body), 422, "method_not_available")
-            return
         reward = _job(client, reward_body)
         events = " ".join(e["message"] for e in client.get(f"/v1/jobs/{reward['id']}/events").json()["data"])
         reward_metrics = client.get(f"/v1/jobs/{reward['id']}/metrics").json()["data"]
@@ -174,9 +167,6 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
 
         # 6. PPO from the previous policy against the new reward model
         ppo_body["reward_model"] = reward_model["id"]
-        if Method.ppo not in AVAILABLE_METHODS:
-            assert_error(client.post("/v1/jobs", json=ppo_body), 422, "method_not_available")
-            return
         ppo = _job(client, ppo_body)
         assert ppo["init_adapter"] == policy_adapter["id"] and ppo["reward_model"] == reward_model["id"]
         new_policy = _artifact(client, ppo, "adapter")
