@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignd.validation import ValidationReport
 from sqlmodel import Session
 
 from service.core.datasets import validate_upload
@@ -35,6 +36,34 @@ def add_dataset_file(
     """Validate ``path`` as ``kind``, store it and commit its row; raises ValidationFailed (422) for bad data."""
     with open(path, "rb", buffering=0) as handle:
         report = validate_upload(handle, kind, max_bytes=max_bytes)
+    return store_validated_dataset(
+        session,
+        store,
+        path,
+        report,
+        tenant=tenant,
+        kind=kind,
+        name=name,
+        job_id=job_id,
+        feedback_set_id=feedback_set_id,
+        round=round,
+    )
+
+
+def store_validated_dataset(
+    session: Session,
+    store: ArtifactStore,
+    path: Path,
+    report: ValidationReport,
+    *,
+    tenant: str,
+    kind: str,
+    name: str,
+    job_id: str | None = None,
+    feedback_set_id: str | None = None,
+    round: int | None = None,
+) -> DatasetRow:
+    """Store a file that ``report`` says is valid and commit its row (uploads validate while receiving)."""
     dataset_id = new_id("dataset")
     store.put_file(dataset_key(dataset_id), path)
     row = DatasetRow(

@@ -15,10 +15,9 @@ from service.api.errors import error_responses
 from service.api.schemas import DatasetPublic, ListResponse
 from service.api.uploads import require_content_type
 from service.core.datasets import DatasetKind, validate_and_store
-from service.core.errors import ConflictError
-from service.core.ids import new_id, now
-from service.core.jobs import TERMINAL_STATUSES
-from service.db.tables import DatasetRow, JobRow
+from service.db.datasets import store_validated_dataset
+from service.db.tables import DatasetRow
+from service.db.usage import refuse_if_used, unfinished_jobs_using
 from service.storage.keys import dataset_key
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -53,25 +52,16 @@ def create_dataset(
         # Raises 422 invalid_dataset / empty_dataset or 413 before anything is stored.
         with open(staged, "wb") as sink:
             report = validate_and_store(file.file, kind, sink, max_bytes=ctx.settings.max_dataset_bytes)
-        dataset_id = new_id("dataset")
-        store.put_file(dataset_key(dataset_id), staged)
-        row = DatasetRow(
-            id=dataset_id,
+        row = store_validated_dataset(
+            session,
+            store,
+            staged,
+            report,
             tenant=tenant,
-            name=name or file.filename or dataset_id,
             kind=kind.value,
-            num_records=report.num_records,
-            size_bytes=report.size_bytes,
-            sha256=report.sha256,
-            created_at=now(),
+            name=name or file.filename or "dataset.jsonl",
             round=round,
         )
-        session.add(row)
-        try:
-            session.commit()
-        except BaseException:
-            store.delete(dataset_key(dataset_id))
-            raise
         return DatasetPublic.of(row)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -125,19 +115,7 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
 )
 def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
     row = get_owned(session, DatasetRow, dataset_id, tenant, "dataset")
-    unfinished = session.exec(
-        select(JobRow).where(
-            JobRow.tenant == tenant,
-            JobRow.status.not_in([s.value for s in TERMINAL_STATUSES]),  # type: ignore[attr-defined]
-        )
-    ).all()
-    users = [job.id for job in unfinished if dataset_id in job.datasets.values()]
-    if users:
-        raise ConflictError(
-            f"Dataset {dataset_id} is used by unfinished jobs: {', '.join(users[:5])}.",
-            code="in_use",
-            details=[{"job": job_id} for job_id in users],
-        )
+    refuse_if_used("dataset", dataset_id, unfinished_jobs_using(session, tenant, dataset_id=dataset_id))
     session.delete(row)
     session.commit()
     store.delete(dataset_key(dataset_id))

@@ -14,11 +14,11 @@ from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDe
 from service.api.errors import error_responses
 from service.api.schemas import ListResponse, ModelPublic
 from service.api.uploads import require_content_type
-from service.core.errors import ConflictError, ValidationFailed
+from service.core.errors import ValidationFailed
 from service.core.ids import new_id, now
-from service.core.jobs import TERMINAL_STATUSES
 from service.core.models import check_model_files
-from service.db.tables import JobRow, ModelRow
+from service.db.tables import ModelRow
+from service.db.usage import refuse_if_used, unfinished_jobs_using
 from service.storage.keys import model_key, model_prefix
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -119,18 +119,7 @@ def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPub
 )
 def delete_model(model_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
     row = get_owned(session, ModelRow, model_id, tenant, "model")
-    users = session.exec(
-        select(JobRow.id).where(
-            JobRow.base_model == model_id,
-            JobRow.status.not_in([s.value for s in TERMINAL_STATUSES]),  # type: ignore[attr-defined]
-        )
-    ).all()
-    if users:
-        raise ConflictError(
-            f"Model {model_id} is used by unfinished jobs: {', '.join(users[:5])}.",
-            code="in_use",
-            details=[{"job": job_id} for job_id in users],
-        )
+    refuse_if_used("model", model_id, unfinished_jobs_using(session, tenant, model_id=model_id))
     session.delete(row)
     session.commit()
     store.delete_prefix(model_prefix(model_id))
