@@ -77,7 +77,9 @@ def test_sigkilled_child_resumes_from_its_checkpoint(
             started = re.search(r"Training process started \(pid (\d+)\)", event["message"])
             if started:
                 pid = int(started.group(1))
-            stored = re.search(r"Stored checkpoint artifact \S+ \(\d+ bytes\) at step (\d+)", event["message"])
+            stored = re.search(
+                r"Stored checkpoint artifact \S+ \(\d+ bytes\) at step (\d+)", event["message"]
+            )
             if stored:
                 checkpoint_step = int(stored.group(1))
         time.sleep(0.05)
