@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,33 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=data.IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def _logits_mask_supported(model: torch.nn.Module) -> bool:
+    """Whether the causal LM slices its hidden states with transformers' ``slice_logits_to_keep`` (which takes
+    a boolean (batch, seq) mask and returns the kept positions flattened); most decoder LMs in transformers 5
+    do. Checked on the model's own module so an architecture that does not falls back to full logits."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    module = sys.modules.get(type(base).__module__)
+    return module is not None and callable(getattr(module, "slice_logits_to_keep", None))
+
+
+def completion_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`token_loss_sum` computed with the LM head and log-softmax only at the positions that predict a
+    label (completion tokens), not at prompt and pad positions: the same loss and gradients, less work and
+    memory (on SmolLM2-135M the head is about a fifth of the step's FLOPs)."""
+    labels = inputs["labels"]
+    if _logits_mask_supported(model):
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != data.IGNORE_INDEX
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep
+        ).logits
+        if logits.dim() == 2:  # (kept positions, vocab)
+            return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return token_loss_sum(logits, labels)
 
 
 def _validated(spec_hp: dict[str, Any], spec_lora: dict[str, Any]) -> tuple[SFTHyperparameters, LoraSettings]:
@@ -215,10 +243,7 @@ def train_sft(ctx: RunContext) -> SFTResult:
                 step_loss = 0.0
                 for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
                     inputs = {k: v.to(device) for k, v in collate([examples[i] for i in micro]).items()}
-                    logits = model(
-                        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                    ).logits
-                    loss_sum = token_loss_sum(logits, inputs["labels"])
+                    loss_sum = completion_loss_sum(model, inputs)
                     (loss_sum / step_tokens).backward()
                     step_loss += float(loss_sum.detach())
                     window_inputs += int(inputs["attention_mask"].sum())
