@@ -104,7 +104,7 @@ def upload_dataset(base_url: str, path: Path, kind: str = "preference") -> tuple
 def write_fake_safetensors(path: Path, size_bytes: int) -> None:
     """A valid safetensors file of about ``size_bytes``: F32 tensors of 64 Mi elements each, zero-filled."""
     per = 64 * 2**20
-    count = max(1, size_bytes // (per * 4))
+    count = max(1, -(-size_bytes // (per * 4)))  # round up: at least size_bytes
     header: dict[str, Any] = {}
     offset = 0
     for i in range(count):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -174,6 +175,7 @@ class ChildRun:
     peak_rss_bytes: int
     loadavg_before: list[float]
     loadavg_after: list[float]
+    cpu_seconds: float = 0.0  # user + system CPU of the child tree (RUSAGE_CHILDREN delta)
     result: dict[str, Any] = field(default_factory=dict)
     stderr_tail: str = ""
 
@@ -194,6 +196,7 @@ def run_child(
     result_file.unlink(missing_ok=True)
     full_env = {**os.environ, **(env or {})}
     before = loadavg()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     stderr_path = result_file.with_suffix(".stderr")
     with stderr_path.open("w") as err:
@@ -206,11 +209,13 @@ def run_child(
                 rc = proc.wait()
     seconds = time.perf_counter() - started
     after = loadavg()
+    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage_after.ru_utime - usage.ru_utime) + (usage_after.ru_stime - usage.ru_stime)
     tail = stderr_path.read_text(errors="replace")[-3000:]
     result: dict[str, Any] = {}
     if result_file.exists():
         result = json.loads(result_file.read_text())
-    return ChildRun(rc, seconds, sampler.peak, before, after, result, tail)
+    return ChildRun(rc, seconds, sampler.peak, before, after, cpu, result, tail)
 
 
 # --- fp32 matmul peak

@@ -100,6 +100,8 @@ def summarise(impl: str, run: Any, cfg: dict[str, Any]) -> dict[str, Any]:
         "trainable_params_m": round(r["trainable_parameters"] / 1e6, 2),
         "setup_s": round(r["setup_seconds"], 1),
         "threads": r["threads"],
+        # CPU the run actually got per thread and wall second (1.0 = its threads never waited for a core)
+        "cpu_share": round(run.cpu_seconds / run.seconds / r["threads"], 2),
         "load_before": run.loadavg_before,
         "load_after": run.loadavg_after,
     }

@@ -193,6 +193,8 @@ def summarise(impl: str, run: Any, flops: dict[str, Any], peak: float) -> dict[s
         "s_per_step": round(statistics.median(durations[1:] or durations), 2),
         "peak_rss_gib": round(run.peak_rss_bytes / 2**30, 2),
         "threads": r["threads"],
+        # CPU the run actually got per thread and wall second (1.0 = its threads never waited for a core)
+        "cpu_share": round(run.cpu_seconds / run.seconds / r["threads"], 2),
         "load_before": run.loadavg_before,
         "load_after": run.loadavg_after,
     }
