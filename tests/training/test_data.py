@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from tests.helpers.tiny_model import build_tiny_llama
 from workers.training import data
 from workers.training.errors import TrainingError
-from workers.training.sft import lr_lambda
+from workers.training.loop import lr_lambda
 
 SKY = ([{"role": "user", "content": "What colour is the sky?"}], "The sky is blue.")
 

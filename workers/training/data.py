@@ -77,7 +77,7 @@ def parse_sft_record(record: Any, line: int) -> tuple[list[Message], str]:
     return [{"role": "user", "content": prompt_text}], completion
 
 
-def _read_jsonl(path: str | Path, parse: Callable[[Any, int], T]) -> list[T]:
+def read_jsonl(path: str | Path, parse: Callable[[Any, int], T]) -> list[T]:
     """Every non-blank line of ``path`` parsed by ``parse(record, line_number)``; errors name the line."""
     records: list[T] = []
     try:
@@ -100,7 +100,7 @@ def _read_jsonl(path: str | Path, parse: Callable[[Any, int], T]) -> list[T]:
 
 
 def read_sft_records(path: str | Path) -> list[tuple[list[Message], str]]:
-    return _read_jsonl(path, parse_sft_record)
+    return read_jsonl(path, parse_sft_record)
 
 
 @dataclass(frozen=True)
@@ -333,7 +333,7 @@ def parse_preference_record(record: Any, line: int) -> PreferenceRecord:
 
 
 def read_preference_records(path: str | Path) -> list[PreferenceRecord]:
-    return _read_jsonl(path, parse_preference_record)
+    return read_jsonl(path, parse_preference_record)
 
 
 @dataclass(frozen=True)

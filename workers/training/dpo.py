@@ -18,7 +18,6 @@ The reference log-probs are computed once, before training, in eval mode (no LoR
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,9 +29,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from service.core.jobs import DPOHyperparameters
-from workers.training import data, lora, preference
+from workers.training import data, loop, lora, preference
 from workers.training.context import RunContext
-from workers.training.errors import TRAINING_DIVERGED, TrainingError
 from workers.training.modelcard import render_model_card
 
 STAGE = "dpo"
@@ -124,7 +122,7 @@ def train_dpo(
     stage: str = STAGE,
 ) -> DPOResult:
     spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
-    hp, lora_settings = preference.validated(
+    hp, lora_settings = loop.validated(
         DPOHyperparameters,
         dict(spec.hyperparameters if hyperparameters is None else hyperparameters),
         spec.lora,
@@ -162,82 +160,74 @@ def train_dpo(
     ref_chosen, ref_rejected = reference_logps(
         model, reference, pairs, pad_token_id, device, batch_size=hp.batch_size
     )
-    steps_per_epoch, total = preference.total_steps(len(pairs), hp)
-    optimizer, scheduler = preference.optimizer_and_scheduler(params, hp, total)
+    steps_per_epoch, total = loop.count_steps(len(pairs), hp)
+    optimizer, scheduler = loop.build_optimizer(params, hp, total)
+    logger = loop.StepLogger(progress, stage, every=hp.logging_steps, total=total)
 
     step = 0
-    history: list[dict[str, float]] = []
     keys = ("loss", "rewards_chosen", "rewards_rejected", "margin", "correct", "pairs")
     window = dict.fromkeys(keys, 0.0)
     window_grad_norms: list[float] = []
     train_start = time.perf_counter()
     model.train()
-    progress.progress(0.0, stage=stage)
+    logger.report(0.0)
 
     with cancel.deferred():
-        for epoch in range(hp.epochs):
-            if step >= total:
-                break
-            for batch in preference.epoch_batches(pairs, hp.batch_size, seed=spec.seed, epoch=epoch):
-                if step >= total:
-                    break
-                cancel.check()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
-                    policy_c, policy_r = pair_logps(model, [pairs[i] for i in micro], pad_token_id, device)
-                    index = torch.tensor(micro, device=device)
-                    loss, reward_c, reward_r = dpo_loss(
-                        policy_c,
-                        policy_r,
-                        ref_chosen[index],
-                        ref_rejected[index],
-                        beta=hp.beta,
-                        label_smoothing=hp.label_smoothing,
-                    )
-                    # Divided by the step's pair count, so accumulation gives the big batch's mean gradient.
-                    (loss.sum() / len(batch)).backward()
-                    step_loss += float(loss.detach().sum())
-                    window["rewards_chosen"] += float(reward_c.sum())
-                    window["rewards_rejected"] += float(reward_r.sum())
-                    window["margin"] += float((reward_c - reward_r).sum())
-                    window["correct"] += float((reward_c > reward_r).sum())
-                if not math.isfinite(step_loss):
-                    raise TrainingError(
-                        TRAINING_DIVERGED,
-                        f"loss became {step_loss} at step {step + 1}; try a lower learning_rate",
-                    )
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
-                learning_rate = float(scheduler.get_last_lr()[0])
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                window["loss"] += step_loss
-                window["pairs"] += len(batch)
-                window_grad_norms.append(grad_norm)
+        for _epoch, _position, batch in loop.step_batches(
+            hp.epochs,
+            lambda epoch: preference.epoch_batches(pairs, hp.batch_size, seed=spec.seed, epoch=epoch),
+            steps=total - step,
+        ):
+            cancel.check()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
+                policy_c, policy_r = pair_logps(model, [pairs[i] for i in micro], pad_token_id, device)
+                index = torch.tensor(micro, device=device)
+                loss, reward_c, reward_r = dpo_loss(
+                    policy_c,
+                    policy_r,
+                    ref_chosen[index],
+                    ref_rejected[index],
+                    beta=hp.beta,
+                    label_smoothing=hp.label_smoothing,
+                )
+                # Divided by the step's pair count, so accumulation gives the big batch's mean gradient.
+                (loss.sum() / len(batch)).backward()
+                step_loss += float(loss.detach().sum())
+                window["rewards_chosen"] += float(reward_c.sum())
+                window["rewards_rejected"] += float(reward_r.sum())
+                window["margin"] += float((reward_c - reward_r).sum())
+                window["correct"] += float((reward_c > reward_r).sum())
+            grad_norm, learning_rate = loop.optimizer_step(
+                params, optimizer, scheduler, loss=step_loss, step=step, max_grad_norm=hp.max_grad_norm
+            )
+            step += 1
+            window["loss"] += step_loss
+            window["pairs"] += len(batch)
+            window_grad_norms.append(grad_norm)
 
-                if step % hp.logging_steps == 0 or step == total:
-                    n = window["pairs"]
-                    values = {
-                        "loss": window["loss"] / n,
-                        "rewards_chosen": window["rewards_chosen"] / n,
-                        "rewards_rejected": window["rewards_rejected"] / n,
-                        "margin": window["margin"] / n,
-                        # share of pairs whose implicit chosen reward is strictly higher (a tie is wrong)
-                        "accuracy": window["correct"] / n,
-                        "learning_rate": learning_rate,
-                        "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
-                        "epoch": step / steps_per_epoch,
-                    }
-                    progress.metric(stage=stage, step=step, values=values)
-                    progress.progress(step / total, stage=stage)
-                    history.append({"step": float(step), **values})
-                    window = dict.fromkeys(keys, 0.0)
-                    window_grad_norms = []
+            if logger.due(step):
+                n = window["pairs"]
+                values = {
+                    "loss": window["loss"] / n,
+                    "rewards_chosen": window["rewards_chosen"] / n,
+                    "rewards_rejected": window["rewards_rejected"] / n,
+                    "margin": window["margin"] / n,
+                    # share of pairs whose implicit chosen reward is strictly higher (a tie is wrong)
+                    "accuracy": window["correct"] / n,
+                    "learning_rate": learning_rate,
+                    "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
+                    "epoch": step / steps_per_epoch,
+                }
+                logger.log(step, values)
+                window = dict.fromkeys(keys, 0.0)
+                window_grad_norms = []
         train_seconds = time.perf_counter() - train_start
         cancel.check()
 
         model.eval()
+        history = logger.history
         last = history[-1]
         metrics = {
             **{k: last[k] for k in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")},
@@ -248,10 +238,6 @@ def train_dpo(
             "train_seconds": train_seconds,
             "trainable_parameters": float(n_trainable),
         }
-        out = Path(spec.output_dir if output_dir is None else output_dir)
-        adapter_dir = lora.save_adapter(
-            model, prepared.tokenizer, out / "adapter", base_model_name=spec.base_model.name
-        )
         card = render_model_card(
             title=f"{spec.base_model.name} + LoRA (DPO)",
             method="dpo",
@@ -267,10 +253,14 @@ def train_dpo(
             metrics=metrics,
             notes=f"\n## DPO reference\n\nThe reference policy was {reference_text}.\n",
         )
-        (adapter_dir / "README.md").write_text(card, encoding="utf-8")
-        card_dir = out / "model_card"
-        card_dir.mkdir(parents=True, exist_ok=True)
-        (card_dir / "README.md").write_text(card, encoding="utf-8")
+        adapter_dir, card_dir = loop.write_outputs(
+            model,
+            prepared.tokenizer,
+            Path(spec.output_dir if output_dir is None else output_dir),
+            "adapter",
+            card,
+            base_model_name=spec.base_model.name,
+        )
         cancel.check()
 
     metadata = {
@@ -279,11 +269,16 @@ def train_dpo(
         "metrics": metrics,
         "datasets": {preference.ROLE: {"id": prepared.dataset_ref.id, "sha256": prepared.dataset_sha256}},
     }
-    progress.artifact(str(adapter_dir), stage=stage, kind="adapter", metadata=metadata)
-    progress.artifact(
-        str(card_dir), stage=stage, kind="model_card", metadata={"base_model": spec.base_model.id}
+    loop.announce_outputs(
+        progress,
+        stage,
+        adapter_dir,
+        card_dir,
+        kind="adapter",
+        metadata=metadata,
+        base_model_id=spec.base_model.id,
     )
-    progress.progress(1.0, stage=stage)
+    logger.report(1.0)
     progress.event(
         f"finished {step} steps in {train_seconds:.1f} s; margin {metrics['first_margin']:.4f} -> "
         f"{metrics['margin']:.4f}, accuracy {last['accuracy']:.3f}",

@@ -41,16 +41,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import set_peft_model_state_dict
-from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from service.core.jobs import LoraSettings, PPOHyperparameters
-from workers.training import data, lora, rollout
+from workers.training import data, loop, lora, rollout
 from workers.training.context import RunContext
 from workers.training.errors import (
     INVALID_ADAPTER,
-    INVALID_HYPERPARAMETERS,
-    INVALID_LORA,
     INVALID_SPEC,
     MODEL_LOAD_FAILED,
     TRAINING_DIVERGED,
@@ -627,18 +624,6 @@ class PPOResult:
     first_minibatch: MinibatchStats | None = None
 
 
-def _validated(spec_hp: dict[str, Any], spec_lora: dict[str, Any]) -> tuple[PPOHyperparameters, LoraSettings]:
-    try:
-        hp = PPOHyperparameters.model_validate(spec_hp)
-    except ValidationError as exc:
-        raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid ppo hyperparameters: {exc}") from None
-    try:
-        settings = LoraSettings.model_validate(spec_lora)
-    except ValidationError as exc:
-        raise TrainingError(INVALID_LORA, f"invalid LoRA settings: {exc}") from None
-    return hp, settings
-
-
 def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -> int:
     """A pad id distinct from EOS, without resizing the embeddings.
 
@@ -695,7 +680,7 @@ def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None)
     must name a ``reward_model`` folder.
     """
     spec, progress = ctx.spec, ctx.progress
-    hp, lora_settings = _validated(spec.hyperparameters, spec.lora)
+    hp, lora_settings = loop.validated(PPOHyperparameters, spec.hyperparameters, spec.lora, method="ppo")
     dataset_ref = spec.datasets.get("prompts")
     if dataset_ref is None:
         raise TrainingError(INVALID_SPEC, "method ppo needs a dataset with role 'prompts'")
@@ -848,10 +833,10 @@ def train_ppo(
     n_trainable = sum(p.numel() for p in models.trainable_parameters)
     reward_adapter = models.reward_adapter
 
-    history: list[dict[str, float]] = []
+    logger = loop.StepLogger(progress, STAGE, every=hp.logging_steps, total=total_updates)
     first_minibatch: MinibatchStats | None = None
     train_start = time.perf_counter()
-    progress.progress(0.0, stage=STAGE)
+    logger.report(0.0)
     with cancel.deferred():
         for update in range(1, total_updates + 1):
             cancel.check()
@@ -860,13 +845,11 @@ def train_ppo(
                 first_minibatch = result.minibatches[0]
             if on_update is not None:
                 on_update(update, result)
-            history.append({"step": float(update), **result.metrics})
-            if update % hp.logging_steps == 0 or update == total_updates:
-                progress.metric(stage=STAGE, step=update, values=result.metrics)
-                progress.progress(update / total_updates, stage=STAGE)
+            logger.log(update, result.metrics, emit=logger.due(update))
         train_seconds = time.perf_counter() - train_start
         cancel.check()
 
+        history = logger.history
         last = history[-1]
         metrics = {
             "reward_mean": last["reward_mean"],
@@ -880,14 +863,6 @@ def train_ppo(
             "train_seconds": train_seconds,
             "trainable_parameters": float(n_trainable),
         }
-        out = Path(spec.output_dir)
-        adapter_dir = lora.save_adapter(
-            peft_model,
-            tokenizer,
-            out / "adapter",
-            adapter_name=POLICY_ADAPTER,
-            base_model_name=spec.base_model.name,
-        )
         card = render_model_card(
             title=f"{spec.base_model.name} + LoRA (PPO)",
             method="ppo",
@@ -917,10 +892,15 @@ def train_ppo(
             f"- reference for the KL penalty: {'the init adapter `' + spec.init_adapter.id + '` (frozen)' if spec.init_adapter else 'the base model'}\n"
             f"- value function: {hp.value_model}; one shared copy of the base weights for all roles\n"
         )
-        (adapter_dir / "README.md").write_text(card, encoding="utf-8")
-        card_dir = out / "model_card"
-        card_dir.mkdir(parents=True, exist_ok=True)
-        (card_dir / "README.md").write_text(card, encoding="utf-8")
+        adapter_dir, card_dir = loop.write_outputs(
+            peft_model,
+            tokenizer,
+            Path(spec.output_dir),
+            "adapter",
+            card,
+            adapter_name=POLICY_ADAPTER,
+            base_model_name=spec.base_model.name,
+        )
         cancel.check()
 
     metadata = {
@@ -931,11 +911,16 @@ def train_ppo(
         "reward_model": spec.reward_model.id if spec.reward_model else None,
         "init_adapter": spec.init_adapter.id if spec.init_adapter else None,
     }
-    progress.artifact(str(adapter_dir), stage=STAGE, kind="adapter", metadata=metadata)
-    progress.artifact(
-        str(card_dir), stage=STAGE, kind="model_card", metadata={"base_model": spec.base_model.id}
+    loop.announce_outputs(
+        progress,
+        STAGE,
+        adapter_dir,
+        card_dir,
+        kind="adapter",
+        metadata=metadata,
+        base_model_id=spec.base_model.id,
     )
-    progress.progress(1.0, stage=STAGE)
+    logger.report(1.0)
     progress.event(
         f"finished {total_updates} PPO updates in {train_seconds:.1f} s; reward {metrics['first_reward_mean']:.3f} "
         f"-> {metrics['reward_mean']:.3f}, KL {metrics['kl']:.3f} nats/answer",

@@ -1,52 +1,25 @@
-"""What the two preference methods (reward model, DPO) share: reading and tokenising pairs, the optimizer and
-schedule, and step-sized batches of pairs. The losses live in ``reward.py`` and ``dpo.py``.
+"""What the two preference methods (reward model, DPO) share: reading and tokenising pairs, and step-sized
+batches of pairs (the optimizer and logging are every loop's: ``loop.py``). The losses live in ``reward.py`` and
+``dpo.py``.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-import torch
-from pydantic import BaseModel, ValidationError
+from typing import TYPE_CHECKING
 
 from service.core import ranking
-from service.core.jobs import LoraSettings, OptimizerHyperparameters
 from workers.protocol import DatasetRef
-from workers.training import data, lora
+from workers.training import data, loop, lora
 from workers.training.context import RunContext
-from workers.training.errors import (
-    INVALID_HYPERPARAMETERS,
-    INVALID_LORA,
-    INVALID_SPEC,
-    NO_TRAINABLE_EXAMPLES,
-    TrainingError,
-)
+from workers.training.errors import INVALID_SPEC, NO_TRAINABLE_EXAMPLES, TrainingError
 from workers.training.modelcard import DatasetCardEntry
-from workers.training.sft import lr_lambda
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 ROLE = "preference"
-H = TypeVar("H", bound=BaseModel)
-
-
-def validated(
-    model: type[H], raw_hp: dict[str, Any], raw_lora: dict[str, Any], *, method: str
-) -> tuple[H, LoraSettings]:
-    # The runner passes resolved values; validating again turns a corrupt spec into a clear error code.
-    try:
-        hp = model.model_validate(raw_hp)
-    except ValidationError as exc:
-        raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid {method} hyperparameters: {exc}") from None
-    try:
-        settings = LoraSettings.model_validate(raw_lora)
-    except ValidationError as exc:
-        raise TrainingError(INVALID_LORA, f"invalid LoRA settings: {exc}") from None
-    return hp, settings
 
 
 @dataclass
@@ -81,14 +54,7 @@ def prepare_pairs(
     if dataset_ref is None:
         raise TrainingError(INVALID_SPEC, f"method {spec.method} needs a dataset with role '{ROLE}'")
     records = data.read_preference_records(dataset_ref.path)
-    sha256 = data.sha256_file(dataset_ref.path)
-    if sha256 != dataset_ref.sha256:
-        progress.event(
-            f"dataset {dataset_ref.id}: sha256 of the local file ({sha256}) differs from the spec's "
-            f"({dataset_ref.sha256}); the model card records the local file's",
-            stage=stage,
-            level="warning",
-        )
+    sha256 = loop.local_sha256(progress, dataset_ref, stage=stage)
     tokenizer = lora.load_tokenizer(spec.base_model.path)
     pairs, stats = data.tokenize_preference(
         tokenizer, records, max_length=max_length, max_prompt_length=max_prompt_length
@@ -120,26 +86,6 @@ def prepare_pairs(
         # token, so any id works; EOS is the usual choice.
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     return PreparedPairs(dataset_ref, sha256, tokenizer, pairs, stats, int(pad))
-
-
-def total_steps(n_pairs: int, hp: OptimizerHyperparameters) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) with ``max_steps`` applied."""
-    per_epoch = math.ceil(n_pairs / hp.batch_size)
-    total = hp.epochs * per_epoch
-    if hp.max_steps is not None:
-        total = min(total, hp.max_steps)
-    return per_epoch, total
-
-
-def optimizer_and_scheduler(
-    params: list[torch.nn.Parameter], hp: OptimizerHyperparameters, total: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    warmup = math.ceil(hp.warmup_ratio * total)
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(hp.lr_scheduler, warmup_steps=warmup, total_steps=total)
-    )
-    return optimizer, scheduler
 
 
 def epoch_batches(

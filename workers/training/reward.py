@@ -13,7 +13,6 @@ registry's.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from service.core.jobs import RewardModelHyperparameters
-from workers.training import data, lora, preference
+from workers.training import data, loop, lora, preference
 from workers.training.context import RunContext
-from workers.training.errors import TRAINING_DIVERGED, TrainingError
 from workers.training.modelcard import render_model_card
 
 STAGE = "reward_model"
@@ -116,17 +114,12 @@ def train_reward_model(
     set) with the live model, so a caller may go on using it.
     """
     spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
-    hp, lora_settings = preference.validated(
+    hp, lora_settings = loop.validated(
         RewardModelHyperparameters,
         dict(spec.hyperparameters if hyperparameters is None else hyperparameters),
         spec.lora,
         method="reward_model",
     )
-    span_start, span_end = progress_span
-
-    def report_progress(fraction: float) -> None:
-        progress.progress(span_start + (span_end - span_start) * fraction, stage=stage)
-
     prepared = preference.prepare_pairs(ctx, stage=stage, max_length=hp.max_length)
     pairs, pad_token_id = prepared.pairs, prepared.pad_token_id
     # Whole groups: a ranking's pairs of one prompt are held out together (no prompt on both sides).
@@ -181,8 +174,9 @@ def train_reward_model(
         stage=stage,
     )
 
-    steps_per_epoch, total = preference.total_steps(len(train_pairs), hp)
-    optimizer, scheduler = preference.optimizer_and_scheduler(params, hp, total)
+    steps_per_epoch, total = loop.count_steps(len(train_pairs), hp)
+    optimizer, scheduler = loop.build_optimizer(params, hp, total)
+    logger = loop.StepLogger(progress, stage, every=hp.logging_steps, total=total, span=progress_span)
 
     def run_eval() -> dict[str, float]:
         return evaluate(model, eval_pairs, pad_token_id, device, batch_size=hp.batch_size, hp=hp)
@@ -196,71 +190,59 @@ def train_reward_model(
         )
 
     step = 0
-    history: list[dict[str, float]] = []
     last_eval: dict[str, float] = dict(initial_eval)
     window: dict[str, float] = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0.0}
     window_grad_norms: list[float] = []
     last_train: dict[str, float] = {}
     train_start = time.perf_counter()
     model.train()
-    report_progress(0.0)
+    logger.report(0.0)
 
     with cancel.deferred():
-        for epoch in range(hp.epochs):
-            if step >= total:
-                break
-            for batch in preference.epoch_batches(train_pairs, hp.batch_size, seed=spec.seed, epoch=epoch):
-                if step >= total:
-                    break
-                cancel.check()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
-                    chosen, rejected = score_pairs(
-                        model, [train_pairs[i] for i in micro], pad_token_id, device
-                    )
-                    per_pair = pairwise_loss(
-                        chosen, rejected, margin=hp.margin, center_coefficient=hp.center_rewards_coefficient
-                    )
-                    # Divided by the step's pair count, so accumulation gives the big batch's mean gradient.
-                    (per_pair.sum() / len(batch)).backward()
-                    step_loss += float(per_pair.detach().sum())
-                    window["correct"] += float((chosen > rejected).sum())
-                    window["margin"] += float((chosen - rejected).detach().sum())
-                if not math.isfinite(step_loss):
-                    raise TrainingError(
-                        TRAINING_DIVERGED,
-                        f"loss became {step_loss} at step {step + 1}; try a lower learning_rate",
-                    )
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
-                learning_rate = float(scheduler.get_last_lr()[0])
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                window["loss"] += step_loss
-                window["pairs"] += len(batch)
-                window_grad_norms.append(grad_norm)
+        for _epoch, _position, batch in loop.step_batches(
+            hp.epochs,
+            lambda epoch: preference.epoch_batches(train_pairs, hp.batch_size, seed=spec.seed, epoch=epoch),
+            steps=total - step,
+        ):
+            cancel.check()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
+                chosen, rejected = score_pairs(model, [train_pairs[i] for i in micro], pad_token_id, device)
+                per_pair = pairwise_loss(
+                    chosen, rejected, margin=hp.margin, center_coefficient=hp.center_rewards_coefficient
+                )
+                # Divided by the step's pair count, so accumulation gives the big batch's mean gradient.
+                (per_pair.sum() / len(batch)).backward()
+                step_loss += float(per_pair.detach().sum())
+                window["correct"] += float((chosen > rejected).sum())
+                window["margin"] += float((chosen - rejected).detach().sum())
+            grad_norm, learning_rate = loop.optimizer_step(
+                params, optimizer, scheduler, loss=step_loss, step=step, max_grad_norm=hp.max_grad_norm
+            )
+            step += 1
+            window["loss"] += step_loss
+            window["pairs"] += len(batch)
+            window_grad_norms.append(grad_norm)
 
-                values: dict[str, float] = {}
-                if step % hp.logging_steps == 0 or step == total:
-                    last_train = {
-                        "loss": window["loss"] / window["pairs"],
-                        "accuracy": window["correct"] / window["pairs"],
-                        "margin": window["margin"] / window["pairs"],
-                        "learning_rate": learning_rate,
-                        "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
-                        "epoch": step / steps_per_epoch,
-                    }
-                    values.update(last_train)
-                    window = dict.fromkeys(window, 0.0)
-                    window_grad_norms = []
-                if eval_pairs and (step % hp.eval_steps == 0 or step == total):
-                    last_eval = run_eval()
-                    values.update(last_eval)
-                if values:
-                    progress.metric(stage=stage, step=step, values=values)
-                    history.append({"step": float(step), **values})
-                    report_progress(step / total)
+            values: dict[str, float] = {}
+            if logger.due(step):
+                last_train = {
+                    "loss": window["loss"] / window["pairs"],
+                    "accuracy": window["correct"] / window["pairs"],
+                    "margin": window["margin"] / window["pairs"],
+                    "learning_rate": learning_rate,
+                    "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
+                    "epoch": step / steps_per_epoch,
+                }
+                values.update(last_train)
+                window = dict.fromkeys(window, 0.0)
+                window_grad_norms = []
+            if eval_pairs and (step % hp.eval_steps == 0 or step == total):
+                last_eval = run_eval()
+                values.update(last_eval)
+            if values:
+                logger.log(step, values)
         train_seconds = time.perf_counter() - train_start
         cancel.check()
 
@@ -277,10 +259,6 @@ def train_reward_model(
         }
         if initial_eval:
             metrics["initial_eval_accuracy"] = initial_eval["eval_accuracy"]
-        out = Path(spec.output_dir if output_dir is None else output_dir)
-        rm_dir = lora.save_adapter(
-            model, prepared.tokenizer, out / "reward_model", base_model_name=spec.base_model.name
-        )
         card = render_model_card(
             title=f"{spec.base_model.name} + LoRA reward model",
             method="reward_model",
@@ -296,10 +274,14 @@ def train_reward_model(
             loader_args=", num_labels=1",
             notes=_reward_notes(pad_token_id, metrics.get("eval_accuracy"), len(eval_pairs)),
         )
-        (rm_dir / "README.md").write_text(card, encoding="utf-8")
-        card_dir = out / "model_card"
-        card_dir.mkdir(parents=True, exist_ok=True)
-        (card_dir / "README.md").write_text(card, encoding="utf-8")
+        rm_dir, card_dir = loop.write_outputs(
+            model,
+            prepared.tokenizer,
+            Path(spec.output_dir if output_dir is None else output_dir),
+            "reward_model",
+            card,
+            base_model_name=spec.base_model.name,
+        )
         cancel.check()
 
     metadata = {
@@ -310,11 +292,16 @@ def train_reward_model(
         "eval_accuracy": metrics.get("eval_accuracy"),
         "datasets": {preference.ROLE: {"id": prepared.dataset_ref.id, "sha256": prepared.dataset_sha256}},
     }
-    progress.artifact(str(rm_dir), stage=stage, kind="reward_model", metadata=metadata)
-    progress.artifact(
-        str(card_dir), stage=stage, kind="model_card", metadata={"base_model": spec.base_model.id}
+    loop.announce_outputs(
+        progress,
+        stage,
+        rm_dir,
+        card_dir,
+        kind="reward_model",
+        metadata=metadata,
+        base_model_id=spec.base_model.id,
     )
-    report_progress(1.0)
+    logger.report(1.0)
     summary = f"finished {step} steps in {train_seconds:.1f} s"
     if "eval_accuracy" in metrics:
         summary += (
@@ -328,7 +315,7 @@ def train_reward_model(
         model_card_dir=card_dir,
         steps=step,
         metrics=metrics,
-        history=history,
+        history=logger.history,
     )
 
 

@@ -15,7 +15,6 @@ makes PPO on language models work is a small function with its own unit test:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from workers.training.data import read_jsonl
 from workers.training.errors import INVALID_DATASET, TrainingError
 
 # Positions counted over real tokens only (cumsum - 1): a left-padded row sees the same positions as the
@@ -69,24 +69,7 @@ def parse_prompt_record(record: Any, line: int) -> list[Message]:
 
 
 def read_prompt_records(path: str | Path) -> list[list[Message]]:
-    records: list[list[Message]] = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise _bad(number, f"invalid JSON: {exc.msg}") from None
-                records.append(parse_prompt_record(record, number))
-    except UnicodeDecodeError as exc:
-        raise TrainingError(INVALID_DATASET, f"{path} is not UTF-8: {exc}") from None
-    except OSError as exc:
-        raise TrainingError(INVALID_DATASET, f"cannot read {path}: {exc}") from None
-    if not records:
-        raise TrainingError(INVALID_DATASET, f"{path} holds no records")
-    return records
+    return read_jsonl(path, parse_prompt_record)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:

@@ -8,29 +8,19 @@ batch, and long and short examples weigh by their tokens, not per example.
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 
-from service.core.jobs import LoraSettings, SFTHyperparameters
-from workers.training import checkpoint, data, lora
+from service.core.jobs import SFTHyperparameters
+from workers.training import checkpoint, data, loop, lora
 from workers.training.context import RunContext
-from workers.training.errors import (
-    INVALID_HYPERPARAMETERS,
-    INVALID_LORA,
-    INVALID_SPEC,
-    NO_TRAINABLE_EXAMPLES,
-    TRAINING_DIVERGED,
-    TrainingError,
-)
+from workers.training.errors import INVALID_SPEC, NO_TRAINABLE_EXAMPLES, TrainingError
 from workers.training.modelcard import DatasetCardEntry, render_model_card
 
 STAGE = "sft"
@@ -44,23 +34,6 @@ class SFTResult:
     steps: int
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def lr_lambda(kind: str, *, warmup_steps: int, total_steps: int) -> Any:
-    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warm-up, then the decay."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        decay_steps = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / decay_steps)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress  # linear
-
-    return factor
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -102,36 +75,16 @@ def completion_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor])
     return token_loss_sum(logits, labels)
 
 
-def _validated(spec_hp: dict[str, Any], spec_lora: dict[str, Any]) -> tuple[SFTHyperparameters, LoraSettings]:
-    # The runner passes resolved values; validating again turns a corrupt spec into a clear error code.
-    try:
-        hp = SFTHyperparameters.model_validate(spec_hp)
-    except ValidationError as exc:
-        raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid sft hyperparameters: {exc}") from None
-    try:
-        settings = LoraSettings.model_validate(spec_lora)
-    except ValidationError as exc:
-        raise TrainingError(INVALID_LORA, f"invalid LoRA settings: {exc}") from None
-    return hp, settings
-
-
 def train_sft(ctx: RunContext) -> SFTResult:
     spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
-    hp, lora_settings = _validated(spec.hyperparameters, spec.lora)
+    hp, lora_settings = loop.validated(SFTHyperparameters, spec.hyperparameters, spec.lora, method="sft")
     dataset_ref = spec.datasets.get("sft")
     if dataset_ref is None:
         raise TrainingError(INVALID_SPEC, "method sft needs a dataset with role 'sft'")
 
     # Data first: a bad dataset fails in a second, before the (slow) model load.
     records = data.read_sft_records(dataset_ref.path)
-    dataset_sha256 = data.sha256_file(dataset_ref.path)
-    if dataset_sha256 != dataset_ref.sha256:
-        progress.event(
-            f"dataset {dataset_ref.id}: sha256 of the local file ({dataset_sha256}) differs from the spec's "
-            f"({dataset_ref.sha256}); the model card records the local file's",
-            stage=STAGE,
-            level="warning",
-        )
+    dataset_sha256 = loop.local_sha256(progress, dataset_ref, stage=STAGE)
     tokenizer = lora.load_tokenizer(spec.base_model.path)
     examples, stats = data.tokenize_sft(
         tokenizer, records, max_length=hp.max_length, completion_only_loss=hp.completion_only_loss
@@ -182,15 +135,8 @@ def train_sft(ctx: RunContext) -> SFTResult:
         stage=STAGE,
     )
 
-    steps_per_epoch = math.ceil(len(examples) / hp.batch_size)
-    total_steps = hp.epochs * steps_per_epoch
-    if hp.max_steps is not None:
-        total_steps = min(total_steps, hp.max_steps)
-    warmup_steps = math.ceil(hp.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(hp.lr_scheduler, warmup_steps=warmup_steps, total_steps=total_steps)
-    )
+    steps_per_epoch, total_steps = loop.count_steps(len(examples), hp)
+    optimizer, scheduler = loop.build_optimizer(params, hp, total_steps)
     lengths = [example.length for example in examples]
 
     ckpt = checkpoint.Checkpointer(
@@ -201,18 +147,14 @@ def train_sft(ctx: RunContext) -> SFTResult:
         optimizer=optimizer,
         scheduler=scheduler,
     )
+    logger = loop.StepLogger(progress, STAGE, every=hp.logging_steps, total=total_steps)
     step = 0
-    history: list[dict[str, float]] = []
     start_epoch, skip_batches = 0, 0
     resumed = ckpt.restore()
     if resumed is not None:
         step, start_epoch, skip_batches = resumed.step, resumed.epoch, resumed.position
-        # Only the first and last logged points travel in the checkpoint (the final metrics need them).
-        history = [dict(point) for point in resumed.extra.get("history", [])]
+        logger.load(resumed.extra)
     last_epoch, last_position = start_epoch, skip_batches
-
-    def ckpt_extra() -> dict[str, object]:
-        return {"history": history[:1] + history[-1:] if len(history) > 1 else history}
 
     window_loss = 0.0
     window_tokens = 0
@@ -221,86 +163,71 @@ def train_sft(ctx: RunContext) -> SFTResult:
     window_start = time.perf_counter()
     train_start = window_start
     model.train()  # LoRA dropout on; the frozen base has its own dropout settings
-    progress.progress(step / total_steps, stage=STAGE)
+    logger.report(step / total_steps)
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        # A fresh, seeded batch order per epoch; the same seed gives the same run.
+        return data.length_bucketed_batches(
+            lengths, hp.batch_size, rng=random.Random(spec.seed * 1_000_003 + epoch)
+        )
 
     with cancel.deferred():
-        for epoch in range(start_epoch, hp.epochs):
-            if step >= total_steps:
-                break
-            # A fresh, seeded batch order per epoch; the same seed gives the same run, and a resumed run
-            # skips the batches its checkpoint had consumed.
-            batches = data.length_bucketed_batches(
-                lengths, hp.batch_size, rng=random.Random(spec.seed * 1_000_003 + epoch)
+        # A resumed run skips the batches its checkpoint had consumed.
+        for epoch, position, batch in loop.step_batches(
+            hp.epochs, batches_of, steps=total_steps - step, start_epoch=start_epoch, skip=skip_batches
+        ):
+            cancel.check()
+            step_tokens = sum(examples[i].num_trainable for i in batch)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
+                inputs = {k: v.to(device) for k, v in collate([examples[i] for i in micro]).items()}
+                loss_sum = completion_loss_sum(model, inputs)
+                (loss_sum / step_tokens).backward()
+                step_loss += float(loss_sum.detach())
+                window_inputs += int(inputs["attention_mask"].sum())
+            grad_norm, learning_rate = loop.optimizer_step(
+                params, optimizer, scheduler, loss=step_loss, step=step, max_grad_norm=hp.max_grad_norm
             )
-            for position, batch in enumerate(batches, start=1):
-                if step >= total_steps:
-                    break
-                if epoch == start_epoch and position <= skip_batches:
-                    continue
-                cancel.check()
-                step_tokens = sum(examples[i].num_trainable for i in batch)
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
-                    inputs = {k: v.to(device) for k, v in collate([examples[i] for i in micro]).items()}
-                    loss_sum = completion_loss_sum(model, inputs)
-                    (loss_sum / step_tokens).backward()
-                    step_loss += float(loss_sum.detach())
-                    window_inputs += int(inputs["attention_mask"].sum())
-                if not math.isfinite(step_loss):
-                    raise TrainingError(
-                        TRAINING_DIVERGED,
-                        f"loss became {step_loss} at step {step + 1}; try a lower learning_rate",
-                    )
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
-                learning_rate = float(scheduler.get_last_lr()[0])
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                window_loss += step_loss
-                window_tokens += step_tokens
-                window_grad_norms.append(grad_norm)
+            step += 1
+            window_loss += step_loss
+            window_tokens += step_tokens
+            window_grad_norms.append(grad_norm)
 
-                if step % hp.logging_steps == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    values = {
-                        # mean over the window's completion tokens (the step's, with logging_steps=1)
-                        "loss": window_loss / window_tokens,
-                        "learning_rate": learning_rate,
-                        # mean pre-clipping global norm over the window's steps
-                        "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
-                        # every non-pad input token (prompt included) per wall-clock second
-                        "tokens_per_second": window_inputs / max(now - window_start, 1e-9),
-                        "epoch": step / steps_per_epoch,
-                    }
-                    progress.metric(stage=STAGE, step=step, values=values)
-                    progress.progress(step / total_steps, stage=STAGE)
-                    history.append({"step": float(step), **values})
-                    window_loss, window_tokens, window_inputs = 0.0, 0, 0
-                    window_grad_norms = []
-                    window_start = now
-                last_epoch, last_position = epoch, position
-                # A checkpoint mid-way through a logging window drops that window's partial sums on resume:
-                # the weights are exact, the first metric point after a resume covers fewer steps.
-                ckpt.maybe_save(step, epoch=epoch, position=position, extra=ckpt_extra())
+            if logger.due(step):
+                now = time.perf_counter()
+                values = {
+                    # mean over the window's completion tokens (the step's, with logging_steps=1)
+                    "loss": window_loss / window_tokens,
+                    "learning_rate": learning_rate,
+                    # mean pre-clipping global norm over the window's steps
+                    "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
+                    # every non-pad input token (prompt included) per wall-clock second
+                    "tokens_per_second": window_inputs / max(now - window_start, 1e-9),
+                    "epoch": step / steps_per_epoch,
+                }
+                logger.log(step, values)
+                window_loss, window_tokens, window_inputs = 0.0, 0, 0
+                window_grad_norms = []
+                window_start = now
+            last_epoch, last_position = epoch, position
+            # A checkpoint mid-way through a logging window drops that window's partial sums on resume:
+            # the weights are exact, the first metric point after a resume covers fewer steps.
+            ckpt.maybe_save(step, epoch=epoch, position=position, extra=logger.state())
         train_seconds = time.perf_counter() - train_start
         cancel.check()
-        ckpt.save(step, epoch=last_epoch, position=last_position, extra=ckpt_extra(), final=True)
+        ckpt.save(step, epoch=last_epoch, position=last_position, extra=logger.state(), final=True)
 
         model.eval()
-        last = history[-1]
+        history = logger.history
         metrics = {
-            "loss": last["loss"],
+            "loss": history[-1]["loss"],
             "first_loss": history[0]["loss"],
             "steps": float(step),
             "epochs": step / steps_per_epoch,
             "train_seconds": train_seconds,
             "trainable_parameters": float(n_trainable),
         }
-        out = Path(spec.output_dir)
-        adapter_dir = lora.save_adapter(
-            model, tokenizer, out / "adapter", base_model_name=spec.base_model.name
-        )
         card = render_model_card(
             title=f"{spec.base_model.name} + LoRA (SFT)",
             method="sft",
@@ -324,11 +251,9 @@ def train_sft(ctx: RunContext) -> SFTResult:
             seed=spec.seed,
             metrics=metrics,
         )
-        # Overwrites the generic README peft writes on save.
-        (adapter_dir / "README.md").write_text(card, encoding="utf-8")
-        card_dir = out / "model_card"
-        card_dir.mkdir(parents=True, exist_ok=True)
-        (card_dir / "README.md").write_text(card, encoding="utf-8")
+        adapter_dir, card_dir = loop.write_outputs(
+            model, tokenizer, Path(spec.output_dir), "adapter", card, base_model_name=spec.base_model.name
+        )
         cancel.check()
 
     metadata = {
@@ -337,11 +262,16 @@ def train_sft(ctx: RunContext) -> SFTResult:
         "metrics": metrics,
         "datasets": {"sft": {"id": dataset_ref.id, "sha256": dataset_sha256}},
     }
-    progress.artifact(str(adapter_dir), stage=STAGE, kind="adapter", metadata=metadata)
-    progress.artifact(
-        str(card_dir), stage=STAGE, kind="model_card", metadata={"base_model": spec.base_model.id}
+    loop.announce_outputs(
+        progress,
+        STAGE,
+        adapter_dir,
+        card_dir,
+        kind="adapter",
+        metadata=metadata,
+        base_model_id=spec.base_model.id,
     )
-    progress.progress(1.0, stage=STAGE)
+    logger.report(1.0)
     progress.event(
         f"finished {step} steps in {train_seconds:.1f} s; loss {metrics['first_loss']:.4f} -> {metrics['loss']:.4f}",
         stage=STAGE,
