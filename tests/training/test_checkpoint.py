@@ -1,11 +1,12 @@
-"""Checkpoints: atomic save/restore of weights, optimizer, scheduler and RNGs; an interrupted SFT run resumed
-from its checkpoint ends bit-identical to the uninterrupted run."""
+"""Checkpoints: atomic save/restore of weights, optimizer, scheduler and RNGs; an interrupted SFT, reward
+model, DPO or PPO run resumed from its checkpoint ends bit-identical to the uninterrupted run."""
 
 from __future__ import annotations
 
 import io
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.tiny_model import tiny_sft_jsonl
+from tests.helpers.tiny_model import tiny_preference_jsonl, tiny_sft_jsonl
 from tests.training._child import write_spec
 from workers.protocol import ProgressWriter, ResumeRef, TrainingSpec, parse_line
 from workers.training import checkpoint
@@ -262,3 +263,102 @@ def test_sft_stopped_at_step_k_and_resumed_matches_uninterrupted_run(
         if m["type"] == "metric":
             assert m["values"]["loss"] == straight_losses[m["step"]]
     assert resumed.metrics["first_loss"] == full.metrics["first_loss"]
+
+
+# --- the same for the other loops, through one helper: a straight run, a run stopped after the checkpoint of
+# step k, and a run resumed from that checkpoint, each in its own folder with the same seed.
+
+Train = Callable[[RunContext], Any]
+
+
+def _method_spec(
+    work: Path,
+    model_dir: Path,
+    dataset: Path,
+    *,
+    method: str,
+    hp: dict[str, Any],
+    lora: dict[str, Any],
+    **fields: Any,
+) -> TrainingSpec:
+    spec_path = write_spec(
+        work, model_dir=model_dir, dataset=dataset, method=method, hyperparameters=hp, lora=lora, seed=3
+    )
+    raw = json.loads(spec_path.read_text())
+    raw.update({"checkpoint_dir": str(work / "ckpt"), **fields})
+    return TrainingSpec.model_validate(raw)
+
+
+def _stop_and_resume(
+    train: Train, spec: Callable[..., TrainingSpec], *, stage: str, stop_after: int, checkpoints: list[int]
+) -> tuple[Any, Any, Recorder, Recorder]:
+    """(straight result, resumed result, their recorders); checks the checkpoint steps and the stop."""
+    seed_everything(3)
+    straight = Recorder()
+    full = train(RunContext(spec=spec("a"), progress=straight))
+    assert [m["step"] for m in straight.messages if m["type"] == "checkpoint"] == checkpoints
+
+    seed_everything(3)
+    cancel = CancelToken()
+    stopper = Recorder(cancel, stop_after_checkpoint=stop_after)
+    with pytest.raises(Cancelled):
+        train(RunContext(spec=spec("b"), progress=stopper, cancel=cancel))
+    saved = [m for m in stopper.messages if m["type"] == "checkpoint"]
+    assert saved[-1]["step"] == stop_after and saved[-1]["stage"] == stage
+    assert not [m for m in stopper.messages if m["type"] == "artifact"]
+
+    seed_everything(3)  # a fresh child seeds as usual; the checkpoint's RNG states win
+    resumer = Recorder()
+    resume = ResumeRef(path=saved[-1]["path"], stage=stage, step=stop_after)
+    resumed = train(RunContext(spec=spec("c", resume_from=resume.model_dump()), progress=resumer))
+    metric_steps = [m["step"] for m in resumer.messages if m["type"] == "metric"]
+    assert metric_steps and metric_steps[0] > stop_after  # continues, does not restart at 1
+    return full, resumed, straight, resumer
+
+
+def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-identical on CPU
+
+
+def _same_metrics_after(straight: Recorder, resumer: Recorder, names: tuple[str, ...]) -> None:
+    points = {m["step"]: m["values"] for m in straight.messages if m["type"] == "metric"}
+    for m in resumer.messages:
+        if m["type"] == "metric":
+            for name in names:
+                if name in m["values"]:
+                    assert m["values"][name] == points[m["step"]][name], (m["step"], name)
+
+
+PREF_LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}  # dropout: the RNG matters
+
+
+def test_reward_model_stopped_and_resumed_matches_uninterrupted_run(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from workers.training.reward import train_reward_model
+
+    torch.set_num_threads(1)
+    dataset = tiny_preference_jsonl(tmp_path / "pref.jsonl", n=24, seed=0, messages=True)
+    # 18 training pairs at 8 per step: 3 steps an epoch, so 8 steps cross two epoch boundaries.
+    hp = {
+        "epochs": 5, "max_steps": 8, "batch_size": 8, "learning_rate": 5e-3, "max_length": 64,
+        "eval_fraction": 0.25, "eval_steps": 4, "logging_steps": 2, "checkpoint_steps": 3,
+    }  # fmt: skip
+
+    def spec(name: str, **fields: Any) -> TrainingSpec:
+        return _method_spec(
+            tmp_path / name, tiny_model_dir, dataset, method="reward_model", hp=hp, lora=PREF_LORA, **fields
+        )
+
+    full, resumed, straight, resumer = _stop_and_resume(
+        train_reward_model, spec, stage="reward_model", stop_after=3, checkpoints=[3, 6, 8]
+    )
+    assert resumed.steps == full.steps == 8
+    _assert_same_weights(full.reward_model_dir, resumed.reward_model_dir)  # LoRA and the score head
+    _same_metrics_after(straight, resumer, ("eval_accuracy", "eval_margin", "learning_rate"))
+    for name in ("eval_accuracy", "eval_margin", "initial_eval_accuracy", "loss", "accuracy"):
+        assert resumed.metrics[name] == full.metrics[name], name

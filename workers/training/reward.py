@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from service.core.jobs import RewardModelHyperparameters
-from workers.training import data, loop, lora, preference
+from workers.training import checkpoint, data, loop, lora, preference
 from workers.training.context import RunContext
 from workers.training.modelcard import render_model_card
 
@@ -181,28 +181,56 @@ def train_reward_model(
     def run_eval() -> dict[str, float]:
         return evaluate(model, eval_pairs, pad_token_id, device, batch_size=hp.batch_size, hp=hp)
 
-    initial_eval = run_eval() if eval_pairs else {}
-    if initial_eval:
-        progress.event(
-            f"before training: held-out accuracy {initial_eval['eval_accuracy']:.3f}, "
-            f"margin {initial_eval['eval_margin']:.4f}",
-            stage=stage,
-        )
+    ckpt = checkpoint.Checkpointer(
+        ctx,
+        stage=stage,
+        every=hp.checkpoint_steps,
+        modules={"model": model},  # LoRA and the score head (peft's modules_to_save copy)
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+    step, start_epoch, skip_batches = 0, 0, 0
+    resumed = ckpt.restore()
+    if resumed is not None:
+        step, start_epoch, skip_batches = resumed.step, resumed.epoch, resumed.position
+        logger.load(resumed.extra)
+        # The evaluations so far travel in the checkpoint: the final metrics and the gate read them.
+        initial_eval = dict(resumed.extra.get("initial_eval", {}))
+        last_eval = dict(resumed.extra.get("last_eval", {}))
+        last_train = dict(resumed.extra.get("last_train", {}))
+    else:
+        initial_eval = run_eval() if eval_pairs else {}
+        if initial_eval:
+            progress.event(
+                f"before training: held-out accuracy {initial_eval['eval_accuracy']:.3f}, "
+                f"margin {initial_eval['eval_margin']:.4f}",
+                stage=stage,
+            )
+        last_eval = dict(initial_eval)
+        last_train = {}
+    last_epoch, last_position = start_epoch, skip_batches
 
-    step = 0
-    last_eval: dict[str, float] = dict(initial_eval)
+    def ckpt_extra() -> dict[str, Any]:
+        return {
+            **logger.state(),
+            "initial_eval": initial_eval,
+            "last_eval": last_eval,
+            "last_train": last_train,
+        }
+
     window: dict[str, float] = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0.0}
     window_grad_norms: list[float] = []
-    last_train: dict[str, float] = {}
     train_start = time.perf_counter()
     model.train()
-    logger.report(0.0)
+    logger.report(step / total)
 
     with cancel.deferred():
-        for _epoch, _position, batch in loop.step_batches(
+        for epoch, position, batch in loop.step_batches(
             hp.epochs,
             lambda epoch: preference.epoch_batches(train_pairs, hp.batch_size, seed=spec.seed, epoch=epoch),
             steps=total - step,
+            start_epoch=start_epoch,
+            skip=skip_batches,
         ):
             cancel.check()
             optimizer.zero_grad(set_to_none=True)
@@ -243,8 +271,11 @@ def train_reward_model(
                 values.update(last_eval)
             if values:
                 logger.log(step, values)
+            last_epoch, last_position = epoch, position
+            ckpt.maybe_save(step, epoch=epoch, position=position, extra=ckpt_extra())
         train_seconds = time.perf_counter() - train_start
         cancel.check()
+        ckpt.save(step, epoch=last_epoch, position=last_position, extra=ckpt_extra(), final=True)
 
         model.eval()
         metrics: dict[str, float] = {
