@@ -362,3 +362,29 @@ def test_reward_model_stopped_and_resumed_matches_uninterrupted_run(
     _same_metrics_after(straight, resumer, ("eval_accuracy", "eval_margin", "learning_rate"))
     for name in ("eval_accuracy", "eval_margin", "initial_eval_accuracy", "loss", "accuracy"):
         assert resumed.metrics[name] == full.metrics[name], name
+
+
+def test_dpo_stopped_and_resumed_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from workers.training.dpo import train_dpo
+
+    torch.set_num_threads(1)
+    dataset = tiny_preference_jsonl(tmp_path / "pref.jsonl", n=20, seed=0, messages=True)
+    # 20 pairs at 8 per step: 3 steps an epoch; stopped after step 4, mid-way through the second epoch.
+    hp = {
+        "epochs": 5, "max_steps": 7, "batch_size": 8, "learning_rate": 5e-3, "max_length": 64,
+        "logging_steps": 1, "checkpoint_steps": 2, "beta": 0.1,
+    }  # fmt: skip
+
+    def spec(name: str, **fields: Any) -> TrainingSpec:
+        return _method_spec(
+            tmp_path / name, tiny_model_dir, dataset, method="dpo", hp=hp, lora=PREF_LORA, **fields
+        )
+
+    full, resumed, straight, resumer = _stop_and_resume(
+        train_dpo, spec, stage="dpo", stop_after=4, checkpoints=[2, 4, 6, 7]
+    )
+    assert resumed.steps == full.steps == 7
+    _assert_same_weights(full.adapter_dir, resumed.adapter_dir)
+    _same_metrics_after(straight, resumer, ("loss", "margin", "accuracy", "learning_rate"))
+    for name in ("loss", "margin", "accuracy", "first_loss", "first_margin"):
+        assert resumed.metrics[name] == full.metrics[name], name

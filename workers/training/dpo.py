@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from service.core.jobs import DPOHyperparameters
-from workers.training import data, loop, lora, preference
+from workers.training import checkpoint, data, loop, lora, preference
 from workers.training.context import RunContext
 from workers.training.modelcard import render_model_card
 
@@ -164,19 +164,35 @@ def train_dpo(
     optimizer, scheduler = loop.build_optimizer(params, hp, total)
     logger = loop.StepLogger(progress, stage, every=hp.logging_steps, total=total)
 
-    step = 0
+    # After the reference pass, which reads the frozen reference (never the policy) and draws no random numbers.
+    ckpt = checkpoint.Checkpointer(
+        ctx,
+        stage=stage,
+        every=hp.checkpoint_steps,
+        modules={"model": model},
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+    step, start_epoch, skip_batches = 0, 0, 0
+    resumed = ckpt.restore()
+    if resumed is not None:
+        step, start_epoch, skip_batches = resumed.step, resumed.epoch, resumed.position
+        logger.load(resumed.extra)
+    last_epoch, last_position = start_epoch, skip_batches
     keys = ("loss", "rewards_chosen", "rewards_rejected", "margin", "correct", "pairs")
     window = dict.fromkeys(keys, 0.0)
     window_grad_norms: list[float] = []
     train_start = time.perf_counter()
     model.train()
-    logger.report(0.0)
+    logger.report(step / total)
 
     with cancel.deferred():
-        for _epoch, _position, batch in loop.step_batches(
+        for epoch, position, batch in loop.step_batches(
             hp.epochs,
             lambda epoch: preference.epoch_batches(pairs, hp.batch_size, seed=spec.seed, epoch=epoch),
             steps=total - step,
+            start_epoch=start_epoch,
+            skip=skip_batches,
         ):
             cancel.check()
             optimizer.zero_grad(set_to_none=True)
@@ -223,8 +239,11 @@ def train_dpo(
                 logger.log(step, values)
                 window = dict.fromkeys(keys, 0.0)
                 window_grad_norms = []
+            last_epoch, last_position = epoch, position
+            ckpt.maybe_save(step, epoch=epoch, position=position, extra=logger.state())
         train_seconds = time.perf_counter() - train_start
         cancel.check()
+        ckpt.save(step, epoch=last_epoch, position=last_position, extra=logger.state(), final=True)
 
         model.eval()
         history = logger.history
