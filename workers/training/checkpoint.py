@@ -16,7 +16,7 @@ attempt gets the newest complete one back as ``spec.resume_from``.
 Data order: every loop here draws its batch order from ``(seed, epoch)`` alone, so restoring ``epoch`` and
 skipping the ``position`` batches already done reproduces the uninterrupted run's order exactly.
 
-The API a training loop needs (SFT uses it; reward/DPO/PPO loops add the same three calls)::
+The API a training loop needs (the SFT, reward model, DPO and PPO loops use it)::
 
     ckpt = Checkpointer(ctx, stage=STAGE, every=hp.checkpoint_steps, modules={"model": model},
                         optimizer=optimizer, scheduler=scheduler)

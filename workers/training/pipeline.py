@@ -17,7 +17,8 @@ to look at). A job asking for a gate with no held-out set (``eval_fraction`` 0) 
 
 Resume: after each stage the pipeline writes a ``stage_complete`` checkpoint (after that stage's artifacts);
 a resumed attempt skips completed stages, taking their outputs from ``spec.stage_artifacts`` (the runner
-passes the stored artifacts back), and resumes a stage from its own checkpoint when it has one (SFT).
+passes the stored artifacts back), and resumes the stage it was in from that stage's newest step checkpoint
+(SFT, reward model and PPO each save one every ``checkpoint_steps`` and at their end).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from service.core.jobs import LoraSettings, PPOHyperparameters
-from workers.training import data, loop, lora, rollout
+from workers.training import checkpoint, data, loop, lora, rollout
 from workers.training.context import RunContext
 from workers.training.errors import (
     INVALID_ADAPTER,
@@ -656,6 +656,34 @@ def _check_reward_base(folder: Path, base_name: str, base_path: str, progress: A
     )
 
 
+class PromptCycle:
+    """Prompts for each update: shuffled passes over the prompts, a fresh seeded pass whenever one runs out.
+
+    Its state for a checkpoint is ``rng`` (an extra RNG of the checkpoint) plus the rest of the current pass
+    (:meth:`state`), so a resumed run draws the same prompts the uninterrupted one would.
+    """
+
+    def __init__(self, prompts: list[list[int]], size: int, *, seed: int) -> None:
+        self.prompts = prompts
+        self.size = size
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def __call__(self) -> list[list[int]]:
+        batch: list[list[int]] = []
+        while len(batch) < self.size:
+            if not self.order:
+                self.order.extend(self.rng.sample(range(len(self.prompts)), len(self.prompts)))
+            batch.append(self.prompts[self.order.pop()])
+        return batch
+
+    def state(self) -> list[int]:
+        return list(self.order)
+
+    def load(self, order: list[int]) -> None:
+        self.order = [int(i) for i in order]
+
+
 @dataclass
 class PPOSession:
     """Everything :func:`setup_ppo` builds; :func:`train_ppo` runs the loop on it (tests may drive it)."""
@@ -670,7 +698,7 @@ class PPOSession:
     dataset_sha256: str
     total_updates: int
     rollout_size: int
-    next_prompts: Callable[[], list[list[int]]]
+    next_prompts: PromptCycle
 
 
 def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None) -> PPOSession:
@@ -787,18 +815,6 @@ def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None)
     trainer = PPOTrainer(
         models, reward_fn, hp, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator
     )
-    order_rng = random.Random(spec.seed)
-    order: list[int] = []
-
-    def next_prompts() -> list[list[int]]:
-        # A fresh shuffled pass over the prompts whenever the previous one runs out.
-        batch: list[list[int]] = []
-        while len(batch) < rollout_size:
-            if not order:
-                order.extend(order_rng.sample(range(len(prompts)), len(prompts)))
-            batch.append(prompts[order.pop()])
-        return batch
-
     return PPOSession(
         hp=hp,
         lora_settings=lora_settings,
@@ -810,7 +826,7 @@ def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None)
         dataset_sha256=dataset_sha256,
         total_updates=total_updates,
         rollout_size=rollout_size,
-        next_prompts=next_prompts,
+        next_prompts=PromptCycle(prompts, rollout_size, seed=spec.seed),
     )
 
 
@@ -834,11 +850,32 @@ def train_ppo(
     reward_adapter = models.reward_adapter
 
     logger = loop.StepLogger(progress, STAGE, every=hp.logging_steps, total=total_updates)
+    cycle = session.next_prompts
+    # Everything an update depends on: the trainable adapter(s) and value head, Adam's moments, the sampling
+    # generator (rollouts and minibatch permutations), the prompt order; dropout is off, so no global RNG.
+    ckpt = checkpoint.Checkpointer(
+        ctx,
+        stage=STAGE,
+        every=hp.checkpoint_steps,
+        modules={"peft": peft_model, "value_head": models.value_head},
+        optimizer=trainer.optimizer,
+        extra_rng={"sampling": trainer.generator, "prompt_order": cycle.rng},
+    )
+    done = 0
+    resumed = ckpt.restore()
+    if resumed is not None:
+        done = resumed.step
+        logger.load(resumed.extra)
+        cycle.load(resumed.extra.get("prompt_order", []))
+
+    def ckpt_extra() -> dict[str, Any]:
+        return {**logger.state(), "prompt_order": cycle.state()}
+
     first_minibatch: MinibatchStats | None = None
     train_start = time.perf_counter()
-    logger.report(0.0)
+    logger.report(done / total_updates)
     with cancel.deferred():
-        for update in range(1, total_updates + 1):
+        for update in range(done + 1, total_updates + 1):
             cancel.check()
             result = trainer.step(session.next_prompts())
             if first_minibatch is None:
@@ -846,8 +883,11 @@ def train_ppo(
             if on_update is not None:
                 on_update(update, result)
             logger.log(update, result.metrics, emit=logger.due(update))
+            # One update is one step; the prompt order is the position.
+            ckpt.maybe_save(update, epoch=0, position=update, extra=ckpt_extra())
         train_seconds = time.perf_counter() - train_start
         cancel.check()
+        ckpt.save(total_updates, epoch=0, position=total_updates, extra=ckpt_extra(), final=True)
 
         history = logger.history
         last = history[-1]
