@@ -108,3 +108,67 @@ def test_sigkilled_child_resumes_from_its_checkpoint(
     # One final adapter (and its card); the checkpoints were dropped once the job succeeded.
     artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
     assert sorted(a["kind"] for a in artifacts) == ["adapter", "model_card"], artifacts
+
+
+def test_rlhf_killed_in_ppo_resumes_ppo_from_its_checkpoint(
+    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path, tmp_path: Path
+) -> None:
+    from tests.helpers.tiny_model import tiny_preference_jsonl
+    from tests.service.test_rlhf import HYPERPARAMETERS, LORA, PROMPTS
+
+    updates = 24
+    ppo_hp = {**HYPERPARAMETERS["ppo"], "steps": updates, "checkpoint_steps": 3}
+    ids = {
+        "sft": upload_dataset(client, sft_jsonl, "sft").json()["id"],
+        "preference": upload_dataset(
+            client, tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=84), "preference"
+        ).json()["id"],
+        "prompts": upload_dataset(client, PROMPTS, "prompts").json()["id"],
+    }
+    job_id = client.post(
+        "/v1/jobs",
+        json={
+            "method": "rlhf",
+            "base_model": upload_model(client, tiny_model_dir).json()["id"],
+            "datasets": ids,
+            "lora": LORA,
+            "hyperparameters": {**HYPERPARAMETERS, "ppo": ppo_hp},
+            "seed": 0,
+        },
+    ).json()["id"]
+
+    # Wait for the first stored PPO checkpoint (not the sft/reward_model stage_complete ones), then SIGKILL.
+    pid = checkpoint_step = None
+    deadline = time.monotonic() + 240
+    while checkpoint_step is None:
+        assert time.monotonic() < deadline, _events(client, job_id)
+        for event in _events(client, job_id):
+            started = re.search(r"Training process started \(pid (\d+)\)", event["message"])
+            if started:
+                pid = int(started.group(1))
+            stored = re.search(
+                r"Stored checkpoint artifact \S+ \(\d+ bytes\) at step (\d+)", event["message"]
+            )
+            if stored and event["stage"] == "ppo":
+                checkpoint_step = int(stored.group(1))
+        time.sleep(0.05)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    done = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert done["status"] == "succeeded", done
+    messages = [e["message"] for e in _events(client, job_id)]
+    assert any("killed by SIGKILL (attempt 1 of 3)" in m for m in messages), messages
+    resumed = [m for m in messages if m.startswith("Resuming from checkpoint")]
+    assert len(resumed) == 1 and "stage ppo" in resumed[0], messages
+    resume_step = int(re.search(r"step (\d+)", resumed[0]).group(1))  # type: ignore[union-attr]
+    assert resume_step >= checkpoint_step >= 3 and resume_step % 3 == 0 and resume_step < updates
+    assert messages.count("Job succeeded.") == 1
+
+    # PPO went on at resume_step + 1: one reward_mean point per update 1..24, none sent twice.
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    steps = [m["step"] for m in metrics if m["name"] == "reward_mean"]
+    assert steps == list(range(1, updates + 1)), steps
+    # The sft and reward_model stages were not trained again: their loss series appear once.
+    sft_steps = [m["step"] for m in metrics if m["name"] == "loss" and m["stage"] == "sft"]
+    assert Counter(sft_steps).most_common(1)[0][1] == 1
