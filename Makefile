@@ -46,4 +46,60 @@ openapi: $(STAMP)
 	$(PY) -m service.openapi > openapi/openapi.json
 
 clean:
-	rm -rf $(VENV) .alignd .alignd-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) bench/.work .alignd .alignd-demo .pytest_cache .mypy_cache .ruff_cache
+
+# --- benchmarks (bench/; docs/performance.md): results in bench/results/<name>.json + .md ---------------
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: bench bench-quick bench-install bench-ppo bench-ppo-quick bench-sft bench-sft-quick \
+	bench-validation bench-validation-quick bench-api bench-api-quick wrk
+
+# TRL only here. torch first (CPU wheel, pinned), then TRL 1.9.x (still has trl.experimental.ppo) with
+# transformers/peft pinned to the main venv's versions, then this repo (the same alignd code as .venv).
+$(BENCH_STAMP): pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q "trl==1.9.*" "transformers==5.23.0" "peft==0.21.2"
+	$(BENCH_PY) -m pip install -q -e ./client
+	$(BENCH_PY) -m pip install -q -e ".[train]"
+	touch $(BENCH_STAMP)
+
+bench-install: $(STAMP) $(BENCH_STAMP)
+
+bench-ppo: $(STAMP) $(BENCH_STAMP)
+	$(PY) examples/prepare_base_model.py
+	$(BENCH_PY) bench/ppo_vs_trl.py --model smollm2 --updates 6 --threads 2
+
+bench-ppo-quick: $(STAMP) $(BENCH_STAMP)
+	$(BENCH_PY) bench/ppo_vs_trl.py --model tiny --updates 5 --threads 1
+
+bench-sft: $(STAMP) $(BENCH_STAMP)
+	$(PY) examples/prepare_base_model.py
+	$(BENCH_PY) bench/sft_efficiency.py --model smollm2 --examples 96 --threads 2
+
+bench-sft-quick: $(STAMP) $(BENCH_STAMP)
+	$(BENCH_PY) bench/sft_efficiency.py --model tiny --examples 32 --threads 1
+
+bench-validation: $(STAMP)
+	$(PY) bench/validation_speed.py --sizes 50,200 --repeat 3 --results validation_speed
+
+bench-validation-quick: $(STAMP)
+	$(PY) bench/validation_speed.py --sizes 20 --repeat 2 --results validation_speed_quick
+
+# wrk drives the latency rows (Debian's package); production-mode rows need PostgreSQL on :5432 and redis-server.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) \
+		|| echo "wrk unavailable: the latency rows will be skipped"
+
+bench-api: $(STAMP) wrk
+	$(PY) bench/api_speed.py --production
+
+bench-api-quick: $(STAMP) wrk
+	$(PY) bench/api_speed.py --quick
+
+bench-quick: bench-ppo-quick bench-sft-quick bench-validation-quick bench-api-quick
+
+bench: bench-ppo bench-sft bench-validation bench-api
