@@ -8,14 +8,15 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import label_page
@@ -105,6 +106,61 @@ class _Startup:
             self._thread.join(timeout=30)
 
 
+class RequestContext:
+    """Pure ASGI middleware: request id (context var + X-Request-ID header), per-route metrics, and 503 on /v1
+    until the schema is in place.
+
+    Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs every request
+    through an extra task and memory streams, which cost about a fifth of a GET's server CPU here.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for name, value in scope.get("headers") or ():
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")
+                break
+        rid = rid or f"req_{secrets.token_hex(8)}"
+        token = request_id_var.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            startup: _Startup | None = getattr(getattr(scope["app"].state, "ctx", None), "extras", {}).get(
+                "startup"
+            )
+            if startup is not None and not startup.ready.is_set() and scope["path"].startswith("/v1/"):
+                error = ServiceUnavailableError(
+                    "The database is unreachable (schema not applied yet); retry shortly.",
+                    code="database_unavailable",
+                )
+                response = JSONResponse(status_code=503, content=error.to_body(), headers=error.headers)
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe(scope["method"], template, status, elapsed)
+            log.debug("%s %s -> %s in %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
+            request_id_var.reset(token)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ApiMetrics()
@@ -169,36 +225,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or f"req_{secrets.token_hex(8)}"
-        token = request_id_var.set(rid)
-        started = time.perf_counter()
-        status = 500
-        try:
-            startup: _Startup | None = getattr(getattr(request.app.state, "ctx", None), "extras", {}).get(
-                "startup"
-            )
-            if startup is not None and not startup.ready.is_set() and request.url.path.startswith("/v1/"):
-                error = ServiceUnavailableError(
-                    "The database is unreachable (schema not applied yet); retry shortly.",
-                    code="database_unavailable",
-                )
-                response: Response = JSONResponse(
-                    status_code=503, content=error.to_body(), headers=error.headers
-                )
-            else:
-                response = await call_next(request)
-            status = response.status_code
-            response.headers["X-Request-ID"] = rid
-            return response
-        finally:
-            elapsed = time.perf_counter() - started
-            route = request.scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            metrics.observe(request.method, template, status, elapsed)
-            log.debug("%s %s -> %s in %.1f ms", request.method, request.url.path, status, elapsed * 1000)
-            request_id_var.reset(token)
-
+    app.add_middleware(RequestContext, metrics=metrics)
     app.add_middleware(BodySizeLimit, limits=_body_limits(settings))
     return app
