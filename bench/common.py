@@ -28,6 +28,50 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "bench" / ".work"  # gitignored scratch space (generated data, models)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
+# Words for generated text (datasets of realistic, varied lines); shared so every benchmark's data is alike.
+WORDS = [
+    "the",
+    "model",
+    "answer",
+    "question",
+    "because",
+    "which",
+    "would",
+    "could",
+    "should",
+    "explain",
+    "step",
+    "first",
+    "then",
+    "finally",
+    "result",
+    "data",
+    "value",
+    "function",
+    "return",
+    "error",
+    "example",
+    "python",
+    "code",
+    "list",
+    "number",
+    "people",
+    "time",
+    "year",
+    "work",
+    "world",
+    "however",
+    "therefore",
+    "although",
+    "consider",
+    "important",
+    "different",
+    "possible",
+    "between",
+    "without",
+    "during",
+]
+
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]

@@ -33,49 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
 
 from alignd.validation import validate_path
+from common import WORDS as _WORDS
 
-_WORDS = [
-    "the",
-    "model",
-    "answer",
-    "question",
-    "because",
-    "which",
-    "would",
-    "could",
-    "should",
-    "explain",
-    "step",
-    "first",
-    "then",
-    "finally",
-    "result",
-    "data",
-    "value",
-    "function",
-    "return",
-    "error",
-    "example",
-    "python",
-    "code",
-    "list",
-    "number",
-    "people",
-    "time",
-    "year",
-    "work",
-    "world",
-    "however",
-    "therefore",
-    "although",
-    "consider",
-    "important",
-    "different",
-    "possible",
-    "between",
-    "without",
-    "during",
-]
 _EXTRA = ["café", "naïve", "über", "日本語", "données", "😀", "ñandú", "Ελληνικά", "привет"]
 
 
@@ -163,6 +122,7 @@ _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[3])
 from alignd.validation import validate_path
+from common import WORDS as _WORDS
 t0 = time.perf_counter()
 report = validate_path(sys.argv[1], sys.argv[2])
 seconds = time.perf_counter() - t0
