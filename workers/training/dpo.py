@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,7 @@ from workers.training.modelcard import render_model_card
 STAGE = "dpo"
 
 
-@dataclass
-class DPOResult:
-    model: torch.nn.Module
-    adapter_dir: Path
-    model_card_dir: Path
-    steps: int
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
+DPOResult = loop.AdapterResult
 
 
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -150,6 +151,18 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()
     return grad_norm, learning_rate
+
+
+@dataclass
+class AdapterResult:
+    """What a trainer that ends with a causal-LM adapter (SFT, DPO) hands back to in-process callers."""
+
+    model: torch.nn.Module
+    adapter_dir: Path
+    model_card_dir: Path
+    steps: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class StepLogger:

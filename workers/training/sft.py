@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,14 +25,7 @@ from workers.training.modelcard import DatasetCardEntry, render_model_card
 STAGE = "sft"
 
 
-@dataclass
-class SFTResult:
-    model: torch.nn.Module
-    adapter_dir: Path
-    model_card_dir: Path
-    steps: int
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
+SFTResult = loop.AdapterResult
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
