@@ -208,12 +208,16 @@ def cmd_models_get(client: Client, args: argparse.Namespace, out: TextIO) -> int
     return EXIT_OK
 
 
-def cmd_models_delete(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    client.models.delete(args.id)
+def _show_deleted(args: argparse.Namespace, out: TextIO) -> None:
     if args.json:
         _print_json({"id": args.id, "deleted": True}, out)
     else:
         out.write(f"deleted {args.id}\n")
+
+
+def cmd_models_delete(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    client.models.delete(args.id)
+    _show_deleted(args, out)
     return EXIT_OK
 
 
@@ -234,24 +238,23 @@ def _report_validation(path: str, report: ValidationReport, args: argparse.Names
     return EXIT_VALIDATION
 
 
-def cmd_datasets_validate(client: Client | None, args: argparse.Namespace, out: TextIO) -> int:
+def _validate_locally(path: str, kind: str) -> ValidationReport:
+    """The SDK's own copy of the server's dataset rules; a bad kind or an unreadable file is a usage error."""
     try:
-        report = validate_path(args.path, args.kind)
+        return validate_path(path, kind)
     except UnknownKindError as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
-        raise UsageError(f"cannot read {args.path}: {exc.strerror or exc}") from exc
-    return _report_validation(args.path, report, args, out)
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def cmd_datasets_validate(client: Client | None, args: argparse.Namespace, out: TextIO) -> int:
+    return _report_validation(args.path, _validate_locally(args.path, args.kind), args, out)
 
 
 def cmd_datasets_upload(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if not args.no_validate:
-        try:
-            report = validate_path(args.path, args.kind)
-        except UnknownKindError as exc:
-            raise UsageError(str(exc)) from exc
-        except OSError as exc:
-            raise UsageError(f"cannot read {args.path}: {exc.strerror or exc}") from exc
+        report = _validate_locally(args.path, args.kind)
         if not report.ok:
             return _report_validation(args.path, report, args, out)
     try:
@@ -278,10 +281,7 @@ def cmd_datasets_get(client: Client, args: argparse.Namespace, out: TextIO) -> i
 
 def cmd_datasets_delete(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     client.datasets.delete(args.id)
-    if args.json:
-        _print_json({"id": args.id, "deleted": True}, out)
-    else:
-        out.write(f"deleted {args.id}\n")
+    _show_deleted(args, out)
     return EXIT_OK
 
 
