@@ -23,19 +23,25 @@ from sqlmodel import col, select
 
 from service.core.ids import now
 from service.core.jobs import JobStatus
+from service.db.artifacts import sweep_orphan_objects
 from service.db.session import session_scope
 from service.db.tables import JobEventRow, JobRow
 from service.queue import JobQueue
+from service.storage.base import ArtifactStore
 
 log = logging.getLogger(__name__)
 
 
-def reconcile_once(engine: Engine, queue: JobQueue, *, max_tries: int | None = None) -> dict[str, int]:
+def reconcile_once(
+    engine: Engine, queue: JobQueue, *, max_tries: int | None = None, store: ArtifactStore | None = None
+) -> dict[str, int]:
     """One repair pass. ``max_tries``: a job whose lease lapsed in its last allowed attempt fails
-    (``worker_lost``) instead of going round again: a job that keeps killing its worker must end."""
+    (``worker_lost``) instead of going round again: a job that keeps killing its worker must end.
+    ``store``: where the objects such a job's dead worker left without a row are swept (no runner will)."""
     requeued = 0
     failed = 0
     lost: list[tuple[str, str, int]] = []
+    ended: list[str] = []
     with session_scope(engine) as session:
         expired = session.exec(
             select(JobRow).where(
@@ -67,6 +73,7 @@ def reconcile_once(engine: Engine, queue: JobQueue, *, max_tries: int | None = N
                 )
                 if result.rowcount == 1:  # type: ignore[attr-defined]
                     failed += 1
+                    ended.append(job.id)
                     lost.append((job.id, job.method, job.lease_token - 1))
                     session.add(
                         JobEventRow(
@@ -90,6 +97,14 @@ def reconcile_once(engine: Engine, queue: JobQueue, *, max_tries: int | None = N
                         message=f"Worker {job.lease_owner} stopped heartbeating; job queued again.",
                     )
                 )
+    for job_id in ended:
+        if store is None:
+            break
+        try:
+            with session_scope(engine) as session:
+                sweep_orphan_objects(session, store, job_id)
+        except Exception as exc:  # the objects cost space, not correctness; the pass goes on
+            log.warning("reconciler could not sweep the orphan objects of %s: %s", job_id, exc)
     forget = getattr(queue, "forget", None)  # only queues that remember entries (arq) have it
     for job_id, method, generation in lost:
         if forget is None:
@@ -117,9 +132,16 @@ def reconcile_once(engine: Engine, queue: JobQueue, *, max_tries: int | None = N
 
 class Reconciler:
     def __init__(
-        self, engine: Engine, queue: JobQueue, *, interval: float = 10.0, max_tries: int | None = None
+        self,
+        engine: Engine,
+        queue: JobQueue,
+        *,
+        interval: float = 10.0,
+        max_tries: int | None = None,
+        store: ArtifactStore | None = None,
     ) -> None:
         self._max_tries = max_tries
+        self._store = store
         self._engine = engine
         self._queue = queue
         self._interval = interval
@@ -138,7 +160,7 @@ class Reconciler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                reconcile_once(self._engine, self._queue, max_tries=self._max_tries)
+                reconcile_once(self._engine, self._queue, max_tries=self._max_tries, store=self._store)
             except Exception as exc:  # database down: try again next round
                 log.warning("reconcile pass failed: %s", exc)
             self._stop.wait(self._interval)

@@ -37,6 +37,7 @@ from service.core import ranking
 from service.core.errors import AlignError
 from service.core.ids import new_id, now
 from service.core.jobs import RLHF_STAGES, JobStatus, Method
+from service.db.artifacts import sweep_orphan_objects
 from service.db.datasets import add_dataset_file
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
@@ -206,6 +207,9 @@ class JobRunner:
             )
 
     def finish(self, lease: Lease, status: JobStatus, *, error: tuple[str, str] | None = None) -> None:
+        # The attempt's child is gone and every upload it asked for has its row: sweep what a killed earlier
+        # attempt, or a checkpoint prune cut short, left behind before the job is seen to end.
+        self._sweep_orphans(lease)
         with session_scope(self.engine) as session:
             job = self._fenced(session, lease)
             job.status = status
@@ -296,6 +300,8 @@ class JobRunner:
             if job.cancel_requested:
                 self.finish(lease, JobStatus.cancelled)
                 return JobStatus.cancelled
+            if job.attempts > 1:  # an earlier attempt may have died between an upload and its row
+                self._sweep_orphans(lease)
             self.add_event(lease, f"Job started on worker {self.worker_id} (attempt {job.attempts}).")
             try:
                 spec = self._prepare(job, attempt_dir, lease=lease, resume=resume)
@@ -518,7 +524,7 @@ class JobRunner:
         folder.mkdir(parents=True)
         archive = folder.parent / f"{artifact.id}.tar.gz"
         try:
-            self.store.get_to_path(artifact_key(artifact.id), archive)
+            self.store.get_to_path(artifact.storage_key, archive)
             with tarfile.open(archive, "r:gz") as tar:
                 tar.extractall(folder, filter="data")
         finally:
@@ -571,6 +577,19 @@ class JobRunner:
             session.delete(row)
         return [row.storage_key for row in rows]
 
+    def _sweep_orphans(self, lease: Lease) -> None:
+        """Delete the job's objects that no row references, holding the job's row (and so its lease)."""
+        try:
+            with session_scope(self.engine) as session:
+                # Locked and fenced for the whole sweep: a lease that lapsed cannot pass to a new worker
+                # whose fresh upload, not yet given its row, the sweep would take for an orphan.
+                self._fenced(session, lease)
+                sweep_orphan_objects(session, self.store, lease.job_id)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # an orphaned object costs space, not correctness: never fail a job on it
+            log.warning("could not sweep orphan artifact objects of %s: %s", lease.job_id, exc)
+
     def _delete_objects(self, keys: list[str]) -> None:
         for key in keys:
             try:
@@ -610,7 +629,7 @@ class JobRunner:
                 return folder
             folder.mkdir(parents=True, exist_ok=True)
             archive = folder.parent / f"{artifact.id}.tar.gz"
-            self.store.get_to_path(artifact_key(artifact.id), archive)
+            self.store.get_to_path(artifact.storage_key, archive)
             with tarfile.open(archive, "r:gz") as tar:
                 tar.extractall(folder, filter="data")  # written by us, but never trust paths blindly
             archive.unlink()
@@ -860,7 +879,7 @@ class JobRunner:
         artifact_id = new_id("artifact")
         archive = folder.parent / f"{artifact_id}.tar.gz"
         size, sha256 = pack_folder(folder, archive)
-        key = artifact_key(artifact_id)
+        key = artifact_key(lease.job_id, artifact_id)
         self.store.put_file(key, archive)
         archive.unlink()
         try:

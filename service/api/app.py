@@ -181,7 +181,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         ctx.extras["runner"] = runner
         reconciler = Reconciler(
-            engine, queue, interval=settings.reconcile_interval_seconds, max_tries=settings.job_max_tries
+            engine,
+            queue,
+            interval=settings.reconcile_interval_seconds,
+            max_tries=settings.job_max_tries,
+            store=store,
         )
 
         def start_work() -> None:

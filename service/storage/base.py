@@ -44,6 +44,10 @@ class ArtifactStore(Protocol):
         """Delete every object under ``prefix`` (a folder-like key ending in '/')."""
         ...
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (a folder-like key ending in '/'), sorted; empty when there are none."""
+        ...
+
     def presigned_url(self, key: str, *, expires_in: int = 3600) -> str | None:
         """A URL a client can GET without credentials, or None when the store cannot make one."""
         ...

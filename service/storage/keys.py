@@ -15,5 +15,12 @@ def dataset_key(dataset_id: str) -> str:
     return f"datasets/{dataset_id}.jsonl"
 
 
-def artifact_key(artifact_id: str) -> str:
-    return f"artifacts/{artifact_id}.tar.gz"
+def job_artifact_prefix(job_id: str) -> str:
+    return f"artifacts/{job_id}/"
+
+
+def artifact_key(job_id: str, artifact_id: str) -> str:
+    # Under the job's own prefix so the objects a killed attempt left without a row can be found and
+    # swept by listing one folder (rows keep their storage_key: objects written as
+    # artifacts/<artifact_id>.tar.gz by earlier versions stay readable).
+    return f"{job_artifact_prefix(job_id)}{artifact_id}.tar.gz"

@@ -103,6 +103,13 @@ class LocalStore:
         elif path.is_file():
             path.unlink(missing_ok=True)
 
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self._path(prefix.rstrip("/"))
+        if not folder.is_dir():
+            return []
+        # Half-written ".tmp-" files of a killed writer are listed too: they are keys nobody will finish.
+        return sorted(path.relative_to(self.root).as_posix() for path in folder.rglob("*") if path.is_file())
+
     def presigned_url(self, key: str, *, expires_in: int = 3600) -> str | None:
         return None
 

@@ -367,6 +367,16 @@ class S3Store:
             # DeleteObject on an absent key succeeds (204), which is the semantics we want.
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
+    def list_keys(self, prefix: str) -> list[str]:
+        stem = self._key(prefix.rstrip("/")) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        with self._errors("list", prefix):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=stem):
+                keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
+        return sorted(keys)
+
     def delete_prefix(self, prefix: str) -> None:
         # Like LocalStore: "models/x/" removes everything below models/x/ and a plain object models/x,
         # never siblings such as models/xy. An empty prefix is refused rather than wiping the store.

@@ -52,3 +52,44 @@ def test_lapsed_lease_requeues_then_fails_on_the_last_try(tmp_path: Path) -> Non
     # Without a cap the last one would have gone round again.
     _running_job(engine, "job_uncapped", attempts=9)
     assert reconcile_once(engine, queue)["requeued"] == 1
+
+
+def test_job_failed_as_worker_lost_has_its_orphan_objects_swept(tmp_path: Path) -> None:
+    """No runner will finish a job the reconciler fails, so the reconciler sweeps what its worker left."""
+    import io
+
+    from service.db.tables import ArtifactRow
+    from service.storage.keys import artifact_key
+    from service.storage.local import LocalStore
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    store = LocalStore(tmp_path / "storage")
+    _running_job(engine, "job_retry", attempts=1)
+    _running_job(engine, "job_last", attempts=3)
+    kept = artifact_key("job_last", "artifact_kept")
+    with session_scope(engine) as session:
+        session.add(
+            ArtifactRow(
+                id="artifact_kept",
+                tenant="t",
+                job_id="job_last",
+                kind="checkpoint",
+                sha256="0" * 64,
+                storage_key=kept,
+                created_at=int(time.time()),
+            )
+        )
+    for key in (
+        kept,
+        artifact_key("job_last", "artifact_orphan"),
+        artifact_key("job_retry", "artifact_next"),
+    ):
+        store.put_stream(key, io.BytesIO(b"x"))
+
+    counts = reconcile_once(engine, InlineQueue(lambda _id: None), max_tries=3, store=store)
+
+    assert counts["failed"] == 1 and counts["requeued"] == 1
+    assert store.list_keys("artifacts/job_last/") == [kept]  # the row's object stays, the orphan went
+    # A job going round again is left alone: its next attempt sweeps under its own lease.
+    assert store.list_keys("artifacts/job_retry/") == [artifact_key("job_retry", "artifact_next")]

@@ -423,10 +423,21 @@ def test_contract(any_store: ArtifactStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         store.exists("../escape")
 
+    # Listing a folder: nested keys, relative to the store's root, never a sibling with the same start.
+    store.put_stream("models/m1/sub/part.bin", io.BytesIO(b"p"))
+    assert store.list_keys("models/m1/") == [
+        "models/m1/config.json",
+        "models/m1/model.safetensors",
+        "models/m1/sub/part.bin",
+    ]
+    assert store.list_keys("models/m1") == store.list_keys("models/m1/")
+    assert store.list_keys("models/none/") == []
+
     store.delete("models/m1/config.json")
     store.delete("models/m1/config.json")
     assert not store.exists("models/m1/config.json")
     store.delete_prefix("models/m1/")
+    assert store.list_keys("models/m1/") == []
     assert not store.exists("models/m1/model.safetensors")
     assert store.exists("models/m10/config.json")  # a sibling with the same leading characters stays
 
