@@ -214,11 +214,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Routes are matched in order, one by one: jobs first, since GET /v1/jobs/{id} is what clients poll.
     for router in (
+        jobs.router,
         health.router,
         models.router,
         datasets.router,
-        jobs.router,
         artifacts.router,
         feedback_sets.router,
         label_page.router,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import Row
 
 from service.core.jobs import JobStatus, Method
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobRow, ModelRow
@@ -148,7 +149,8 @@ class JobPublic(BaseModel):
     finished_at: int | None
 
     @classmethod
-    def of(cls, row: JobRow) -> JobPublic:
+    def of(cls, row: JobRow | Row[Any]) -> JobPublic:
+        """From the ORM row, or a Core row of the jobs table (same attribute names: the hot read path)."""
         error = JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None
         return cls(
             id=row.id,

@@ -21,7 +21,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
-            pool_pre_ping=True,
+            # No pre-ping: a local file does not drop connections, and the ping is a query per checkout.
         )
 
         @event.listens_for(engine, "connect")

@@ -61,6 +61,10 @@ def test_postgres_down_at_boot_and_later(tmp_path: Path, pg_url: str) -> None:
             down = client.get("/v1/datasets")
             assert_error(down, 503, "database_unavailable")
             assert down.headers["retry-after"]
+            # The polled job read has its own path (Core query in the thread pool): same answer.
+            polled = client.get("/v1/jobs/job_00000000000000000000000000")
+            assert_error(polled, 503, "database_unavailable")
+            assert polled.headers["retry-after"]
             assert client.get("/readyz").json()["checks"]["database"].startswith("unavailable")
 
             proxy.start()
