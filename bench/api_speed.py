@@ -9,7 +9,12 @@ Each server is its own process (``bench/serve_alignd.py``, ``bench/naive_app.py`
 its RSS is its own. Uploads stream from disk with httpx (multipart built chunk by chunk, never in memory).
 wrk (Debian's package) drives ``GET /v1/jobs/{id}`` and ``POST /v1/jobs`` with a bearer key (Lua scripts
 written next to the results' scratch files) at 1, 10 and 50 connections; the baseline's GET is measured right
-after alignd's at each level. wrk runs on the same 2 cores as the server: both sides pay for it equally.
+after alignd's at each level.
+
+Cores: with ``--pin`` (the default on a machine with 2 or more cores) each server runs on core 0 and this
+script, with everything it starts (wrk, the upload client), on core 1, so the load generator does not steal
+the server's core and the p99 measures the server rather than the scheduler's choices between them. Both
+sides of every pair run pinned the same way; ``--no-pin`` shares all cores as before.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import secrets
 import shutil
@@ -57,11 +63,22 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     raise RuntimeError("server did not start")
 
 
+# Set by main(): the cores each server process may run on (None: all), see the module docstring.
+SERVER_CORES: set[int] | None = None
+
+
 @contextlib.contextmanager
 def server(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
     log = WORK / "api" / f"server-{port}.log"
+    cores = SERVER_CORES
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+        )
         try:
             wait_port(port, proc)
             yield proc
@@ -243,7 +260,7 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, Any]:
-    threads = min(2, connections)
+    threads = min(len(os.sched_getaffinity(0)), 2, connections)  # pinned to one core: one wrk thread
     before = loadavg()
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
@@ -416,7 +433,17 @@ def main() -> None:
     parser.add_argument("--skip-uploads", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--name", default=None)
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=len(os.sched_getaffinity(0)) >= 2,
+        help="servers on core 0, this script and wrk on core 1 (default with >= 2 cores)",
+    )
     args = parser.parse_args()
+    global SERVER_CORES
+    if args.pin:
+        SERVER_CORES = {0}
+        os.sched_setaffinity(0, {1})  # wrk and the upload client inherit it
     if shutil.which("wrk") is None and not args.skip_latency:
         raise SystemExit("wrk is not installed (Debian: apt-get install -y wrk)")
     (WORK / "api").mkdir(parents=True, exist_ok=True)
@@ -427,6 +454,7 @@ def main() -> None:
     stamp = machine_stamp(["fastapi", "uvicorn", "sqlmodel", "httpx", "uvloop", "httptools"])
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
     stamp["wrk"] = wrk_version[0] if wrk_version else None
+    stamp["pinning"] = "servers on core 0, client and wrk on core 1" if args.pin else "none"
 
     uploads = [] if args.skip_uploads else bench_uploads(sizes, model_gb)
     latency, info = ([], {}) if args.skip_latency else bench_latency(levels, seconds, args.production)
@@ -463,7 +491,12 @@ def main() -> None:
         },
         data={"seeded": info, "wrk_seconds": seconds},
         notes=[
-            "One uvicorn worker per server, each its own process; wrk on the same cores (-t min(2, c)).",
+            "One uvicorn worker per server, each its own process; "
+            + (
+                "servers pinned to core 0, wrk (one thread) and the upload client to core 1."
+                if args.pin
+                else "wrk on the same cores as the servers (-t min(2, c))."
+            ),
             "POST /v1/jobs: a valid sft job on the tiny model; embedded mode runs the real InlineQueue with no consumer "
             "threads started and production mode the real ArqQueue with no arq worker, so jobs are accepted and "
             "never trained (see bench/serve_alignd.py). Every POST adds a queued job row, so later levels query a "
