@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--skip-trl", action="store_true", help="alignd only (no .venv-bench needed)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--lora-dropout", type=float, default=0.0, help="both sides (alignd's default is 0; 0.05 was before)"
+    )
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
 
@@ -189,7 +192,7 @@ def main() -> None:
         "max_length": 512,
         "learning_rate": 2e-4,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "target_modules": "all-linear"},
     }
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg, indent=2))

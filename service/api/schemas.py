@@ -80,10 +80,18 @@ class DatasetPublic(BaseModel):
 class LoraCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    r: int | None = None
-    alpha: float | None = None
-    dropout: float | None = None
-    target_modules: str | list[str] | None = None
+    r: int | None = Field(None, description="Rank of the low-rank update matrices (default 16).")
+    alpha: float | None = Field(
+        None, description="Scaling numerator: the update is scaled by alpha / r (default 32)."
+    )
+    dropout: float | None = Field(
+        None, description="Dropout on the LoRA input during training (default 0: off, faster and lighter)."
+    )
+    target_modules: str | list[str] | None = Field(
+        None,
+        description="Module names (or suffixes) to adapt, or 'all-linear' (the default) for every linear layer but "
+        "the output head.",
+    )
 
 
 class JobDatasets(BaseModel):
