@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 
 from service.core.jobs import LoraSettings
 from workers.training.errors import (
@@ -37,6 +39,8 @@ from workers.training.errors import (
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_PEFT_LINEAR_FORWARD = _PeftLoraLinear.forward
 
 POLICY_ADAPTER = "default"  # peft's default name; peft saves it at the folder root
 
@@ -146,7 +150,52 @@ def attach_adapter(
             raise TrainingError(
                 INVALID_ADAPTER, f"cannot load init_adapter {init_adapter} onto this base model: {exc}"
             ) from None
+    fuse_lora_linears(model)
     return model
+
+
+def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA ``Linear.forward`` for the common case, with the update added inside one GEMM.
+
+    peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: besides the matmuls, three passes over
+    a (tokens x out_features) tensor (B's output, the scaling multiply, the add), and the same again in the
+    backward. Here ``addmm_`` adds ``scaling * (x A^T) B^T`` into the base output in place (BLAS alpha/beta),
+    which is the same sum. Anything else (adapters off or merged, several active adapters, mixed-adapter
+    batches, dropout, DoRA and other variants, a base layer that is not a plain Linear, dtype casts) goes to
+    peft's own forward.
+    """
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (
+        args
+        or kwargs
+        or name is None
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in self.lora_variant
+        or type(self.base_layer) is not torch.nn.Linear
+        or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+        or self.lora_A[name].weight.dtype != x.dtype
+    ):
+        return _PEFT_LINEAR_FORWARD(self, x, *args, **kwargs)
+    self._check_forward_args(x)
+    base: torch.nn.Linear = self.base_layer
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.nn.functional.linear(flat, base.weight, base.bias)  # its backward keeps x and W, not out
+    shrunk = torch.nn.functional.linear(flat, self.lora_A[name].weight)
+    out.addmm_(shrunk, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fuse_lora_linears(model: torch.nn.Module) -> int:
+    """Route every LoRA Linear of ``model`` through :func:`_fused_lora_forward`; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is _PeftLoraLinear:
+            module.forward = types.MethodType(_fused_lora_forward, module)  # type: ignore[method-assign]
+            count += 1
+    return count
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
