@@ -122,7 +122,6 @@ _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[3])
 from alignd.validation import validate_path
-from common import WORDS as _WORDS
 t0 = time.perf_counter()
 report = validate_path(sys.argv[1], sys.argv[2])
 seconds = time.perf_counter() - t0
