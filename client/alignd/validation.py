@@ -541,6 +541,18 @@ _DECODER: Final = json.JSONDecoder(parse_constant=_no_constants)
 _raw_decode: Final = _DECODER.raw_decode
 
 
+try:  # optional (the SDK stays pure Python; the server installs it): parses a line 2-3x faster than json
+    from msgspec.json import Decoder as _MsgspecDecoder
+
+    _fast_decode: Callable[[bytes], Any] | None = _MsgspecDecoder().decode
+except ImportError:  # pragma: no cover - depends on the installed extras
+    _fast_decode = None
+
+# "Not parsed yet": a line the fast decoder refused (or no fast decoder) takes the stdlib path, which gives
+# the exact outcome and message, so both paths report the same for every line.
+_UNPARSED: Final = object()
+
+
 def _json_error(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} at column {exc.colno}"
@@ -581,6 +593,7 @@ class _Reader:
             lines[0] = lines[0][3:]
         # Hot loop: locals only, type() identity checks, no regex, messages built only for bad lines.
         raw_decode = _raw_decode
+        fast_decode = _fast_decode
         check = self.check
         cap = self.max_line_bytes
         issue = self.issue
@@ -592,29 +605,36 @@ class _Reader:
                 records += 1
                 issue(lineno, LINE_TOO_LONG, self._too_long_message(len(raw)))
                 continue
-            try:
-                s = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                records += 1
-                issue(
-                    lineno,
-                    INVALID_UTF8,
-                    f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}",
-                )
-                continue
-            try:
-                obj, end = raw_decode(s)
-                if end != len(s) and not s[end:].isspace():  # CRLF leaves "\\r" here: JSON whitespace
-                    raise ValueError  # trailing data: let the full decoder say what it is
-            except (ValueError, RecursionError):
-                if not s or s.isspace():
-                    continue  # blank line: not a record
+            obj: Any = _UNPARSED
+            if fast_decode is not None:
                 try:
-                    obj = _DECODER.decode(s)  # handles leading whitespace; otherwise gives the exact error
-                except (ValueError, RecursionError) as exc:
+                    obj = fast_decode(raw)  # checks UTF-8 itself, straight from the bytes
+                except Exception:  # refused: the stdlib path below says exactly why
+                    obj = _UNPARSED
+            if obj is _UNPARSED:
+                try:
+                    s = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
                     records += 1
-                    issue(lineno, INVALID_JSON, _json_error(exc))
+                    issue(
+                        lineno,
+                        INVALID_UTF8,
+                        f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}",
+                    )
                     continue
+                try:
+                    obj, end = raw_decode(s)
+                    if end != len(s) and not s[end:].isspace():  # CRLF leaves "\r" here: JSON whitespace
+                        raise ValueError  # trailing data: let the full decoder say what it is
+                except (ValueError, RecursionError):
+                    if not s or s.isspace():
+                        continue  # blank line: not a record
+                    try:
+                        obj = _DECODER.decode(s)  # handles leading whitespace; otherwise the exact error
+                    except (ValueError, RecursionError) as exc:
+                        records += 1
+                        issue(lineno, INVALID_JSON, _json_error(exc))
+                        continue
             records += 1
             if type(obj) is not dict:
                 issue(lineno, NOT_AN_OBJECT, f"expected a JSON object, got {_tname(obj)}")

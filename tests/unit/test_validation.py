@@ -24,6 +24,17 @@ GOOD = {
 }
 
 
+@pytest.fixture(autouse=True, params=["msgspec", "stdlib"])
+def json_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test in this file runs on both parsers: msgspec first, the stdlib for lines it refuses
+    (and for installs without msgspec). Reports must not depend on which one parsed a line."""
+    if request.param == "msgspec":
+        assert v._fast_decode is not None, "msgspec is a server dependency: the fast path must be live here"
+    else:
+        monkeypatch.setattr(v, "_fast_decode", None)
+    return str(request.param)
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
