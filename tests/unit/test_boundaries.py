@@ -44,4 +44,9 @@ def test_client_imports_nothing_of_the_server() -> None:
     imported = _imported_modules(ROOT / "client" / "alignd")
     assert not imported & {"service", "workers", "torch", "fastapi", "sqlmodel", "sqlalchemy"}
     third_party = imported - set(sys.stdlib_module_names) - {"alignd"}
-    assert third_party <= {"httpx", "pydantic"}, third_party
+    # msgspec: the optional "fast" extra, imported under `except ImportError` (the stdlib parser otherwise;
+    # test_validation.py runs every case on both).
+    assert third_party <= {"httpx", "pydantic", "msgspec"}, third_party
+    validation = (ROOT / "client" / "alignd" / "validation.py").read_text()
+    after_import = validation.split("from msgspec", 1)[1]
+    assert after_import.index("except ImportError:") < after_import.index("\n# ")  # in the same block
