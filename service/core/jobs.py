@@ -82,7 +82,7 @@ class LoraSettings(_Strict):
     r: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update matrices.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     # 0 by default (peft's default too): on CPU, a dropout mask per adapted layer was 30% of an SFT step and
-    # 4.5 GB of its peak memory on SmolLM2-135M (bench/results/sft_efficiency.md); set it for regularisation.
+    # 4.5 GB of its peak memory on SmolLM2-135M (docs/performance.md, SFT); set it for regularisation.
     dropout: float = Field(
         0.0,
         ge=0,
