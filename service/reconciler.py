@@ -97,22 +97,20 @@ def reconcile_once(
                         message=f"Worker {job.lease_owner} stopped heartbeating; job queued again.",
                     )
                 )
-    for job_id in ended:
-        if store is None:
-            break
-        try:
-            with session_scope(engine) as session:
-                sweep_orphan_objects(session, store, job_id)
-        except Exception as exc:  # the objects cost space, not correctness; the pass goes on
-            log.warning("reconciler could not sweep the orphan objects of %s: %s", job_id, exc)
+    if store is not None:
+        for job_id in ended:
+            try:
+                with session_scope(engine) as session:
+                    sweep_orphan_objects(session, store, job_id)
+            except Exception as exc:  # the objects cost space, not correctness; the pass goes on
+                log.warning("reconciler could not sweep the orphan objects of %s: %s", job_id, exc)
     forget = getattr(queue, "forget", None)  # only queues that remember entries (arq) have it
-    for job_id, method, generation in lost:
-        if forget is None:
-            break
-        try:
-            forget(job_id, method=method, generation=generation)
-        except Exception as exc:  # harmless if it stays: a stale delivery finds the row not queued
-            log.warning("reconciler could not drop the lost queue entry of %s: %s", job_id, exc)
+    if forget is not None:
+        for job_id, method, generation in lost:
+            try:
+                forget(job_id, method=method, generation=generation)
+            except Exception as exc:  # harmless if it stays: a stale delivery finds the row not queued
+                log.warning("reconciler could not drop the lost queue entry of %s: %s", job_id, exc)
     with session_scope(engine) as session:
         queued = session.exec(
             select(JobRow.id, JobRow.method, JobRow.lease_token)
