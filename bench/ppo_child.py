@@ -43,8 +43,8 @@ def run_alignd(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from service.core.jobs import LoraSettings, PPOHyperparameters
-    from workers.protocol import ProgressWriter, TrainingSpec
+    from contract.hyperparameters import LoraSettings, PPOHyperparameters
+    from contract.protocol import ProgressWriter, TrainingSpec
     from workers.training import data, ppo, rollout
     from workers.training.context import RunContext
 

@@ -28,8 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def run_alignd(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from service.core.jobs import LoraSettings, SFTHyperparameters
-    from workers.protocol import ProgressWriter, TrainingSpec
+    from contract.hyperparameters import LoraSettings, SFTHyperparameters
+    from contract.protocol import ProgressWriter, TrainingSpec
     from workers.training import data, sft
     from workers.training.context import RunContext
 

@@ -5,7 +5,7 @@ on the row; every later write checks the token, so a runner whose lease was hand
 (after a long pause, say) can no longer touch the job. Cancellation is a flag on the row, read at every
 heartbeat, so a cancel accepted by any API replica reaches the process that runs the job.
 
-No torch here: training happens in ``python -m workers.training spec.json`` (see workers/protocol.py).
+No torch here: training happens in ``python -m workers.training spec.json`` (see contract/protocol.py).
 """
 
 from __future__ import annotations
@@ -33,18 +33,8 @@ from sqlalchemy import delete, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from service.core import ranking
-from service.core.errors import AlignError
-from service.core.ids import new_id, now
-from service.core.jobs import RLHF_STAGES, JobStatus, Method
-from service.db.artifacts import sweep_orphan_objects
-from service.db.datasets import add_dataset_file
-from service.db.session import session_scope
-from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
-from service.settings import Settings
-from service.storage import ArtifactStore
-from service.storage.keys import artifact_key, dataset_key, model_key
-from workers.protocol import (
+from contract.methods import RLHF_STAGES, Method
+from contract.protocol import (
     CHECKPOINT_META_FILE,
     AdapterRef,
     BaseModelRef,
@@ -53,6 +43,17 @@ from workers.protocol import (
     TrainingSpec,
     parse_line,
 )
+from service.core import ranking
+from service.core.errors import AlignError
+from service.core.ids import new_id, now
+from service.core.jobs import JobStatus
+from service.db.artifacts import sweep_orphan_objects
+from service.db.datasets import add_dataset_file
+from service.db.session import session_scope
+from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
+from service.settings import Settings
+from service.storage import ArtifactStore
+from service.storage.keys import artifact_key, dataset_key, model_key
 
 log = logging.getLogger(__name__)
 

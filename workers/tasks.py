@@ -38,7 +38,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import select
 
-from service.core.jobs import JobStatus, Method
+from contract.methods import Method
+from service.core.jobs import JobStatus
 from service.db.session import make_engine, session_scope
 from service.db.tables import JobRow
 from service.logs import job_id_var

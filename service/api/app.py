@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contract.methods import Method
 from service import __version__
 from service.api import label_page
 from service.api.deps import AppContext
@@ -25,7 +26,6 @@ from service.api.errors import install_error_handlers
 from service.api.routes import artifacts, datasets, feedback_sets, health, jobs, models
 from service.api.uploads import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodySizeLimit
 from service.core.errors import ServiceUnavailableError
-from service.core.jobs import Method
 from service.db.session import make_engine, migrate
 from service.logs import request_id_var
 from service.metrics import ApiMetrics

@@ -7,7 +7,8 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Row
 
-from service.core.jobs import JobStatus, Method
+from contract.methods import Method
+from service.core.jobs import JobStatus
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobRow, ModelRow
 
 T = TypeVar("T")

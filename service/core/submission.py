@@ -11,14 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from contract.methods import AVAILABLE_METHODS, REQUIRED_DATASETS, Method
 from service.core.errors import ValidationFailed
-from service.core.jobs import (
-    AVAILABLE_METHODS,
-    REQUIRED_DATASETS,
-    Method,
-    resolve_hyperparameters,
-    resolve_lora,
-)
+from service.core.jobs import resolve_hyperparameters, resolve_lora
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_no_hardcoded_passwords():
 
 
 def test_worker_methods_and_metrics_port_match_the_server():
-    jobs = pytest.importorskip("service.core.jobs")
+    jobs = pytest.importorskip("contract.methods")
     worker = load()["services"]["worker"]
     env = worker["environment"]
     assert env["ALIGND_WORKER_METHODS"].split(",") == [m.value for m in jobs.Method]

@@ -493,7 +493,7 @@ def test_notes_render_offline(tools, tmp_path):
 
 
 def _methods() -> list[str]:
-    jobs = pytest.importorskip("service.core.jobs")
+    jobs = pytest.importorskip("contract.methods")
     return [m.value for m in jobs.Method]
 
 
@@ -503,7 +503,7 @@ def _queue(method: str) -> str:
 
 
 def test_chart_knows_every_method():
-    """The chart's method list (helpers, schema enum) is service.core.jobs.Method, in order."""
+    """The chart's method list (helpers, schema enum) is contract.methods.Method, in order."""
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     m = re.search(r'define "alignd.allMethods" -}}\n(.*)\n', helpers)
     assert m and m.group(1).split(",") == _methods()

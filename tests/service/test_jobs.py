@@ -58,7 +58,7 @@ def test_job_validation_errors(
     assert_error(api.post("/v1/jobs", json=unknown_model), 422, "unknown_model")
 
     # Every method is available now; a server built without one refuses it, before looking at the datasets.
-    from service.core.jobs import AVAILABLE_METHODS, Method
+    from contract.methods import AVAILABLE_METHODS, Method
 
     monkeypatch.setattr("service.core.submission.AVAILABLE_METHODS", AVAILABLE_METHODS - {Method.rlhf})
     not_yet = {

@@ -29,13 +29,8 @@ def write_spec(
 
     The dataset's role (and kind) is the one ``method`` needs; hyperparameters go through that method's model.
     """
-    from service.core.jobs import (
-        HYPERPARAMETER_MODELS,
-        REQUIRED_DATASETS,
-        LoraSettings,
-        Method,
-        SFTHyperparameters,
-    )
+    from contract.hyperparameters import HYPERPARAMETER_MODELS, LoraSettings, SFTHyperparameters
+    from contract.methods import REQUIRED_DATASETS, Method
 
     known = method in Method.__members__
     role = REQUIRED_DATASETS[Method(method)][0] if known else "sft"
@@ -83,7 +78,7 @@ class ChildRun:
 
     @property
     def messages(self) -> list[dict[str, Any]]:
-        from workers.protocol import parse_line
+        from contract.protocol import parse_line
 
         parsed = [parse_line(line) for line in self.lines]
         assert all(m is not None for m in parsed), f"non-protocol line on stdout: {self.lines}"

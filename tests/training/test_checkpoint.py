@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from contract.protocol import ProgressWriter, ResumeRef, TrainingSpec, parse_line
 from tests.helpers.tiny_model import tiny_preference_jsonl, tiny_sft_jsonl
 from tests.training._child import write_spec
-from workers.protocol import ProgressWriter, ResumeRef, TrainingSpec, parse_line
 from workers.training import checkpoint
 from workers.training.__main__ import seed_everything
 from workers.training.context import CancelToken, RunContext

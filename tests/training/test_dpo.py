@@ -15,10 +15,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from contract.protocol import ProgressWriter, TrainingSpec
 from tests.helpers.tiny_model import tiny_preference_jsonl
 from tests.training._child import ChildRun, run_child, write_spec
 from tests.training.adapters import random_adapter
-from workers.protocol import ProgressWriter, TrainingSpec
 from workers.training import data
 from workers.training.dpo import completion_logps, dpo_loss
 

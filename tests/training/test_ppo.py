@@ -24,9 +24,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from service.core.jobs import LoraSettings, PPOHyperparameters
+from contract.hyperparameters import LoraSettings, PPOHyperparameters
+from contract.protocol import ProgressWriter, TrainingSpec
 from tests.training._child import REPO_ROOT, child_env, run_child, write_spec
-from workers.protocol import ProgressWriter, TrainingSpec
 from workers.training import lora, ppo, rollout
 from workers.training.context import RunContext
 

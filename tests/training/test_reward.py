@@ -14,9 +14,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from contract.protocol import ProgressWriter, TrainingSpec
 from tests.helpers.tiny_model import tiny_preference_jsonl
 from tests.training._child import ChildRun, run_child, write_spec
-from workers.protocol import ProgressWriter, TrainingSpec
 from workers.training import data
 
 METRICS = {"loss", "accuracy", "margin", "learning_rate", "grad_norm"}

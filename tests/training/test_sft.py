@@ -17,9 +17,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from contract.protocol import ProgressWriter, TrainingSpec, parse_line
 from tests.helpers.tiny_model import tiny_sft_jsonl
 from tests.training._child import REPO_ROOT, child_env, run_child, write_spec
-from workers.protocol import ProgressWriter, TrainingSpec, parse_line
 from workers.training import data
 from workers.training.sft import token_loss_sum
 

@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from service.core.jobs import LoraSettings
+from contract.hyperparameters import LoraSettings
 from tests.training.adapters import random_adapter
 from workers.training import lora
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from workers.protocol import ProgressWriter, TrainingSpec
+    from contract.protocol import ProgressWriter, TrainingSpec
     from workers.training.context import CancelToken, RunContext
     from workers.training.errors import (
         INTERNAL_ERROR,

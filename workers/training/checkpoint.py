@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.protocol import CHECKPOINT_META_FILE
+from contract.protocol import CHECKPOINT_META_FILE
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, TrainingError
 

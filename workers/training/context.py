@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
-from workers.protocol import ProgressWriter, TrainingSpec
+from contract.protocol import ProgressWriter, TrainingSpec
 from workers.training.errors import Cancelled
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from service.core.jobs import DPOHyperparameters
+from contract.hyperparameters import DPOHyperparameters
 from workers.training import checkpoint, data, loop, lora, preference
 from workers.training.context import RunContext
 from workers.training.modelcard import render_model_card

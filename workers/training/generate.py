@@ -22,7 +22,7 @@ import torch
 from alignd import validation
 from pydantic import ValidationError
 
-from service.core.jobs import GenerateHyperparameters, LoraSettings
+from contract.hyperparameters import GenerateHyperparameters, LoraSettings
 from workers.training import lora, rollout
 from workers.training.context import RunContext
 from workers.training.errors import (

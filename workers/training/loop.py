@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import torch
 from pydantic import BaseModel, ValidationError
 
-from service.core.jobs import LoraSettings, OptimizerHyperparameters
-from workers.protocol import DatasetRef, ProgressWriter
+from contract.hyperparameters import LoraSettings, OptimizerHyperparameters
+from contract.protocol import DatasetRef, ProgressWriter
 from workers.training import data, lora
 from workers.training.errors import INVALID_HYPERPARAMETERS, INVALID_LORA, TRAINING_DIVERGED, TrainingError
 

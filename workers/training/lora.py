@@ -29,7 +29,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 
-from service.core.jobs import LoraSettings
+from contract.hyperparameters import LoraSettings
 from workers.training.errors import (
     INVALID_ADAPTER,
     MODEL_LOAD_FAILED,

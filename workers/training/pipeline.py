@@ -31,13 +31,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from service.core.jobs import (
-    RLHF_STAGES,
-    PPOHyperparameters,
-    RewardModelHyperparameters,
-    SFTHyperparameters,
-)
-from workers.protocol import AdapterRef, ProgressWriter, TrainingSpec
+from contract.hyperparameters import PPOHyperparameters, RewardModelHyperparameters, SFTHyperparameters
+from contract.methods import RLHF_STAGES
+from contract.protocol import AdapterRef, ProgressWriter, TrainingSpec
 from workers.training import checkpoint
 from workers.training.context import RunContext
 from workers.training.errors import (

@@ -43,7 +43,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from service.core.jobs import LoraSettings, PPOHyperparameters
+from contract.hyperparameters import LoraSettings, PPOHyperparameters
 from workers.training import checkpoint, data, loop, lora, rollout
 from workers.training.context import RunContext
 from workers.training.errors import (

@@ -9,8 +9,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from contract.protocol import DatasetRef
 from service.core import ranking
-from workers.protocol import DatasetRef
 from workers.training import data, loop, lora
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, NO_TRAINABLE_EXAMPLES, TrainingError

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.core.jobs import RewardModelHyperparameters
+from contract.hyperparameters import RewardModelHyperparameters
 from workers.training import checkpoint, data, loop, lora, preference
 from workers.training.context import RunContext
 from workers.training.modelcard import render_model_card

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from service.core.jobs import SFTHyperparameters
+from contract.hyperparameters import SFTHyperparameters
 from workers.training import checkpoint, data, loop, lora
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, NO_TRAINABLE_EXAMPLES, TrainingError

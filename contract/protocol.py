@@ -86,7 +86,7 @@ class TrainingSpec(_Spec):
     init_reward_model: AdapterRef | None = Field(
         None, description="A reward model to continue training (reward_model and rlhf; a new feedback round)."
     )
-    lora: dict[str, Any] = Field(description="Resolved service.core.jobs.LoraSettings.")
+    lora: dict[str, Any] = Field(description="Resolved contract.hyperparameters.LoraSettings.")
     hyperparameters: dict[str, Any] = Field(description="Resolved hyperparameters of the method.")
     seed: int
     output_dir: str = Field(description="Empty folder the child writes artifacts under.")

@@ -1,0 +1,9 @@
+"""The contract both sides share, torch-free and free of FastAPI and database code.
+
+- ``contract.methods``: the training methods and the dataset kinds each consumes;
+- ``contract.hyperparameters``: ``LoraSettings`` and one ``*Hyperparameters`` model per method, with help text;
+- ``contract.protocol``: ``TrainingSpec`` (runner -> child) and the child's JSON-lines progress protocol.
+
+The API (``service/``) validates submissions against these models; the runner (``workers/runner.py``) writes a
+``TrainingSpec``; the training child (``workers/training/``) reads it back and answers in the protocol.
+"""

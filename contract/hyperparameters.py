@@ -1,0 +1,219 @@
+"""Every knob of every method: LoRA settings and one ``*Hyperparameters`` model per method.
+
+These models are the single definition of each knob: the API validates a submission against them (unknown
+names are refused; ``service/core/jobs.py`` turns pydantic's errors into API errors), stores the *resolved*
+values (defaults filled in) on the job row, and the training child reads the same models back. Each field
+carries its help text, as TRL's config dataclasses do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from contract.methods import Method
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    """LoRA adapter shape, passed to ``peft.LoraConfig``."""
+
+    r: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update matrices.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    # 0 by default (peft's default too): on CPU, a dropout mask per adapted layer was 30% of an SFT step and
+    # 4.5 GB of its peak memory on SmolLM2-135M (docs/performance.md, SFT); set it for regularisation.
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA input during training (0 = off: faster and lighter; 0.05-0.1 to "
+        "regularise small datasets).",
+    )
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Module names (or suffixes) to adapt, or 'all-linear' for every linear layer but the "
+        "output head.",
+    )
+
+    @model_validator(mode="after")
+    def _non_empty_targets(self) -> LoraSettings:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        return self
+
+
+class CommonHyperparameters(_Strict):
+    """Knobs every method accepts."""
+
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Hard cap on optimizer steps; training stops there even mid-epoch."
+    )
+    batch_size: int = Field(4, ge=1, le=4096, description="Examples per optimizer step (per device).")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
+    max_length: int = Field(
+        512, ge=8, le=131072, description="Token budget per example; longer examples are truncated."
+    )
+
+
+class OptimizerHyperparameters(CommonHyperparameters):
+    """Optimizer and schedule knobs shared by the gradient-descent stages (SFT, reward model, DPO)."""
+
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches summed into one optimizer step."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Share of steps spent warming up the lr.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate decay after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
+    logging_steps: int = Field(1, ge=1, description="Report metrics every this many optimizer steps.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about 30% slower."
+    )
+    checkpoint_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Save a resumable checkpoint every this many optimizer steps (and at the end).",
+    )
+
+
+class SFTHyperparameters(OptimizerHyperparameters):
+    """Supervised fine-tuning: next-token loss on completion tokens only."""
+
+    completion_only_loss: bool = Field(
+        True, description="Train on completion/assistant tokens only (prompt tokens are masked)."
+    )
+
+
+class RewardModelHyperparameters(OptimizerHyperparameters):
+    """Reward model: a scalar head on the base (LoRA on the body), pairwise loss on chosen vs rejected."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the preference pairs.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
+    eval_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of pairs held out and scored every eval step (0: no held-out set).",
+    )
+    eval_steps: int = Field(10, ge=1, description="Score the held-out pairs every this many optimizer steps.")
+    margin: float = Field(
+        0.0, ge=0, description="Required reward gap: loss is -logsigmoid(r_chosen - r_rejected - margin)."
+    )
+    center_rewards_coefficient: float = Field(
+        0.0, ge=0, description="Weight of the (r_chosen + r_rejected)^2 term that keeps rewards centred on 0."
+    )
+    min_eval_accuracy: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="rlhf quality gate: held-out pair accuracy below this stops the job (reward_model_too_weak) "
+        "before PPO. Standalone reward_model jobs only report it.",
+    )
+
+
+class DPOHyperparameters(OptimizerHyperparameters):
+    """Direct preference optimisation; the reference is the same base with the adapter disabled."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the preference pairs.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label-noise rate."
+    )
+    max_prompt_length: int = Field(256, ge=1, description="Token budget for the prompt part of each pair.")
+    # With an init adapter (the SFT policy) the literature's reference is that SFT policy, not the bare base;
+    # the worker loads it a second time as a frozen adapter on the same base, so it costs no second model.
+    reference_model: Literal["init_adapter", "base"] = Field(
+        "init_adapter",
+        description="Reference policy when init_adapter is given: a frozen copy of the init adapter (the SFT "
+        "model, as in the DPO paper) or the bare base. Without init_adapter it is always the base.",
+    )
+
+
+class PPOHyperparameters(CommonHyperparameters):
+    """PPO against a reward model with a per-token KL penalty to the reference (the adapter disabled)."""
+
+    epochs: int | None = Field(  # type: ignore[assignment]
+        None,
+        ge=1,
+        le=1000,
+        description="Cap on passes over the prompts; unset: prompts are recycled until `steps` updates.",
+    )
+    steps: int = Field(100, ge=1, le=100000, description="PPO updates (one rollout batch each).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Alias of rollout_batch_size for uniformity.")
+    rollout_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Prompts generated per PPO update (default: batch_size)."
+    )
+    mini_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Episodes per optimizer step within an update (default: the rollout).",
+    )
+    ppo_epochs: int = Field(4, ge=1, le=100, description="Passes over each rollout, fresh permutation each.")
+    # Measured on SmolLM2-135M + LoRA r16 (shared/NOTES.md): TRL's 3e-6 leaves a LoRA policy unchanged in
+    # 30 updates; 1e-4 raises held-out reward clearly. LoRA needs a higher lr than full fine-tuning.
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Adam learning rate (eps 1e-5).")
+    max_length: int = Field(256, ge=8, le=131072, description="Token budget for the prompt (left-truncated).")
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Longest sampled response.")
+    temperature: float = Field(
+        0.7, gt=0, le=10, description="Sampling temperature (logits are divided by it)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator for the penalty.")
+    cliprange: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the old values.")
+    vf_coef: float = Field(0.1, ge=0, description="Value-loss weight.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE.")
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="Subtracted from the score of a response that never emits EOS."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
+    value_model: Literal["head", "adapter"] = Field(
+        "head",
+        description="Value function: a head on the policy's trunk, or a third adapter from the reward model.",
+    )
+    logging_steps: int = Field(1, ge=1, description="Report metrics every this many PPO updates.")
+    checkpoint_steps: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every this many PPO updates (and at the end)."
+    )
+
+
+class GenerateHyperparameters(_Strict):
+    """Candidate generation: K sampled answers per prompt, written as a ``candidates`` dataset for labelling."""
+
+    num_responses: int = Field(
+        4, ge=2, le=16, description="Answers sampled per prompt (the K annotators will rank; 2..16)."
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest sampled answer, in tokens.")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature; lower gives safer, more similar answers."
+    )
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Sampling seed (default: the job's seed).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts sampled together (each K times).")
+    max_length: int = Field(
+        512, ge=8, le=131072, description="Token budget for the prompt; longer prompts keep their end."
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="Use only the first this many prompts of the dataset."
+    )
+
+
+HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
+    Method.sft: SFTHyperparameters,
+    Method.reward_model: RewardModelHyperparameters,
+    Method.dpo: DPOHyperparameters,
+    Method.ppo: PPOHyperparameters,
+    Method.generate: GenerateHyperparameters,
+}
