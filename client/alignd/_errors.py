@@ -23,6 +23,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
+    "DestinationExistsError",
     "IntegrityError",
     "JobFailedError",
     "JobWaitTimeoutError",
@@ -282,3 +283,13 @@ class UnsafeArchiveError(AlignError):
     """An archive holds a member that could escape the destination or exhaust the disk; nothing was kept."""
 
     code = "unsafe_archive"
+
+
+class DestinationExistsError(AlignError, FileExistsError):
+    """``artifacts.download`` / ``safe_extract`` was given a ``dest`` that exists and is not an empty folder.
+
+    Extraction is all-or-nothing (a temporary folder renamed into place), so it never merges into, or
+    overwrites, a folder that already holds files.
+    """
+
+    code = "destination_exists"

@@ -11,6 +11,7 @@ from pathlib import Path
 import alignd
 import pytest
 from alignd._archive import safe_extract
+from alignd._errors import DestinationExistsError
 
 from tests.client.scripted import Recorded, Reply, ScriptedServer, scripted_server
 
@@ -119,7 +120,7 @@ def test_unsafe_archives_are_refused_and_write_nothing(tmp_path: Path, case: str
     with pytest.raises(alignd.UnsafeArchiveError) as info:
         safe_extract(archive, dest, max_member_bytes=1000)
     assert phrase in str(info.value)
-    # Every header is checked before any write: nothing at all appeared, inside or outside dest.
+    # Extraction goes to a temporary folder removed on failure: nothing appeared, inside or outside dest.
     assert _tree(tmp_path) == before
     assert not dest.exists()
     assert not Path("/tmp/alignd-escaped.txt").exists()
@@ -159,9 +160,11 @@ def test_existing_symlink_in_dest_is_not_followed(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (dest / "sub").symlink_to(outside)
-    with pytest.raises(alignd.UnsafeArchiveError):
+    # dest holds something, so extraction (all-or-nothing, renamed into place) refuses it outright.
+    with pytest.raises(DestinationExistsError, match="not an empty folder"):
         safe_extract(archive, dest)
     assert list(outside.iterdir()) == []
+    assert _tree(dest) == {"sub"}
 
 
 # -- downloads over HTTP --------------------------------------------------------------------------------

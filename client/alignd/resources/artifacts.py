@@ -14,9 +14,9 @@ import httpx
 
 from alignd._archive import (
     CHUNK,
-    DEFAULT_MAX_MEMBER_BYTES,
-    DEFAULT_MAX_TOTAL_BYTES,
     Sha256Writer,
+    check_destination,
+    download_cap,
     safe_extract,
     verify_sha256,
 )
@@ -42,6 +42,7 @@ def _content_options(artifact_id: str) -> RequestOptions:
 
 def _prepare(artifact_id: str, dest: str | os.PathLike[str] | None) -> tuple[Path, str]:
     dest_path = Path(dest) if dest is not None else Path.cwd() / artifact_id
+    check_destination(dest_path)  # refused before a byte is downloaded
     parent = dest_path.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{artifact_id}.", suffix=".tar.gz.part", dir=parent)
@@ -54,8 +55,8 @@ def _finish(
     tmp: str,
     writer: Sha256Writer,
     dest: Path,
-    max_member_bytes: int,
-    max_total_bytes: int,
+    max_member_bytes: int | None,
+    max_total_bytes: int | None,
 ) -> Path:
     verify_sha256(writer.hexdigest(), artifact.sha256, what=f"artifact {artifact.id}")
     return safe_extract(tmp, dest, max_member_bytes=max_member_bytes, max_total_bytes=max_total_bytes)
@@ -76,15 +77,18 @@ class Artifacts(SyncResource):
         artifact_id: str,
         dest: str | os.PathLike[str] | None = None,
         *,
-        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-        max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+        max_member_bytes: int | None = None,
+        max_total_bytes: int | None = None,
     ) -> Path:
         """Download an artifact's ``.tar.gz``, verify its sha256, extract it into ``dest``; return ``dest``.
 
         The archive is streamed to a temporary file next to ``dest`` (never held in memory), checked against
-        the artifact's ``sha256`` (IntegrityError on mismatch) and extracted with every member checked first
-        (UnsafeArchiveError for links, absolute paths, ``..``, devices or sizes over the caps). ``dest``
-        defaults to ``./<artifact id>``. A connection lost mid-download restarts it (``max_retries``).
+        the artifact's ``sha256`` (IntegrityError on mismatch) and extracted all-or-nothing into a temporary
+        folder renamed to ``dest`` (UnsafeArchiveError for links, absolute paths, ``..``, devices, corrupt
+        data or sizes over the caps). ``max_total_bytes`` defaults to max(64 MiB, 20 x the archive's size),
+        at most 64 GiB; ``max_member_bytes`` to the total cap. ``dest`` defaults to ``./<artifact id>`` and
+        must be absent or an empty folder (DestinationExistsError). A connection lost mid-download restarts
+        it (``max_retries``).
         """
         artifact = self.get(artifact_id)
         dest_path, tmp = _prepare(artifact_id, dest)
@@ -94,7 +98,7 @@ class Artifacts(SyncResource):
                 try:
                     opts = _content_options(artifact_id)
                     with open(tmp, "wb") as out, self._client.stream(opts) as response:
-                        writer = Sha256Writer(out, max_bytes=max_total_bytes)
+                        writer = Sha256Writer(out, max_bytes=download_cap(max_total_bytes))
                         for chunk in response.iter_bytes(CHUNK):
                             writer.write(chunk)
                     break
@@ -124,8 +128,8 @@ class AsyncArtifacts(AsyncResource):
         artifact_id: str,
         dest: str | os.PathLike[str] | None = None,
         *,
-        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-        max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+        max_member_bytes: int | None = None,
+        max_total_bytes: int | None = None,
     ) -> Path:
         artifact = await self.get(artifact_id)
         dest_path, tmp = _prepare(artifact_id, dest)
@@ -135,7 +139,7 @@ class AsyncArtifacts(AsyncResource):
                 try:
                     with open(tmp, "wb") as out:
                         async with self._client.stream(_content_options(artifact_id)) as response:
-                            writer = Sha256Writer(out, max_bytes=max_total_bytes)
+                            writer = Sha256Writer(out, max_bytes=download_cap(max_total_bytes))
                             async for chunk in response.aiter_bytes(CHUNK):
                                 writer.write(chunk)
                     break
