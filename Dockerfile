@@ -40,6 +40,7 @@ WORKDIR /src
 # The SDK first: the server distribution depends on it (`alignd`), and it changes less often.
 COPY client/ client/
 COPY pyproject.toml README.md ./
+COPY alignd_server/ alignd_server/
 COPY contract/ contract/
 COPY service/ service/
 COPY workers/ workers/

@@ -40,7 +40,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy service workers client/alignd
+	$(VENV)/bin/mypy alignd_server contract service workers client/alignd
 
 openapi: $(STAMP)
 	$(PY) -m service.openapi > openapi/openapi.json

@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
 
+    from alignd_server import embedded
     from service.api import app as app_module
     from service.queue.inline import InlineQueue
     from service.settings import Settings
@@ -60,7 +61,7 @@ def main() -> None:
             return queue
 
         app_module._open_queue = parked_queue  # type: ignore[assignment]
-    app = app_module.create_app(settings)
+    app = embedded.create_app(settings)  # its queue is the parked one above
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

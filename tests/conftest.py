@@ -111,7 +111,7 @@ class LiveServer:
 @pytest.fixture
 def live_server(tmp_path: Path, tiny_model_dir: Path, sft_jsonl: Path) -> Iterator[LiveServer]:
     """A real alignd server (embedded mode, auth on with two tenants) on a free port."""
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
 
     settings = make_settings(tmp_path / "alignd")
     with UvicornThread(create_app(settings)) as server:
@@ -132,7 +132,7 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[httpx.Client
     HTTP on PostgreSQL (a fresh database per test, dropped afterwards). Tenant A's key."""
     from fastapi.testclient import TestClient
 
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
 
     with contextlib.ExitStack() as stack:
         overrides: dict[str, Any] = {}
@@ -381,7 +381,7 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker"],
+                [sys.executable, "-m", "alignd_server.cli", "worker"],
                 env=env,
                 cwd=root,
                 stdout=log,

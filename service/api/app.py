@@ -1,12 +1,14 @@
-"""The app factory: ``create_app(settings)`` wires database, storage, queue and routes."""
+"""The app factory: ``create_app(settings)`` wires database, storage, queue and routes.
+
+No worker code here: embedded mode gets its in-process runner from the composition root
+(``alignd_server.embedded``) through ``create_app(runner_factory=...)``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,19 +16,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.methods import Method
 from service import __version__
 from service.api import label_page
-from service.api.deps import AppContext
+from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
 from service.api.routes import artifacts, datasets, feedback_sets, health, jobs, models
+from service.api.startup import MigrationStartup
 from service.api.uploads import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodySizeLimit
 from service.core.errors import ServiceUnavailableError
-from service.db.session import make_engine, migrate
+from service.db.session import make_engine
 from service.logs import request_id_var
 from service.metrics import ApiMetrics
 from service.queue import JobQueue
@@ -34,9 +35,13 @@ from service.queue.inline import InlineQueue
 from service.reconciler import Reconciler
 from service.settings import Settings
 from service.storage import open_store
-from workers.runner import JobRunner
 
 log = logging.getLogger(__name__)
+
+MISSING_RUNNER = (
+    "embedded mode (ALIGND_QUEUE=inline) runs jobs in this process and needs a runner: start it with "
+    "`alignd-server serve` (alignd_server.embedded.create_app), or set ALIGND_QUEUE=arq"
+)
 
 
 def _body_limits(settings: Settings) -> Callable[[str, str], int]:
@@ -50,60 +55,13 @@ def _body_limits(settings: Settings) -> Callable[[str, str], int]:
     return limit
 
 
-def _open_queue(settings: Settings, runner: JobRunner | None) -> JobQueue:
+def _open_queue(settings: Settings, runner: InProcessRunner | None) -> JobQueue:
     if settings.queue == "arq":
         from service.queue.arq import ArqQueue
 
         return ArqQueue(settings.redis_url, methods=[method.value for method in Method])
     assert runner is not None
     return InlineQueue(runner.run, concurrency=settings.worker_concurrency)
-
-
-class _Startup:
-    """Applies migrations, retrying in the background while the database is unreachable.
-
-    The API must come up with its database down (a restarted cluster starts pods in any order): until the
-    schema is in place /readyz says so and every /v1 request answers 503 database_unavailable. Workers and
-    the reconciler start only once the schema is there.
-    """
-
-    def __init__(self, settings: Settings, engine: Engine, then: Callable[[], None]) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.then = then
-        self.ready = threading.Event()
-        self.stopping = threading.Event()
-        self.last_error: str | None = None
-        self._thread: threading.Thread | None = None
-
-    def _attempt(self) -> bool:
-        try:
-            migrate(self.engine)
-        except (OperationalError, DBAPIError, OSError) as exc:
-            self.last_error = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
-            log.warning("database unavailable at start (%s); retrying", self.last_error)
-            return False
-        self.last_error = None
-        self.ready.set()
-        self.then()
-        return True
-
-    def start(self) -> None:
-        if self._attempt():
-            return
-        self._thread = threading.Thread(target=self._retry, name="alignd-migrations", daemon=True)
-        self._thread.start()
-
-    def _retry(self) -> None:
-        while not self.stopping.wait(self.settings.db_retry_seconds):
-            if self._attempt():
-                log.info("database reachable; schema up to date")
-                return
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
 
 class RequestContext:
@@ -140,10 +98,8 @@ class RequestContext:
             await send(message)
 
         try:
-            startup: _Startup | None = getattr(getattr(scope["app"].state, "ctx", None), "extras", {}).get(
-                "startup"
-            )
-            if startup is not None and not startup.ready.is_set() and scope["path"].startswith("/v1/"):
+            ctx: AppContext | None = getattr(scope["app"].state, "ctx", None)
+            if ctx is not None and not ctx.startup.ready.is_set() and scope["path"].startswith("/v1/"):
                 error = ServiceUnavailableError(
                     "The database is unreachable (schema not applied yet); retry shortly.",
                     code="database_unavailable",
@@ -161,25 +117,25 @@ class RequestContext:
             request_id_var.reset(token)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactory | None = None) -> FastAPI:
+    """The API. ``runner_factory`` builds the in-process runner embedded mode (ALIGND_QUEUE=inline) needs;
+    the service never imports the workers, so ``alignd_server.embedded.create_app`` supplies it."""
     settings = settings or Settings()
     metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Checked at start, not in create_app: an app built without a runner still serves its OpenAPI.
+        if settings.queue == "inline" and runner_factory is None:
+            raise RuntimeError(MISSING_RUNNER)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
         store = open_store(settings.resolved_storage_url, s3_endpoint_url=settings.s3_endpoint_url)
-        runner: JobRunner | None = None
-        if settings.queue == "inline":
+        runner: InProcessRunner | None = None
+        if settings.queue == "inline" and runner_factory is not None:
             # Embedded mode runs jobs in this process; with arq the API only enqueues ids.
-            worker_id = f"{socket.gethostname()}-{secrets.token_hex(3)}"
-            runner = JobRunner(settings=settings, engine=engine, store=store, worker_id=worker_id)
+            runner = runner_factory(settings, engine, store)
         queue = _open_queue(settings, runner)
-        ctx = AppContext(
-            settings=settings, engine=engine, store=store, queue=queue, tenant_keys=settings.tenant_keys()
-        )
-        ctx.extras["runner"] = runner
         reconciler = Reconciler(
             engine,
             queue,
@@ -192,9 +148,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue.start()
             reconciler.start()
 
-        startup = _Startup(settings, engine, start_work)
-        ctx.extras["startup"] = startup
-        app.state.ctx = ctx
+        startup = MigrationStartup(engine, retry_seconds=settings.db_retry_seconds, then=start_work)
+        app.state.ctx = AppContext(
+            settings=settings,
+            engine=engine,
+            store=store,
+            queue=queue,
+            startup=startup,
+            runner=runner,
+            tenant_keys=settings.tenant_keys(),
+        )
         metrics.watch_state(lambda: engine if startup.ready.is_set() else None, queue.depth)
         await asyncio.to_thread(startup.start)
         try:

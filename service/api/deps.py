@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -19,6 +19,7 @@ from sqlalchemy import bindparam
 from sqlalchemy.engine import Engine, Row
 from sqlmodel import Session, SQLModel, col, select
 
+from service.api.startup import MigrationStartup
 from service.core.errors import AuthenticationError, NotFoundError, ValidationFailed
 from service.queue import JobQueue
 from service.settings import DEFAULT_TENANT, Settings
@@ -27,14 +28,31 @@ from service.storage import ArtifactStore
 RowT = TypeVar("RowT", bound=SQLModel)
 
 
+class InProcessRunner(Protocol):
+    """Runs a job by id in this process: what embedded mode (ALIGND_QUEUE=inline) hands its queue.
+
+    ``workers.runner.JobRunner`` is one; the service never imports it; the composition root
+    (``alignd_server.embedded``) passes a :data:`RunnerFactory` to ``create_app``.
+    """
+
+    def run(self, job_id: str) -> object: ...
+
+    def shutdown(self) -> None: ...
+
+
+# Called once in the app's lifespan, with the engine and store it opened: the runner shares both.
+RunnerFactory = Callable[[Settings, Engine, ArtifactStore], InProcessRunner]
+
+
 @dataclass
 class AppContext:
     settings: Settings
     engine: Engine
     store: ArtifactStore
     queue: JobQueue
+    startup: MigrationStartup
+    runner: InProcessRunner | None = None  # embedded mode only; with arq the API only enqueues ids
     tenant_keys: dict[str, str] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def get_context_of(request: Request) -> AppContext:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,14 @@ def test_healthcheck_entrypoint_and_cmd():
     assert "8000" in expose and "9100" in expose
 
 
+def test_copies_every_package_the_distribution_includes():
+    # A package pyproject.toml installs but the build never copies would be missing from the image.
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in include["include"]}
+    copied = {rest.split()[0].rstrip("/") for word, rest in instructions() if word == "COPY"}
+    assert packages <= copied, packages - copied
+
+
 def test_dockerignore_keeps_local_state_out_of_the_context():
     entries = {
         line.strip()
@@ -145,5 +154,13 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
     ):
         assert required in entries, required
     # ...but never what the build needs
-    for needed in ("client", "service", "workers", "pyproject.toml", "README.md"):
+    for needed in (
+        "alignd_server",
+        "client",
+        "contract",
+        "service",
+        "workers",
+        "pyproject.toml",
+        "README.md",
+    ):
         assert needed not in entries

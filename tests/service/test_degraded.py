@@ -33,7 +33,7 @@ def _eventually(check: Any, timeout: float = 20) -> Any:
 
 
 def test_postgres_down_at_boot_and_later(tmp_path: Path, pg_url: str) -> None:
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
 
     proxy = TcpProxy(5432)  # not started: PostgreSQL is "down" at boot
     url = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
@@ -76,7 +76,7 @@ def test_postgres_down_at_boot_and_later(tmp_path: Path, pg_url: str) -> None:
 
 @pytest.mark.usefixtures("aws_env")
 def test_s3_down_is_503_and_recovers(tmp_path: Path, moto_s3: str) -> None:
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
 
     backend = int(moto_s3.rsplit(":", 1)[1])
     proxy = TcpProxy(backend).start()
@@ -235,7 +235,7 @@ def test_queue_ping_fails_fast_when_redis_is_down() -> None:
 def test_json_logs_carry_the_request_id(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
     from service.logs import configure_logging
 
     settings = make_settings(tmp_path / "l", log_json=True, log_level="DEBUG")

@@ -244,7 +244,7 @@ def test_cancel_running_job_leaves_no_child(live_server: LiveServer) -> None:
 
 
 def test_cancel_queued_job_and_queue_limit(tmp_path: Path, tiny_model_dir: Path, sft_jsonl: Path) -> None:
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
     from tests.conftest import UvicornThread, make_settings
 
     settings = make_settings(tmp_path / "alignd", max_queued_jobs_per_tenant=1, worker_concurrency=1)
@@ -278,7 +278,7 @@ def test_cancel_queued_job_and_queue_limit(tmp_path: Path, tiny_model_dir: Path,
 def test_dataset_over_the_cap_is_413(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
     from tests.conftest import make_settings
 
     settings = make_settings(tmp_path / "alignd", max_dataset_bytes=1000)
@@ -294,7 +294,7 @@ def test_storage_down_is_503_and_nothing_is_lost(tmp_path: Path) -> None:
 
     from fastapi.testclient import TestClient
 
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
     from tests.conftest import make_settings
 
     settings = make_settings(tmp_path / "alignd")

@@ -7,10 +7,14 @@ import time
 from pathlib import Path
 
 import httpx
+from sqlalchemy.engine import Engine
 
+from service.settings import Settings
+from service.storage import ArtifactStore
 from service.storage.local import LocalStore
 from tests.conftest import UvicornThread, make_settings
 from tests.service.helpers import upload_dataset, upload_model, wait_for
+from workers.runner import JobRunner
 
 
 class SlowUploads(LocalStore):
@@ -27,20 +31,24 @@ class SlowUploads(LocalStore):
 
 
 def test_slow_upload_does_not_lose_the_lease(tmp_path: Path, tiny_model_dir: Path, sft_jsonl: Path) -> None:
+    from alignd_server.embedded import build_runner
     from service.api.app import create_app
 
     settings = make_settings(
         tmp_path / "alignd", lease_seconds=1.5, heartbeat_seconds=0.25, reconcile_interval_seconds=0.25
     )
-    app = create_app(settings)
+    slow = SlowUploads(settings.data_dir / "storage", delay=4.0)  # > 2 leases
+
+    def slow_runner(settings: Settings, engine: Engine, _store: ArtifactStore) -> JobRunner:
+        return build_runner(settings, engine, slow)  # the API keeps the plain store; only the runner waits
+
+    app = create_app(settings, runner_factory=slow_runner)
     with (
         UvicornThread(app) as server,
         httpx.Client(
             base_url=server.base_url, headers={"Authorization": "Bearer key-a"}, timeout=60
         ) as client,
     ):
-        runner = app.state.ctx.extras["runner"]
-        runner.store = SlowUploads(settings.data_dir / "storage", delay=4.0)  # > 2 leases
         model = upload_model(client, tiny_model_dir).json()["id"]
         dataset = upload_dataset(client, sft_jsonl, "sft").json()["id"]
         body = {

@@ -25,7 +25,7 @@ from tests.service.helpers import upload_dataset, upload_model, wait_for
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[httpx.Client]:
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
 
     # A fast reconciler: the killed attempt's job is queued again within half a second.
     settings = make_settings(tmp_path / "alignd", reconcile_interval_seconds=0.5, job_max_tries=3)

@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
 
     data_dir: Path = tmp_path_factory.mktemp("fuzz") / "alignd"
     with UvicornThread(create_app(make_settings(data_dir))) as server:

@@ -1,6 +1,6 @@
 """`alignd-server worker --check`, the worker readiness probe of the Helm chart, run as a real process.
 
-What it checks (service/cli.py, workers/tasks.check_health): Redis answers, and arq's health-check key
+What it checks (alignd_server/cli.py, workers/tasks.check_health): Redis answers, and arq's health-check key
 `alignd:queue:<method>:health-check` exists for every served method. arq refreshes that key every 30 s with
 a 31 s expiry, and every worker serving a method writes the same key, so the check reports on the pool of
 workers behind those queues, not on the process that runs it; the tests below show both sides of that.
@@ -44,7 +44,7 @@ def _env(tmp_path: Path, **overrides: str) -> dict[str, str]:
 
 def check(tmp_path: Path, timeout: float = 30, **overrides: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker", "--check"],
+        [sys.executable, "-m", "alignd_server.cli", "worker", "--check"],
         cwd=REPO,
         env=_env(tmp_path, **overrides),
         capture_output=True,
@@ -139,7 +139,7 @@ def start_worker(tmp_path: Path, redis_server: RedisServer) -> Iterator[Callable
 
     def start() -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
+            [sys.executable, "-m", "alignd_server.cli", "worker"],
             cwd=REPO,
             env=_env(tmp_path, ALIGND_REDIS_URL=redis_server.url, ALIGND_WORKER_METHODS="generate"),
             stdout=log,

@@ -23,7 +23,7 @@ def _imported_modules(folder: Path) -> set[str]:
 
 def test_service_and_runner_never_load_torch() -> None:
     code = (
-        "import sys, service.api.app, service.cli, workers.runner, contract.protocol;"
+        "import sys, service.api.app, alignd_server.cli, alignd_server.embedded, workers.runner, contract.protocol;"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules);"
         "print(','.join(heavy))"
     )

@@ -24,8 +24,7 @@ def _check_all(ctx: ContextDep) -> dict[str, str]:
     try:
         with ctx.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
-        startup = ctx.extras.get("startup")
-        if startup is not None and not startup.ready.is_set():
+        if not ctx.startup.ready.is_set():
             checks["database"] = "unavailable: schema not applied yet (migrations retrying)"
         else:
             checks["database"] = "ok"

@@ -1,4 +1,8 @@
-"""``alignd-server serve | worker | migrate``: the server's command line."""
+"""``alignd-server serve | worker | migrate``: the server's command line.
+
+It starts the service and the workers alike (``serve`` runs embedded mode's in-process runner, ``worker``
+the arq worker), so it lives in the composition root, not in ``service``, which never imports the workers.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def _configure_logging(settings: Settings) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.api.app import create_app
+    from alignd_server.embedded import create_app
 
     settings = Settings()
     if not settings.auth_enabled and not _is_loopback(args.host):

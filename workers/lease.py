@@ -1,0 +1,205 @@
+"""The lease on a job row and every write made under it (fencing).
+
+The runner takes a lease (owner + fencing token + expiry) with a compare-and-set on the row; every later write
+checks the token, so a runner whose lease was handed to another worker (after a long pause, say) can no longer
+touch the job. Cancellation is a flag on the row, read at every heartbeat, so a cancel accepted by any API
+replica reaches the process that runs the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import col, select
+
+from service.core.ids import now
+from service.core.jobs import JobStatus
+from service.db.session import session_scope
+from service.db.tables import JobEventRow, JobMetricRow, JobRow
+
+log = logging.getLogger(__name__)
+
+FINAL_EVENT_TEXT = {
+    JobStatus.succeeded: "Job succeeded.",
+    JobStatus.cancelled: "Job cancelled.",
+    JobStatus.queued: "Job released and queued again.",
+}
+
+
+class LeaseLost(Exception):
+    """Another runner owns the job now (or it was reset): stop writing."""
+
+
+@dataclass
+class Lease:
+    job_id: str
+    token: int
+    owner: str
+    # Set by the lease keeper thread (see keep_lease), read by the relay loop.
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    lost: threading.Event = field(default_factory=threading.Event)
+
+
+def acquire(engine: Engine, job_id: str, *, owner: str, lease_seconds: float) -> Lease | None:
+    """Take the job if it is queued (compare-and-set on status). None when someone else has it."""
+    with session_scope(engine) as session:
+        job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
+        if job is None or job.status != JobStatus.queued:
+            return None
+        token = job.lease_token + 1
+        result = session.execute(
+            update(JobRow)
+            .where(
+                col(JobRow.id) == job_id,
+                col(JobRow.status) == JobStatus.queued.value,
+                col(JobRow.lease_token) == job.lease_token,
+            )
+            .values(
+                status=JobStatus.running,
+                lease_owner=owner,
+                lease_token=token,
+                lease_expires_at=time.time() + lease_seconds,
+                started_at=job.started_at or now(),
+                attempts=job.attempts + 1,
+                error_code=None,
+                error_message=None,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+    return Lease(job_id=job_id, token=token, owner=owner)
+
+
+def fenced(session: Any, lease: Lease) -> JobRow:
+    """The job's row, locked, if ``lease`` still holds it; raises LeaseLost otherwise."""
+    job = session.exec(select(JobRow).where(JobRow.id == lease.job_id).with_for_update()).first()
+    if job is None or job.lease_token != lease.token or job.status != JobStatus.running:
+        raise LeaseLost(lease.job_id)
+    return job
+
+
+def fenced_job(engine: Engine, lease: Lease) -> JobRow:
+    """A detached copy of the job's row (expire_on_commit is off), read under the fence."""
+    with session_scope(engine) as session:
+        return fenced(session, lease)
+
+
+def heartbeat(engine: Engine, lease: Lease, *, lease_seconds: float) -> bool:
+    """Extend the lease; returns whether a cancel was requested. Raises LeaseLost."""
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        job.lease_expires_at = time.time() + lease_seconds
+        session.add(job)
+        return job.cancel_requested
+
+
+def keep_lease(
+    beat: Callable[[Lease], bool], lease: Lease, stop: threading.Event, *, every_seconds: float
+) -> None:
+    """Call ``beat`` (a heartbeat) every ``every_seconds`` from its own thread, for the whole attempt.
+
+    A thread of its own, because the relay loop is not the only long step: downloading a base model,
+    uploading an artifact or a checkpoint can each outlast the lease, and a lease that lapses meanwhile
+    hands a healthy job to another worker.
+    """
+    while not stop.wait(every_seconds):
+        try:
+            if beat(lease):
+                lease.cancel_requested.set()
+        except LeaseLost:
+            lease.lost.set()
+            return
+        except Exception as exc:  # a database blip: the lease has slack, try again next beat
+            log.warning("heartbeat for %s failed: %s", lease.job_id, exc)
+
+
+def add_event(
+    engine: Engine, lease: Lease, message: str, *, level: str = "info", stage: str | None = None
+) -> None:
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        session.add(
+            JobEventRow(
+                job_id=lease.job_id, created_at=now(), level=level, stage=stage or job.stage, message=message
+            )
+        )
+
+
+def add_metrics(
+    engine: Engine, lease: Lease, values: dict[str, Any], *, step: Any, stage: str | None
+) -> None:
+    """One metric row per value of a ``metric`` message (``step`` as the child sent it)."""
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        created = now()
+        for name, value in values.items():
+            session.add(
+                JobMetricRow(
+                    job_id=lease.job_id,
+                    stage=stage or job.stage,
+                    step=int(step),
+                    name=str(name)[:64],
+                    value=float(value),
+                    created_at=created,
+                )
+            )
+
+
+def set_progress(engine: Engine, lease: Lease, message: Mapping[str, Any], *, stage: str | None) -> None:
+    """Record a progress message's value (the row keeps its own when it has none) and, when given, its stage."""
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        job.progress = float(message.get("progress", job.progress))
+        if stage:
+            job.stage = stage
+        session.add(job)
+
+
+def attempts(engine: Engine, lease: Lease) -> int:
+    with session_scope(engine) as session:
+        return int(fenced(session, lease).attempts)
+
+
+def end(engine: Engine, lease: Lease, status: JobStatus, *, error: tuple[str, str] | None = None) -> None:
+    """Write the job's final status (and error), give up the lease, and say so in an event."""
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        job.status = status
+        job.finished_at = now()
+        job.lease_owner = None
+        job.lease_expires_at = None
+        if status is JobStatus.succeeded:
+            job.progress = 1.0
+        if error is not None:
+            job.error_code, job.error_message = error
+        session.add(job)
+        if status is JobStatus.failed:
+            text = f"Job failed: {error[1] if error else 'unknown error'}"
+        else:
+            text = FINAL_EVENT_TEXT[status]
+        level = "error" if status is JobStatus.failed else "info"
+        session.add(
+            JobEventRow(job_id=lease.job_id, created_at=now(), level=level, stage=job.stage, message=text)
+        )
+
+
+def release(engine: Engine, lease: Lease, reason: str) -> None:
+    """Give a running job back to the queue (worker shutting down): it will run again, resuming."""
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        job.status = JobStatus.queued
+        job.lease_owner = None
+        job.lease_expires_at = None
+        session.add(job)
+        session.add(
+            JobEventRow(
+                job_id=lease.job_id, created_at=now(), level="warning", stage=job.stage, message=reason
+            )
+        )

@@ -1,0 +1,196 @@
+"""The training child: spawned in its own process group, its stdout relayed line by line, stopped on demand.
+
+The child is ``python -m workers.training spec.json`` (see contract/protocol.py); its stderr goes to a log
+file in the attempt folder, whose tail explains a crash. A stop (cancel, abort, worker shutdown) is SIGTERM
+to the whole group; a child that outlives the grace period after a cancel or abort gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contract.protocol import parse_line
+from service.settings import Settings
+from workers.lease import Lease, LeaseLost
+
+Error = tuple[str, str]  # (code, message)
+
+
+def child_command(settings: Settings, spec_path: Path) -> list[str]:
+    python = settings.training_python or sys.executable
+    return [python, "-m", "workers.training", str(spec_path)]
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if settings.torch_threads:
+        env["ALIGND_TORCH_THREADS"] = str(settings.torch_threads)
+    # The child must import the same `workers` package as this process, installed or not.
+    project_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [project_root, env.get("PYTHONPATH")]))
+    return env
+
+
+class Children:
+    """The training children running now, so a worker that stops can stop them all."""
+
+    def __init__(self) -> None:
+        self._children: set[subprocess.Popen[str]] = set()
+        self._lock = threading.Lock()
+
+    def spawn(
+        self, command: list[str], *, env: dict[str, str], cwd: Path, log_path: Path
+    ) -> subprocess.Popen[str]:
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            child = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                text=True,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,  # its own process group: cancel reaches grandchildren too
+            )
+        with self._lock:
+            self._children.add(child)
+        return child
+
+    def reap(self, child: subprocess.Popen[str]) -> None:
+        """Forget ``child``, killing its group first if it still runs (the relay ended early)."""
+        with self._lock:
+            self._children.discard(child)
+        if child.poll() is None:
+            signal_group(child, signal.SIGKILL)
+            child.wait()
+
+    def terminate_all(self) -> None:
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            signal_group(child, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    """How an attempt's child ended, for the runner to turn into the job's status."""
+
+    returncode: int
+    error: Error | None  # the last error line the child printed
+    abort: Error | None  # the runner's abort of this job, if one was asked for
+    cancelled: bool  # a cancel was requested and the child was told to stop
+
+
+@dataclass(frozen=True)
+class StopRequests:
+    """What the relay loop checks between lines; each one stops the child."""
+
+    abort: Callable[[], Error | None]  # the runner's abort of this job (e.g. the arq job timeout)
+    stopping: threading.Event  # the worker is shutting down
+    cancel_grace_seconds: float
+
+
+def _lines_of(child: subprocess.Popen[str], name: str) -> queue.Queue[str | None]:
+    """The child's stdout lines, read by a thread of their own; None after the last one."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, name=name, daemon=True).start()
+    return lines
+
+
+def relay(
+    child: subprocess.Popen[str],
+    lease: Lease,
+    *,
+    handle: Callable[[dict[str, Any]], None],
+    announce: Callable[[str, str], None],
+    stops: StopRequests,
+) -> ChildExit:
+    """Hand each protocol message to ``handle`` until the child's stdout ends, stopping it when asked.
+
+    ``announce(message, level)`` records why the child is being stopped. Raises LeaseLost as soon as the
+    lease keeper has lost the lease (the caller kills the child on the way out).
+    """
+    lines = _lines_of(child, f"relay-{lease.job_id}")
+    error: Error | None = None
+    abort_error: Error | None = None
+    cancel_sent_at: float | None = None
+    stop_sent = False
+    eof = False
+    while not eof:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            eof = True
+        elif line:
+            message = parse_line(line)
+            if message is not None:
+                if message["type"] == "error":
+                    error = (str(message.get("code", "training_error")), str(message.get("message", "")))
+                handle(message)
+        if lease.lost.is_set():
+            raise LeaseLost(lease.job_id)
+        if abort_error is None and (abort_error := stops.abort()) is not None:
+            announce(f"{abort_error[1]} Stopping the training process.", "error")
+            signal_group(child, signal.SIGTERM)
+            cancel_sent_at = time.monotonic()
+        if lease.cancel_requested.is_set() and cancel_sent_at is None:
+            announce("Cancel requested: stopping the training process.", "warning")
+            signal_group(child, signal.SIGTERM)
+            cancel_sent_at = time.monotonic()
+        if stops.stopping.is_set() and not stop_sent:
+            signal_group(child, signal.SIGTERM)
+            stop_sent = True
+        if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > stops.cancel_grace_seconds:
+            signal_group(child, signal.SIGKILL)
+    returncode = child.wait()
+    # An abort raised while handling the last lines (a rejected generated dataset) lands after EOF.
+    abort_error = abort_error or stops.abort()
+    return ChildExit(
+        returncode=returncode,
+        error=error,
+        abort=abort_error,
+        cancelled=cancel_sent_at is not None and abort_error is None,
+    )
+
+
+def signal_group(child: subprocess.Popen[str], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, sig)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def tail(path: Path, count: int) -> str:
+    """The last ``count`` lines of the child's log (empty when it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return "".join(deque(handle, maxlen=count)).strip()
+    except OSError:
+        return ""
