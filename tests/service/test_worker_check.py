@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, require_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_REDIS = ("127.0.0.1", 6379)
@@ -67,7 +67,7 @@ def _reachable(host: str, port: int) -> bool:
 
 def test_check_against_the_shared_redis_answers_healthy_or_unhealthy(tmp_path: Path) -> None:
     if not _reachable(*SHARED_REDIS):
-        pytest.skip("no Redis at 127.0.0.1:6379")
+        require_or_skip("no Redis at 127.0.0.1:6379")
     started = time.monotonic()
     proc = check(tmp_path, ALIGND_REDIS_URL="redis://127.0.0.1:6379/0")
     elapsed = time.monotonic() - started
@@ -81,7 +81,7 @@ def test_check_against_the_shared_redis_answers_healthy_or_unhealthy(tmp_path: P
 def test_check_of_a_method_nobody_serves_fails_on_the_shared_redis(tmp_path: Path) -> None:
     """Read-only too: a database index nobody uses (EXISTS on an absent key) -> 1 with the clear message."""
     if not _reachable(*SHARED_REDIS):
-        pytest.skip("no Redis at 127.0.0.1:6379")
+        require_or_skip("no Redis at 127.0.0.1:6379")
     proc = check(tmp_path, ALIGND_REDIS_URL="redis://127.0.0.1:6379/15", ALIGND_WORKER_METHODS="generate")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.strip() == UNHEALTHY
