@@ -8,8 +8,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Row
 
 from contract.methods import Method
+from service.core.feedback import ItemRatings
+from service.core.feedback_sets import Progress
 from service.core.jobs import JobStatus
-from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobRow, ModelRow
+from service.db.tables import (
+    ArtifactRow,
+    DatasetRow,
+    FeedbackItemRow,
+    FeedbackLabelRow,
+    FeedbackSetRow,
+    JobEventRow,
+    JobRow,
+    ModelRow,
+)
 
 T = TypeVar("T")
 
@@ -241,6 +252,192 @@ class ArtifactPublic(BaseModel):
             sha256=row.sha256,
             created_at=row.created_at,
         )
+
+
+# --- feedback sets
+
+
+class FeedbackSetCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    candidates: str = Field(description="Dataset id of kind 'candidates' (or 'ranking', to label again).")
+    annotations_per_item: int = Field(
+        1, ge=1, le=100, description="Annotators each item should get before /next stops handing it out."
+    )
+    round: int | None = Field(
+        None, ge=0, le=1_000_000, description="Feedback round (default: the candidates dataset's round)."
+    )
+
+
+class FeedbackProgress(BaseModel):
+    items: int
+    items_labelled: int = Field(description="Items with at least one label.")
+    items_complete: int = Field(description="Items with annotations_per_item labels or more.")
+    labels: int = Field(description="Labels given, skips excluded.")
+    skips: int
+    annotators: int
+
+    @classmethod
+    def of(cls, progress: Progress) -> FeedbackProgress:
+        return cls.model_validate(progress, from_attributes=True)
+
+
+class FeedbackSetPublic(BaseModel):
+    id: str
+    object: Literal["feedback_set"] = "feedback_set"
+    name: str
+    candidates: str
+    annotations_per_item: int
+    num_items: int
+    round: int | None
+    progress: FeedbackProgress
+    created_at: int
+
+    @classmethod
+    def of(cls, row: FeedbackSetRow, progress: Progress) -> FeedbackSetPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            candidates=row.candidates,
+            annotations_per_item=row.annotations_per_item,
+            num_items=row.num_items,
+            round=row.round,
+            progress=FeedbackProgress.of(progress),
+            created_at=row.created_at,
+        )
+
+
+class ResponseShown(BaseModel):
+    id: str
+    text: str
+
+
+class NextItem(BaseModel):
+    id: str
+    object: Literal["feedback_item"] = "feedback_item"
+    feedback_set: str
+    annotator: str
+    prompt: str | list[dict[str, Any]] = Field(description="As in the candidates file: text or messages.")
+    responses: list[ResponseShown] = Field(description="Shuffled per item and annotator; ids are stable.")
+    labelled_by_you: int = Field(description="Items this annotator has labelled or skipped in this set.")
+    remaining: int = Field(
+        description="Items of the set this annotator has not labelled or skipped (an upper bound on what is "
+        "left for them: items that reached their annotations are not handed out)."
+    )
+
+
+class LabelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item: str = Field(description="Item id (fbi_...).")
+    annotator: str = Field(min_length=1, max_length=128)
+    ranking: list[str] | None = Field(None, description="Every response id once, best first.", max_length=16)
+    scores: dict[str, float] | None = Field(None, description="{response id: score}, higher is better.")
+    a: str | None = Field(None, description="Pairwise: first response id.")
+    b: str | None = Field(None, description="Pairwise: second response id.")
+    winner: Literal["a", "b", "tie"] | None = Field(None, description="Pairwise verdict.")
+    skip: bool = Field(False, description="The annotator passes on this item (no judgement).")
+
+
+class LabelPublic(BaseModel):
+    id: str
+    object: Literal["feedback_label"] = "feedback_label"
+    feedback_set: str
+    item: str
+    annotator: str
+    kind: Literal["ranking", "scores", "pairwise", "skip"]
+    ranking: list[str] | None = None
+    scores: dict[str, float] | None = None
+    a: str | None = None
+    b: str | None = None
+    winner: Literal["a", "b", "tie"] | None = None
+    created_at: int
+
+    @classmethod
+    def of(cls, row: FeedbackLabelRow) -> LabelPublic:
+        return cls(
+            id=row.id,
+            feedback_set=row.set_id,
+            item=row.item_id,
+            annotator=row.annotator,
+            kind=row.kind,
+            created_at=row.created_at,
+            **row.payload,
+        )
+
+
+class ResponseRatingPublic(BaseModel):
+    id: str
+    index: int = Field(description="Position in the candidates file's responses.")
+    elo: float = Field(description="Sequential Elo (K=16, start 1000) over the item's comparisons.")
+    bradley_terry: float = Field(description="Bradley-Terry log-strength (mean 0 within the item).")
+    comparisons: int
+    wins: float = Field(description="Comparisons won; a tie counts half.")
+
+
+class ItemRatingsPublic(BaseModel):
+    item: str
+    num_labels: int
+    num_comparisons: int
+    agreement: float | None = Field(description="Pairwise agreement rate among the item's annotators.")
+    kendalls_w: float | None = Field(description="Kendall's W of the item's full rankings/scores.")
+    order: list[str] = Field(description="Response ids, best first (Bradley-Terry, then Elo).")
+    responses: list[ResponseRatingPublic]
+
+    @classmethod
+    def of(cls, item: FeedbackItemRow, ratings: ItemRatings) -> ItemRatingsPublic:
+        return cls(
+            item=item.id,
+            num_labels=ratings.num_labels,
+            num_comparisons=ratings.num_comparisons,
+            agreement=ratings.agreement,
+            kendalls_w=ratings.kendalls_w,
+            order=[item.response_ids[i] for i in ratings.order()],
+            responses=[
+                ResponseRatingPublic(
+                    id=x.id,
+                    index=x.index,
+                    elo=round(x.elo, 3),
+                    bradley_terry=round(x.bradley_terry, 6),
+                    comparisons=x.comparisons,
+                    wins=x.wins,
+                )
+                for x in ratings.responses
+            ],
+        )
+
+
+class AgreementPublic(BaseModel):
+    pairwise: float | None = Field(
+        description="Share of agreeing judgements over every two annotators who judged the same pair."
+    )
+    overlapping_judgements: int
+    kendalls_w: float | None = Field(description="Mean Kendall's W over items with 2+ full labels.")
+    items_with_overlap: int
+
+
+class RatingsPublic(BaseModel):
+    object: Literal["feedback_set.ratings"] = "feedback_set.ratings"
+    feedback_set: str
+    progress: FeedbackProgress
+    agreement: AgreementPublic
+    items: list[ItemRatingsPublic]
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=256)
+    min_labels: int = Field(1, ge=1, le=100, description="Leave out items with fewer labels.")
+    min_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Leave out items whose pairwise agreement is lower; items that no two annotators "
+        "judged on a common pair have no agreement and are left out too when this is set.",
+    )
+    round: int | None = Field(None, ge=0, le=1_000_000, description="Default: the feedback set's round.")
 
 
 class HealthPublic(BaseModel):

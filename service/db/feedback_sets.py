@@ -1,0 +1,219 @@
+"""Feedback sets in the database: a set and its items, who was handed which item, the labels given.
+
+The rules these apply are in ``service/core/feedback_sets.py`` and ``service/core/feedback.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from service.core import feedback as fb
+from service.core import feedback_sets as rules
+from service.core.ids import new_id, now
+from service.db.repository import find_owned
+from service.db.tables import (
+    DatasetRow,
+    FeedbackAssignmentRow,
+    FeedbackItemRow,
+    FeedbackLabelRow,
+    FeedbackSetRow,
+)
+
+
+def items(session: Session, set_id: str) -> list[FeedbackItemRow]:
+    """The set's items in the candidates file's order."""
+    return list(
+        session.exec(
+            select(FeedbackItemRow)
+            .where(FeedbackItemRow.set_id == set_id)
+            .order_by(col(FeedbackItemRow.position))
+        ).all()
+    )
+
+
+def labels(session: Session, set_id: str) -> list[FeedbackLabelRow]:
+    """The set's labels in the order they were given."""
+    return list(
+        session.exec(
+            select(FeedbackLabelRow)
+            .where(FeedbackLabelRow.set_id == set_id)
+            .order_by(col(FeedbackLabelRow.seq))
+        ).all()
+    )
+
+
+def progress(session: Session, feedback_set: FeedbackSetRow) -> rules.Progress:
+    return rules.progress(
+        labels(session, feedback_set.id),
+        num_items=feedback_set.num_items,
+        annotations_per_item=feedback_set.annotations_per_item,
+    )
+
+
+def source_dataset(session: Session, tenant: str, dataset_id: str) -> DatasetRow:
+    """The tenant's dataset a new set is made from; raises ValidationFailed (422) if it cannot be one."""
+    dataset = find_owned(session, DatasetRow, dataset_id, tenant)
+    if dataset is None:
+        raise rules.unknown_dataset(dataset_id)
+    rules.check_source_kind(dataset.id, dataset.kind)
+    return dataset
+
+
+def create(
+    session: Session,
+    *,
+    tenant: str,
+    name: str,
+    source: DatasetRow,
+    annotations_per_item: int,
+    round: int | None,
+    records: list[dict[str, Any]],
+) -> FeedbackSetRow:
+    """A new set with one item per record of ``source`` (its ``prompt`` and ``responses``), committed."""
+    row = FeedbackSetRow(
+        id=new_id("feedback_set"),
+        tenant=tenant,
+        name=name,
+        candidates=source.id,
+        annotations_per_item=annotations_per_item,
+        num_items=len(records),
+        round=round if round is not None else source.round,
+        created_at=now(),
+    )
+    session.add(row)
+    for position, record in enumerate(records):
+        item_id = new_id("feedback_item")
+        session.add(
+            FeedbackItemRow(
+                id=item_id,
+                set_id=row.id,
+                position=position,
+                prompt=record["prompt"],
+                responses=list(record["responses"]),
+                response_ids=fb.response_ids(item_id, len(record["responses"])),
+            )
+        )
+    session.commit()
+    return row
+
+
+def delete_set(session: Session, feedback_set: FeedbackSetRow) -> None:
+    """The set, its items, assignments and labels (datasets exported from it stay), committed."""
+    for table in (FeedbackLabelRow, FeedbackAssignmentRow, FeedbackItemRow):
+        session.execute(delete(table).where(col(table.set_id) == feedback_set.id))
+    session.delete(feedback_set)
+    session.commit()
+
+
+def assignments_of(session: Session, set_id: str, annotator: str) -> list[FeedbackAssignmentRow]:
+    return list(
+        session.exec(
+            select(FeedbackAssignmentRow).where(
+                FeedbackAssignmentRow.set_id == set_id, FeedbackAssignmentRow.annotator == annotator
+            )
+        ).all()
+    )
+
+
+def serve_next_item(session: Session, feedback_set: FeedbackSetRow, annotator: str) -> FeedbackItemRow | None:
+    """The item ``annotator`` should label next, recorded as handed to them; None when none is left."""
+    mine = assignments_of(session, feedback_set.id, annotator)
+    by_id = {item.id: item for item in items(session, feedback_set.id)}
+    # An item handed out and not yet labelled comes back (a reload shows the same item in the same order).
+    open_item = next((a.item_id for a in sorted(mine, key=lambda a: a.served_at) if not a.done), None)
+    if open_item is not None and open_item in by_id:
+        return by_id[open_item]
+    cutoff = time.time() - rules.ASSIGNMENT_TTL_SECONDS
+    set_labels = list(
+        session.exec(select(FeedbackLabelRow).where(FeedbackLabelRow.set_id == feedback_set.id))
+    )
+    held = list(
+        session.exec(
+            select(FeedbackAssignmentRow).where(
+                FeedbackAssignmentRow.set_id == feedback_set.id,
+                col(FeedbackAssignmentRow.done).is_(False),
+                FeedbackAssignmentRow.served_at >= cutoff,
+            )
+        )
+    )
+    chosen = fb.choose_item(
+        rules.item_loads(by_id, set_labels, held),
+        annotator=annotator,
+        seen={a.item_id for a in mine},
+        annotations_per_item=feedback_set.annotations_per_item,
+    )
+    if chosen is None:
+        return None
+    session.add(
+        FeedbackAssignmentRow(
+            set_id=feedback_set.id, item_id=chosen, annotator=annotator, served_at=time.time()
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent /next for the same annotator took it first: serve that one
+        session.rollback()
+    return by_id[chosen]
+
+
+def get_item(session: Session, feedback_set: FeedbackSetRow, item_id: str) -> FeedbackItemRow:
+    """The set's item with this id; raises ValidationFailed (unknown_item, 422) otherwise."""
+    item = session.exec(
+        select(FeedbackItemRow).where(
+            FeedbackItemRow.id == item_id, FeedbackItemRow.set_id == feedback_set.id
+        )
+    ).first()
+    if item is None:
+        raise rules.unknown_item(item_id, feedback_set.id)
+    return item
+
+
+def labels_by(session: Session, item: FeedbackItemRow, annotator: str) -> list[FeedbackLabelRow]:
+    """The labels ``annotator`` has given ``item`` so far."""
+    return list(
+        session.exec(
+            select(FeedbackLabelRow).where(
+                FeedbackLabelRow.item_id == item.id, FeedbackLabelRow.annotator == annotator
+            )
+        ).all()
+    )
+
+
+def add_label(
+    session: Session,
+    feedback_set: FeedbackSetRow,
+    item: FeedbackItemRow,
+    *,
+    annotator: str,
+    kind: str,
+    payload: dict[str, Any],
+) -> FeedbackLabelRow:
+    """Store an accepted label and mark the item done for its annotator, committed."""
+    row = FeedbackLabelRow(
+        id=new_id("label"),
+        set_id=feedback_set.id,
+        item_id=item.id,
+        annotator=annotator,
+        kind=kind,
+        payload=payload,
+        created_at=now(),
+    )
+    session.add(row)
+    assignment = session.exec(
+        select(FeedbackAssignmentRow).where(
+            FeedbackAssignmentRow.item_id == item.id, FeedbackAssignmentRow.annotator == annotator
+        )
+    ).first()
+    if assignment is None:  # labelled without /next (a script): still never hand it to them again
+        assignment = FeedbackAssignmentRow(
+            set_id=feedback_set.id, item_id=item.id, annotator=annotator, served_at=time.time()
+        )
+    assignment.done = True
+    session.add(assignment)
+    session.commit()
+    return row

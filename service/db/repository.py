@@ -1,0 +1,52 @@
+"""The queries every resource's routes share: a tenant's row by id, and newest-first cursor pages.
+
+Another tenant's id is indistinguishable from a missing one everywhere: both are "not found".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar
+
+from sqlmodel import Session, SQLModel, col, select
+
+from service.core.errors import NotFoundError, ValidationFailed
+
+RowT = TypeVar("RowT", bound=SQLModel)
+
+
+class PageRequest(Protocol):
+    """A page of a list: at most ``limit`` rows after the row whose id is ``after`` (None: from the top)."""
+
+    limit: int
+    after: str | None
+
+
+def find_owned(session: Session, table: type[RowT], resource_id: str, tenant: str) -> RowT | None:
+    """The tenant's row with this id, or None."""
+    return session.exec(
+        select(table).where(table.id == resource_id, table.tenant == tenant)  # type: ignore[attr-defined]
+    ).first()
+
+
+def get_owned(session: Session, table: type[RowT], resource_id: str, tenant: str, kind: str) -> RowT:
+    """The tenant's row with this id; raises NotFoundError (404) naming ``kind`` otherwise."""
+    row = find_owned(session, table, resource_id, tenant)
+    if row is None:
+        raise NotFoundError.for_resource(kind, resource_id)
+    return row
+
+
+def paginate(
+    session: Session, statement: Any, table: type[RowT], page: PageRequest, tenant: str
+) -> tuple[list[RowT], bool]:
+    """Newest first; ``after`` is the last id of the previous page. Fetch one extra row to set has_more."""
+    seq = col(table.seq)  # type: ignore[attr-defined]
+    if page.after is not None:
+        cursor = session.exec(
+            select(seq).where(table.id == page.after, table.tenant == tenant)  # type: ignore[attr-defined]
+        ).first()
+        if cursor is None:
+            raise ValidationFailed(f"Unknown cursor 'after={page.after}'.", code="invalid_cursor")
+        statement = statement.where(seq < cursor)
+    rows = list(session.exec(statement.order_by(seq.desc()).limit(page.limit + 1)).all())
+    return rows[: page.limit], len(rows) > page.limit
