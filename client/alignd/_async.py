@@ -14,11 +14,14 @@ from alignd._base import (
     DEFAULT_MAX_RETRIES,
     MAX_REDIRECTS,
     BaseClient,
+    RequestExtras,
     RequestOptions,
+    T,
     close_all,
 )
 from alignd._errors import APIConnectionError, APITimeoutError, make_status_error
 from alignd._retry import retry_delay, should_retry_response
+from alignd.pagination import AsyncPage, AsyncPaginator
 from alignd.resources.artifacts import AsyncArtifacts
 from alignd.resources.datasets import AsyncDatasets
 from alignd.resources.feedback_sets import AsyncFeedbackSets
@@ -187,3 +190,21 @@ class AsyncClient(BaseClient):
 
     async def _delete(self, path: str, **kw: Any) -> httpx.Response:
         return await self.request(RequestOptions("DELETE", path, **kw))
+
+    def _list(
+        self,
+        path: str,
+        model: type[T],
+        *,
+        params: Mapping[str, Any],
+        after: str | None,
+        extras: RequestExtras,
+    ) -> AsyncPaginator[T]:
+        """A cursor list: awaited for its first page, or iterated; every page with the same params and extras."""
+
+        async def page(cursor: str | None) -> AsyncPage[T]:
+            response = await self._get(path, params={**params, "after": cursor}, extras=extras)
+            data, has_more = self._parse_list(response, model)
+            return AsyncPage(data=data, has_more=has_more, fetch=page)
+
+        return AsyncPaginator(lambda: page(after))

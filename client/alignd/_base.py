@@ -29,6 +29,37 @@ T = TypeVar("T", bound=pydantic.BaseModel)
 FilePart = tuple[str, tuple[str, IO[bytes], str]]
 # Opens the files of an upload afresh: called once per attempt so a retry re-sends every byte.
 FilesFactory = Callable[[], list[FilePart]]
+# The types of a resource method's per-call ``extra_headers``, ``extra_query`` and ``extra_body``.
+Headers = Mapping[str, str]
+Query = Mapping[str, Any]
+Body = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RequestExtras:
+    """One call's ``extra_headers``/``extra_query``/``extra_body``/``timeout``, applied to each request it makes.
+
+    Headers are merged over everything the client sets, the query over the method's params, the body over
+    its JSON body (or, for a multipart upload, its form fields); ``timeout`` replaces the method's or the
+    client's for this call. Applied in one place, :meth:`BaseClient._build_request`.
+    """
+
+    headers: Headers | None = None
+    query: Query | None = None
+    body: Body | None = None
+    timeout: float | httpx.Timeout | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments that hand these to another resource method (``wait`` calls ``get``)."""
+        return {
+            "extra_headers": self.headers,
+            "extra_query": self.query,
+            "extra_body": self.body,
+            "timeout": self.timeout,
+        }
+
+
+NO_EXTRAS = RequestExtras()
 
 
 @dataclass
@@ -44,6 +75,7 @@ class RequestOptions:
     max_retries: int | None = None
     idempotency_key: str | None = None
     follow_redirects: bool = False
+    extras: RequestExtras = NO_EXTRAS
 
 
 def resolve_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
@@ -101,6 +133,7 @@ class BaseClient:
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         headers.update(opts.headers)
+        headers.update(opts.extras.headers or {})
         return headers
 
     def _idempotency_key(self, opts: RequestOptions) -> str | None:
@@ -120,16 +153,19 @@ class BaseClient:
         if opts.files is not None:
             files = opts.files()
             opened = [part[1][1] for part in files]
+        extras = opts.extras
+        timeout = extras.timeout if extras.timeout is not None else opts.timeout
+        json, data = _request_body(opts)
         try:
             request = http.build_request(
                 opts.method,
                 self.base_url + opts.path,
-                params=_clean_params(opts.params),
-                json=opts.json,
-                data=dict(opts.data) if opts.data is not None else None,
+                params=_clean_params({**(opts.params or {}), **(extras.query or {})}),
+                json=json,
+                data=data,
                 files=files,
                 headers=self._headers(opts, idempotency_key),
-                timeout=resolve_timeout(opts.timeout) if opts.timeout is not None else self.timeout,
+                timeout=resolve_timeout(timeout) if timeout is not None else self.timeout,
             )
         except BaseException:
             close_all(opened)
@@ -208,10 +244,24 @@ class BaseClient:
             raise make_status_error(response)
 
 
-def _clean_params(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if params is None:
-        return None
-    return {k: v for k, v in params.items() if v is not None}
+def _clean_params(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    cleaned = {k: v for k, v in params.items() if v is not None}
+    return cleaned or None
+
+
+def _request_body(opts: RequestOptions) -> tuple[Any, dict[str, Any] | None]:
+    """The (JSON body, form fields) to send, with the call's ``extra_body`` merged into whichever it has."""
+    extra = opts.extras.body
+    data = dict(opts.data) if opts.data is not None else None
+    if extra is None:
+        return opts.json, data
+    if opts.files is not None or data is not None:
+        return opts.json, {**(data or {}), **extra}
+    if opts.json is None:
+        return dict(extra), None
+    if not isinstance(opts.json, Mapping):
+        raise TypeError(f"extra_body needs a JSON object body; {opts.method} {opts.path} sends a list")
+    return {**opts.json, **extra}, None
 
 
 def close_all(files: Sequence[IO[bytes]]) -> None:
@@ -273,22 +323,24 @@ def job_body(
     datasets: Mapping[str, str] | None,
     init_adapter: str | None,
     reward_model: str | None,
+    init_reward_model: str | None,
+    round: int | None,
     lora: Mapping[str, Any] | None,
     hyperparameters: Mapping[str, Any] | None,
     seed: int | None,
     name: str | None,
-    extra: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    """The ``POST /v1/jobs`` body (the server's JobCreate): the fields given, none sent as null."""
     body: dict[str, Any] = {"method": method, "base_model": base_model, "datasets": dict(datasets or {})}
     optional = {
         "init_adapter": init_adapter,
         "reward_model": reward_model,
+        "init_reward_model": init_reward_model,
+        "round": round,
         "lora": dict(lora) if lora is not None else None,
         "hyperparameters": dict(hyperparameters) if hyperparameters is not None else None,
         "seed": seed,
         "name": name,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
-    if extra:
-        body.update(extra)
     return body

@@ -14,11 +14,14 @@ from alignd._base import (
     DEFAULT_MAX_RETRIES,
     MAX_REDIRECTS,
     BaseClient,
+    RequestExtras,
     RequestOptions,
+    T,
     close_all,
 )
 from alignd._errors import APIConnectionError, APITimeoutError, make_status_error
 from alignd._retry import retry_delay, should_retry_response
+from alignd.pagination import SyncPage
 from alignd.resources.artifacts import Artifacts
 from alignd.resources.datasets import Datasets
 from alignd.resources.feedback_sets import FeedbackSets
@@ -187,3 +190,21 @@ class Client(BaseClient):
 
     def _delete(self, path: str, **kw: Any) -> httpx.Response:
         return self.request(RequestOptions("DELETE", path, **kw))
+
+    def _list(
+        self,
+        path: str,
+        model: type[T],
+        *,
+        params: Mapping[str, Any],
+        after: str | None,
+        extras: RequestExtras,
+    ) -> SyncPage[T]:
+        """One page of a cursor list; the next pages are fetched with the same params and extras."""
+        response = self._get(path, params={**params, "after": after}, extras=extras)
+        data, has_more = self._parse_list(response, model)
+        return SyncPage(
+            data=data,
+            has_more=has_more,
+            fetch=lambda cursor: self._list(path, model, params=params, after=cursor, extras=extras),
+        )

@@ -351,16 +351,12 @@ def cmd_jobs_create(client: Client, args: argparse.Namespace, out: TextIO) -> in
         datasets=datasets,
         init_adapter=args.init_adapter,
         reward_model=args.reward_model,
+        init_reward_model=args.init_reward_model,
+        round=args.round,
         lora=_lora(args),
         hyperparameters=_hyperparameters(args),
         seed=args.seed,
         name=args.name,
-        extra_body={
-            k: v
-            for k, v in (("init_reward_model", args.init_reward_model), ("round", args.round))
-            if v is not None
-        }
-        or None,
     )
     if args.wait:
         if not args.json:

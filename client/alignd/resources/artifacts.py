@@ -20,7 +20,7 @@ from alignd._archive import (
     safe_extract,
     verify_sha256,
 )
-from alignd._base import RequestOptions, path_id
+from alignd._base import Body, Headers, Query, RequestExtras, RequestOptions, path_id
 from alignd._errors import APIConnectionError
 from alignd._retry import backoff_delay
 from alignd.resources._resource import AsyncResource, SyncResource
@@ -29,7 +29,7 @@ from alignd.types import Artifact
 DOWNLOAD_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=60.0, pool=30.0)
 
 
-def _content_options(artifact_id: str) -> RequestOptions:
+def _content_options(artifact_id: str, extras: RequestExtras) -> RequestOptions:
     # follow_redirects: a 307 to a presigned storage URL is followed without our Authorization header.
     return RequestOptions(
         "GET",
@@ -37,6 +37,7 @@ def _content_options(artifact_id: str) -> RequestOptions:
         headers={"Accept": "application/gzip, application/x-tar, application/octet-stream, */*"},
         timeout=DOWNLOAD_TIMEOUT,
         follow_redirects=True,
+        extras=extras,
     )
 
 
@@ -63,14 +64,33 @@ def _finish(
 
 
 class Artifacts(SyncResource):
-    def get(self, artifact_id: str) -> Artifact:
-        return self._client._parse(self._client._get(f"/v1/artifacts/{path_id(artifact_id)}"), Artifact)
+    def get(
+        self,
+        artifact_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Artifact:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = self._client._get(f"/v1/artifacts/{path_id(artifact_id)}", extras=extras)
+        return self._client._parse(response, Artifact)
 
     retrieve = get
 
-    def list(self, job_id: str) -> builtins.list[Artifact]:
+    def list(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> builtins.list[Artifact]:
         """The artifacts of one job."""
-        return self._client.jobs.artifacts(job_id)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        return self._client.jobs.artifacts(job_id, **extras.as_kwargs())
 
     def download(
         self,
@@ -79,6 +99,10 @@ class Artifacts(SyncResource):
         *,
         max_member_bytes: int | None = None,
         max_total_bytes: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Path:
         """Download an artifact's ``.tar.gz``, verify its sha256, extract it into ``dest``; return ``dest``.
 
@@ -89,14 +113,16 @@ class Artifacts(SyncResource):
         at most 64 GiB; ``max_member_bytes`` to the total cap. ``dest`` defaults to ``./<artifact id>`` and
         must be absent or an empty folder (DestinationExistsError). A connection lost mid-download restarts
         it (``max_retries``).
+        ``timeout`` replaces the download's own (120 s between reads); the extras go on both requests.
         """
-        artifact = self.get(artifact_id)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        artifact = self.get(artifact_id, **extras.as_kwargs())
         dest_path, tmp = _prepare(artifact_id, dest)
         try:
             attempt = 0
             while True:
                 try:
-                    opts = _content_options(artifact_id)
+                    opts = _content_options(artifact_id, extras)
                     with open(tmp, "wb") as out, self._client.stream(opts) as response:
                         writer = Sha256Writer(out, max_bytes=download_cap(max_total_bytes))
                         for chunk in response.iter_bytes(CHUNK):
@@ -114,14 +140,32 @@ class Artifacts(SyncResource):
 
 
 class AsyncArtifacts(AsyncResource):
-    async def get(self, artifact_id: str) -> Artifact:
-        response = await self._client._get(f"/v1/artifacts/{path_id(artifact_id)}")
+    async def get(
+        self,
+        artifact_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Artifact:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(f"/v1/artifacts/{path_id(artifact_id)}", extras=extras)
         return self._client._parse(response, Artifact)
 
     retrieve = get
 
-    async def list(self, job_id: str) -> builtins.list[Artifact]:
-        return await self._client.jobs.artifacts(job_id)
+    async def list(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> builtins.list[Artifact]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        return await self._client.jobs.artifacts(job_id, **extras.as_kwargs())
 
     async def download(
         self,
@@ -130,15 +174,20 @@ class AsyncArtifacts(AsyncResource):
         *,
         max_member_bytes: int | None = None,
         max_total_bytes: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Path:
-        artifact = await self.get(artifact_id)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        artifact = await self.get(artifact_id, **extras.as_kwargs())
         dest_path, tmp = _prepare(artifact_id, dest)
         try:
             attempt = 0
             while True:
                 try:
                     with open(tmp, "wb") as out:
-                        async with self._client.stream(_content_options(artifact_id)) as response:
+                        async with self._client.stream(_content_options(artifact_id, extras)) as response:
                             writer = Sha256Writer(out, max_bytes=download_cap(max_total_bytes))
                             async for chunk in response.aiter_bytes(CHUNK):
                                 writer.write(chunk)

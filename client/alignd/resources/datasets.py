@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from alignd._base import RequestOptions, dataset_file_factory, path_id
-from alignd.pagination import AsyncPage, AsyncPaginator, SyncPage
+from alignd._base import Body, Headers, Query, RequestExtras, RequestOptions, dataset_file_factory, path_id
+from alignd.pagination import AsyncPaginator, SyncPage
 from alignd.resources._resource import AsyncResource, SyncResource
 from alignd.types import Dataset
 from alignd.validation import ValidationReport, validate_path
@@ -21,8 +21,8 @@ def _upload_options(
     path: str | os.PathLike[str],
     kind: str,
     name: str | None,
-    timeout: float | httpx.Timeout | None,
     idempotency_key: str | None,
+    extras: RequestExtras,
 ) -> RequestOptions:
     file_path = Path(path)
     data = {"kind": kind}
@@ -33,8 +33,9 @@ def _upload_options(
         "/v1/datasets",
         data=data,
         files=dataset_file_factory(file_path),
-        timeout=timeout if timeout is not None else UPLOAD_TIMEOUT,
+        timeout=UPLOAD_TIMEOUT,
         idempotency_key=idempotency_key,
+        extras=extras,
     )
 
 
@@ -45,16 +46,21 @@ class Datasets(SyncResource):
         *,
         kind: str,
         name: str | None = None,
-        timeout: float | httpx.Timeout | None = None,
         idempotency_key: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Dataset:
         """Upload a JSONL file as ``kind`` (``sft`` | ``preference`` | ``prompts`` | ``ranking`` | ``candidates``),
         streamed from disk.
 
         A file with bad lines raises :class:`alignd.ValidationError` (code ``invalid_dataset``) whose
-        ``details`` list each bad line as ``{"line", "code", "message"}``.
+        ``details`` list each bad line as ``{"line", "code", "message"}``. ``extra_body`` adds form fields;
+        ``timeout`` defaults to 300 s per network operation.
         """
-        opts = _upload_options(path, kind, name, timeout, idempotency_key)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        opts = _upload_options(path, kind, name, idempotency_key, extras)
         return self._client._parse(self._client.request(opts), Dataset)
 
     @staticmethod
@@ -69,23 +75,42 @@ class Datasets(SyncResource):
         after: str | None = None,
         round: int | None = None,
         job: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> SyncPage[Dataset]:
         """Newest first; ``round`` and ``job`` (the job that generated it) filter."""
-        params = {"limit": limit, "after": after, "round": round, "job": job}
-        data, has_more = self._client._parse_list(self._client._get("/v1/datasets", params=params), Dataset)
-        return SyncPage(
-            data=data,
-            has_more=has_more,
-            fetch=lambda cursor: self.list(limit=limit, after=cursor, round=round, job=job),
-        )
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        params = {"limit": limit, "round": round, "job": job}
+        return self._client._list("/v1/datasets", Dataset, params=params, after=after, extras=extras)
 
-    def get(self, dataset_id: str) -> Dataset:
-        return self._client._parse(self._client._get(f"/v1/datasets/{path_id(dataset_id)}"), Dataset)
+    def get(
+        self,
+        dataset_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Dataset:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = self._client._get(f"/v1/datasets/{path_id(dataset_id)}", extras=extras)
+        return self._client._parse(response, Dataset)
 
     retrieve = get
 
-    def delete(self, dataset_id: str) -> None:
-        self._client._delete(f"/v1/datasets/{path_id(dataset_id)}")
+    def delete(
+        self,
+        dataset_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        self._client._delete(f"/v1/datasets/{path_id(dataset_id)}", extras=extras)
 
 
 class AsyncDatasets(AsyncResource):
@@ -95,10 +120,14 @@ class AsyncDatasets(AsyncResource):
         *,
         kind: str,
         name: str | None = None,
-        timeout: float | httpx.Timeout | None = None,
         idempotency_key: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Dataset:
-        opts = _upload_options(path, kind, name, timeout, idempotency_key)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        opts = _upload_options(path, kind, name, idempotency_key, extras)
         return self._client._parse(await self._client.request(opts), Dataset)
 
     @staticmethod
@@ -106,21 +135,45 @@ class AsyncDatasets(AsyncResource):
         """Local and CPU-bound; call it via ``asyncio.to_thread`` for a huge file in an event loop."""
         return validate_path(path, kind)
 
-    def list(self, *, limit: int | None = None, after: str | None = None) -> AsyncPaginator[Dataset]:
-        async def first() -> AsyncPage[Dataset]:
-            return await self._page(limit, after)
+    def list(
+        self,
+        *,
+        limit: int | None = None,
+        after: str | None = None,
+        round: int | None = None,
+        job: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> AsyncPaginator[Dataset]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        params = {"limit": limit, "round": round, "job": job}
+        return self._client._list("/v1/datasets", Dataset, params=params, after=after, extras=extras)
 
-        return AsyncPaginator(first)
-
-    async def _page(self, limit: int | None, after: str | None) -> AsyncPage[Dataset]:
-        response = await self._client._get("/v1/datasets", params={"limit": limit, "after": after})
-        data, has_more = self._client._parse_list(response, Dataset)
-        return AsyncPage(data=data, has_more=has_more, fetch=lambda cursor: self._page(limit, cursor))
-
-    async def get(self, dataset_id: str) -> Dataset:
-        return self._client._parse(await self._client._get(f"/v1/datasets/{path_id(dataset_id)}"), Dataset)
+    async def get(
+        self,
+        dataset_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Dataset:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(f"/v1/datasets/{path_id(dataset_id)}", extras=extras)
+        return self._client._parse(response, Dataset)
 
     retrieve = get
 
-    async def delete(self, dataset_id: str) -> None:
-        await self._client._delete(f"/v1/datasets/{path_id(dataset_id)}")
+    async def delete(
+        self,
+        dataset_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        await self._client._delete(f"/v1/datasets/{path_id(dataset_id)}", extras=extras)

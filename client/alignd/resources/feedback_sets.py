@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
-from alignd._base import path_id
-from alignd.pagination import AsyncPage, AsyncPaginator, SyncPage
+from alignd._base import Body, Headers, Query, RequestExtras, path_id
+from alignd.pagination import AsyncPaginator, SyncPage
 from alignd.resources._resource import AsyncResource, SyncResource
 from alignd.types import Dataset, FeedbackItem, FeedbackLabel, FeedbackRatings, FeedbackSet
 
@@ -69,10 +69,16 @@ class FeedbackSets(SyncResource):
         candidates: str,
         annotations_per_item: int | None = None,
         round: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> FeedbackSet:
         """Put a ``candidates`` dataset up for labelling; each item wants ``annotations_per_item`` labels."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = _create_body(name, candidates, annotations_per_item, round)
-        return self._client._parse(self._client._post("/v1/feedback-sets", json=body), FeedbackSet)
+        response = self._client._post("/v1/feedback-sets", json=body, extras=extras)
+        return self._client._parse(response, FeedbackSet)
 
     def list(
         self,
@@ -80,31 +86,58 @@ class FeedbackSets(SyncResource):
         round: int | None = None,
         limit: int | None = None,
         after: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> SyncPage[FeedbackSet]:
-        params = {"round": round, "limit": limit, "after": after}
-        data, has_more = self._client._parse_list(
-            self._client._get("/v1/feedback-sets", params=params), FeedbackSet
-        )
-        return SyncPage(
-            data=data,
-            has_more=has_more,
-            fetch=lambda cursor: self.list(round=round, limit=limit, after=cursor),
-        )
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        params = {"round": round, "limit": limit}
+        return self._client._list("/v1/feedback-sets", FeedbackSet, params=params, after=after, extras=extras)
 
-    def get(self, feedback_set_id: str) -> FeedbackSet:
-        return self._client._parse(
-            self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}"), FeedbackSet
-        )
+    def get(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackSet:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}", extras=extras)
+        return self._client._parse(response, FeedbackSet)
 
     retrieve = get
 
-    def delete(self, feedback_set_id: str) -> None:
-        self._client._delete(f"/v1/feedback-sets/{path_id(feedback_set_id)}")
+    def delete(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        self._client._delete(f"/v1/feedback-sets/{path_id(feedback_set_id)}", extras=extras)
 
-    def next(self, feedback_set_id: str, *, annotator: str) -> FeedbackItem | None:
+    def next(
+        self,
+        feedback_set_id: str,
+        *,
+        annotator: str,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackItem | None:
         """The next item for ``annotator`` (responses in their shuffled order), or None when nothing is left."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         response = self._client._get(
-            f"/v1/feedback-sets/{path_id(feedback_set_id)}/next", params={"annotator": annotator}
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/next",
+            params={"annotator": annotator},
+            extras=extras,
         )
         return _next_or_none(self._client._parse, response)
 
@@ -120,14 +153,30 @@ class FeedbackSets(SyncResource):
         b: str | None = None,
         winner: str | None = None,
         skip: bool = False,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> FeedbackLabel:
         """One label: ``ranking`` (response ids, best first), ``scores``, ``a``/``b``/``winner``, or ``skip``."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = _label_body(item, annotator, ranking, scores, a, b, winner, skip)
-        response = self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/labels", json=body)
+        response = self._client._post(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/labels", json=body, extras=extras
+        )
         return self._client._parse(response, FeedbackLabel)
 
-    def ratings(self, feedback_set_id: str) -> FeedbackRatings:
-        response = self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}/ratings")
+    def ratings(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackRatings:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}/ratings", extras=extras)
         return self._client._parse(response, FeedbackRatings)
 
     def export(
@@ -138,10 +187,17 @@ class FeedbackSets(SyncResource):
         min_labels: int | None = None,
         min_agreement: float | None = None,
         round: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Dataset:
         """A new ``ranking`` dataset (best response first) of the items that pass the thresholds."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = _export_body(name, min_labels, min_agreement, round)
-        response = self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body)
+        response = self._client._post(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body, extras=extras
+        )
         return self._client._parse(response, Dataset)
 
 
@@ -153,9 +209,15 @@ class AsyncFeedbackSets(AsyncResource):
         candidates: str,
         annotations_per_item: int | None = None,
         round: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> FeedbackSet:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = _create_body(name, candidates, annotations_per_item, round)
-        return self._client._parse(await self._client._post("/v1/feedback-sets", json=body), FeedbackSet)
+        response = await self._client._post("/v1/feedback-sets", json=body, extras=extras)
+        return self._client._parse(response, FeedbackSet)
 
     def list(
         self,
@@ -163,30 +225,57 @@ class AsyncFeedbackSets(AsyncResource):
         round: int | None = None,
         limit: int | None = None,
         after: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> AsyncPaginator[FeedbackSet]:
-        async def page(cursor: str | None) -> AsyncPage[FeedbackSet]:
-            params = {"round": round, "limit": limit, "after": cursor}
-            response = await self._client._get("/v1/feedback-sets", params=params)
-            data, has_more = self._client._parse_list(response, FeedbackSet)
-            return AsyncPage(data=data, has_more=has_more, fetch=page)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        params = {"round": round, "limit": limit}
+        return self._client._list("/v1/feedback-sets", FeedbackSet, params=params, after=after, extras=extras)
 
-        async def first() -> AsyncPage[FeedbackSet]:
-            return await page(after)
-
-        return AsyncPaginator(first)
-
-    async def get(self, feedback_set_id: str) -> FeedbackSet:
-        response = await self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}")
+    async def get(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackSet:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}", extras=extras)
         return self._client._parse(response, FeedbackSet)
 
     retrieve = get
 
-    async def delete(self, feedback_set_id: str) -> None:
-        await self._client._delete(f"/v1/feedback-sets/{path_id(feedback_set_id)}")
+    async def delete(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> None:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        await self._client._delete(f"/v1/feedback-sets/{path_id(feedback_set_id)}", extras=extras)
 
-    async def next(self, feedback_set_id: str, *, annotator: str) -> FeedbackItem | None:
+    async def next(
+        self,
+        feedback_set_id: str,
+        *,
+        annotator: str,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackItem | None:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         response = await self._client._get(
-            f"/v1/feedback-sets/{path_id(feedback_set_id)}/next", params={"annotator": annotator}
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/next",
+            params={"annotator": annotator},
+            extras=extras,
         )
         return _next_or_none(self._client._parse, response)
 
@@ -202,13 +291,31 @@ class AsyncFeedbackSets(AsyncResource):
         b: str | None = None,
         winner: str | None = None,
         skip: bool = False,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> FeedbackLabel:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = _label_body(item, annotator, ranking, scores, a, b, winner, skip)
-        response = await self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/labels", json=body)
+        response = await self._client._post(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/labels", json=body, extras=extras
+        )
         return self._client._parse(response, FeedbackLabel)
 
-    async def ratings(self, feedback_set_id: str) -> FeedbackRatings:
-        response = await self._client._get(f"/v1/feedback-sets/{path_id(feedback_set_id)}/ratings")
+    async def ratings(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackRatings:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/ratings", extras=extras
+        )
         return self._client._parse(response, FeedbackRatings)
 
     async def export(
@@ -219,9 +326,16 @@ class AsyncFeedbackSets(AsyncResource):
         min_labels: int | None = None,
         min_agreement: float | None = None,
         round: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Dataset:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = _export_body(name, min_labels, min_agreement, round)
-        response = await self._client._post(f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body)
+        response = await self._client._post(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body, extras=extras
+        )
         return self._client._parse(response, Dataset)
 
 

@@ -11,12 +11,12 @@ from typing import Any, TextIO
 
 import httpx
 
-from alignd._base import RequestOptions, job_body, path_id
+from alignd._base import Body, Headers, Query, RequestExtras, RequestOptions, job_body, path_id
 from alignd._errors import APIConnectionError, JobFailedError, JobWaitTimeoutError
 from alignd._progress import ProgressLine
 from alignd._retry import backoff_delay
 from alignd._sse import ServerSentEvent, SSEDecoder
-from alignd.pagination import AsyncPage, AsyncPaginator, SyncPage
+from alignd.pagination import AsyncPaginator, SyncPage
 from alignd.resources._resource import AsyncResource, SyncResource
 from alignd.types import Artifact, Job, JobEvent, Metric, MetricList
 
@@ -39,12 +39,17 @@ def _event_from_sse(sse: ServerSentEvent) -> JobEvent:
     return JobEvent(id=sse.id, message=sse.data)
 
 
-def _stream_options(job_id: str, last_event_id: str | None) -> RequestOptions:
+def _stream_options(job_id: str, last_event_id: str | None, extras: RequestExtras) -> RequestOptions:
     headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
     return RequestOptions(
-        "GET", f"/v1/jobs/{path_id(job_id)}/events", headers=headers, timeout=STREAM_TIMEOUT, max_retries=0
+        "GET",
+        f"/v1/jobs/{path_id(job_id)}/events",
+        headers=headers,
+        timeout=STREAM_TIMEOUT,
+        max_retries=0,
+        extras=extras,
     )
 
 
@@ -68,96 +73,180 @@ class Jobs(SyncResource):
         datasets: Mapping[str, str] | None = None,
         init_adapter: str | None = None,
         reward_model: str | None = None,
+        init_reward_model: str | None = None,
+        round: int | None = None,
         lora: Mapping[str, Any] | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
         seed: int | None = None,
         name: str | None = None,
-        extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Job:
         """Submit a job (202 -> queued Job).
 
         ``datasets`` maps a role to a dataset id: ``{"sft": "ds_..."}``; ``preference`` for reward_model and
         dpo; ``prompts`` (+ ``reward_model``, an artifact id) for ppo; all three for rlhf.
+        ``init_reward_model`` (a reward_model artifact) continues one (reward_model, rlhf); ``round`` tags
+        the job with a feedback round.
         """
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = job_body(
             method=method,
             base_model=base_model,
             datasets=datasets,
             init_adapter=init_adapter,
             reward_model=reward_model,
+            init_reward_model=init_reward_model,
+            round=round,
             lora=lora,
             hyperparameters=hyperparameters,
             seed=seed,
             name=name,
-            extra=extra_body,
         )
-        response = self._client._post("/v1/jobs", json=body, idempotency_key=idempotency_key)
+        response = self._client._post("/v1/jobs", json=body, idempotency_key=idempotency_key, extras=extras)
         return self._client._parse(response, Job)
 
     def list(
-        self, *, status: str | None = None, limit: int | None = None, after: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        round: int | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> SyncPage[Job]:
-        response = self._client._get("/v1/jobs", params={"status": status, "limit": limit, "after": after})
-        data, has_more = self._client._parse_list(response, Job)
-        return SyncPage(
-            data=data,
-            has_more=has_more,
-            fetch=lambda cursor: self.list(status=status, limit=limit, after=cursor),
-        )
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        params = {"status": status, "round": round, "limit": limit}
+        return self._client._list("/v1/jobs", Job, params=params, after=after, extras=extras)
 
-    def get(self, job_id: str) -> Job:
-        return self._client._parse(self._client._get(f"/v1/jobs/{path_id(job_id)}"), Job)
+    def get(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        return self._client._parse(self._client._get(f"/v1/jobs/{path_id(job_id)}", extras=extras), Job)
 
     retrieve = get
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
         """Cancel a queued or running job; ConflictError (409) once it has finished."""
-        return self._client._parse(self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel"), Job)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        return self._client._parse(
+            self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel", extras=extras), Job
+        )
 
-    def events(self, job_id: str) -> builtins.list[JobEvent]:
+    def events(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> builtins.list[JobEvent]:
         """Every event so far, oldest first (no streaming; pages are followed)."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         out: builtins.list[JobEvent] = []
         after: str | None = None
         while True:
-            response = self._client._get(f"/v1/jobs/{path_id(job_id)}/events", params={"after": after})
+            response = self._client._get(
+                f"/v1/jobs/{path_id(job_id)}/events", params={"after": after}, extras=extras
+            )
             data, has_more = self._client._parse_list(response, JobEvent)
             out.extend(data)
             if not has_more or not data or data[-1].id is None:
                 return out
             after = str(data[-1].id)
 
-    def metrics(self, job_id: str) -> MetricList:
+    def metrics(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> MetricList:
         """Every metric row so far; ``.as_dict()`` -> ``{name: {"step": [...], "value": [...]}}``."""
-        response = self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics")
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics", extras=extras)
         return _metrics_from(self._client._parse_list, response)
 
-    def metrics_csv(self, job_id: str) -> str:
+    def metrics_csv(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> str:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         response = self._client._get(
-            f"/v1/jobs/{path_id(job_id)}/metrics", params={"format": "csv"}, headers={"Accept": "text/csv"}
+            f"/v1/jobs/{path_id(job_id)}/metrics",
+            params={"format": "csv"},
+            headers={"Accept": "text/csv"},
+            extras=extras,
         )
         return response.text
 
-    def artifacts(self, job_id: str) -> builtins.list[Artifact]:
-        data, _ = self._client._parse_list(
-            self._client._get(f"/v1/jobs/{path_id(job_id)}/artifacts"), Artifact
-        )
+    def artifacts(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> builtins.list[Artifact]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = self._client._get(f"/v1/jobs/{path_id(job_id)}/artifacts", extras=extras)
+        data, _ = self._client._parse_list(response, Artifact)
         return data
 
     def stream_events(
-        self, job_id: str, *, last_event_id: str | int | None = None, reconnect: bool = True
+        self,
+        job_id: str,
+        *,
+        last_event_id: str | int | None = None,
+        reconnect: bool = True,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Iterator[JobEvent]:
         """Yield the job's events live over SSE until the job ends.
 
         A dropped connection is resumed with ``Last-Event-ID`` (so no event is lost or repeated); a stream
         that ends while the job is still unfinished is resumed too. Gives up with APIConnectionError after
-        ``max_retries`` consecutive failed connection attempts.
+        ``max_retries`` consecutive failed connection attempts. ``timeout`` replaces the stream's own
+        (120 s between reads); the extras go on every connection and on the job lookups between them.
         """
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         last = None if last_event_id is None else str(last_event_id)
         failures = 0
         while True:
             try:
-                with self._client.stream(_stream_options(job_id, last)) as response:
+                with self._client.stream(_stream_options(job_id, last, extras)) as response:
                     failures = 0
                     decoder = SSEDecoder()
                     for line in response.iter_lines():
@@ -181,7 +270,7 @@ class Jobs(SyncResource):
                     ) from exc
                 time.sleep(backoff_delay(failures - 1))
                 continue
-            if not reconnect or self.get(job_id).is_terminal:
+            if not reconnect or self.get(job_id, **extras.as_kwargs()).is_terminal:
                 return
             time.sleep(0.5)
 
@@ -194,19 +283,25 @@ class Jobs(SyncResource):
         progress: bool = False,
         raise_on_failure: bool = True,
         progress_stream: TextIO | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        request_timeout: float | httpx.Timeout | None = None,
     ) -> Job:
         """Poll until the job is ``succeeded`` (returned), ``failed`` or ``cancelled`` (JobFailedError).
 
         ``progress=True`` draws one live line on stderr: stage, progress, latest loss/reward.
-        ``timeout`` (seconds) raises JobWaitTimeoutError; the job keeps running on the server.
+        ``timeout`` (seconds) is the whole wait: past it JobWaitTimeoutError is raised and the job keeps
+        running on the server. ``request_timeout`` is each poll's own; the extras go on every poll.
         """
+        extras = RequestExtras(extra_headers, extra_query, extra_body, request_timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         line = ProgressLine(progress_stream) if progress else None
         try:
             while True:
-                job = self.get(job_id)
+                job = self.get(job_id, **extras.as_kwargs())
                 if line is not None:
-                    metrics = self.metrics(job_id) if job.status != "queued" else None
+                    metrics = self.metrics(job_id, **extras.as_kwargs()) if job.status != "queued" else None
                     line.update(job, metrics)
                 if job.is_terminal:
                     return _check_finished(job, raise_on_failure)
@@ -233,85 +328,165 @@ class AsyncJobs(AsyncResource):
         datasets: Mapping[str, str] | None = None,
         init_adapter: str | None = None,
         reward_model: str | None = None,
+        init_reward_model: str | None = None,
+        round: int | None = None,
         lora: Mapping[str, Any] | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
         seed: int | None = None,
         name: str | None = None,
-        extra_body: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> Job:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = job_body(
             method=method,
             base_model=base_model,
             datasets=datasets,
             init_adapter=init_adapter,
             reward_model=reward_model,
+            init_reward_model=init_reward_model,
+            round=round,
             lora=lora,
             hyperparameters=hyperparameters,
             seed=seed,
             name=name,
-            extra=extra_body,
         )
-        response = await self._client._post("/v1/jobs", json=body, idempotency_key=idempotency_key)
+        response = await self._client._post(
+            "/v1/jobs", json=body, idempotency_key=idempotency_key, extras=extras
+        )
         return self._client._parse(response, Job)
 
     def list(
-        self, *, status: str | None = None, limit: int | None = None, after: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        round: int | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> AsyncPaginator[Job]:
-        async def first() -> AsyncPage[Job]:
-            return await self._page(status, limit, after)
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        params = {"status": status, "round": round, "limit": limit}
+        return self._client._list("/v1/jobs", Job, params=params, after=after, extras=extras)
 
-        return AsyncPaginator(first)
-
-    async def _page(self, status: str | None, limit: int | None, after: str | None) -> AsyncPage[Job]:
-        response = await self._client._get(
-            "/v1/jobs", params={"status": status, "limit": limit, "after": after}
-        )
-        data, has_more = self._client._parse_list(response, Job)
-        return AsyncPage(data=data, has_more=has_more, fetch=lambda cursor: self._page(status, limit, cursor))
-
-    async def get(self, job_id: str) -> Job:
-        return self._client._parse(await self._client._get(f"/v1/jobs/{path_id(job_id)}"), Job)
+    async def get(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}", extras=extras)
+        return self._client._parse(response, Job)
 
     retrieve = get
 
-    async def cancel(self, job_id: str) -> Job:
-        return self._client._parse(await self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel"), Job)
+    async def cancel(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel", extras=extras)
+        return self._client._parse(response, Job)
 
-    async def events(self, job_id: str) -> builtins.list[JobEvent]:
+    async def events(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> builtins.list[JobEvent]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         out: builtins.list[JobEvent] = []
         after: str | None = None
         while True:
-            response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/events", params={"after": after})
+            response = await self._client._get(
+                f"/v1/jobs/{path_id(job_id)}/events", params={"after": after}, extras=extras
+            )
             data, has_more = self._client._parse_list(response, JobEvent)
             out.extend(data)
             if not has_more or not data or data[-1].id is None:
                 return out
             after = str(data[-1].id)
 
-    async def metrics(self, job_id: str) -> MetricList:
-        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics")
+    async def metrics(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> MetricList:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics", extras=extras)
         return _metrics_from(self._client._parse_list, response)
 
-    async def metrics_csv(self, job_id: str) -> str:
+    async def metrics_csv(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> str:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         response = await self._client._get(
-            f"/v1/jobs/{path_id(job_id)}/metrics", params={"format": "csv"}, headers={"Accept": "text/csv"}
+            f"/v1/jobs/{path_id(job_id)}/metrics",
+            params={"format": "csv"},
+            headers={"Accept": "text/csv"},
+            extras=extras,
         )
         return response.text
 
-    async def artifacts(self, job_id: str) -> builtins.list[Artifact]:
-        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/artifacts")
+    async def artifacts(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> builtins.list[Artifact]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/artifacts", extras=extras)
         data, _ = self._client._parse_list(response, Artifact)
         return data
 
     async def stream_events(
-        self, job_id: str, *, last_event_id: str | int | None = None, reconnect: bool = True
+        self,
+        job_id: str,
+        *,
+        last_event_id: str | int | None = None,
+        reconnect: bool = True,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
     ) -> AsyncIterator[JobEvent]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         last = None if last_event_id is None else str(last_event_id)
         failures = 0
         while True:
             try:
-                async with self._client.stream(_stream_options(job_id, last)) as response:
+                async with self._client.stream(_stream_options(job_id, last, extras)) as response:
                     failures = 0
                     decoder = SSEDecoder()
                     async for line in response.aiter_lines():
@@ -335,7 +510,7 @@ class AsyncJobs(AsyncResource):
                     ) from exc
                 await asyncio.sleep(backoff_delay(failures - 1))
                 continue
-            if not reconnect or (await self.get(job_id)).is_terminal:
+            if not reconnect or (await self.get(job_id, **extras.as_kwargs())).is_terminal:
                 return
             await asyncio.sleep(0.5)
 
@@ -348,14 +523,21 @@ class AsyncJobs(AsyncResource):
         progress: bool = False,
         raise_on_failure: bool = True,
         progress_stream: TextIO | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        request_timeout: float | httpx.Timeout | None = None,
     ) -> Job:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, request_timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         line = ProgressLine(progress_stream) if progress else None
         try:
             while True:
-                job = await self.get(job_id)
+                job = await self.get(job_id, **extras.as_kwargs())
                 if line is not None:
-                    metrics = await self.metrics(job_id) if job.status != "queued" else None
+                    metrics = (
+                        await self.metrics(job_id, **extras.as_kwargs()) if job.status != "queued" else None
+                    )
                     line.update(job, metrics)
                 if job.is_terminal:
                     return _check_finished(job, raise_on_failure)
