@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from alignd import validation
 
 __all__ = [
     "ExpansionStats",
@@ -74,13 +76,6 @@ class ExpansionStats:
     """Records whose scores are all equal."""
 
 
-def _iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, json.loads(line)
-
-
 def expand_file(src: str | Path, dest: str | Path) -> ExpansionStats:
     """Expand a validated ``ranking`` JSONL file into a ``preference`` JSONL file; ``group`` is the source line.
 
@@ -91,7 +86,7 @@ def expand_file(src: str | Path, dest: str | Path) -> ExpansionStats:
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as out:
-        for number, record in _iter_records(Path(src)):
+        for number, record in validation.iter_records(src):  # validated at upload: read, not re-checked
             stats.records += 1
             k = len(record["responses"])
             pairs = expand_record(record, number)

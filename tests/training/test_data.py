@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from alignd.validation import validate_path
 from transformers import AutoTokenizer
 
 from tests.helpers.tiny_model import build_tiny_llama
@@ -91,20 +92,35 @@ def test_messages_record_trains_on_last_assistant_turn(chat_tokenizer: object, t
     ("line", "expected"),
     [
         ("not json", "invalid JSON"),
-        ('{"prompt": "a"}', "expected 'prompt' and 'completion'"),
-        ('{"prompt": "a", "completion": 3}', "must be strings"),
+        ('{"prompt": "a"}', '"completion": missing'),
+        ('{"prompt": "a", "completion": 3}', "expected a string, got number"),
         ('{"prompt": "a", "completion": "  "}', "empty"),
-        ('{"messages": [{"role": "user", "content": "a"}]}', "last message must be the assistant"),
+        ('{"messages": [{"role": "user", "content": "a"}]}', 'last message must be a "assistant" message'),
         ('{"messages": [{"role": "assistant", "content": "a"}]}', "at least one message before"),
     ],
 )
 def test_bad_records_name_their_line(tmp_path: Path, line: str, expected: str) -> None:
+    """The child re-checks with the upload's rules: the same line gets the upload's message."""
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "ok", "completion": "fine"}\n\n' + line + "\n")
     with pytest.raises(TrainingError) as info:
         data.read_sft_records(path)
     assert info.value.code == "invalid_dataset"
     assert info.value.message.startswith("line 3:") and expected in info.value.message
+    [issue] = validate_path(path, "sft").issues
+    assert info.value.message == f"line 3: {issue['message']}"
+
+
+def test_a_bom_crlf_file_reads_as_the_upload_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"prompt": "Sky?", "completion": "Blue."}\r\n\r\n{"prompt": "a", "completion": "b"}\r\n'
+    )
+    assert validate_path(path, "sft").ok
+    assert data.read_sft_records(path) == [
+        ([{"role": "user", "content": "Sky?"}], "Blue."),
+        ([{"role": "user", "content": "a"}], "b"),
+    ]
 
 
 def test_collator_pads_right_and_masks() -> None:

@@ -95,6 +95,12 @@ BAD_LINES: list[tuple[str, str, str, str | None]] = [
     ),
     (
         "sft",
+        dumps({"messages": msgs(("assistant", "a"))}),
+        "invalid_messages",
+        '"messages": needs at least one message before the assistant\'s answer',
+    ),
+    (
+        "sft",
         dumps({"messages": msgs(("user", "q"), ("assistant", "a")), "prompt": "q"}),
         "ambiguous_record",
         None,

@@ -1,7 +1,8 @@
 """Training data: reading JSONL, tokenising with masks, padding collator, length-bucketed batches; SFT records
 and (at the end) preference pairs, which reuse the SFT prompt/answer boundary.
 
-Record forms (validated at upload, checked again here because the child must never trust its input):
+Record forms (validated at upload and checked again here with the same ``alignd.validation`` rules, because
+the child must never trust its input):
 
 - ``{"prompt": str, "completion": str}``
 - ``{"messages": [{"role": str, "content": str}, ...]}`` whose last message is the assistant's.
@@ -14,13 +15,14 @@ chat templates do not make reliable; one boundary per example we can verify, see
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from alignd import validation
 
 from workers.training.errors import INVALID_DATASET, TrainingError
 
@@ -77,21 +79,18 @@ def parse_sft_record(record: Any, line: int) -> tuple[list[Message], str]:
     return [{"role": "user", "content": prompt_text}], completion
 
 
-def read_jsonl(path: str | Path, parse: Callable[[Any, int], T]) -> list[T]:
-    """Every non-blank line of ``path`` parsed by ``parse(record, line_number)``; errors name the line."""
+def read_jsonl(path: str | Path, parse: Callable[[Any, int], T], *, kind: str) -> list[T]:
+    """Every record of ``path`` parsed by ``parse(record, line_number)``; errors name the line.
+
+    Read by the SDK's one JSONL reader and re-checked with the upload's ``kind`` rules: the child does not
+    trust its input, and a bad line fails here with the code and message the upload would have given it.
+    """
     records: list[T] = []
     try:
-        with open(path, encoding="utf-8") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise _bad(number, f"invalid JSON: {exc.msg}") from None
-                records.append(parse(record, number))
-    except UnicodeDecodeError as exc:
-        raise TrainingError(INVALID_DATASET, f"{path} is not UTF-8: {exc}") from None
+        for number, record in validation.iter_records(path, kind=kind):
+            records.append(parse(record, number))
+    except validation.DatasetLineError as exc:
+        raise _bad(exc.line, exc.message) from None
     except OSError as exc:
         raise TrainingError(INVALID_DATASET, f"cannot read {path}: {exc}") from None
     if not records:
@@ -100,7 +99,7 @@ def read_jsonl(path: str | Path, parse: Callable[[Any, int], T]) -> list[T]:
 
 
 def read_sft_records(path: str | Path) -> list[tuple[list[Message], str]]:
-    return read_jsonl(path, parse_sft_record)
+    return read_jsonl(path, parse_sft_record, kind="sft")
 
 
 @dataclass(frozen=True)
@@ -333,7 +332,7 @@ def parse_preference_record(record: Any, line: int) -> PreferenceRecord:
 
 
 def read_preference_records(path: str | Path) -> list[PreferenceRecord]:
-    return read_jsonl(path, parse_preference_record)
+    return read_jsonl(path, parse_preference_record, kind="preference")
 
 
 @dataclass(frozen=True)

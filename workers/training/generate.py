@@ -41,19 +41,17 @@ KIND = "candidates"
 
 
 def read_prompts(path: str | Path) -> list[tuple[Any, list[rollout.Message]]]:
-    """(the prompt as written in the file, its messages) per record: the output keeps the user's form."""
+    """(the prompt as written in the file, its messages) per record: the output keeps the user's form.
+
+    Read like every dataset (the SDK's one reader) and re-checked with the upload's ``prompts`` rules.
+    """
     out: list[tuple[Any, list[rollout.Message]]] = []
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise TrainingError(INVALID_DATASET, f"line {number}: invalid JSON: {exc.msg}") from None
-                messages = rollout.parse_prompt_record(record, number)
-                out.append((record.get("prompt", record.get("messages")), messages))
+        for number, record in validation.iter_records(path, kind="prompts"):
+            messages = rollout.parse_prompt_record(record, number)
+            out.append((record.get("prompt", record.get("messages")), messages))
+    except validation.DatasetLineError as exc:
+        raise TrainingError(INVALID_DATASET, str(exc)) from None
     except OSError as exc:
         raise TrainingError(INVALID_DATASET, f"cannot read {path}: {exc}") from None
     if not out:

@@ -69,7 +69,7 @@ def parse_prompt_record(record: Any, line: int) -> list[Message]:
 
 
 def read_prompt_records(path: str | Path) -> list[list[Message]]:
-    return read_jsonl(path, parse_prompt_record)
+    return read_jsonl(path, parse_prompt_record, kind="prompts")
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:

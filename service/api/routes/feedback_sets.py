@@ -6,7 +6,6 @@ Thin: each endpoint loads rows (``service/db/feedback_sets.py``), applies the ru
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+from alignd import validation
 from fastapi import APIRouter, Depends, Query, Response
 from sqlmodel import Session, select
 
@@ -75,8 +75,7 @@ def _downloaded_records(ctx: AppContext, store: ArtifactStore, dataset_id: str) 
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8-sig") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return [record for _, record in validation.iter_records(path)]
 
 
 # --- routes
