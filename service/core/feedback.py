@@ -1,6 +1,7 @@
 """Human feedback, framework-free: labels -> comparisons, ratings (Elo, Bradley-Terry), agreement, assignment.
 
-The routes in ``service/api/routes/feedback_sets.py`` only load rows, call these functions and store results.
+A feedback set's own rules (``service/core/feedback_sets.py``) and queries (``service/db/feedback_sets.py``)
+build on these functions; the routes only load rows, call them and store results.
 
 Vocabulary: a feedback set holds *items* (one prompt and its 2..16 candidate responses each). An annotator
 labels an item with a full *ranking* (response ids, best first), *scores* (one number per response, higher is

@@ -50,3 +50,14 @@ def paginate(
         statement = statement.where(seq < cursor)
     rows = list(session.exec(statement.order_by(seq.desc()).limit(page.limit + 1)).all())
     return rows[: page.limit], len(rows) > page.limit
+
+
+def list_owned(
+    session: Session, table: type[RowT], page: PageRequest, tenant: str, **equal: Any
+) -> tuple[list[RowT], bool]:
+    """A newest-first page of the tenant's rows; each ``column=value`` whose value is not None filters it."""
+    statement = select(table).where(table.tenant == tenant)  # type: ignore[attr-defined]
+    for column, value in equal.items():
+        if value is not None:
+            statement = statement.where(getattr(table, column) == value)
+    return paginate(session, statement, table, page, tenant)

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlmodel import col, select
 
-from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDep, get_owned, paginate
+from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDep
 from service.api.errors import error_responses
 from service.api.schemas import ArtifactPublic, ListResponse
 from service.core.errors import NotFoundError
+from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, JobRow
 
 router = APIRouter(tags=["artifacts"])
@@ -44,8 +45,7 @@ def list_job_artifacts(
     responses=error_responses(),
 )
 def list_artifacts(session: SessionDep, tenant: TenantDep, page: PageDep) -> ListResponse[ArtifactPublic]:
-    statement = select(ArtifactRow).where(ArtifactRow.tenant == tenant)
-    rows, has_more = paginate(session, statement, ArtifactRow, page, tenant)
+    rows, has_more = list_owned(session, ArtifactRow, page, tenant)
     return ListResponse(data=[ArtifactPublic.of(r) for r in rows], has_more=has_more)
 
 

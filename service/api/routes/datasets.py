@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
-from sqlmodel import select
 
-from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDep, get_owned, paginate
+from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDep
 from service.api.errors import error_responses
 from service.api.schemas import DatasetPublic, ListResponse
 from service.api.uploads import require_content_type
 from service.core.datasets import DatasetKind, validate_and_store
 from service.db.datasets import store_validated_dataset
+from service.db.repository import get_owned, list_owned
 from service.db.tables import DatasetRow
 from service.db.usage import refuse_if_used, unfinished_jobs_using
 from service.storage.keys import dataset_key
@@ -84,14 +84,15 @@ def list_datasets(
     ] = None,
     job: Annotated[str | None, Query(description="Only datasets this job generated.")] = None,
 ) -> ListResponse[DatasetPublic]:
-    statement = select(DatasetRow).where(DatasetRow.tenant == tenant)
-    if kind is not None:
-        statement = statement.where(DatasetRow.kind == kind.value)
-    if round is not None:
-        statement = statement.where(DatasetRow.round == round)
-    if job is not None:
-        statement = statement.where(DatasetRow.job_id == job)
-    rows, has_more = paginate(session, statement, DatasetRow, page, tenant)
+    rows, has_more = list_owned(
+        session,
+        DatasetRow,
+        page,
+        tenant,
+        kind=kind.value if kind is not None else None,
+        round=round,
+        job_id=job,
+    )
     return ListResponse(data=[DatasetPublic.of(row) for row in rows], has_more=has_more)
 
 

@@ -6,6 +6,7 @@ Thin: each endpoint loads rows (``service/db/feedback_sets.py``), applies the ru
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,9 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from alignd import validation
 from fastapi import APIRouter, Depends, Query, Response
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from service.api.deps import AppContext, ContextDep, PageDep, SessionDep, StoreDep, TenantDep
 from service.api.errors import error_responses
@@ -39,7 +39,7 @@ from service.core import feedback as fb
 from service.core import feedback_sets as rules
 from service.db import feedback_sets
 from service.db.datasets import add_dataset_file
-from service.db.repository import get_owned, paginate
+from service.db.repository import get_owned, list_owned
 from service.db.tables import FeedbackSetRow
 from service.storage import ArtifactStore
 from service.storage.keys import dataset_key
@@ -75,7 +75,8 @@ def _downloaded_records(ctx: AppContext, store: ArtifactStore, dataset_id: str) 
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    return [record for _, record in validation.iter_records(path)]
+    with open(path, encoding="utf-8-sig") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 # --- routes
@@ -121,10 +122,7 @@ def list_feedback_sets(
         int | None, Query(ge=0, le=1_000_000, description="Only sets of this feedback round.")
     ] = None,
 ) -> ListResponse[FeedbackSetPublic]:
-    statement = select(FeedbackSetRow).where(FeedbackSetRow.tenant == tenant)
-    if round is not None:
-        statement = statement.where(FeedbackSetRow.round == round)
-    rows, has_more = paginate(session, statement, FeedbackSetRow, page, tenant)
+    rows, has_more = list_owned(session, FeedbackSetRow, page, tenant, round=round)
     return ListResponse(data=[_public(session, row) for row in rows], has_more=has_more)
 
 

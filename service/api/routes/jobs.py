@@ -23,8 +23,6 @@ from service.api.deps import (
     TenantDep,
     authenticate,
     get_context_of,
-    get_owned,
-    paginate,
     read_owned,
 )
 from service.api.errors import error_responses
@@ -41,6 +39,7 @@ from service.core.errors import ConflictError, RateLimitedError
 from service.core.ids import new_id, now
 from service.core.jobs import JobStatus
 from service.core.submission import ResourceInfo, resolve_job
+from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
 from service.queue import QueueUnavailable
 
@@ -152,12 +151,9 @@ def list_jobs(
         int | None, Query(ge=0, le=1_000_000, description="Only jobs of this feedback round.")
     ] = None,
 ) -> ListResponse[JobPublic]:
-    statement = select(JobRow).where(JobRow.tenant == tenant)
-    if status is not None:
-        statement = statement.where(JobRow.status == status.value)
-    if round is not None:
-        statement = statement.where(JobRow.round == round)
-    rows, has_more = paginate(session, statement, JobRow, page, tenant)
+    rows, has_more = list_owned(
+        session, JobRow, page, tenant, status=status.value if status is not None else None, round=round
+    )
     return ListResponse(data=[JobPublic.of(row) for row in rows], has_more=has_more)
 
 

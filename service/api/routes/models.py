@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
-from sqlmodel import select
 
-from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDep, get_owned, paginate
+from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDep
 from service.api.errors import error_responses
 from service.api.schemas import ListResponse, ModelPublic
 from service.api.uploads import require_content_type
 from service.core.errors import ValidationFailed
 from service.core.ids import new_id, now
 from service.core.models import check_model_files
+from service.db.repository import get_owned, list_owned
 from service.db.tables import ModelRow
 from service.db.usage import refuse_if_used, unfinished_jobs_using
 from service.storage.keys import model_key, model_prefix
@@ -93,9 +93,7 @@ def create_model(
     responses=error_responses(),
 )
 def list_models(session: SessionDep, tenant: TenantDep, page: PageDep) -> ListResponse[ModelPublic]:
-    rows, has_more = paginate(
-        session, select(ModelRow).where(ModelRow.tenant == tenant), ModelRow, page, tenant
-    )
+    rows, has_more = list_owned(session, ModelRow, page, tenant)
     return ListResponse(data=[ModelPublic.of(row) for row in rows], has_more=has_more)
 
 
