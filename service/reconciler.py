@@ -17,13 +17,13 @@ import logging
 import threading
 import time
 
-from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from service.core.ids import now
 from service.core.jobs import JobStatus
 from service.db.artifacts import sweep_orphan_objects
+from service.db.jobs import status_change
 from service.db.session import session_scope
 from service.db.tables import JobEventRow, JobRow
 from service.queue import JobQueue
@@ -51,19 +51,16 @@ def reconcile_once(
         ).all()
         for job in expired:
             out_of_tries = max_tries is not None and job.attempts >= max_tries
-            fenced = update(JobRow).where(
-                col(JobRow.id) == job.id,
-                col(JobRow.status) == JobStatus.running.value,
-                col(JobRow.lease_token) == job.lease_token,
-            )
+            lease_unchanged = col(JobRow.lease_token) == job.lease_token
             if out_of_tries:
                 message = (
                     f"Worker {job.lease_owner} stopped heartbeating in attempt {job.attempts}, the last of "
                     f"ALIGND_JOB_MAX_TRIES={max_tries}."
                 )
                 result = session.execute(
-                    fenced.values(
-                        status=JobStatus.failed.value,
+                    status_change(job.id, JobStatus.running, JobStatus.failed)
+                    .where(lease_unchanged)
+                    .values(
                         lease_owner=None,
                         lease_expires_at=None,
                         finished_at=now(),
@@ -82,7 +79,9 @@ def reconcile_once(
                     )
                 continue
             result = session.execute(
-                fenced.values(status=JobStatus.queued.value, lease_owner=None, lease_expires_at=None)
+                status_change(job.id, JobStatus.running, JobStatus.queued)
+                .where(lease_unchanged)
+                .values(lease_owner=None, lease_expires_at=None)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 requeued += 1

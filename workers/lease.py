@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from service.core.ids import now
-from service.core.jobs import JobStatus
+from service.core.jobs import JobStatus, transition
+from service.db.jobs import status_change
 from service.db.session import session_scope
 from service.db.tables import JobEventRow, JobMetricRow, JobRow
 
@@ -55,14 +55,9 @@ def acquire(engine: Engine, job_id: str, *, owner: str, lease_seconds: float) ->
             return None
         token = job.lease_token + 1
         result = session.execute(
-            update(JobRow)
-            .where(
-                col(JobRow.id) == job_id,
-                col(JobRow.status) == JobStatus.queued.value,
-                col(JobRow.lease_token) == job.lease_token,
-            )
+            status_change(job_id, JobStatus.queued, JobStatus.running)
+            .where(col(JobRow.lease_token) == job.lease_token)
             .values(
-                status=JobStatus.running,
                 lease_owner=owner,
                 lease_token=token,
                 lease_expires_at=time.time() + lease_seconds,
@@ -171,7 +166,7 @@ def end(engine: Engine, lease: Lease, status: JobStatus, *, error: tuple[str, st
     """Write the job's final status (and error), give up the lease, and say so in an event."""
     with session_scope(engine) as session:
         job = fenced(session, lease)
-        job.status = status
+        job.status = transition(job.status, status)
         job.finished_at = now()
         job.lease_owner = None
         job.lease_expires_at = None
@@ -194,7 +189,7 @@ def release(engine: Engine, lease: Lease, reason: str) -> None:
     """Give a running job back to the queue (worker shutting down): it will run again, resuming."""
     with session_scope(engine) as session:
         job = fenced(session, lease)
-        job.status = JobStatus.queued
+        job.status = transition(job.status, JobStatus.queued)
         job.lease_owner = None
         job.lease_expires_at = None
         session.add(job)

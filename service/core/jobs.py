@@ -43,8 +43,30 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+class IllegalTransition(ValueError):
+    """A code path asked for a move the lifecycle forbids (a bug on the server's side, never a client's input:
+    each caller names constant statuses, and its compare-and-set on the row checks the current one)."""
+
+    def __init__(self, current: JobStatus, new: JobStatus) -> None:
+        super().__init__(f"a job never moves from {current.value!r} to {new.value!r}")
+        self.current = current
+        self.new = new
+
+
 def can_transition(current: JobStatus, new: JobStatus) -> bool:
     return new in ALLOWED_TRANSITIONS[current]
+
+
+def transition(current: JobStatus | str, new: JobStatus) -> JobStatus:
+    """``new``, if a job may move from ``current`` to it; raises IllegalTransition otherwise.
+
+    Every write of a job's status goes through this (``service.db.jobs.status_change`` for the
+    compare-and-set updates), so ``ALLOWED_TRANSITIONS`` is the lifecycle the code can actually produce.
+    """
+    current = JobStatus(current)
+    if not can_transition(current, new):
+        raise IllegalTransition(current, new)
+    return new
 
 
 def _pydantic_details(exc: ValidationError, prefix: str) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from service.core.errors import ConflictError, RateLimitedError
 from service.core.ids import new_id, now
 from service.core.jobs import JobStatus
 from service.core.submission import ResourceInfo, resolve_job
+from service.db.jobs import status_change
 from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
 from service.queue import QueueUnavailable
@@ -187,9 +188,9 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
         raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
     # Queued: cancel outright (compare-and-set, in case a worker takes it this instant).
     result = session.execute(
-        update(JobRow)
-        .where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.queued.value)
-        .values(status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now())
+        status_change(job_id, JobStatus.queued, JobStatus.cancelled).values(
+            cancel_requested=True, finished_at=now()
+        )
     )
     if result.rowcount == 1:  # type: ignore[attr-defined]
         session.add(JobEventRow(job_id=job_id, created_at=now(), level="info", message="Job cancelled."))
