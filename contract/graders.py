@@ -332,8 +332,10 @@ class JsonSchemaGrader(_Grader):
             raise PydanticCustomError(
                 "schema_too_large", f"The schema is over {MAX_SCHEMA_CHARS} characters."
             )
-        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        if isinstance(schema, dict) and not isinstance(schema.get("$schema", ""), str):
+            raise PydanticCustomError("invalid_json_schema", "$schema must be a metaschema URI string.")
         try:
+            validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
             validator.check_schema(schema)
         except jsonschema.SchemaError as error:
             where = "/".join(str(part) for part in error.path) or "(root)"
@@ -341,6 +343,10 @@ class JsonSchemaGrader(_Grader):
                 "invalid_json_schema",
                 "Not a valid JSON Schema at {where}: {reason}",
                 {"where": where, "reason": error.message},
+            ) from None
+        except Exception as exc:  # jsonschema choking on a shape its metaschema let through: still a 422
+            raise PydanticCustomError(
+                "invalid_json_schema", "jsonschema could not read the schema: {reason}", {"reason": repr(exc)}
             ) from None
         problems = _schema_problems(schema)
         if problems:
@@ -561,11 +567,13 @@ def _depth(grader: Any) -> int:
     return 0
 
 
-def leaves(grader: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted name, grader) for every non-multi grader inside ``grader``, depth first."""
+def leaves(grader: Any, path: str | None = None) -> list[tuple[str, Any]]:
+    """(dotted path, grader) for every non-multi grader inside ``grader``, depth first; the path starts with
+    the outer grader's name and goes down by sub-grader keys ('mix.exact'), as grading's errors name them."""
+    path = grader.name if path is None else path
     if isinstance(grader, MultiGrader):
-        return [item for key, sub in grader.graders.items() for item in leaves(sub, f"{prefix}{key}.")]
-    return [(prefix.rstrip(".") or grader.name, grader)]
+        return [item for key, sub in grader.graders.items() for item in leaves(sub, f"{path}.{key}")]
+    return [(path, grader)]
 
 
 def model_backed(grader: Any) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import jsonschema
 import regex
 from jsonschema.exceptions import best_match
+from referencing.exceptions import Unresolvable
 
 from contract import formula as formulas
 from contract import safe_regex, textmetrics
@@ -279,7 +280,7 @@ def _json_schema(grader: JsonSchemaGrader, context: _Context) -> Scored:
         error = best_match(validator.iter_errors(instance))
     except safe_regex.RegexTimeout as exc:
         raise GradingError("regex_timeout", str(exc)) from None
-    except (jsonschema.exceptions.SchemaError, RecursionError, LookupError) as exc:
+    except (jsonschema.exceptions.SchemaError, Unresolvable, RecursionError, LookupError) as exc:
         raise GradingError("schema_error", f"The schema could not be applied: {exc}") from None
     if error is None:
         return 1.0, {"valid": True}

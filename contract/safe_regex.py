@@ -4,7 +4,8 @@ Python's ``re`` has no match timeout, and a static check alone cannot make it sa
 shapes (``(a+)+b``), adjacent quantifiers backtrack polynomially (``\\d*\\d*x`` took 40 s on 2,000 digits with
 ``re`` on this project's 2-core machine). So a pattern here is
 
-1. at most :data:`MAX_PATTERN_CHARS` long and written in Python ``re`` syntax (checked with ``re`` itself);
+1. at most :data:`MAX_PATTERN_CHARS` long and written in Python ``re`` syntax (checked with ``re`` itself, and
+   compiled by ``regex`` too: the rare spelling only ``re`` accepts, such as ``{{item.x}}``, is refused);
 2. refused when a quantifier repeats something that itself holds a quantifier (``(a+)+``, ``(\\w+\\s)*``,
    ``(a{2,})*``): the textbook catastrophic-backtracking shape. A possessive inner quantifier (``(\\w++\\s)*``)
    or an atomic group (``(?>\\w+\\s)*``) cannot backtrack and is allowed;
@@ -92,6 +93,13 @@ def check_pattern(pattern: str) -> None:
         tree = _parser.parse(pattern)
     except (re.error, RecursionError, OverflowError) as exc:
         raise UnsafePattern("invalid_regex", f"Not a valid regular expression: {exc}") from None
+    try:
+        regex.compile(pattern)
+    except (regex.error, RecursionError, OverflowError) as exc:
+        # The few spellings where the two differ, e.g. '{{item.x}}', which re reads as literal braces.
+        raise UnsafePattern(
+            "invalid_regex", f"Valid for Python's re but not for the matcher (the regex package): {exc}"
+        ) from None
     if _nested_repeat(tree):
         raise UnsafePattern(
             "unsafe_regex",

@@ -23,7 +23,7 @@ from service import __version__
 from service.api import label_page
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
-from service.api.routes import artifacts, datasets, feedback_sets, health, jobs, models
+from service.api.routes import artifacts, datasets, feedback_sets, graders, health, jobs, models
 from service.api.startup import MigrationStartup
 from service.api.uploads import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodySizeLimit
 from service.core.errors import ServiceUnavailableError
@@ -185,6 +185,7 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         datasets.router,
         artifacts.router,
         feedback_sets.router,
+        graders.router,
         label_page.router,
     ):
         app.include_router(router)

@@ -253,6 +253,7 @@ def test_regex_search_fullmatch_and_flags() -> None:
     ("pattern", "code"),
     [
         ("(unclosed", "invalid_regex"),
+        ("{{item.x}}", "invalid_regex"),  # literal braces to re, an error to the regex package that matches
         ("(a+)+$", "unsafe_regex"),
         (r"^(\w+\s?)*$", "unsafe_regex"),
         ("(a{2,})*b", "unsafe_regex"),
@@ -621,3 +622,62 @@ def test_normalized_specs_round_trip_with_defaults_filled_in() -> None:
     assert parse_grader(dumped) == grader
     spec = multi("exact")
     assert parse_grader(dump_grader(parse_grader(spec))) == parse_grader(spec)
+
+
+VALID_SPECS = [
+    check(type="string_check", input=OUT, reference="{{item.answer}}", operation="ilike"),
+    check(
+        type="text_similarity",
+        input=OUT,
+        reference="{{item.answer}}",
+        evaluation_metric="bleu",
+        pass_threshold=0.5,
+    ),
+    check(type="regex", pattern=r"\d+", mode="fullmatch", ignore_case=True),
+    check(type="numeric", reference="{{item.answer}}", extract="first", abs_tol=0.5),
+    check(type="json_schema", schema=SCHEMA),
+    check(type="length", unit="words", min=1, max=5),
+    check(type="ends_with_eos"),
+    JUDGE,
+    check(type="reward_model", artifact="art_00ff"),
+    multi("0.5 * exact + 0.5 * fuzzy"),
+]
+ODD_VALUES: list[Any] = [
+    None,
+    0,
+    -1,
+    1e308,
+    "",
+    "{{item.x}}",
+    "{{",
+    [],
+    [1, "a"],
+    {},
+    {"type": "regex"},
+    True,
+]
+ODD_SAMPLES: list[Any] = [
+    "",
+    "42",
+    '{"name": "Ada"}',
+    {"output_text": "x" * 20_000, "finish_reason": "length"},
+]
+ODD_ITEMS: list[Any] = [{}, {"answer": None}, {"answer": [1, {"a": 2}]}, {"answer": "4,2"}, {"answer": 1e308}]
+
+
+def test_odd_values_are_refused_cleanly_and_never_break_grading() -> None:
+    # Every field of every kind swapped for values of the wrong type or range: validation either accepts or
+    # raises GraderSpecError with details (never another exception), and what it accepts always grades.
+    for spec in VALID_SPECS:
+        for key in spec:
+            for value in ODD_VALUES:
+                try:
+                    grader = parse_grader({**spec, key: value})
+                except GraderSpecError as exc:
+                    assert exc.details and all(d["field"].startswith("grader") for d in exc.details)
+                    continue
+                for sample in ODD_SAMPLES:
+                    for item in ODD_ITEMS:
+                        result = grade(grader, sample, item)
+                        assert math.isfinite(result.reward)
+                        assert "internal_error" not in error_codes(result), result.metadata
