@@ -3,6 +3,10 @@
 The child is ``python -m workers.training spec.json`` (see contract/protocol.py); its stderr goes to a log
 file in the attempt folder, whose tail explains a crash. A stop (cancel, abort, worker shutdown) is SIGTERM
 to the whole group; a child that outlives the grace period after a cancel or abort gets SIGKILL.
+
+The child never outlives this process (workers/training/lifeline.py): it is forked from one long-lived
+thread (PR_SET_PDEATHSIG follows the forking thread, not the process) and holds the read end of a lifeline
+pipe whose write end only this process has, so its end-of-file means the supervisor is gone.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from typing import Any
 from contract.protocol import parse_line
 from service.settings import Settings
 from workers.lease import Lease, LeaseLost
+from workers.training.lifeline import LIFELINE_FD_ENV, SUPERVISOR_PID_ENV
 
 Error = tuple[str, str]  # (code, message)
 
@@ -45,37 +51,89 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+_Start = Callable[[], "subprocess.Popen[str]"]
+
+
+class _Spawner:
+    """One daemon thread that forks every child and lives as long as the process.
+
+    The child's PR_SET_PDEATHSIG fires when the thread that forked it ends. A runner thread (arq's executor,
+    an inline queue thread) could end while its child runs on; this one ends only with the process.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue[tuple[_Start, Future[subprocess.Popen[str]]]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def spawn(self, start: _Start) -> subprocess.Popen[str]:
+        """Run ``start`` (a Popen call) on the spawner thread and return its child (or raise its error)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="alignd-spawner", daemon=True)
+                self._thread.start()
+        done: Future[subprocess.Popen[str]] = Future()
+        self._requests.put((start, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            start, done = self._requests.get()
+            try:
+                done.set_result(start())
+            except BaseException as exc:  # handed to the caller, who raises it in its own thread
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
+
+
 class Children:
     """The training children running now, so a worker that stops can stop them all."""
 
     def __init__(self) -> None:
-        self._children: set[subprocess.Popen[str]] = set()
+        self._children: dict[subprocess.Popen[str], int] = {}  # child -> write end of its lifeline
         self._lock = threading.Lock()
 
     def spawn(
         self, command: list[str], *, env: dict[str, str], cwd: Path, log_path: Path
     ) -> subprocess.Popen[str]:
-        with open(log_path, "w", encoding="utf-8") as log_file:
-            child = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                text=True,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,  # its own process group: cancel reaches grandchildren too
-            )
+        # Nothing is ever written to the lifeline; the child watches for its end-of-file. os.pipe() fds are
+        # not inherited, so only this child gets the read end and no other child holds the write end.
+        lifeline_read, lifeline_write = os.pipe()
+        env = {**env, SUPERVISOR_PID_ENV: str(os.getpid()), LIFELINE_FD_ENV: str(lifeline_read)}
+        try:
+            with open(log_path, "w", encoding="utf-8") as log_file:
+                child = _spawner.spawn(
+                    lambda: subprocess.Popen(
+                        command,
+                        stdout=subprocess.PIPE,
+                        stderr=log_file,
+                        text=True,
+                        env=env,
+                        cwd=cwd,
+                        pass_fds=(lifeline_read,),
+                        start_new_session=True,  # its own process group: cancel reaches grandchildren too
+                    )
+                )
+        except BaseException:
+            os.close(lifeline_write)
+            raise
+        finally:
+            os.close(lifeline_read)
         with self._lock:
-            self._children.add(child)
+            self._children[child] = lifeline_write
         return child
 
     def reap(self, child: subprocess.Popen[str]) -> None:
         """Forget ``child``, killing its group first if it still runs (the relay ended early)."""
         with self._lock:
-            self._children.discard(child)
+            lifeline_write = self._children.pop(child, None)
         if child.poll() is None:
             signal_group(child, signal.SIGKILL)
             child.wait()
+        if lifeline_write is not None:
+            os.close(lifeline_write)
 
     def terminate_all(self) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
 """Entry point of the training child: ``python -m workers.training /path/spec.json``.
 
 Exit status: 0 when every artifact line has been written; 1 after an ``error`` line; 143 when SIGTERM
-stopped training (at an optimizer-step boundary); 2 for a wrong command line.
+stopped training (at an optimizer-step boundary); 2 for a wrong command line; 3 when, at start, the
+supervisor that spawned it is already gone. A child whose supervisor dies later is killed (lifeline.py).
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from workers.training.lifeline import EXIT_SUPERVISOR_LOST, bind_to_supervisor
+
+    # First, before any slow import: a child whose supervisor died must not start training.
+    gone = bind_to_supervisor(os.environ)
+    if gone is not None:  # nobody reads stdout any more: the log file is the only witness
+        print(f"alignd: {gone}; not training", file=sys.stderr, flush=True)
+        return EXIT_SUPERVISOR_LOST
     proto = _claim_stdout()
     # Every path in the spec is local; never let a library reach for the hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
