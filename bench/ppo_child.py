@@ -45,7 +45,7 @@ def run_alignd(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from contract.hyperparameters import LoraSettings, PPOHyperparameters
     from contract.protocol import ProgressWriter, TrainingSpec
-    from workers.training import data, ppo, rollout
+    from workers.training import data, ppo_job, rollout
     from workers.training.context import RunContext
 
     torch.set_num_threads(cfg["threads"])
@@ -106,7 +106,9 @@ def run_alignd(cfg: dict[str, Any]) -> dict[str, Any]:
         metrics.append({k: float(v) for k, v in result.metrics.items()})
 
     start = time.perf_counter()
-    result = ppo.train_ppo(RunContext(spec=spec, progress=ProgressWriter(io.StringIO())), on_update=on_update)
+    result = ppo_job.train_ppo(
+        RunContext(spec=spec, progress=ProgressWriter(io.StringIO())), on_update=on_update
+    )
     trainable = int(result.metrics["trainable_parameters"])
     response_tokens = [float(cfg["batch_size"] * cfg["response_length"])] * len(metrics)
     # update i's clock: from the end of update i-1 (or, for the first, from the first update's own start)

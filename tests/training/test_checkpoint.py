@@ -399,7 +399,7 @@ def _prefers_token_5(
 
 
 def test_ppo_stopped_and_resumed_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from workers.training.ppo import train_ppo
+    from workers.training.ppo_job import train_ppo
 
     torch.set_num_threads(1)
     # 7 prompts at 3 per update: the prompt order's passes end mid-update, so the saved rest of a pass matters.

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from contract.hyperparameters import LoraSettings, PPOHyperparameters
 from contract.protocol import ProgressWriter, TrainingSpec
 from tests.training._child import REPO_ROOT, child_env, run_child, write_spec
-from workers.training import lora, ppo, rollout
+from workers.training import lora, ppo, ppo_job, rollout
 from workers.training.context import RunContext
 
 EOS, PAD = 2, 0  # the tiny tokenizer: <pad> 0, <s> 1, </s> 2
@@ -299,7 +299,7 @@ def test_top_p_keeps_the_nucleus() -> None:
 
 def test_first_minibatch_ratio_is_one_and_eos_penalty(tiny_model_dir: Path, tmp_path: Path) -> None:
     hp = {**FAST_HP, "steps": 2, "missing_eos_penalty": 0.7, "kl_estimator": "k3"}
-    session = ppo.setup_ppo(
+    session = ppo_job.setup_ppo(
         ctx_for(make_spec(tmp_path, tiny_model_dir, hp=hp)), reward_function=ends_early_reward
     )
     for _ in range(2):
@@ -331,7 +331,7 @@ def test_single_base_copy_across_roles_and_base_untouched(
     spec = make_spec(
         tmp_path / "run", tiny_model_dir, hp=hp, reward_model=reward_model_dir, init_adapter=init
     )
-    session = ppo.setup_ppo(ctx_for(spec))
+    session = ppo_job.setup_ppo(ctx_for(spec))
     models = session.models
     assert (models.reference_adapter, models.reward_adapter, models.value_adapter) == (
         "reference",
@@ -393,7 +393,7 @@ def test_single_base_copy_across_roles_and_base_untouched(
         assert torch.equal(live[name], tensor), name
 
 
-def _run_until(session: ppo.PPOSession, target: float, max_updates: int) -> list[dict[str, float]]:
+def _run_until(session: ppo_job.PPOSession, target: float, max_updates: int) -> list[dict[str, float]]:
     history: list[dict[str, float]] = []
     for _ in range(max_updates):
         history.append(session.trainer.step(session.next_prompts()).metrics)
@@ -410,7 +410,7 @@ def test_ppo_learns_to_end_answers_with_bounded_kl(tiny_model_dir: Path, tmp_pat
     KL bound: a policy with KL > (max - start) / kl_coef nats has a lower KL-regularised objective than the
     reference itself, so a working PPO stays below it; we assert the tighter 25 nats per answer.
     """
-    session = ppo.setup_ppo(
+    session = ppo_job.setup_ppo(
         ctx_for(make_spec(tmp_path, tiny_model_dir, hp=FAST_HP)), reward_function=ends_early_reward
     )
     started = time.perf_counter()
@@ -435,7 +435,7 @@ def test_ppo_against_a_reward_model_adapter(
 ) -> None:
     """The default reward: the reward model's adapter on the shared body + its score head."""
     hp = {**FAST_HP, "steps": 40}
-    session = ppo.setup_ppo(
+    session = ppo_job.setup_ppo(
         ctx_for(make_spec(tmp_path, tiny_model_dir, hp=hp, reward_model=reward_model_dir))
     )
     assert isinstance(session.trainer.reward_function, ppo.AdapterRewardModel)

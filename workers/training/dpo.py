@@ -18,19 +18,13 @@ The reference log-probs are computed once, before training, in eval mode (no LoR
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
 from contract.hyperparameters import DPOHyperparameters
-from workers.training import checkpoint, data, loop, lora, preference
+from workers.training import data, loop, lora, preference
 from workers.training.context import RunContext
-from workers.training.modelcard import render_model_card
 
 STAGE = "dpo"
 
@@ -106,204 +100,115 @@ def reference_logps(
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def train_dpo(
-    ctx: RunContext,
-    *,
-    hyperparameters: Mapping[str, Any] | None = None,
-    output_dir: str | Path | None = None,
-    stage: str = STAGE,
-) -> DPOResult:
-    spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
-    hp, lora_settings = loop.validated(
-        DPOHyperparameters,
-        dict(spec.hyperparameters if hyperparameters is None else hyperparameters),
-        spec.lora,
-        method="dpo",
-    )
-    prepared = preference.prepare_pairs(
-        ctx, stage=stage, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length
-    )
-    pairs, pad_token_id = prepared.pairs, prepared.pad_token_id
+class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
+    """DPO's hooks on the shared loop: pair batches, the sigmoid loss against reference log-probs computed once."""
 
-    device = lora.pick_device()
-    base = lora.load_base_model(spec.base_model.path, device=device)
-    init_path = spec.init_adapter.path if spec.init_adapter else None
-    model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
-    reference: str | None = None
-    if init_path is not None and hp.reference_model == "init_adapter":
-        lora.add_frozen_adapter(model, lora.REFERENCE_ADAPTER, init_path)
-        reference = lora.REFERENCE_ADAPTER
-    if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    params = lora.trainable_parameters(model)
-    n_trainable, n_total = lora.count_parameters(model)
-    reference_text = (
-        f"init adapter {spec.init_adapter.id} (frozen copy)"
-        if reference is not None and spec.init_adapter is not None
-        else "the base model (adapter disabled)"
-    )
-    progress.event(
-        f"policy on {spec.base_model.name} ({device.type}): {n_total - n_trainable:,} frozen parameters, "
-        f"{n_trainable:,} trainable LoRA parameters; reference: {reference_text}",
-        stage=stage,
-    )
+    method = STAGE
 
-    ref_chosen, ref_rejected = reference_logps(
-        model, reference, pairs, pad_token_id, device, batch_size=hp.batch_size
-    )
-    steps_per_epoch, total = loop.count_steps(len(pairs), hp)
-    optimizer, scheduler = loop.build_optimizer(params, hp, total)
-    logger = loop.StepLogger(progress, stage, every=hp.logging_steps, total=total)
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx, DPOHyperparameters)
+        hp = self.hp
+        self.prepared = preference.prepare_pairs(
+            ctx, stage=STAGE, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length
+        )
+        self.pairs, self.pad_token_id = self.prepared.pairs, self.prepared.pad_token_id
+        self._load_model()
+        # Reads the frozen reference (never the policy) and draws no random numbers, so it can run before the
+        # checkpoint's RNG states are restored.
+        self.ref_chosen, self.ref_rejected = reference_logps(
+            self.model, self.reference, self.pairs, self.pad_token_id, self.device, batch_size=hp.batch_size
+        )
+        self.plan(len(self.pairs))
 
-    # After the reference pass, which reads the frozen reference (never the policy) and draws no random numbers.
-    ckpt = checkpoint.Checkpointer(
-        ctx,
-        stage=stage,
-        every=hp.checkpoint_steps,
-        modules={"model": model},
-        optimizer=optimizer,
-        scheduler=scheduler,
-    )
-    step, start_epoch, skip_batches = 0, 0, 0
-    resumed = ckpt.restore()
-    if resumed is not None:
-        step, start_epoch, skip_batches = resumed.step, resumed.epoch, resumed.position
-        logger.load(resumed.extra)
-    last_epoch, last_position = start_epoch, skip_batches
-    keys = ("loss", "rewards_chosen", "rewards_rejected", "margin", "correct", "pairs")
-    window = dict.fromkeys(keys, 0.0)
-    window_grad_norms: list[float] = []
-    train_start = time.perf_counter()
-    model.train()
-    logger.report(step / total)
+    def _load_model(self) -> None:
+        spec = self.spec
+        self.device = lora.pick_device()
+        base = lora.load_base_model(spec.base_model.path, device=self.device)
+        init_path = spec.init_adapter.path if spec.init_adapter else None
+        model = lora.attach_adapter(base, self.lora_settings, init_adapter=init_path)
+        self.reference: str | None = None
+        if init_path is not None and self.hp.reference_model == "init_adapter":
+            lora.add_frozen_adapter(model, lora.REFERENCE_ADAPTER, init_path)
+            self.reference = lora.REFERENCE_ADAPTER
+        n_total = self.use_model(model)
+        self.reference_text = (
+            f"init adapter {spec.init_adapter.id} (frozen copy)"
+            if self.reference is not None and spec.init_adapter is not None
+            else "the base model (adapter disabled)"
+        )
+        self.progress.event(
+            f"policy on {spec.base_model.name} ({self.device.type}): {n_total - self.n_trainable:,} frozen "
+            f"parameters, {self.n_trainable:,} trainable LoRA parameters; reference: {self.reference_text}",
+            stage=STAGE,
+        )
 
-    with cancel.deferred():
-        for epoch, position, batch in loop.step_batches(
-            hp.epochs,
-            lambda epoch: preference.epoch_batches(pairs, hp.batch_size, seed=spec.seed, epoch=epoch),
-            steps=total - step,
-            start_epoch=start_epoch,
-            skip=skip_batches,
-        ):
-            cancel.check()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
-                policy_c, policy_r = pair_logps(model, [pairs[i] for i in micro], pad_token_id, device)
-                index = torch.tensor(micro, device=device)
-                loss, reward_c, reward_r = dpo_loss(
-                    policy_c,
-                    policy_r,
-                    ref_chosen[index],
-                    ref_rejected[index],
-                    beta=hp.beta,
-                    label_smoothing=hp.label_smoothing,
-                )
-                # Divided by the step's pair count, so accumulation gives the big batch's mean gradient.
-                (loss.sum() / len(batch)).backward()
-                step_loss += float(loss.detach().sum())
-                window["rewards_chosen"] += float(reward_c.sum())
-                window["rewards_rejected"] += float(reward_r.sum())
-                window["margin"] += float((reward_c - reward_r).sum())
-                window["correct"] += float((reward_c > reward_r).sum())
-            grad_norm, learning_rate = loop.optimizer_step(
-                params, optimizer, scheduler, loss=step_loss, step=step, max_grad_norm=hp.max_grad_norm
-            )
-            step += 1
-            window["loss"] += step_loss
-            window["pairs"] += len(batch)
-            window_grad_norms.append(grad_norm)
+    def build_batches(self, epoch: int) -> list[list[int]]:
+        return preference.epoch_batches(self.pairs, self.hp.batch_size, seed=self.spec.seed, epoch=epoch)
 
-            if logger.due(step):
-                n = window["pairs"]
-                values = {
-                    "loss": window["loss"] / n,
-                    "rewards_chosen": window["rewards_chosen"] / n,
-                    "rewards_rejected": window["rewards_rejected"] / n,
-                    "margin": window["margin"] / n,
-                    # share of pairs whose implicit chosen reward is strictly higher (a tie is wrong)
-                    "accuracy": window["correct"] / n,
-                    "learning_rate": learning_rate,
-                    "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
-                    "epoch": step / steps_per_epoch,
-                }
-                logger.log(step, values)
-                window = dict.fromkeys(keys, 0.0)
-                window_grad_norms = []
-            last_epoch, last_position = epoch, position
-            ckpt.maybe_save(step, epoch=epoch, position=position, extra=logger.state())
-        train_seconds = time.perf_counter() - train_start
-        cancel.check()
-        ckpt.save(step, epoch=last_epoch, position=last_position, extra=logger.state(), final=True)
+    def batch_weight(self, batch: list[int]) -> int:
+        return len(batch)  # the step's mean over pairs
 
-        model.eval()
-        history = logger.history
+    def compute_loss(self, micro: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        policy_c, policy_r = pair_logps(
+            self.model, [self.pairs[i] for i in micro], self.pad_token_id, self.device
+        )
+        index = torch.tensor(micro, device=self.device)
+        loss, reward_c, reward_r = dpo_loss(
+            policy_c,
+            policy_r,
+            self.ref_chosen[index],
+            self.ref_rejected[index],
+            beta=self.hp.beta,
+            label_smoothing=self.hp.label_smoothing,
+        )
+        return loss.sum(), {
+            "rewards_chosen": float(reward_c.sum()),
+            "rewards_rejected": float(reward_r.sum()),
+            "margin": float((reward_c - reward_r).sum()),
+            "correct": float((reward_c > reward_r).sum()),
+        }
+
+    def log_values(
+        self, window: loop.MetricWindow, *, learning_rate: float, epoch: float
+    ) -> dict[str, float]:
+        return {
+            "loss": window.mean("loss"),
+            "rewards_chosen": window.mean("rewards_chosen"),
+            "rewards_rejected": window.mean("rewards_rejected"),
+            "margin": window.mean("margin"),
+            # share of pairs whose implicit chosen reward is strictly higher (a tie is wrong)
+            "accuracy": window.mean("correct"),
+            "learning_rate": learning_rate,
+            "grad_norm": window.grad_norm(),
+            "epoch": epoch,
+        }
+
+    def final_metrics(self, steps: int, train_seconds: float) -> dict[str, float]:
+        history = self.logger.history
         last = history[-1]
-        metrics = {
+        return {
             **{k: last[k] for k in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")},
             "first_loss": history[0]["loss"],
             "first_margin": history[0]["margin"],
-            "steps": float(step),
-            "epochs": step / steps_per_epoch,
-            "train_seconds": train_seconds,
-            "trainable_parameters": float(n_trainable),
+            **self.run_metrics(steps, train_seconds),
         }
-        card = render_model_card(
-            title=f"{spec.base_model.name} + LoRA (DPO)",
-            method="dpo",
-            job_id=spec.job_id,
-            base_model_name=spec.base_model.name,
-            base_model_id=spec.base_model.id,
-            datasets=[prepared.card_entry()],
-            lora=model.peft_config[lora.POLICY_ADAPTER].to_dict()
-            if spec.init_adapter
-            else lora_settings.model_dump(),
-            hyperparameters=hp.model_dump(),
-            seed=spec.seed,
+
+    def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
+        card = self.model_card(
+            title=f"{self.spec.base_model.name} + LoRA (DPO)",
+            datasets=[self.prepared.card_entry()],
+            lora=self.policy_lora(self.model),
             metrics=metrics,
-            notes=f"\n## DPO reference\n\nThe reference policy was {reference_text}.\n",
+            notes=f"\n## DPO reference\n\nThe reference policy was {self.reference_text}.\n",
         )
-        adapter_dir, card_dir = loop.write_outputs(
-            model,
-            prepared.tokenizer,
-            Path(spec.output_dir if output_dir is None else output_dir),
-            "adapter",
-            card,
-            base_model_name=spec.base_model.name,
+        return self.publish(
+            self.model, self.prepared.tokenizer, card, metrics, datasets=self.prepared.dataset_metadata()
         )
-        cancel.check()
 
-    metadata = {
-        "base_model": spec.base_model.id,
-        "method": "dpo",
-        "metrics": metrics,
-        "datasets": {preference.ROLE: {"id": prepared.dataset_ref.id, "sha256": prepared.dataset_sha256}},
-    }
-    loop.announce_outputs(
-        progress,
-        stage,
-        adapter_dir,
-        card_dir,
-        kind="adapter",
-        metadata=metadata,
-        base_model_id=spec.base_model.id,
-    )
-    logger.report(1.0)
-    progress.event(
-        f"finished {step} steps in {train_seconds:.1f} s; margin {metrics['first_margin']:.4f} -> "
-        f"{metrics['margin']:.4f}, accuracy {last['accuracy']:.3f}",
-        stage=stage,
-    )
-    return DPOResult(
-        model=model,
-        adapter_dir=adapter_dir,
-        model_card_dir=card_dir,
-        steps=step,
-        metrics=metrics,
-        history=history,
-    )
+    def summary(self, metrics: dict[str, float], steps: int, train_seconds: float) -> str:
+        moved = f"margin {metrics['first_margin']:.4f} -> {metrics['margin']:.4f}, accuracy {metrics['accuracy']:.3f}"
+        return f"{super().summary(metrics, steps, train_seconds)}; {moved}"
 
 
-def run(ctx: RunContext) -> None:
-    train_dpo(ctx)
+def train_dpo(ctx: RunContext) -> DPOResult:
+    return DPOResult.train(DPOTrainer(ctx))

@@ -9,7 +9,7 @@ each stage's 0..1 mapped into its share of the whole.
 
 Base weights: each trainer loads the base itself (a causal LM for SFT and PPO, a sequence classifier for the
 reward model) and the previous stage's model is released first, so at most one stage's models are in memory.
-PPO itself holds one copy for policy, reference, reward and value (see ppo.py).
+PPO itself holds one copy for policy, reference, reward and value (see ppo.py and ppo_job.py).
 
 Quality gate: after the reward stage, held-out pair accuracy below ``reward_model.min_eval_accuracy`` stops
 the job with ``reward_model_too_weak`` before any PPO time is spent (the reward model's artifacts stay stored,
@@ -148,7 +148,7 @@ ran only because the reward model's held-out accuracy met the floor `min_eval_ac
 def train_rlhf(ctx: RunContext) -> RLHFResult:
     # Imported here: each pulls in torch and transformers, and a bad spec should fail before that.
     from workers.training.__main__ import seed_everything
-    from workers.training.ppo import train_ppo
+    from workers.training.ppo_job import train_ppo
     from workers.training.reward import train_reward_model
     from workers.training.sft import train_sft
 

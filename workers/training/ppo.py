@@ -25,16 +25,18 @@ The math follows TRL's PPO trainer (``trl/experimental/ppo/ppo_trainer.py``) wit
 differences, each a correctness fix: the "old" log-probs are recomputed by the training forward rather than
 taken from generation scores (so the first minibatch's ratio is exactly 1); the score lands on the last real
 token (TRL adds it one position after it); and values are masked with the same mask as everything else.
+
+This module is the algorithm (the roles, rollout scoring, GAE, the clipped losses); the job around it (spec ->
+roles -> the shared training loop -> the policy adapter) is ``ppo_job.py``.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,9 +45,8 @@ from peft import LoraConfig, PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from contract.hyperparameters import LoraSettings, PPOHyperparameters
-from workers.training import checkpoint, data, loop, lora, rollout
-from workers.training.context import RunContext
+from contract.hyperparameters import PPOHyperparameters
+from workers.training import lora, rollout
 from workers.training.errors import (
     INVALID_ADAPTER,
     INVALID_SPEC,
@@ -53,14 +54,14 @@ from workers.training.errors import (
     TRAINING_DIVERGED,
     TrainingError,
 )
-from workers.training.modelcard import DatasetCardEntry, render_model_card
+from workers.training.rollout import PolicyLoss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 STAGE = "ppo"
 POLICY_ADAPTER = lora.POLICY_ADAPTER
-REFERENCE_ADAPTER = "reference"
+REFERENCE_ADAPTER = lora.REFERENCE_ADAPTER
 REWARD_ADAPTER = "reward"
 VALUE_ADAPTER = "value"
 ROLES = ("policy", "reference", "reward", "value")
@@ -239,14 +240,6 @@ class AdapterRewardModel:
         return scores
 
 
-def _adapter_base_name(folder: Path) -> str | None:
-    try:
-        config = LoraConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError):
-        return None
-    return config.base_model_name_or_path
-
-
 def load_scalar_adapter(
     model: PeftModel, folder: str | Path, adapter_name: str, *, trainable: bool
 ) -> torch.nn.Linear:
@@ -359,7 +352,7 @@ def _chunks(order: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 class PPOTrainer:
     """Rollout, advantages and clipped updates on a :class:`SharedBaseModel`; no I/O (the job loop is
-    :func:`train_ppo`), so tests can drive it update by update."""
+    :class:`workers.training.ppo_job.PPOJob`), so tests can drive it update by update."""
 
     def __init__(
         self,
@@ -491,12 +484,50 @@ class PPOTrainer:
             generation_seconds=generation_seconds,
         )
 
-    def learn(self, ro: Rollout) -> list[MinibatchStats]:
-        """``ppo_epochs`` passes over the rollout, a fresh permutation each (the first is ``first_order``)."""
+    def _minibatch_backward(
+        self, ro: Rollout, rows: torch.Tensor
+    ) -> tuple[PolicyLoss, torch.Tensor, torch.Tensor]:
+        """Forward and backward of the minibatch ``rows``: (policy loss, value loss, value clip fraction)."""
         hp, models = self.hp, self.models
         width = ro.prompt_ids.size(1)
+        mask = ro.response_mask[rows]
+        input_ids, attention_mask = ro.input_ids[rows], ro.attention_mask[rows]
+
+        def policy_loss(logprobs: torch.Tensor) -> PolicyLoss:
+            return rollout.clipped_policy_loss(
+                logprobs, ro.logprobs[rows], ro.advantages[rows], mask, cliprange=hp.cliprange
+            )
+
+        def value_loss(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return rollout.clipped_value_loss(
+                values * mask, ro.values[rows], ro.returns[rows], mask, cliprange_value=hp.cliprange_value
+            )
+
+        if models.value_adapter is None:
+            # One trunk: the policy's forward gives log-probs and values; one backward.
+            logprobs, values, _ = self._policy_forward(input_ids, attention_mask, width, ro.responses[rows])
+            pg = policy_loss(logprobs)
+            vf_loss, vf_clipfrac = value_loss(values)
+            (pg.loss + hp.vf_coef * vf_loss).backward()
+            return pg, vf_loss, vf_clipfrac
+        # Two trunks (policy and value adapters): backward each loss as soon as it is built, so only one graph
+        # is alive at a time. The adapters are disjoint, so the gradients are the same.
+        hidden = models.hidden_states(input_ids, attention_mask)
+        logits = models.response_logits(hidden, width, hp.temperature)
+        pg = policy_loss(rollout.token_logprobs(logits, ro.responses[rows]))
+        pg.loss.backward()
+        del hidden, logits
+        with models.role("value"):
+            values = models.response_values(models.hidden_states(input_ids, attention_mask), width)
+        vf_loss, vf_clipfrac = value_loss(values)
+        (hp.vf_coef * vf_loss).backward()
+        return pg, vf_loss, vf_clipfrac
+
+    def learn(self, ro: Rollout) -> list[MinibatchStats]:
+        """``ppo_epochs`` passes over the rollout, a fresh permutation each (the first is ``first_order``)."""
+        hp = self.hp
         stats: list[MinibatchStats] = []
-        params = models.trainable_parameters
+        params = self.models.trainable_parameters
         for epoch in range(hp.ppo_epochs):
             order = (
                 ro.first_order
@@ -504,48 +535,8 @@ class PPOTrainer:
                 else torch.randperm(ro.responses.size(0), generator=self.generator)
             )
             for index, rows in enumerate(_chunks(order.to(self.device), self.mini_batch_size)):
-                mask = ro.response_mask[rows]
-                input_ids, attention_mask = ro.input_ids[rows], ro.attention_mask[rows]
                 self.optimizer.zero_grad(set_to_none=True)
-                if models.value_adapter is None:
-                    # One trunk: the policy's forward gives log-probs and values; one backward.
-                    logprobs, values, _ = self._policy_forward(
-                        input_ids, attention_mask, width, ro.responses[rows]
-                    )
-                    pg = rollout.clipped_policy_loss(
-                        logprobs, ro.logprobs[rows], ro.advantages[rows], mask, cliprange=hp.cliprange
-                    )
-                    vf_loss, vf_clipfrac = rollout.clipped_value_loss(
-                        values * mask,
-                        ro.values[rows],
-                        ro.returns[rows],
-                        mask,
-                        cliprange_value=hp.cliprange_value,
-                    )
-                    (pg.loss + hp.vf_coef * vf_loss).backward()
-                else:
-                    # Two trunks (policy and value adapters): backward each loss as soon as it is built, so only
-                    # one graph is alive at a time. The adapters are disjoint, so the gradients are the same.
-                    hidden = models.hidden_states(input_ids, attention_mask)
-                    logits = models.response_logits(hidden, width, hp.temperature)
-                    logprobs = rollout.token_logprobs(logits, ro.responses[rows])
-                    pg = rollout.clipped_policy_loss(
-                        logprobs, ro.logprobs[rows], ro.advantages[rows], mask, cliprange=hp.cliprange
-                    )
-                    pg.loss.backward()
-                    del hidden, logits
-                    with models.role("value"):
-                        values = models.response_values(
-                            models.hidden_states(input_ids, attention_mask), width
-                        )
-                    vf_loss, vf_clipfrac = rollout.clipped_value_loss(
-                        values * mask,
-                        ro.values[rows],
-                        ro.returns[rows],
-                        mask,
-                        cliprange_value=hp.cliprange_value,
-                    )
-                    (hp.vf_coef * vf_loss).backward()
+                pg, vf_loss, vf_clipfrac = self._minibatch_backward(ro, rows)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
                 if not math.isfinite(grad_norm) or not math.isfinite(float(pg.loss.detach())):
                     raise TrainingError(
@@ -554,7 +545,7 @@ class PPOTrainer:
                         f"{grad_norm}); try a lower learning_rate",
                     )
                 self.optimizer.step()
-                valid = mask.bool()
+                valid = ro.response_mask[rows].bool()
                 ratio = pg.ratio[valid]
                 stats.append(
                     MinibatchStats(
@@ -609,19 +600,7 @@ class PPOTrainer:
         return UpdateResult(metrics=metrics, minibatches=minibatches, rollout=ro)
 
 
-# --- the job
-
-
-@dataclass
-class PPOResult:
-    models: SharedBaseModel
-    trainer: PPOTrainer
-    adapter_dir: Path
-    model_card_dir: Path
-    updates: int
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-    first_minibatch: MinibatchStats | None = None
+# --- tokens
 
 
 def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -> int:
@@ -639,344 +618,3 @@ def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -
         if isinstance(candidate, int) and candidate >= 0 and candidate != eos_token_id:
             return candidate
     raise TrainingError(INVALID_SPEC, "cannot find a pad token distinct from the EOS token")
-
-
-def _check_reward_base(folder: Path, base_name: str, base_path: str, progress: Any) -> None:
-    recorded = _adapter_base_name(folder)
-    if recorded is None or recorded in (base_name, base_path) or Path(recorded) == Path(base_path):
-        return
-    # Same architecture under another name loads fine (shapes are checked when the weights go in); a
-    # different architecture fails there with invalid_adapter. Say what we assumed.
-    progress.event(
-        f"the reward model adapter names base {recorded!r}, the policy's base is {base_name!r}; loading it onto "
-        "the policy's base (one shared copy). Its LoRA shapes are checked; make sure it was trained on this "
-        "base model",
-        stage=STAGE,
-        level="warning",
-    )
-
-
-class PromptCycle:
-    """Prompts for each update: shuffled passes over the prompts, a fresh seeded pass whenever one runs out.
-
-    Its state for a checkpoint is ``rng`` (an extra RNG of the checkpoint) plus the rest of the current pass
-    (:meth:`state`), so a resumed run draws the same prompts the uninterrupted one would.
-    """
-
-    def __init__(self, prompts: list[list[int]], size: int, *, seed: int) -> None:
-        self.prompts = prompts
-        self.size = size
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
-
-    def __call__(self) -> list[list[int]]:
-        batch: list[list[int]] = []
-        while len(batch) < self.size:
-            if not self.order:
-                self.order.extend(self.rng.sample(range(len(self.prompts)), len(self.prompts)))
-            batch.append(self.prompts[self.order.pop()])
-        return batch
-
-    def state(self) -> list[int]:
-        return list(self.order)
-
-    def load(self, order: list[int]) -> None:
-        self.order = [int(i) for i in order]
-
-
-@dataclass
-class PPOSession:
-    """Everything :func:`setup_ppo` builds; :func:`train_ppo` runs the loop on it (tests may drive it)."""
-
-    hp: PPOHyperparameters
-    lora_settings: LoraSettings
-    tokenizer: PreTrainedTokenizerBase
-    models: SharedBaseModel
-    trainer: PPOTrainer
-    prompts: list[list[int]]
-    num_records: int
-    dataset_sha256: str
-    total_updates: int
-    rollout_size: int
-    next_prompts: PromptCycle
-
-
-def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None) -> PPOSession:
-    """Read the prompts, load the one base copy, attach every role's adapter and head, build the trainer.
-
-    ``reward_function`` replaces the reward-model adapter (a programmatic scorer in tests); otherwise the spec
-    must name a ``reward_model`` folder.
-    """
-    spec, progress = ctx.spec, ctx.progress
-    hp, lora_settings = loop.validated(PPOHyperparameters, spec.hyperparameters, spec.lora, method="ppo")
-    dataset_ref = spec.datasets.get("prompts")
-    if dataset_ref is None:
-        raise TrainingError(INVALID_SPEC, "method ppo needs a dataset with role 'prompts'")
-    if reward_function is None and spec.reward_model is None:
-        raise TrainingError(INVALID_SPEC, "method ppo needs a reward_model (a reward model adapter folder)")
-    if hp.value_model == "adapter" and spec.reward_model is None:
-        raise TrainingError(
-            INVALID_SPEC, "value_model='adapter' starts from the reward model; none was given"
-        )
-
-    records = rollout.read_prompt_records(dataset_ref.path)
-    dataset_sha256 = data.sha256_file(dataset_ref.path)
-    tokenizer = lora.load_tokenizer(spec.base_model.path)
-    prompts, truncated = rollout.encode_prompts(tokenizer, records, max_length=hp.max_length)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise TrainingError(INVALID_SPEC, "the tokenizer has no EOS token; PPO needs one to end answers")
-    eos_token_id = int(eos)
-    pad_token_id = choose_pad_token_id(tokenizer, eos_token_id)
-    progress.event(
-        f"dataset {dataset_ref.name}: {len(prompts)} prompts, {sum(map(len, prompts))} tokens"
-        + (f", {truncated} cut from the left to {hp.max_length} tokens" if truncated else "")
-        + f"; pad id {pad_token_id}, EOS id {eos_token_id}",
-        stage=STAGE,
-    )
-
-    rollout_size = hp.rollout_batch_size or hp.batch_size
-    # `steps` counts PPO updates and prompts are recycled to reach it; `epochs` (passes over the
-    # prompts) caps it only when given, and `max_steps` always does.
-    by_epochs = math.ceil(hp.epochs * len(prompts) / rollout_size) if hp.epochs is not None else hp.steps
-    total_updates = min(hp.steps, by_epochs, hp.max_steps or hp.steps)
-    if total_updates < hp.steps:
-        progress.event(
-            f"running {total_updates} PPO updates, not steps={hp.steps}: epochs={hp.epochs} over "
-            f"{len(prompts)} prompts at {rollout_size} per update allows {by_epochs}"
-            + (f" and max_steps={hp.max_steps}" if hp.max_steps else ""),
-            stage=STAGE,
-            level="warning",
-        )
-
-    device = lora.pick_device()
-    base = lora.load_base_model(spec.base_model.path, device=device)
-    hidden_size = int(base.config.hidden_size)
-    # Adapter initialisation draws from the global RNG; seed it from the spec without disturbing callers.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        init_path = spec.init_adapter.path if spec.init_adapter else None
-        peft_model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
-        reference_adapter = None
-        if init_path is not None:
-            # The reference is the SFT policy: a frozen copy of the init adapter (LoRA weights only).
-            try:
-                peft_model.load_adapter(init_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise TrainingError(
-                    INVALID_ADAPTER, f"cannot load init_adapter as the reference: {exc}"
-                ) from None
-            reference_adapter = REFERENCE_ADAPTER
-        reward_head: torch.nn.Linear | None = None
-        reward_adapter = None
-        if spec.reward_model is not None and reward_function is None:
-            folder = Path(spec.reward_model.path)
-            _check_reward_base(folder, spec.base_model.name, spec.base_model.path, progress)
-            reward_head = load_scalar_adapter(peft_model, folder, REWARD_ADAPTER, trainable=False).to(device)
-            reward_adapter = REWARD_ADAPTER
-        value_adapter = None
-        if hp.value_model == "adapter":
-            assert spec.reward_model is not None
-            value_head = load_scalar_adapter(
-                peft_model, spec.reward_model.path, VALUE_ADAPTER, trainable=True
-            ).to(device)
-            value_adapter = VALUE_ADAPTER
-        else:
-            # Starts at V = 0 everywhere: a zero head is the neutral guess and keeps early advantages = returns.
-            value_head = torch.nn.Linear(hidden_size, 1, dtype=torch.float32, device=device)
-            torch.nn.init.zeros_(value_head.weight)
-            torch.nn.init.zeros_(value_head.bias)
-    peft_model.set_adapter(POLICY_ADAPTER)
-    models = SharedBaseModel(
-        peft_model,
-        value_head=value_head,
-        reward_head=reward_head,
-        reference_adapter=reference_adapter,
-        reward_adapter=reward_adapter,
-        value_adapter=value_adapter,
-    )
-    # Dropout off everywhere, for good: eval() only changes dropout here (no batch norm in these models) and
-    # gradients still flow. With dropout on, the training forward would not reproduce the rollout's log-probs.
-    peft_model.eval()
-    reward_fn: RewardFunction = reward_function or AdapterRewardModel(models)
-
-    n_trainable = sum(p.numel() for p in models.trainable_parameters)
-    _, n_total = lora.count_parameters(peft_model)
-    progress.event(
-        f"base {spec.base_model.name} on {device.type}, one shared copy: {n_total:,} parameters, {n_trainable:,} "
-        f"trainable (policy adapter + value {hp.value_model}); reference = "
-        + ("the init adapter, frozen" if reference_adapter else "the base (adapter disabled)")
-        + "; reward = "
-        + ("the reward model adapter + score head" if reward_adapter else "a programmatic reward function"),
-        stage=STAGE,
-    )
-
-    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-    trainer = PPOTrainer(
-        models, reward_fn, hp, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator
-    )
-    return PPOSession(
-        hp=hp,
-        lora_settings=lora_settings,
-        tokenizer=tokenizer,
-        models=models,
-        trainer=trainer,
-        prompts=prompts,
-        num_records=len(records),
-        dataset_sha256=dataset_sha256,
-        total_updates=total_updates,
-        rollout_size=rollout_size,
-        next_prompts=PromptCycle(prompts, rollout_size, seed=spec.seed),
-    )
-
-
-def train_ppo(
-    ctx: RunContext,
-    *,
-    reward_function: RewardFunction | None = None,
-    on_update: Callable[[int, UpdateResult], None] | None = None,
-) -> PPOResult:
-    """Run the PPO job of ``ctx.spec`` in-process (the rlhf pipeline calls this) and return final metrics.
-
-    ``reward_function``: see :func:`setup_ppo`. ``on_update(update, result)`` sees each update's full result.
-    """
-    spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
-    session = setup_ppo(ctx, reward_function=reward_function)
-    hp, models, trainer, tokenizer = session.hp, session.models, session.trainer, session.tokenizer
-    peft_model, total_updates, rollout_size = models.peft, session.total_updates, session.rollout_size
-    dataset_ref = spec.datasets["prompts"]
-    dataset_sha256 = session.dataset_sha256
-    n_trainable = sum(p.numel() for p in models.trainable_parameters)
-    reward_adapter = models.reward_adapter
-
-    logger = loop.StepLogger(progress, STAGE, every=hp.logging_steps, total=total_updates)
-    cycle = session.next_prompts
-    # Everything an update depends on: the trainable adapter(s) and value head, Adam's moments, the sampling
-    # generator (rollouts and minibatch permutations), the prompt order; dropout is off, so no global RNG.
-    ckpt = checkpoint.Checkpointer(
-        ctx,
-        stage=STAGE,
-        every=hp.checkpoint_steps,
-        modules={"peft": peft_model, "value_head": models.value_head},
-        optimizer=trainer.optimizer,
-        extra_rng={"sampling": trainer.generator, "prompt_order": cycle.rng},
-    )
-    done = 0
-    resumed = ckpt.restore()
-    if resumed is not None:
-        done = resumed.step
-        logger.load(resumed.extra)
-        cycle.load(resumed.extra.get("prompt_order", []))
-
-    def ckpt_extra() -> dict[str, Any]:
-        return {**logger.state(), "prompt_order": cycle.state()}
-
-    first_minibatch: MinibatchStats | None = None
-    train_start = time.perf_counter()
-    logger.report(done / total_updates)
-    with cancel.deferred():
-        for update in range(done + 1, total_updates + 1):
-            cancel.check()
-            result = trainer.step(session.next_prompts())
-            if first_minibatch is None:
-                first_minibatch = result.minibatches[0]
-            if on_update is not None:
-                on_update(update, result)
-            logger.log(update, result.metrics, emit=logger.due(update))
-            # One update is one step; the prompt order is the position.
-            ckpt.maybe_save(update, epoch=0, position=update, extra=ckpt_extra())
-        train_seconds = time.perf_counter() - train_start
-        cancel.check()
-        ckpt.save(total_updates, epoch=0, position=total_updates, extra=ckpt_extra(), final=True)
-
-        history = logger.history
-        last = history[-1]
-        metrics = {
-            "reward_mean": last["reward_mean"],
-            "first_reward_mean": history[0]["reward_mean"],
-            "score_mean": last["score_mean"],
-            "kl": last["kl"],
-            "eos_fraction": last["eos_fraction"],
-            "response_length": last["response_length"],
-            "updates": float(total_updates),
-            "episodes": float(total_updates * rollout_size),
-            "train_seconds": train_seconds,
-            "trainable_parameters": float(n_trainable),
-        }
-        card = render_model_card(
-            title=f"{spec.base_model.name} + LoRA (PPO)",
-            method="ppo",
-            job_id=spec.job_id,
-            base_model_name=spec.base_model.name,
-            base_model_id=spec.base_model.id,
-            datasets=[
-                DatasetCardEntry(
-                    role="prompts",
-                    name=dataset_ref.name,
-                    id=dataset_ref.id,
-                    sha256=dataset_sha256,
-                    num_records=session.num_records,
-                    num_examples=len(session.prompts),
-                )
-            ],
-            lora=peft_model.peft_config[POLICY_ADAPTER].to_dict()
-            if spec.init_adapter
-            else session.lora_settings.model_dump(),
-            hyperparameters=hp.model_dump(),
-            seed=spec.seed,
-            metrics=metrics,
-        )
-        card += (
-            "\n## PPO setup\n\n"
-            f"- reward: {'reward model adapter `' + spec.reward_model.id + '`' if reward_adapter and spec.reward_model else 'a programmatic reward function'}\n"
-            f"- reference for the KL penalty: {'the init adapter `' + spec.init_adapter.id + '` (frozen)' if spec.init_adapter else 'the base model'}\n"
-            f"- value function: {hp.value_model}; one shared copy of the base weights for all roles\n"
-        )
-        adapter_dir, card_dir = loop.write_outputs(
-            peft_model,
-            tokenizer,
-            Path(spec.output_dir),
-            "adapter",
-            card,
-            adapter_name=POLICY_ADAPTER,
-            base_model_name=spec.base_model.name,
-        )
-        cancel.check()
-
-    metadata = {
-        "base_model": spec.base_model.id,
-        "method": "ppo",
-        "metrics": metrics,
-        "datasets": {"prompts": {"id": dataset_ref.id, "sha256": dataset_sha256}},
-        "reward_model": spec.reward_model.id if spec.reward_model else None,
-        "init_adapter": spec.init_adapter.id if spec.init_adapter else None,
-    }
-    loop.announce_outputs(
-        progress,
-        STAGE,
-        adapter_dir,
-        card_dir,
-        kind="adapter",
-        metadata=metadata,
-        base_model_id=spec.base_model.id,
-    )
-    logger.report(1.0)
-    progress.event(
-        f"finished {total_updates} PPO updates in {train_seconds:.1f} s; reward {metrics['first_reward_mean']:.3f} "
-        f"-> {metrics['reward_mean']:.3f}, KL {metrics['kl']:.3f} nats/answer",
-        stage=STAGE,
-    )
-    return PPOResult(
-        models=models,
-        trainer=trainer,
-        adapter_dir=adapter_dir,
-        model_card_dir=card_dir,
-        updates=total_updates,
-        metrics=metrics,
-        history=history,
-        first_minibatch=first_minibatch,
-    )
-
-
-def run(ctx: RunContext) -> None:
-    train_ppo(ctx)

@@ -41,6 +41,10 @@ class PreparedPairs:
             num_examples=self.stats.pairs,
         )
 
+    def dataset_metadata(self) -> dict[str, dict[str, str]]:
+        """The ``datasets`` entry of the artifact metadata: the file trained on, by id and local hash."""
+        return {ROLE: {"id": self.dataset_ref.id, "sha256": self.dataset_sha256}}
+
 
 def prepare_pairs(
     ctx: RunContext, *, stage: str, max_length: int, max_prompt_length: int | None = None

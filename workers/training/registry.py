@@ -17,10 +17,10 @@ from workers.training.errors import METHOD_NOT_AVAILABLE, TrainingError
 Trainer = Callable[[RunContext], object]
 
 METHODS: dict[str, str] = {
-    "sft": "workers.training.sft:run",
-    "ppo": "workers.training.ppo:run",
-    "reward_model": "workers.training.reward:run",
-    "dpo": "workers.training.dpo:run",
+    "sft": "workers.training.sft:train_sft",
+    "ppo": "workers.training.ppo_job:train_ppo",
+    "reward_model": "workers.training.reward:train_reward_model",
+    "dpo": "workers.training.dpo:train_dpo",
     "generate": "workers.training.generate:run",
     "rlhf": "workers.training.pipeline:run",
 }

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import random
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from contract.hyperparameters import SFTHyperparameters
-from workers.training import checkpoint, data, loop, lora
+from workers.training import data, loop, lora
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, NO_TRAINABLE_EXAMPLES, TrainingError
-from workers.training.modelcard import DatasetCardEntry, render_model_card
+from workers.training.modelcard import DatasetCardEntry
 
 STAGE = "sft"
 
@@ -67,216 +65,130 @@ def completion_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor])
     return token_loss_sum(logits, labels)
 
 
-def train_sft(ctx: RunContext) -> SFTResult:
-    spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
-    hp, lora_settings = loop.validated(SFTHyperparameters, spec.hyperparameters, spec.lora, method="sft")
-    dataset_ref = spec.datasets.get("sft")
-    if dataset_ref is None:
-        raise TrainingError(INVALID_SPEC, "method sft needs a dataset with role 'sft'")
+class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
+    """SFT's hooks on the shared loop: completion-token batches, the summed token loss, the SFT card."""
 
-    # Data first: a bad dataset fails in a second, before the (slow) model load.
-    records = data.read_sft_records(dataset_ref.path)
-    dataset_sha256 = loop.local_sha256(progress, dataset_ref, stage=STAGE)
-    tokenizer = lora.load_tokenizer(spec.base_model.path)
-    examples, stats = data.tokenize_sft(
-        tokenizer, records, max_length=hp.max_length, completion_only_loss=hp.completion_only_loss
-    )
-    progress.event(
-        f"dataset {dataset_ref.name}: {stats.records} records -> {stats.examples} examples, "
-        f"{stats.tokens} tokens ({stats.trainable_tokens} trained on), {stats.truncated} truncated to "
-        f"{hp.max_length} tokens",
-        stage=STAGE,
-    )
-    if stats.dropped_no_trainable:
-        progress.event(
-            f"dropped {stats.dropped_no_trainable} of {stats.records} examples with no completion tokens left "
-            f"after truncation to max_length={hp.max_length}",
-            stage=STAGE,
-            level="warning",
+    method = STAGE
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx, SFTHyperparameters)
+        dataset_ref = self.spec.datasets.get("sft")
+        if dataset_ref is None:
+            raise TrainingError(INVALID_SPEC, "method sft needs a dataset with role 'sft'")
+        self.dataset_ref = dataset_ref
+        # Data first: a bad dataset fails in a second, before the (slow) model load.
+        self._read_examples()
+        self._load_model()
+        self.lengths = [example.length for example in self.examples]
+        self.plan(len(self.examples))
+
+    def _read_examples(self) -> None:
+        hp, progress, dataset_ref = self.hp, self.progress, self.dataset_ref
+        records = data.read_sft_records(dataset_ref.path)
+        self.dataset_sha256 = loop.local_sha256(progress, dataset_ref, stage=STAGE)
+        self.tokenizer = tokenizer = lora.load_tokenizer(self.spec.base_model.path)
+        self.examples, stats = data.tokenize_sft(
+            tokenizer, records, max_length=hp.max_length, completion_only_loss=hp.completion_only_loss
         )
-    if stats.prefix_fallback:
+        self.stats = stats
         progress.event(
-            f"{stats.prefix_fallback} examples: the chat template's prompt was not a token prefix of the full "
-            "conversation; masked the longest common prefix instead",
+            f"dataset {dataset_ref.name}: {stats.records} records -> {stats.examples} examples, "
+            f"{stats.tokens} tokens ({stats.trainable_tokens} trained on), {stats.truncated} truncated to "
+            f"{hp.max_length} tokens",
             stage=STAGE,
-            level="warning",
         )
-    if not examples:
-        raise TrainingError(NO_TRAINABLE_EXAMPLES, "no example has a completion token left to train on")
+        if stats.dropped_no_trainable:
+            progress.event(
+                f"dropped {stats.dropped_no_trainable} of {stats.records} examples with no completion tokens "
+                f"left after truncation to max_length={hp.max_length}",
+                stage=STAGE,
+                level="warning",
+            )
+        if stats.prefix_fallback:
+            progress.event(
+                f"{stats.prefix_fallback} examples: the chat template's prompt was not a token prefix of the "
+                "full conversation; masked the longest common prefix instead",
+                stage=STAGE,
+                level="warning",
+            )
+        if not self.examples:
+            raise TrainingError(NO_TRAINABLE_EXAMPLES, "no example has a completion token left to train on")
+        pad_token_id = tokenizer.pad_token_id
+        if pad_token_id is None:
+            # Harmless for training: right padding is masked out of attention and labels.
+            pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.collate = data.SFTCollator(int(pad_token_id))
 
-    pad_token_id = tokenizer.pad_token_id
-    if pad_token_id is None:
-        # Harmless for training: right padding is masked out of attention and labels.
-        pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    collate = data.SFTCollator(int(pad_token_id))
+    def _load_model(self) -> None:
+        spec = self.spec
+        self.device = lora.pick_device()
+        base = lora.load_base_model(spec.base_model.path, device=self.device)
+        init_path = spec.init_adapter.path if spec.init_adapter else None
+        n_total = self.use_model(lora.attach_adapter(base, self.lora_settings, init_adapter=init_path))
+        self.progress.event(
+            f"base {spec.base_model.name} on {self.device.type}: {n_total - self.n_trainable:,} frozen "
+            f"parameters, {self.n_trainable:,} trainable LoRA parameters"
+            + (f" (from init adapter {spec.init_adapter.id})" if spec.init_adapter else ""),
+            stage=STAGE,
+        )
 
-    device = lora.pick_device()
-    base = lora.load_base_model(spec.base_model.path, device=device)
-    init_path = spec.init_adapter.path if spec.init_adapter else None
-    model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
-    if hp.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input-grad hack with frozen embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    params = lora.trainable_parameters(model)
-    n_trainable, n_total = lora.count_parameters(model)
-    progress.event(
-        f"base {spec.base_model.name} on {device.type}: {n_total - n_trainable:,} frozen parameters, "
-        f"{n_trainable:,} trainable LoRA parameters"
-        + (f" (from init adapter {spec.init_adapter.id})" if spec.init_adapter else ""),
-        stage=STAGE,
-    )
-
-    steps_per_epoch, total_steps = loop.count_steps(len(examples), hp)
-    optimizer, scheduler = loop.build_optimizer(params, hp, total_steps)
-    lengths = [example.length for example in examples]
-
-    ckpt = checkpoint.Checkpointer(
-        ctx,
-        stage=STAGE,
-        every=hp.checkpoint_steps,
-        modules={"model": model},
-        optimizer=optimizer,
-        scheduler=scheduler,
-    )
-    logger = loop.StepLogger(progress, STAGE, every=hp.logging_steps, total=total_steps)
-    step = 0
-    start_epoch, skip_batches = 0, 0
-    resumed = ckpt.restore()
-    if resumed is not None:
-        step, start_epoch, skip_batches = resumed.step, resumed.epoch, resumed.position
-        logger.load(resumed.extra)
-    last_epoch, last_position = start_epoch, skip_batches
-
-    window_loss = 0.0
-    window_tokens = 0
-    window_inputs = 0
-    window_grad_norms: list[float] = []
-    window_start = time.perf_counter()
-    train_start = window_start
-    model.train()  # LoRA dropout on; the frozen base has its own dropout settings
-    logger.report(step / total_steps)
-
-    def batches_of(epoch: int) -> list[list[int]]:
+    def build_batches(self, epoch: int) -> list[list[int]]:
         # A fresh, seeded batch order per epoch; the same seed gives the same run.
         return data.length_bucketed_batches(
-            lengths, hp.batch_size, rng=random.Random(spec.seed * 1_000_003 + epoch)
+            self.lengths, self.hp.batch_size, rng=random.Random(self.spec.seed * 1_000_003 + epoch)
         )
 
-    with cancel.deferred():
-        # A resumed run skips the batches its checkpoint had consumed.
-        for epoch, position, batch in loop.step_batches(
-            hp.epochs, batches_of, steps=total_steps - step, start_epoch=start_epoch, skip=skip_batches
-        ):
-            cancel.check()
-            step_tokens = sum(examples[i].num_trainable for i in batch)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
-                inputs = {k: v.to(device) for k, v in collate([examples[i] for i in micro]).items()}
-                loss_sum = completion_loss_sum(model, inputs)
-                (loss_sum / step_tokens).backward()
-                step_loss += float(loss_sum.detach())
-                window_inputs += int(inputs["attention_mask"].sum())
-            grad_norm, learning_rate = loop.optimizer_step(
-                params, optimizer, scheduler, loss=step_loss, step=step, max_grad_norm=hp.max_grad_norm
-            )
-            step += 1
-            window_loss += step_loss
-            window_tokens += step_tokens
-            window_grad_norms.append(grad_norm)
+    def batch_weight(self, batch: list[int]) -> int:
+        return sum(self.examples[i].num_trainable for i in batch)
 
-            if logger.due(step):
-                now = time.perf_counter()
-                values = {
-                    # mean over the window's completion tokens (the step's, with logging_steps=1)
-                    "loss": window_loss / window_tokens,
-                    "learning_rate": learning_rate,
-                    # mean pre-clipping global norm over the window's steps
-                    "grad_norm": sum(window_grad_norms) / len(window_grad_norms),
-                    # every non-pad input token (prompt included) per wall-clock second
-                    "tokens_per_second": window_inputs / max(now - window_start, 1e-9),
-                    "epoch": step / steps_per_epoch,
-                }
-                logger.log(step, values)
-                window_loss, window_tokens, window_inputs = 0.0, 0, 0
-                window_grad_norms = []
-                window_start = now
-            last_epoch, last_position = epoch, position
-            # A checkpoint mid-way through a logging window drops that window's partial sums on resume:
-            # the weights are exact, the first metric point after a resume covers fewer steps.
-            ckpt.maybe_save(step, epoch=epoch, position=position, extra=logger.state())
-        train_seconds = time.perf_counter() - train_start
-        cancel.check()
-        ckpt.save(step, epoch=last_epoch, position=last_position, extra=logger.state(), final=True)
+    def compute_loss(self, micro: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = {k: v.to(self.device) for k, v in self.collate([self.examples[i] for i in micro]).items()}
+        return completion_loss_sum(self.model, inputs), {"inputs": int(inputs["attention_mask"].sum())}
 
-        model.eval()
-        history = logger.history
-        metrics = {
+    def log_values(
+        self, window: loop.MetricWindow, *, learning_rate: float, epoch: float
+    ) -> dict[str, float]:
+        return {
+            # mean over the window's completion tokens (the step's, with logging_steps=1)
+            "loss": window.mean("loss"),
+            "learning_rate": learning_rate,
+            "grad_norm": window.grad_norm(),
+            # every non-pad input token (prompt included) per wall-clock second
+            "tokens_per_second": window.per_second("inputs"),
+            "epoch": epoch,
+        }
+
+    def final_metrics(self, steps: int, train_seconds: float) -> dict[str, float]:
+        history = self.logger.history
+        return {
             "loss": history[-1]["loss"],
             "first_loss": history[0]["loss"],
-            "steps": float(step),
-            "epochs": step / steps_per_epoch,
-            "train_seconds": train_seconds,
-            "trainable_parameters": float(n_trainable),
+            **self.run_metrics(steps, train_seconds),
         }
-        card = render_model_card(
+
+    def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
+        spec, dataset_ref = self.spec, self.dataset_ref
+        entry = DatasetCardEntry(
+            role="sft",
+            name=dataset_ref.name,
+            id=dataset_ref.id,
+            sha256=self.dataset_sha256,
+            num_records=self.stats.records,
+            num_examples=self.stats.examples,
+        )
+        card = self.model_card(
             title=f"{spec.base_model.name} + LoRA (SFT)",
-            method="sft",
-            job_id=spec.job_id,
-            base_model_name=spec.base_model.name,
-            base_model_id=spec.base_model.id,
-            datasets=[
-                DatasetCardEntry(
-                    role="sft",
-                    name=dataset_ref.name,
-                    id=dataset_ref.id,
-                    sha256=dataset_sha256,
-                    num_records=stats.records,
-                    num_examples=stats.examples,
-                )
-            ],
-            lora=model.peft_config[lora.POLICY_ADAPTER].to_dict()
-            if spec.init_adapter
-            else lora_settings.model_dump(),
-            hyperparameters=hp.model_dump(),
-            seed=spec.seed,
+            datasets=[entry],
+            lora=self.policy_lora(self.model),
             metrics=metrics,
         )
-        adapter_dir, card_dir = loop.write_outputs(
-            model, tokenizer, Path(spec.output_dir), "adapter", card, base_model_name=spec.base_model.name
-        )
-        cancel.check()
+        datasets = {"sft": {"id": dataset_ref.id, "sha256": self.dataset_sha256}}
+        return self.publish(self.model, self.tokenizer, card, metrics, datasets=datasets)
 
-    metadata = {
-        "base_model": spec.base_model.id,
-        "method": "sft",
-        "metrics": metrics,
-        "datasets": {"sft": {"id": dataset_ref.id, "sha256": dataset_sha256}},
-    }
-    loop.announce_outputs(
-        progress,
-        STAGE,
-        adapter_dir,
-        card_dir,
-        kind="adapter",
-        metadata=metadata,
-        base_model_id=spec.base_model.id,
-    )
-    logger.report(1.0)
-    progress.event(
-        f"finished {step} steps in {train_seconds:.1f} s; loss {metrics['first_loss']:.4f} -> {metrics['loss']:.4f}",
-        stage=STAGE,
-    )
-    return SFTResult(
-        model=model,
-        adapter_dir=adapter_dir,
-        model_card_dir=card_dir,
-        steps=step,
-        metrics=metrics,
-        history=history,
-    )
+    def summary(self, metrics: dict[str, float], steps: int, train_seconds: float) -> str:
+        loss = f"loss {metrics['first_loss']:.4f} -> {metrics['loss']:.4f}"
+        return f"{super().summary(metrics, steps, train_seconds)}; {loss}"
 
 
-def run(ctx: RunContext) -> None:
-    train_sft(ctx)
+def train_sft(ctx: RunContext) -> SFTResult:
+    return SFTResult.train(SFTTrainer(ctx))

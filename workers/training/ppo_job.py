@@ -1,0 +1,449 @@
+"""The PPO job: spec -> the roles on one shared base -> the shared training loop -> the policy adapter.
+
+:func:`setup_ppo` reads the prompts, loads the base once and hangs every role on it (see ``ppo.py`` for the
+roles and the algorithm); :class:`PPOJob` is PPO's hooks on :class:`~workers.training.loop.Trainer`, one step
+being one update (a rollout and its PPO epochs, :meth:`~workers.training.ppo.PPOTrainer.step`), sharing the
+checkpoints, logging, cancel checks, model card and artifact lines with every other method. :func:`train_ppo`
+is the entry point (the registry's, and the rlhf pipeline's in-process call).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import LoraConfig, PeftModel
+
+from contract.hyperparameters import LoraSettings, PPOHyperparameters
+from contract.protocol import DatasetRef, ProgressWriter, TrainingSpec
+from workers.training import checkpoint, data, loop, lora, rollout
+from workers.training.context import RunContext
+from workers.training.errors import INVALID_ADAPTER, INVALID_SPEC, TrainingError
+from workers.training.modelcard import DatasetCardEntry
+from workers.training.ppo import (
+    POLICY_ADAPTER,
+    REFERENCE_ADAPTER,
+    REWARD_ADAPTER,
+    STAGE,
+    VALUE_ADAPTER,
+    AdapterRewardModel,
+    MinibatchStats,
+    PPOTrainer,
+    RewardFunction,
+    SharedBaseModel,
+    UpdateResult,
+    choose_pad_token_id,
+    load_scalar_adapter,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+class PromptCycle:
+    """Prompts for each update: shuffled passes over the prompts, a fresh seeded pass whenever one runs out.
+
+    Its state for a checkpoint is ``rng`` (an extra RNG of the checkpoint) plus the rest of the current pass
+    (:meth:`state`), so a resumed run draws the same prompts the uninterrupted one would.
+    """
+
+    def __init__(self, prompts: list[list[int]], size: int, *, seed: int) -> None:
+        self.prompts = prompts
+        self.size = size
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def __call__(self) -> list[list[int]]:
+        batch: list[list[int]] = []
+        while len(batch) < self.size:
+            if not self.order:
+                self.order.extend(self.rng.sample(range(len(self.prompts)), len(self.prompts)))
+            batch.append(self.prompts[self.order.pop()])
+        return batch
+
+    def state(self) -> list[int]:
+        return list(self.order)
+
+    def load(self, order: list[int]) -> None:
+        self.order = [int(i) for i in order]
+
+
+@dataclass
+class PPOSession:
+    """Everything :func:`setup_ppo` builds; :class:`PPOJob` runs the loop on it (tests may drive it)."""
+
+    hp: PPOHyperparameters
+    lora_settings: LoraSettings
+    tokenizer: PreTrainedTokenizerBase
+    models: SharedBaseModel
+    trainer: PPOTrainer
+    prompts: list[list[int]]
+    num_records: int
+    dataset_sha256: str
+    total_updates: int
+    rollout_size: int
+    next_prompts: PromptCycle
+
+
+@dataclass
+class PPOResult:
+    models: SharedBaseModel
+    trainer: PPOTrainer
+    adapter_dir: Path
+    model_card_dir: Path
+    updates: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    first_minibatch: MinibatchStats | None = None
+
+
+# --- spec -> roles
+
+
+def _adapter_base_name(folder: Path) -> str | None:
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError):
+        return None
+    return config.base_model_name_or_path
+
+
+def _check_reward_base(folder: Path, base_name: str, base_path: str, progress: Any) -> None:
+    recorded = _adapter_base_name(folder)
+    if recorded is None or recorded in (base_name, base_path) or Path(recorded) == Path(base_path):
+        return
+    # Same architecture under another name loads fine (shapes are checked when the weights go in); a
+    # different architecture fails there with invalid_adapter. Say what we assumed.
+    progress.event(
+        f"the reward model adapter names base {recorded!r}, the policy's base is {base_name!r}; loading it onto "
+        "the policy's base (one shared copy). Its LoRA shapes are checked; make sure it was trained on this "
+        "base model",
+        stage=STAGE,
+        level="warning",
+    )
+
+
+def _prompts_ref(
+    spec: TrainingSpec, hp: PPOHyperparameters, reward_function: RewardFunction | None
+) -> DatasetRef:
+    """The spec's prompts dataset, after refusing a spec that lacks what PPO needs."""
+    dataset_ref = spec.datasets.get("prompts")
+    if dataset_ref is None:
+        raise TrainingError(INVALID_SPEC, "method ppo needs a dataset with role 'prompts'")
+    if reward_function is None and spec.reward_model is None:
+        raise TrainingError(INVALID_SPEC, "method ppo needs a reward_model (a reward model adapter folder)")
+    if hp.value_model == "adapter" and spec.reward_model is None:
+        raise TrainingError(
+            INVALID_SPEC, "value_model='adapter' starts from the reward model; none was given"
+        )
+    return dataset_ref
+
+
+def _count_updates(hp: PPOHyperparameters, n_prompts: int, progress: ProgressWriter) -> tuple[int, int]:
+    """(PPO updates to run, prompts per update), with a warning when fewer than ``steps`` will run."""
+    rollout_size = hp.rollout_batch_size or hp.batch_size
+    # `steps` counts PPO updates and prompts are recycled to reach it; `epochs` (passes over the
+    # prompts) caps it only when given, and `max_steps` always does.
+    by_epochs = math.ceil(hp.epochs * n_prompts / rollout_size) if hp.epochs is not None else hp.steps
+    total_updates = min(hp.steps, by_epochs, hp.max_steps or hp.steps)
+    if total_updates < hp.steps:
+        progress.event(
+            f"running {total_updates} PPO updates, not steps={hp.steps}: epochs={hp.epochs} over "
+            f"{n_prompts} prompts at {rollout_size} per update allows {by_epochs}"
+            + (f" and max_steps={hp.max_steps}" if hp.max_steps else ""),
+            stage=STAGE,
+            level="warning",
+        )
+    return total_updates, rollout_size
+
+
+def _attach_roles(
+    ctx: RunContext,
+    hp: PPOHyperparameters,
+    lora_settings: LoraSettings,
+    device: torch.device,
+    *,
+    programmatic_reward: bool,
+) -> SharedBaseModel:
+    """Load the base once and put the policy, reference, reward and value adapters and heads on it."""
+    spec = ctx.spec
+    base = lora.load_base_model(spec.base_model.path, device=device)
+    hidden_size = int(base.config.hidden_size)
+    # Adapter initialisation draws from the global RNG; seed it from the spec without disturbing callers.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        init_path = spec.init_adapter.path if spec.init_adapter else None
+        peft_model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
+        reference_adapter = None
+        if init_path is not None:
+            # The reference is the SFT policy: a frozen copy of the init adapter (LoRA weights only).
+            try:
+                peft_model.load_adapter(init_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise TrainingError(
+                    INVALID_ADAPTER, f"cannot load init_adapter as the reference: {exc}"
+                ) from None
+            reference_adapter = REFERENCE_ADAPTER
+        reward_head: torch.nn.Linear | None = None
+        reward_adapter = None
+        if spec.reward_model is not None and not programmatic_reward:
+            folder = Path(spec.reward_model.path)
+            _check_reward_base(folder, spec.base_model.name, spec.base_model.path, ctx.progress)
+            reward_head = load_scalar_adapter(peft_model, folder, REWARD_ADAPTER, trainable=False).to(device)
+            reward_adapter = REWARD_ADAPTER
+        value_adapter = None
+        if hp.value_model == "adapter":
+            assert spec.reward_model is not None
+            value_head = load_scalar_adapter(
+                peft_model, spec.reward_model.path, VALUE_ADAPTER, trainable=True
+            ).to(device)
+            value_adapter = VALUE_ADAPTER
+        else:
+            # Starts at V = 0 everywhere: a zero head is the neutral guess and keeps early advantages = returns.
+            value_head = torch.nn.Linear(hidden_size, 1, dtype=torch.float32, device=device)
+            torch.nn.init.zeros_(value_head.weight)
+            torch.nn.init.zeros_(value_head.bias)
+    peft_model.set_adapter(POLICY_ADAPTER)
+    return SharedBaseModel(
+        peft_model,
+        value_head=value_head,
+        reward_head=reward_head,
+        reference_adapter=reference_adapter,
+        reward_adapter=reward_adapter,
+        value_adapter=value_adapter,
+    )
+
+
+def setup_ppo(ctx: RunContext, *, reward_function: RewardFunction | None = None) -> PPOSession:
+    """Read the prompts, load the one base copy, attach every role's adapter and head, build the trainer.
+
+    ``reward_function`` replaces the reward-model adapter (a programmatic scorer in tests); otherwise the spec
+    must name a ``reward_model`` folder.
+    """
+    hp, lora_settings = loop.validated(
+        PPOHyperparameters, ctx.spec.hyperparameters, ctx.spec.lora, method="ppo"
+    )
+    return build_session(ctx, hp, lora_settings, reward_function=reward_function)
+
+
+def build_session(
+    ctx: RunContext,
+    hp: PPOHyperparameters,
+    lora_settings: LoraSettings,
+    *,
+    reward_function: RewardFunction | None = None,
+) -> PPOSession:
+    """:func:`setup_ppo` on hyperparameters and LoRA settings already validated."""
+    spec, progress = ctx.spec, ctx.progress
+    dataset_ref = _prompts_ref(spec, hp, reward_function)
+    records = rollout.read_prompt_records(dataset_ref.path)
+    dataset_sha256 = data.sha256_file(dataset_ref.path)
+    tokenizer = lora.load_tokenizer(spec.base_model.path)
+    prompts, truncated = rollout.encode_prompts(tokenizer, records, max_length=hp.max_length)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TrainingError(INVALID_SPEC, "the tokenizer has no EOS token; PPO needs one to end answers")
+    eos_token_id = int(eos)
+    pad_token_id = choose_pad_token_id(tokenizer, eos_token_id)
+    progress.event(
+        f"dataset {dataset_ref.name}: {len(prompts)} prompts, {sum(map(len, prompts))} tokens"
+        + (f", {truncated} cut from the left to {hp.max_length} tokens" if truncated else "")
+        + f"; pad id {pad_token_id}, EOS id {eos_token_id}",
+        stage=STAGE,
+    )
+    total_updates, rollout_size = _count_updates(hp, len(prompts), progress)
+
+    device = lora.pick_device()
+    models = _attach_roles(ctx, hp, lora_settings, device, programmatic_reward=reward_function is not None)
+    # Dropout off everywhere, for good: eval() only changes dropout here (no batch norm in these models) and
+    # gradients still flow. With dropout on, the training forward would not reproduce the rollout's log-probs.
+    models.peft.eval()
+    reward_fn: RewardFunction = reward_function or AdapterRewardModel(models)
+
+    n_trainable = sum(p.numel() for p in models.trainable_parameters)
+    _, n_total = lora.count_parameters(models.peft)
+    progress.event(
+        f"base {spec.base_model.name} on {device.type}, one shared copy: {n_total:,} parameters, {n_trainable:,} "
+        f"trainable (policy adapter + value {hp.value_model}); reference = "
+        + ("the init adapter, frozen" if models.reference_adapter else "the base (adapter disabled)")
+        + "; reward = "
+        + (
+            "the reward model adapter + score head"
+            if models.reward_adapter
+            else "a programmatic reward function"
+        ),
+        stage=STAGE,
+    )
+
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    trainer = PPOTrainer(
+        models, reward_fn, hp, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator
+    )
+    return PPOSession(
+        hp=hp,
+        lora_settings=lora_settings,
+        tokenizer=tokenizer,
+        models=models,
+        trainer=trainer,
+        prompts=prompts,
+        num_records=len(records),
+        dataset_sha256=dataset_sha256,
+        total_updates=total_updates,
+        rollout_size=rollout_size,
+        next_prompts=PromptCycle(prompts, rollout_size, seed=spec.seed),
+    )
+
+
+# --- roles -> the shared loop -> outputs
+
+
+class PPOJob(loop.Trainer[PPOHyperparameters, None]):
+    """PPO's hooks on the shared loop: one step is one update (rollout, advantages, ``ppo_epochs`` passes).
+
+    ``on_update(update, result)`` sees each update's full result (the benchmark times updates with it).
+    """
+
+    method = STAGE
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        *,
+        reward_function: RewardFunction | None = None,
+        on_update: Callable[[int, UpdateResult], None] | None = None,
+    ) -> None:
+        super().__init__(ctx, PPOHyperparameters)
+        self.session = session = build_session(
+            ctx, self.hp, self.lora_settings, reward_function=reward_function
+        )
+        self.on_update = on_update
+        self.first_minibatch: MinibatchStats | None = None
+        models, trainer = session.models, session.trainer
+        # Everything an update depends on: the trainable adapter(s) and value head, Adam's moments, the sampling
+        # generator (rollouts and minibatch permutations), the prompt order; dropout is off, so no global RNG.
+        self.init_loop(
+            total=session.total_updates,
+            logging_steps=self.hp.logging_steps,
+            checkpoint_steps=self.hp.checkpoint_steps,
+            modules={"peft": models.peft, "value_head": models.value_head},
+            optimizer=trainer.optimizer,
+            extra_rng={"sampling": trainer.generator, "prompt_order": session.next_prompts.rng},
+        )
+
+    def schedule(self, step: int, resumed: checkpoint.ResumeState | None) -> Iterator[tuple[int, int, None]]:
+        # One update is one step; the prompt order is the position.
+        for update in range(step + 1, self.total + 1):
+            yield 0, update, None
+
+    def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
+        if resumed is not None:
+            self.session.next_prompts.load(resumed.extra.get("prompt_order", []))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {**super().checkpoint_extra(), "prompt_order": self.session.next_prompts.state()}
+
+    def train_step(self, step: int, batch: None) -> None:
+        result = self.session.trainer.step(self.session.next_prompts())
+        if self.first_minibatch is None:
+            self.first_minibatch = result.minibatches[0]
+        if self.on_update is not None:
+            self.on_update(step, result)
+        # Every update's metrics stay in the history; the metric line goes out every logging_steps.
+        self.logger.log(step, result.metrics, emit=self.logger.due(step))
+
+    def final_metrics(self, steps: int, train_seconds: float) -> dict[str, float]:
+        history = self.logger.history
+        last = history[-1]
+        return {
+            "reward_mean": last["reward_mean"],
+            "first_reward_mean": history[0]["reward_mean"],
+            "score_mean": last["score_mean"],
+            "kl": last["kl"],
+            "eos_fraction": last["eos_fraction"],
+            "response_length": last["response_length"],
+            "updates": float(steps),
+            "episodes": float(steps * self.session.rollout_size),
+            "train_seconds": train_seconds,
+            "trainable_parameters": float(sum(p.numel() for p in self.session.models.trainable_parameters)),
+        }
+
+    def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
+        spec, session = self.spec, self.session
+        dataset_ref = spec.datasets["prompts"]
+        peft_model: PeftModel = session.models.peft
+        entry = DatasetCardEntry(
+            role="prompts",
+            name=dataset_ref.name,
+            id=dataset_ref.id,
+            sha256=session.dataset_sha256,
+            num_records=session.num_records,
+            num_examples=len(session.prompts),
+        )
+        card = self.model_card(
+            title=f"{spec.base_model.name} + LoRA (PPO)",
+            datasets=[entry],
+            lora=self.policy_lora(peft_model),
+            metrics=metrics,
+        )
+        card += _setup_card_section(spec, self.hp, reward_adapter=session.models.reward_adapter is not None)
+        return self.publish(
+            peft_model,
+            session.tokenizer,
+            card,
+            metrics,
+            datasets={"prompts": {"id": dataset_ref.id, "sha256": session.dataset_sha256}},
+            reward_model=spec.reward_model.id if spec.reward_model else None,
+            init_adapter=spec.init_adapter.id if spec.init_adapter else None,
+        )
+
+    def summary(self, metrics: dict[str, float], steps: int, train_seconds: float) -> str:
+        return (
+            f"finished {steps} PPO updates in {train_seconds:.1f} s; reward {metrics['first_reward_mean']:.3f} "
+            f"-> {metrics['reward_mean']:.3f}, KL {metrics['kl']:.3f} nats/answer"
+        )
+
+
+def _setup_card_section(spec: TrainingSpec, hp: PPOHyperparameters, *, reward_adapter: bool) -> str:
+    reward = (
+        "reward model adapter `" + spec.reward_model.id + "`"
+        if reward_adapter and spec.reward_model
+        else "a programmatic reward function"
+    )
+    reference = (
+        "the init adapter `" + spec.init_adapter.id + "` (frozen)" if spec.init_adapter else "the base model"
+    )
+    return (
+        "\n## PPO setup\n\n"
+        f"- reward: {reward}\n"
+        f"- reference for the KL penalty: {reference}\n"
+        f"- value function: {hp.value_model}; one shared copy of the base weights for all roles\n"
+    )
+
+
+def train_ppo(
+    ctx: RunContext,
+    *,
+    reward_function: RewardFunction | None = None,
+    on_update: Callable[[int, UpdateResult], None] | None = None,
+) -> PPOResult:
+    """Run the PPO job of ``ctx.spec`` and return its final metrics (the rlhf pipeline calls it in-process).
+
+    ``reward_function``: see :func:`setup_ppo`. ``on_update(update, result)`` sees each update's full result.
+    """
+    job = PPOJob(ctx, reward_function=reward_function, on_update=on_update)
+    finished = job.run()
+    return PPOResult(
+        models=job.session.models,
+        trainer=job.session.trainer,
+        adapter_dir=finished.outputs.model_dir,
+        model_card_dir=finished.outputs.card_dir,
+        updates=finished.steps,
+        metrics=finished.metrics,
+        history=job.logger.history,
+        first_minibatch=job.first_minibatch,
+    )
