@@ -1,4 +1,5 @@
-"""One base, several roles: storage counting, role outputs against standalone models, padding helpers."""
+"""One base, several roles (as the trainers build them): storage counting, role outputs against standalone
+models, padding helpers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from contract.hyperparameters import LoraSettings
 from tests.training.adapters import random_adapter
-from workers.training import lora
+from workers.training import lora, ppo
 
 
 @pytest.fixture(scope="module")
@@ -30,23 +31,24 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_one_copy_of_each_base_weight_across_roles(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
-    shared = lora.load_shared_base(
-        tiny_model_dir,
-        LoraSettings(r=4, alpha=8, dropout=0.0),
-        device=torch.device("cpu"),
-        policy_init=adapters["sft"],
-        reference_adapter=adapters["sft"],
-        reward_adapter=adapters["reward"],
+    """The roles as the trainers build them: the policy continued from the SFT adapter with a frozen copy as
+    the reference (DPO's attach_adapter + add_frozen_adapter, switched with use_adapter), and the reward model
+    adapter with its score head on the same body (PPO's load_scalar_adapter, scored by AdapterRewardModel)."""
+    base = lora.load_base_model(tiny_model_dir, device=torch.device("cpu"))
+    model = lora.attach_adapter(base, LoraSettings(r=4, alpha=8, dropout=0.0), init_adapter=adapters["sft"])
+    lora.add_frozen_adapter(model, lora.REFERENCE_ADAPTER, adapters["sft"])
+    reward_head = ppo.load_scalar_adapter(model, adapters["reward"], ppo.REWARD_ADAPTER, trainable=False)
+    roles = ppo.SharedBaseModel(
+        model,
+        value_head=torch.nn.Linear(reward_head.in_features, 1),
+        reward_head=reward_head,
+        reference_adapter=lora.REFERENCE_ADAPTER,
+        reward_adapter=ppo.REWARD_ADAPTER,
+        value_adapter=None,
     )
-    model = shared.model
-    assert shared.roles() == {"policy": "default", "reference": "reference", "reward": "reward"}
     base_file = load_file(str(tiny_model_dir / "model.safetensors"))
     adapter_markers = ("lora_", "modules_to_save", "original_module")
-    base_params = {
-        n: p
-        for n, p in model.named_parameters()
-        if not any(m in n for m in adapter_markers) and ".score." not in n
-    }
+    base_params = {n: p for n, p in model.named_parameters() if not any(m in n for m in adapter_markers)}
     # Every weight of the file exists exactly once: as many distinct storages as tensors in the file.
     assert len(base_params) == len(base_file)
     assert len(lora.storage_pointers(base_params.values())) == len(base_file)
@@ -59,16 +61,16 @@ def test_one_copy_of_each_base_weight_across_roles(tiny_model_dir: Path, adapter
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n and "lora_" in n for n in trainable), sorted(trainable)[:5]
     reward_params = [n for n in dict(model.named_parameters()) if ".reward." in n]
-    assert any("score" in n for n in reward_params) and any("lora_" in n for n in reward_params)
+    assert reward_params and all("lora_" in n for n in reward_params)
+    assert not any(p.requires_grad for p in reward_head.parameters())
 
     ids, mask = _batch()
     model.eval()
     with torch.no_grad():
         policy = model(input_ids=ids, attention_mask=mask).logits
-        with lora.use_adapter(model, shared.reference):
+        with lora.use_adapter(model, lora.REFERENCE_ADAPTER):
             reference = model(input_ids=ids, attention_mask=mask).logits
-        with lora.use_adapter(model, shared.reward):
-            rewards = lora.score_last_token(model, ids, mask)
+        rewards = ppo.AdapterRewardModel(roles)(ids, ids[:, :0], mask)
         with lora.use_adapter(model, None):
             bare = model(input_ids=ids, attention_mask=mask).logits
     # Switching roles left the trainability as it was.
@@ -87,7 +89,7 @@ def test_one_copy_of_each_base_weight_across_roles(tiny_model_dir: Path, adapter
         sft_logits = plain_sft.eval()(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(policy, sft_logits)
         torch.testing.assert_close(reference, sft_logits)
-        # transformers pools at the last non-pad token (pad id 0 here), as score_last_token does by mask.
+        # transformers pools at the last non-pad token (pad id 0 here), as the reward role does by mask.
         torch.testing.assert_close(rewards, plain_reward(input_ids=ids, attention_mask=mask).logits[:, 0])
     assert not torch.allclose(policy, bare)
 

@@ -21,7 +21,6 @@ import shutil
 import types
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -283,9 +282,8 @@ def score_last_token(
 ) -> torch.Tensor:
     """Run the model's transformer body and a scalar head on each row's last real token -> ``[batch]`` floats.
 
-    Works on a sequence classifier (``AutoModelForSequenceClassification``, head ``score``) and on a causal LM
-    that carries an extra head (:func:`attach_head`), bare or inside a ``PeftModel``: the LoRA layers live in
-    the body's modules, so whichever adapter is active applies. We pick the token from the attention mask
+    Works on a sequence classifier (``AutoModelForSequenceClassification``, head ``score``), bare or inside a
+    ``PeftModel``: the LoRA layers live in the body's modules, so whichever adapter is active applies. We pick the token from the attention mask
     rather than letting transformers' classifier look for the pad id, which fails when pad == EOS and an
     answer ends with EOS.
     """
@@ -303,30 +301,9 @@ def score_last_token(
     return scores[:, 0].float()
 
 
-def attach_head(
-    model: torch.nn.Module, name: str = "score", *, out_features: int = 1, bias: bool = False
-) -> torch.nn.Linear:
-    """Give a (causal LM) model a frozen linear head ``name`` on its hidden size, as a sequence classifier has.
-
-    Its weights are placeholders: a reward adapter loaded afterwards with ``modules_to_save=["score"]`` wraps it
-    and brings its own trained copy. Attach it *after* the policy adapter is built, or ``all-linear`` would put
-    LoRA on it too.
-    """
-    inner: Any = model.get_base_model() if isinstance(model, PeftModel) else model
-    config = inner.config.get_text_config()
-    reference = inner.get_input_embeddings().weight
-    head = torch.nn.Linear(config.hidden_size, out_features, bias=bias)
-    head = head.to(device=reference.device, dtype=reference.dtype)
-    head.weight.data.zero_()
-    head.requires_grad_(False)
-    setattr(inner, name, head)
-    return head
-
-
 # --- one base, several named adapters (policy, reference, reward)
 
 REFERENCE_ADAPTER = "reference"
-REWARD_ADAPTER = "reward"
 
 
 def add_frozen_adapter(model: PeftModel, name: str, path: str | Path) -> None:
@@ -367,52 +344,6 @@ def use_adapter(model: PeftModel, name: str | None) -> Iterator[None]:
         model.set_adapter(previous)
         for p in model.parameters():
             p.requires_grad_(grads[p])
-
-
-@dataclass
-class SharedBase:
-    """One frozen base serving several roles; every role's module is ``model`` with a different adapter."""
-
-    model: PeftModel
-    policy: str = POLICY_ADAPTER
-    reference: str | None = None  # None: the base itself (adapters disabled)
-    reward: str | None = None  # adapter name whose ``score`` head gives the reward
-
-    def roles(self) -> dict[str, str | None]:
-        return {"policy": self.policy, "reference": self.reference, "reward": self.reward}
-
-
-def load_shared_base(
-    base_path: str | Path,
-    settings: LoraSettings,
-    *,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    policy_init: str | Path | None = None,
-    reference_adapter: str | Path | None = None,
-    reward_adapter: str | Path | None = None,
-) -> SharedBase:
-    """Load the base once and hang every role on it as a named adapter.
-
-    - policy: trainable ``"default"`` adapter, fresh from ``settings`` or continued from ``policy_init``;
-    - reference: ``reference_adapter`` loaded frozen as ``"reference"`` (e.g. the SFT adapter the policy starts
-      from), or, when not given, the base with adapters disabled;
-    - reward: ``reward_adapter`` (a reward model folder: LoRA + ``score`` head in ``modules_to_save``) loaded
-      frozen as ``"reward"``, its head attached to the causal LM (:func:`attach_head`).
-    Only the policy's LoRA weights are trainable. A reward model trained on a *different* base cannot share this
-    one; load it separately as a sequence classifier.
-    """
-    base = load_base_model(base_path, device=device, dtype=dtype)
-    model = attach_adapter(base, settings, init_adapter=policy_init)
-    shared = SharedBase(model=model)
-    if reference_adapter is not None:
-        add_frozen_adapter(model, REFERENCE_ADAPTER, reference_adapter)
-        shared.reference = REFERENCE_ADAPTER
-    if reward_adapter is not None:
-        attach_head(model, "score")
-        add_frozen_adapter(model, REWARD_ADAPTER, reward_adapter)
-        shared.reward = REWARD_ADAPTER
-    return shared
 
 
 def storage_pointers(tensors: Iterable[torch.Tensor]) -> set[int]:
