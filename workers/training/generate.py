@@ -71,6 +71,38 @@ def distinct_answers(texts: list[str]) -> list[str]:
     return out
 
 
+def _sample(
+    step: rollout.StepFn,
+    rows: list[list[int]],
+    hp: GenerateHyperparameters,
+    eos: int,
+    pad: int,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample an answer per row (left-padded prompts): (tokens, response mask, has EOS), cut after the EOS."""
+    ids, mask = rollout.left_pad(rows, pad)
+    raw = rollout.sample_responses(
+        step,
+        ids.to(device),
+        mask.to(device),
+        max_new_tokens=hp.max_new_tokens,
+        temperature=hp.temperature,
+        top_p=hp.top_p,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        generator=generator,
+    )
+    return rollout.truncate_after_eos(raw, eos, pad)
+
+
+def _decode(tokenizer: Any, tokens: torch.Tensor, lengths: list[Any], rows: range) -> list[str]:
+    """The answers of ``rows`` as text, each cut at its length."""
+    return [
+        str(tokenizer.decode(tokens[r, : int(lengths[r])].tolist(), skip_special_tokens=True)) for r in rows
+    ]
+
+
 def run(ctx: RunContext) -> None:
     spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
     try:
@@ -128,30 +160,14 @@ def run(ctx: RunContext) -> None:
             batch_started = time.perf_counter()
             with cancel.deferred():  # SIGTERM waits for the batch: a half-sampled batch is worth nothing
                 rows = [encoded[i] for i in chunk for _ in range(k)]
-                ids, mask = rollout.left_pad(rows, pad)
-                raw = rollout.sample_responses(
-                    step,
-                    ids.to(device),
-                    mask.to(device),
-                    max_new_tokens=hp.max_new_tokens,
-                    temperature=hp.temperature,
-                    top_p=hp.top_p,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                    generator=generator,
-                )
-                tokens, response_mask, has_eos = rollout.truncate_after_eos(raw, eos, pad)
+                tokens, response_mask, has_eos = _sample(step, rows, hp, eos, pad, device, generator)
             seconds = time.perf_counter() - batch_started
             lengths = response_mask.sum(dim=1).tolist()
             batch_tokens = int(sum(lengths))
             total_tokens += batch_tokens
             ended += int(has_eos.sum())
             for j, prompt_index in enumerate(chunk):
-                texts = []
-                for r in range(j * k, (j + 1) * k):
-                    answer = tokens[r, : int(lengths[r])].tolist()
-                    texts.append(str(tokenizer.decode(answer, skip_special_tokens=True)))
-                answers = distinct_answers(texts)
+                answers = distinct_answers(_decode(tokenizer, tokens, lengths, range(j * k, (j + 1) * k)))
                 duplicates += k - len(answers)
                 if len(answers) < validation.MIN_RESPONSES:
                     dropped_prompts += 1
