@@ -9,6 +9,7 @@
   holds the dead worker's one "in progress".
 
 Every API replica runs one; their writes are compare-and-sets on the row, so running several is safe.
+Each pass also sweeps the replica's abandoned upload staging folders (service/staging.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
@@ -27,6 +29,7 @@ from service.db.jobs import status_change
 from service.db.session import session_scope
 from service.db.tables import JobEventRow, JobRow
 from service.queue import JobQueue
+from service.staging import sweep_staging
 from service.storage.base import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -136,8 +139,14 @@ class Reconciler:
         interval: float = 10.0,
         max_tries: int | None = None,
         store: ArtifactStore | None = None,
+        data_dir: Path | None = None,
+        staging_sweep_after: float = 900.0,
     ) -> None:
+        """``data_dir``: whose staging folders each pass sweeps (``staging_sweep_after``: see
+        service/staging.py); None sweeps nothing."""
         self._max_tries = max_tries
+        self._data_dir = data_dir
+        self._staging_sweep_after = staging_sweep_after
         self._store = store
         self._engine = engine
         self._queue = queue
@@ -160,4 +169,9 @@ class Reconciler:
                 reconcile_once(self._engine, self._queue, max_tries=self._max_tries, store=self._store)
             except Exception as exc:  # database down: try again next round
                 log.warning("reconcile pass failed: %s", exc)
+            if self._data_dir is not None:  # local files: swept even while the database is down
+                try:
+                    sweep_staging(self._data_dir, older_than=self._staging_sweep_after)
+                except OSError as exc:
+                    log.warning("staging sweep failed: %s", exc)
             self._stop.wait(self._interval)

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the API's reconciler re-queues expired leases and lost queue entries.",
     )
+    staging_sweep_after_seconds: float = Field(
+        900.0,
+        ge=0,
+        description="A staging folder under data_dir/tmp that no request holds and nothing changed in for "
+        "this long (a server killed mid-upload) is removed at start-up and by the reconciler.",
+    )
     job_timeout_seconds: float = Field(
         48 * 3600.0,
         gt=0,

@@ -34,6 +34,7 @@ from service.queue import JobQueue
 from service.queue.inline import InlineQueue
 from service.reconciler import Reconciler
 from service.settings import Settings
+from service.staging import sweep_staging
 from service.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,10 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         if settings.queue == "inline" and runner_factory is None:
             raise RuntimeError(MISSING_RUNNER)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # What a server killed mid-upload left half-written (the reconciler sweeps again on every pass).
+        await asyncio.to_thread(
+            sweep_staging, settings.data_dir, older_than=settings.staging_sweep_after_seconds
+        )
         engine = make_engine(settings.resolved_database_url)
         store = open_store(settings.resolved_storage_url, s3_endpoint_url=settings.s3_endpoint_url)
         runner: InProcessRunner | None = None
@@ -142,6 +147,8 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
             interval=settings.reconcile_interval_seconds,
             max_tries=settings.job_max_tries,
             store=store,
+            data_dir=settings.data_dir,
+            staging_sweep_after=settings.staging_sweep_after_seconds,
         )
 
         def start_work() -> None:

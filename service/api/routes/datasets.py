@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
@@ -18,6 +15,7 @@ from service.db.datasets import store_validated_dataset
 from service.db.repository import get_owned, list_owned
 from service.db.tables import DatasetRow
 from service.db.usage import refuse_if_used, unfinished_jobs_using
+from service.staging import open_staging, release_staging
 from service.storage.keys import dataset_key
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -44,9 +42,7 @@ def create_dataset(
         int | None, Form(ge=0, le=1_000_000, description="Feedback round this dataset belongs to.")
     ] = None,
 ) -> DatasetPublic:
-    tmp_root = ctx.settings.data_dir / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_root))
+    staging = open_staging(ctx.settings.data_dir, "upload")
     try:
         staged = staging / "data.jsonl"
         # Raises 422 invalid_dataset / empty_dataset or 413 before anything is stored.
@@ -64,7 +60,7 @@ def create_dataset(
         )
         return DatasetPublic.of(row)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
 
 
 @router.get(

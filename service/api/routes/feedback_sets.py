@@ -7,8 +7,6 @@ Thin: each endpoint loads rows (``service/db/feedback_sets.py``), applies the ru
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +39,7 @@ from service.db import feedback_sets
 from service.db.datasets import add_dataset_file
 from service.db.repository import get_owned, list_owned
 from service.db.tables import FeedbackSetRow
+from service.staging import open_staging, release_staging
 from service.storage import ArtifactStore
 from service.storage.keys import dataset_key
 
@@ -56,19 +55,17 @@ def _public(session: Session, row: FeedbackSetRow) -> FeedbackSetPublic:
 
 
 @contextmanager
-def _staging(ctx: AppContext, prefix: str) -> Iterator[Path]:
-    """A fresh folder under the data directory's tmp/, deleted afterwards."""
-    tmp_root = ctx.settings.data_dir / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
+def _staging(ctx: AppContext, purpose: str) -> Iterator[Path]:
+    """A fresh staging folder (service/staging.py), deleted afterwards."""
+    staging = open_staging(ctx.settings.data_dir, purpose)
     try:
         yield staging
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
 
 
 def _downloaded_records(ctx: AppContext, store: ArtifactStore, dataset_id: str) -> list[dict[str, Any]]:
-    with _staging(ctx, "feedback-") as staging:
+    with _staging(ctx, "feedback") as staging:
         local = staging / "candidates.jsonl"
         store.get_to_path(dataset_key(dataset_id), local)
         return _read_records(local)  # validated at upload (or by the runner that wrote it)
@@ -255,7 +252,7 @@ def export_feedback_set(
     kept = rules.export_selection(
         items, ratings, set_id=feedback_set.id, min_labels=body.min_labels, min_agreement=body.min_agreement
     )
-    with _staging(ctx, "export-") as staging:
+    with _staging(ctx, "export") as staging:
         path = staging / "ranking.jsonl"
         rules.write_ranking_file(path, kept)
         row = add_dataset_file(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +18,7 @@ from service.core.models import check_model_files
 from service.db.repository import get_owned, list_owned
 from service.db.tables import ModelRow
 from service.db.usage import refuse_if_used, unfinished_jobs_using
+from service.staging import open_staging, release_staging
 from service.storage.keys import model_key, model_prefix
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -41,7 +41,7 @@ def create_model(
     name: Annotated[str, Form(min_length=1, max_length=256, description="Display name.")],
     files: Annotated[list[UploadFile], File(description="The folder's files; filenames without slashes.")],
 ) -> ModelPublic:
-    staging = Path(tempfile.mkdtemp(prefix="upload-", dir=_tmp_dir(ctx)))
+    staging = open_staging(ctx.settings.data_dir, "upload")
     try:
         staged: list[tuple[str, Path]] = []
         seen: set[str] = set()
@@ -82,7 +82,7 @@ def create_model(
             raise
         return ModelPublic.of(row)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
 
 
 @router.get(
@@ -122,9 +122,3 @@ def delete_model(model_id: str, session: SessionDep, store: StoreDep, tenant: Te
     session.commit()
     store.delete_prefix(model_prefix(model_id))
     return Response(status_code=204)
-
-
-def _tmp_dir(ctx: ContextDep) -> Path:
-    path = ctx.settings.data_dir / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
