@@ -11,9 +11,14 @@ What we refuse and why:
   custom code to load;
 - a missing or unreadable ``config.json`` (``missing_config`` / ``invalid_config``), no ``*.safetensors``
   (``missing_weights``), a corrupt safetensors header (``invalid_safetensors``), an index that names files that
-  were not uploaded (``missing_shard``) or is itself malformed (``invalid_index``).
+  were not uploaded (``missing_shard``) or is itself malformed (``invalid_index``);
+- any ``*.json`` file, or safetensors header, over its size, nesting depth or value-count cap
+  (``json_too_large`` / ``json_too_deep``, see :class:`JsonCaps`), found by a streaming pre-scan before
+  anything parses it: ``json.loads`` spends ~90 bytes per value, so a 50 MB file of ``{}`` would cost over a
+  gigabyte; the scan holds one chunk. A JSON file the server does not parse (``tokenizer.json``) whose
+  brackets close more than they open is ``invalid_json``.
 
-Other files (tokenizer files, ``generation_config.json``, chat templates, ``README.md``, licences, ...) are
+Other files (the contents of tokenizer files, ``generation_config.json``, chat templates, ``README.md``, licences, ...) are
 accepted as they are: they are data, read by tokenizers and templates, never executed.
 
 Safetensors headers are parsed by hand (8-byte little-endian header length, then a JSON header) with the same
@@ -32,9 +37,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignd._jsonscan import JSON_UNBALANCED, JsonStructureError, scan_json, scan_json_stream
+
 from service.core.errors import ValidationFailed
 
-__all__ = ["ModelCheck", "check_model_files", "inspect_model_files", "read_safetensors_header"]
+__all__ = [
+    "HEADER_CAPS",
+    "INDEX_CAPS",
+    "METADATA_CAPS",
+    "VOCAB_CAPS",
+    "JsonCaps",
+    "ModelCheck",
+    "check_model_files",
+    "inspect_model_files",
+    "json_caps_for",
+    "read_safetensors_header",
+]
 
 CONFIG_FILE = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -72,9 +90,40 @@ DTYPE_BITS: dict[str, int] = {
 
 # The safetensors library refuses headers above 100 MB; so do we (and we never read more than that).
 MAX_HEADER_BYTES = 100_000_000
-# config.json, tokenizer_config.json and index files are small; a cap keeps a hostile upload from
-# making us parse gigabytes of JSON.
-MAX_JSON_BYTES = 64 * 1024 * 1024
+# Real configs, tokenizers and headers nest 3 to 6 levels deep.
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class JsonCaps:
+    """Limits on one JSON document: its size in bytes, nesting depth, and values (``[``, ``{`` and ``,``
+    outside strings, as :mod:`alignd._jsonscan` counts them)."""
+
+    max_bytes: int
+    max_nodes: int
+    max_depth: int = MAX_JSON_DEPTH
+
+
+# Files parsed here with json.loads (config.json, tokenizer_config.json, ...) and by transformers' Python json
+# in the training child: at ~90 bytes per value at worst, 1M values is ~90 MB. Real ones hold a few thousand.
+METADATA_CAPS = JsonCaps(max_bytes=16 * 1024**2, max_nodes=1_000_000)
+# Two values per tensor: 1M is 500k tensors (DeepSeek-V3's index names ~90k in 9 MB).
+INDEX_CAPS = JsonCaps(max_bytes=64 * 1024**2, max_nodes=1_000_000)
+# Never parsed here; the child's tokenizers library reads them. Large real ones: Gemma 3's tokenizer.json is
+# ~33 MB with ~2M values (vocabulary and merges).
+VOCAB_CAPS = JsonCaps(max_bytes=256 * 1024**2, max_nodes=8_000_000)
+# About 8 values per tensor: 2M is 250k tensors in one file.
+HEADER_CAPS = JsonCaps(max_bytes=MAX_HEADER_BYTES, max_nodes=2_000_000)
+VOCAB_FILES = frozenset({"tokenizer.json", "vocab.json"})
+
+
+def json_caps_for(name: str) -> JsonCaps:
+    """The caps of the uploaded JSON file ``name``."""
+    if name in VOCAB_FILES:
+        return VOCAB_CAPS
+    if name.endswith(INDEX_SUFFIX):
+        return INDEX_CAPS
+    return METADATA_CAPS
 
 
 @dataclass(frozen=True)
@@ -118,13 +167,41 @@ def _suffix(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
-def _load_json(name: str, path: Path, *, code: str) -> Any:
+def _structure_failure(name: str, exc: JsonStructureError, *, code: str) -> ValidationFailed:
+    if exc.code == JSON_UNBALANCED:
+        return _fail(code, f"{name} is not valid JSON: {exc.message}.", filename=name)
+    return _fail(
+        exc.code, f"{name}: {exc.message}, over the limit for this file.", filename=name, limit=exc.limit
+    )
+
+
+def _scan_json_file(name: str, path: Path, *, code: str) -> None:
+    """Refuse ``name`` past its caps, reading one chunk at a time (nothing is parsed)."""
+    caps = json_caps_for(name)
     size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise _fail(code, f"{name} is too large ({size} bytes) to be a JSON config.", filename=name)
+    if size > caps.max_bytes:
+        raise _fail(
+            "json_too_large",
+            f"{name} is {size} bytes, over the {caps.max_bytes}-byte limit for this file.",
+            filename=name,
+            limit=caps.max_bytes,
+        )
     try:
         with path.open("rb") as f:
-            return json.loads(f.read())
+            scan_json_stream(f, max_depth=caps.max_depth, max_nodes=caps.max_nodes)
+    except JsonStructureError as exc:
+        raise _structure_failure(name, exc, code=code) from None
+
+
+def _load_json(name: str, path: Path, *, code: str) -> Any:
+    """Parse a JSON file already scanned by :func:`_scan_json_file` (so its size and shape are capped).
+
+    UTF-8 only, no BOM, as transformers reads these files: ``json.loads(bytes)`` would also take UTF-16/32,
+    which the byte scan cannot read."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _fail(code, f"{name} is not UTF-8: {exc}", filename=name) from None
     except (ValueError, RecursionError) as exc:
         raise _fail(code, f"{name} is not valid JSON: {exc}", filename=name) from None
 
@@ -155,6 +232,10 @@ def read_safetensors_header(
         raise bad("truncated header")
     if not raw.startswith(b"{"):
         raise bad("the header does not start with '{'")
+    try:
+        scan_json(raw, max_depth=HEADER_CAPS.max_depth, max_nodes=HEADER_CAPS.max_nodes)
+    except JsonStructureError as exc:
+        raise _structure_failure(name, exc, code="invalid_safetensors") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -209,6 +290,15 @@ def read_safetensors_header(
     if pos != data_len:
         raise bad(f"the tensors cover {pos} bytes of data but the file holds {data_len}")
     return tensors
+
+
+def _json_code(name: str) -> str:
+    """The code for an uploaded JSON file that is not JSON."""
+    if name.endswith(INDEX_SUFFIX):
+        return "invalid_index"
+    if name in (CONFIG_FILE, "tokenizer_config.json"):
+        return "invalid_config"
+    return "invalid_json"
 
 
 def _check_index(
@@ -272,6 +362,9 @@ def check_model_files(files: Iterable[tuple[str, str | os.PathLike[str]]]) -> Mo
 
     if CONFIG_FILE not in entries:
         raise _fail("missing_config", "The model folder has no config.json.")
+    for name, path in entries.items():
+        if name.lower().endswith(".json"):
+            _scan_json_file(name, path, code=_json_code(name))
     config = _load_json(CONFIG_FILE, entries[CONFIG_FILE], code="invalid_config")
     if not isinstance(config, dict):
         raise _fail("invalid_config", "config.json must be a JSON object.", filename=CONFIG_FILE)
