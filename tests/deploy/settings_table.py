@@ -38,6 +38,7 @@ CHART: dict[str, str] = {
     "lease_seconds": "`config.leaseSeconds`",
     "heartbeat_seconds": "`config.heartbeatSeconds`",
     "reconcile_interval_seconds": "`config.reconcileIntervalSeconds`",
+    "staging_sweep_after_seconds": "`config.extraEnv`",
     "job_timeout_seconds": "`config.jobTimeoutSeconds`",
     "job_max_tries": "`config.jobMaxTries`",
     "db_retry_seconds": "`config.dbRetrySeconds`",
