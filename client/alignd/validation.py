@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn, Protocol, TypedDict
@@ -585,6 +586,28 @@ class _Bad:
 _BLANK: Final = object()  # an empty or whitespace-only line: not a record
 
 
+# A \uD800-\uDFFF escape without its partner decodes to a lone surrogate: not a character, so the text can
+# never be written as UTF-8 again (the 422 body quoting it, the database, the tokenizer all fail on it).
+# msgspec refuses such strings itself; the stdlib parser takes them, so its path looks for them.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE: Final = (
+    "invalid JSON: a \\u escape encodes a lone UTF-16 surrogate, which is not a character"
+)
+
+
+def _without_lone_surrogates(s: str, obj: Any) -> Any:
+    """``obj``, or a :class:`_Bad` when one of its strings holds a lone surrogate (only escapes make one)."""
+    if _SURROGATE_ESCAPE.search(s) is None:
+        return obj
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return _Bad(INVALID_JSON, _LONE_SURROGATE)
+    except RecursionError:
+        return _Bad(INVALID_JSON, "invalid JSON: nested too deeply")
+    return obj
+
+
 def _parse_slow(raw: bytes) -> Any:
     """The stdlib path for one line: the parsed value, a :class:`_Bad`, or ``_BLANK``."""
     try:
@@ -595,14 +618,15 @@ def _parse_slow(raw: bytes) -> Any:
         obj, end = _raw_decode(s)
         if end != len(s) and not s[end:].isspace():  # CRLF leaves "\r" here: JSON whitespace
             raise ValueError  # trailing data: let the full decoder say what it is
-        return obj
+        return _without_lone_surrogates(s, obj)
     except (ValueError, RecursionError):
         if not s or s.isspace():
             return _BLANK
         try:
-            return _DECODER.decode(s)  # handles leading whitespace; otherwise the exact error
+            obj = _DECODER.decode(s)  # handles leading whitespace; otherwise the exact error
         except (ValueError, RecursionError) as exc:
             return _Bad(INVALID_JSON, _json_error(exc))
+        return _without_lone_surrogates(s, obj)
 
 
 # (line number, parsed JSON value or _Bad) for each non-blank line of one chunk

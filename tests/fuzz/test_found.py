@@ -1,0 +1,44 @@
+"""Inputs the fuzzers found that crashed something, kept as regression tests (run by `make test`)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from alignd import validation
+
+from tests.conftest import LiveServer
+
+# A \ud800 escape alone is a lone surrogate: the stdlib parser took it, the role check quoted it in its
+# message, and the server's 422 body could not be encoded as UTF-8 (500, connection reset).
+LONE_SURROGATE_ROLE = (
+    b'{"messages": [{"role": "\\ud800", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+)
+LONE_SURROGATE_PROMPT = b'{"prompt": "\\udc00", "completion": "ok"}\n'
+
+
+@pytest.mark.parametrize("line", [LONE_SURROGATE_ROLE, LONE_SURROGATE_PROMPT, b'{"\\udbff": 1}\n'])
+def test_lone_surrogate_escapes_are_invalid_json(line: bytes) -> None:
+    report = validation.validate_stream(io.BytesIO(line), "sft")
+    assert [issue["code"] for issue in report.issues] == ["invalid_json"]
+    json.dumps(report.to_dict(), ensure_ascii=False).encode("utf-8")  # the server's 422 body
+    with pytest.raises(validation.DatasetLineError) as info:
+        list(validation.iter_records(io.BytesIO(line)))
+    assert info.value.code == "invalid_json"
+
+
+def test_surrogate_pairs_and_escaped_backslashes_stay_valid() -> None:
+    lines = b'{"prompt": "\\ud83d\\ude00", "completion": "\\\\ud800 is text"}\n'
+    assert validation.validate_stream(io.BytesIO(lines), "sft").ok
+
+
+def test_server_answers_422_for_a_lone_surrogate(live_server: LiveServer) -> None:
+    with live_server.client() as client:
+        response = client.post(
+            "/v1/datasets",
+            data={"kind": "sft"},
+            files={"file": ("d.jsonl", LONE_SURROGATE_ROLE, "application/jsonl")},
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["code"] == "invalid_json"
