@@ -28,6 +28,11 @@ way everywhere after it (a BOM, CRLF, blank lines, the JSON rules). The validato
 Unknown extra fields are allowed and ignored, at the record and the message level: users carry ids, sources,
 labels and metadata in their JSONL, and making them strip those before every upload would buy nothing.
 
+The text the rules read (prompts, completions, responses, message contents) must not hold a NUL character
+(``invalid_characters``): ``\u0000`` is valid JSON, but PostgreSQL refuses it in text and jsonb and C-string
+readers cut the text there. The check is a memchr per string those rules already look at, so it costs the hot
+loop next to nothing; ignored fields are not walked. A lone surrogate escape is ``invalid_json`` (below).
+
 Kinds are kept in a registry (:func:`register_kind`) so later kinds (``ranking``, ``candidates``) plug in
 without touching the reader.
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -51,6 +57,7 @@ __all__ = [
     "EMPTY_DATASET",
     "EMPTY_TEXT",
     "IDENTICAL_PAIR",
+    "INVALID_CHARACTERS",
     "INVALID_JSON",
     "INVALID_MESSAGES",
     "INVALID_RANKING",
@@ -94,6 +101,9 @@ INVALID_MESSAGES: Final = "invalid_messages"
 AMBIGUOUS_RECORD: Final = "ambiguous_record"
 INVALID_UTF8: Final = "invalid_utf8"
 LINE_TOO_LONG: Final = "line_too_long"
+# text holding a NUL character: valid JSON (\u0000), but PostgreSQL's text and jsonb refuse it and C-string
+# readers cut the text there
+INVALID_CHARACTERS: Final = "invalid_characters"
 EMPTY_DATASET: Final = "empty_dataset"
 # ranking and candidates
 TOO_FEW_RESPONSES: Final = "too_few_responses"
@@ -115,6 +125,7 @@ CODES: Final = frozenset(
         AMBIGUOUS_RECORD,
         INVALID_UTF8,
         LINE_TOO_LONG,
+        INVALID_CHARACTERS,
         EMPTY_DATASET,
         TOO_FEW_RESPONSES,
         TOO_MANY_RESPONSES,
@@ -266,6 +277,10 @@ def _is_blank(s: str) -> bool:
     return not s or s.isspace()
 
 
+def _nul_problem(path: str) -> Problem:
+    return INVALID_CHARACTERS, f'"{path}": contains a NUL character (\\u0000), which is not text'
+
+
 def _text_problem(path: str, value: object, expected: str) -> Problem:
     if isinstance(value, str):
         return EMPTY_TEXT, f'"{path}": must not be empty or whitespace-only'
@@ -297,6 +312,8 @@ def _check_messages(
             if content is None and "content" not in m:
                 return MISSING_FIELD, f'"{path}[{i}].content": missing'
             return _text_problem(f"{path}[{i}].content", content, "a string")
+        if "\x00" in content:  # a memchr: the text checks' one extra cost per string
+            return _nul_problem(f"{path}[{i}].content")
         if only is not None and role != only:
             return (
                 INVALID_MESSAGES,
@@ -314,7 +331,7 @@ def _check_prompt(value: object, path: str = "prompt") -> Problem | None:
     if type(value) is str:
         if not value or value.isspace():
             return EMPTY_TEXT, f'"{path}": must not be empty or whitespace-only'
-        return None
+        return _nul_problem(path) if "\x00" in value else None
     if type(value) is list:
         return _check_messages(path, value, last="user")
     return WRONG_TYPE, f'"{path}": expected a string or a list of messages, got {_tname(value)}'
@@ -325,7 +342,7 @@ def _response_text(path: str, value: object) -> str | Problem:
     if type(value) is str:
         if not value or value.isspace():
             return EMPTY_TEXT, f'"{path}": must not be empty or whitespace-only'
-        return value
+        return _nul_problem(path) if "\x00" in value else value
     if type(value) is list:
         problem = _check_messages(path, value, last=None, only="assistant")
         if problem is not None:
@@ -403,7 +420,9 @@ def check_sft(rec: dict[str, Any]) -> Problem | None:
         return _text_problem("prompt", prompt, "a string")
     if type(completion) is not str or not completion or completion.isspace():
         return _text_problem("completion", completion, "a string")
-    return None
+    if "\x00" in prompt:
+        return _nul_problem("prompt")
+    return _nul_problem("completion") if "\x00" in completion else None
 
 
 def check_preference(rec: dict[str, Any]) -> Problem | None:
@@ -547,9 +566,17 @@ def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON syntax but no double: Python reads it as inf, which no JSON writer can write back.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range for a 64-bit float")
+    return value
+
+
 # raw_decode skips the module-level loads() wrapper and its two regex whitespace matches per call; the rare
 # lines it rejects (leading whitespace, errors) are re-parsed by the full decoder for the exact outcome.
-_DECODER: Final = json.JSONDecoder(parse_constant=_no_constants)
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite_float)
 _raw_decode: Final = _DECODER.raw_decode
 
 

@@ -54,6 +54,8 @@ def msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     return [{"role": role, "content": content} for role, content in pairs]
 
 
+NUL = "contains a NUL character (\\u0000), which is not text"
+
 # (kind, bad line, expected code, expected message or None to skip the message check)
 BAD_LINES: list[tuple[str, str, str, str | None]] = [
     ("sft", '{"prompt": "a", "completion": ', "invalid_json", None),
@@ -157,6 +159,41 @@ BAD_LINES: list[tuple[str, str, str, str | None]] = [
     ("prompts", '{"prompt": "a"} {"prompt": "b"}', "invalid_json", None),
     ("prompts", "[" * 100_000 + "]" * 100_000, "invalid_json", None),
     ("prompts", '{"prompt": "a", "n": ' + "9" * 5000 + "}", "invalid_json", None),
+    # 1e999 is JSON syntax but no double: the stdlib would read inf, which no JSON writer can write back
+    (
+        "prompts",
+        '{"prompt": "a", "n": -1e999}',
+        "invalid_json",
+        "invalid JSON: number -1e999 is out of range for a 64-bit float",
+    ),
+    # NUL: valid JSON (\u0000), not text; named wherever the rules read text
+    ("sft", '{"prompt": "a\\u0000b", "completion": "c"}', "invalid_characters", f'"prompt": {NUL}'),
+    ("sft", dumps({"prompt": "a", "completion": "\x00"}), "invalid_characters", f'"completion": {NUL}'),
+    (
+        "sft",
+        dumps({"messages": msgs(("user", "q"), ("assistant", "a\x00"))}),
+        "invalid_characters",
+        f'"messages[1].content": {NUL}',
+    ),
+    (
+        "preference",
+        dumps({**GOOD["preference"], "rejected": "b\x00"}),
+        "invalid_characters",
+        f'"rejected": {NUL}',
+    ),
+    (
+        "preference",
+        dumps({**GOOD["preference"], "chosen": msgs(("assistant", "\x00a"))}),
+        "invalid_characters",
+        f'"chosen[0].content": {NUL}',
+    ),
+    ("prompts", dumps({"prompt": "\x00"}), "invalid_characters", f'"prompt": {NUL}'),
+    (
+        "prompts",
+        dumps({"messages": msgs(("user", "\x00"))}),
+        "invalid_characters",
+        f'"messages[0].content": {NUL}',
+    ),
 ]
 
 
@@ -203,6 +240,23 @@ def test_good_records_of_every_form_pass() -> None:
         report = check(kind, "".join(dumps(r) + "\n" for r in records))
         assert report.ok, (kind, report.issues)
         assert report.num_records == len(records)
+
+
+def test_nul_in_ranking_responses_and_iter_records() -> None:
+    line = dumps({"prompt": "p", "responses": ["a", "b\x00"], "ranking": [1, 0]})
+    assert only_issue(check("ranking", line)) == (1, "invalid_characters", f'"responses[1]": {NUL}')
+    good = dumps({"prompt": "p", "responses": ["a", "b"]})
+    with pytest.raises(v.DatasetLineError) as info:
+        list(v.iter_records(io.BytesIO(f"{good}\n{line}\n".encode()), kind="candidates"))
+    assert (info.value.line, info.value.code) == (2, "invalid_characters")
+
+
+def test_nul_outside_the_text_the_rules_read_and_an_escaped_backslash_pass() -> None:
+    records = [
+        {"prompt": "p", "completion": "c", "meta": "ignored\x00field"},  # extra fields are not read
+        {"prompt": "\\u0000 is how JSON writes NUL", "completion": "c"},  # the text \u0000, not a NUL
+    ]
+    assert check("sft", "".join(dumps(r) + "\n" for r in records)).ok
 
 
 def test_invalid_utf8_names_its_line_and_byte() -> None:
