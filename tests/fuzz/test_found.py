@@ -42,3 +42,16 @@ def test_server_answers_422_for_a_lone_surrogate(live_server: LiveServer) -> Non
         )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"][0]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 1 << 18])
+def test_bom_counts_toward_the_first_lines_length_at_any_chunk_size(chunk_size: int) -> None:
+    # Found by the chunk-size differential: streamed in small reads the BOM counted toward line 1's length,
+    # read in one chunk it did not, so the same file was line_too_long or not depending on the read size.
+    data = b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n'
+    cap = len(data) - 4  # over the cap with the BOM's 3 bytes, under it without them
+    report = validation.validate_stream(io.BytesIO(data), "sft", max_line_bytes=cap, chunk_size=chunk_size)
+    assert [(i["line"], i["code"]) for i in report.issues] == [(1, "line_too_long")]
+    assert validation.validate_stream(
+        io.BytesIO(data), "sft", max_line_bytes=cap + 3, chunk_size=chunk_size
+    ).ok
