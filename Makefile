@@ -45,6 +45,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy alignd_server contract service workers client/alignd
 
+# Fuzzing (tests/fuzz): FUZZ_INPUTS inputs per property target (validator, model checks, archive extraction)
+# and FUZZ_API_CASES schemathesis cases per API operation on SQLite and on PostgreSQL (127.0.0.1:5432).
+# Prints the figures and writes them to bench/results/fuzz.json + .md. Tests' own timeout is off: it is long.
+.PHONY: fuzz
+FUZZ_INPUTS ?= 100000
+FUZZ_API_CASES ?= 1000
+fuzz: $(STAMP)
+	ALIGND_FUZZ_PROFILE=fuzz ALIGND_FUZZ_INPUTS=$(FUZZ_INPUTS) ALIGND_FUZZ_API_CASES=$(FUZZ_API_CASES) \
+		ALIGND_FUZZ_RESULTS=bench/results/fuzz $(PY) -m pytest -q -p no:cacheprovider -m 'not slow' \
+		-o timeout=0 tests/fuzz $(PYTEST_ARGS)
+
 openapi: $(STAMP)
 	$(PY) -m service.openapi > openapi/openapi.json
 
