@@ -34,6 +34,26 @@ class Settings(BaseSettings):
     )
     max_dataset_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload accepted.")
     max_model_bytes: int = Field(64 << 30, ge=1, description="Largest model upload accepted (all files).")
+    tenant_max_dataset_bytes: str | None = Field(
+        None,
+        description="Per-tenant dataset upload caps, 'tenant-a:1048576,tenant-b:10485760' (bytes); each lowers "
+        "ALIGND_MAX_DATASET_BYTES for that tenant, refusing a larger request body with 413.",
+    )
+    tenant_max_model_bytes: str | None = Field(
+        None,
+        description="Per-tenant model upload caps, same form; each lowers ALIGND_MAX_MODEL_BYTES for that tenant.",
+    )
+    idempotency_ttl_hours: float = Field(
+        24.0,
+        gt=0,
+        description="How long a POST's Idempotency-Key and its stored response are kept for replay.",
+    )
+    idempotency_lock_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A request holding an Idempotency-Key refreshes its lock every third of this; a lock not "
+        "refreshed for this long (its API replica died) is taken over by the next request with the key.",
+    )
     max_queued_jobs_per_tenant: int = Field(
         100, ge=1, description="Submissions beyond this many queued jobs get 429 too_many_queued_jobs."
     )
@@ -120,6 +140,38 @@ class Settings(BaseSettings):
             keys[key.strip()] = tenant.strip()
         return keys
 
+    @field_validator("tenant_max_dataset_bytes", "tenant_max_model_bytes")
+    @classmethod
+    def _tenant_caps_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_tenant_caps(value)  # refuse a malformed value at start, not on the first upload
+        return value
+
+    def dataset_cap(self, tenant: str) -> int:
+        """The largest dataset upload this tenant may send (its own cap, never above the server's)."""
+        caps = parse_tenant_caps(self.tenant_max_dataset_bytes or "")
+        return min(self.max_dataset_bytes, caps.get(tenant, self.max_dataset_bytes))
+
+    def model_cap(self, tenant: str) -> int:
+        """The largest model upload (all files) this tenant may send."""
+        caps = parse_tenant_caps(self.tenant_max_model_bytes or "")
+        return min(self.max_model_bytes, caps.get(tenant, self.max_model_bytes))
+
     @property
     def auth_enabled(self) -> bool:
         return bool(self.tenant_keys())
+
+
+def parse_tenant_caps(value: str) -> dict[str, int]:
+    """'tenant-a:1048576,tenant-b:2048' -> {tenant: bytes}; ValueError names the bad entry."""
+    caps: dict[str, int] = {}
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        tenant, sep, raw = entry.rpartition(":")
+        raw = raw.strip()
+        if not sep or not tenant.strip() or not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"per-tenant cap {entry!r} must look like 'tenant:bytes' with bytes >= 1")
+        caps[tenant.strip()] = int(raw)
+    return caps

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
@@ -21,11 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contract.methods import Method
 from service import __version__
 from service.api import label_page
+from service.api.auth import Authenticate
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
+from service.api.idempotency import Idempotency
 from service.api.routes import artifacts, datasets, feedback_sets, graders, health, jobs, models
 from service.api.startup import MigrationStartup
-from service.api.uploads import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodySizeLimit
+from service.api.uploads import BodySizeLimit, upload_limits
 from service.core.errors import ServiceUnavailableError
 from service.db.session import make_engine
 from service.logs import request_id_var
@@ -43,17 +45,6 @@ MISSING_RUNNER = (
     "embedded mode (ALIGND_QUEUE=inline) runs jobs in this process and needs a runner: start it with "
     "`alignd-server serve` (alignd_server.embedded.create_app), or set ALIGND_QUEUE=arq"
 )
-
-
-def _body_limits(settings: Settings) -> Callable[[str, str], int]:
-    def limit(_method: str, path: str) -> int:
-        if path.rstrip("/") == "/v1/datasets":
-            return settings.max_dataset_bytes + MULTIPART_OVERHEAD
-        if path.rstrip("/") == "/v1/models":
-            return settings.max_model_bytes + MULTIPART_OVERHEAD
-        return JSON_BODY_LIMIT
-
-    return limit
 
 
 def _open_queue(settings: Settings, runner: InProcessRunner | None) -> JobQueue:
@@ -201,6 +192,14 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The last added runs first: request context, then the key check (401 before any body is read), then
+    # the tenant's body cap, then idempotency (it hashes the capped body on its way to the route).
+    app.add_middleware(
+        Idempotency,
+        ttl_seconds=settings.idempotency_ttl_hours * 3600,
+        lock_seconds=settings.idempotency_lock_seconds,
+    )
+    app.add_middleware(BodySizeLimit, limits=upload_limits(settings))
+    app.add_middleware(Authenticate, tenant_keys=settings.tenant_keys())
     app.add_middleware(RequestContext, metrics=metrics)
-    app.add_middleware(BodySizeLimit, limits=_body_limits(settings))
     return app

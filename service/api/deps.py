@@ -8,7 +8,6 @@ those hops (and the GIL traffic of 40 pool threads at high concurrency) cost mor
 from __future__ import annotations
 
 import functools
-import hmac
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar
@@ -19,10 +18,11 @@ from sqlalchemy import bindparam
 from sqlalchemy.engine import Engine, Row
 from sqlmodel import Session, SQLModel, col, select
 
+from service.api.auth import tenant_for, tenant_of_scope
 from service.api.startup import MigrationStartup
-from service.core.errors import AuthenticationError, NotFoundError, ValidationFailed
+from service.core.errors import NotFoundError, ValidationFailed
 from service.queue import JobQueue
-from service.settings import DEFAULT_TENANT, Settings
+from service.settings import Settings
 from service.storage import ArtifactStore
 
 RowT = TypeVar("RowT", bound=SQLModel)
@@ -82,24 +82,10 @@ TenantDep = Annotated[str, Depends(get_tenant)]
 
 
 def authenticate(request: Request, ctx: AppContext) -> str:
-    """The caller's tenant from its bearer key (``TenantDep``; hot endpoints call it directly)."""
-    if not ctx.tenant_keys:
-        return DEFAULT_TENANT
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError(
-            "Missing API key: send 'Authorization: Bearer <key>'.",
-            code="missing_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    for key, tenant in ctx.tenant_keys.items():
-        # Constant-time comparison: no timing oracle on the keys.
-        if hmac.compare_digest(key.encode(), token.strip().encode()):
-            return tenant
-    raise AuthenticationError(
-        "Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-    )
+    """The caller's tenant (``TenantDep``; hot endpoints call it directly): the one the auth middleware found
+    before the body was read, else (a route outside its prefixes) resolved here by the same rule."""
+    tenant = tenant_of_scope(request.scope)
+    return tenant if tenant is not None else tenant_for(request.headers.get("authorization"), ctx.tenant_keys)
 
 
 async def get_store(ctx: ContextDep) -> ArtifactStore:

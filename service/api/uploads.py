@@ -8,7 +8,9 @@ from typing import Any
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
+from service.api.auth import tenant_of_scope
 from service.core.errors import UnsupportedMediaTypeError
+from service.settings import Settings
 
 # Multipart framing and form fields on top of the file bytes themselves.
 MULTIPART_OVERHEAD = 1 << 20
@@ -27,13 +29,35 @@ def require_content_type(expected: str) -> Callable[[Request], None]:
     return check
 
 
+# (method, path, tenant or None on an unauthenticated path) -> the largest body accepted, in bytes.
+BodyLimits = Callable[[str, str, str | None], int]
+
+
+def upload_limits(settings: Settings) -> BodyLimits:
+    """The body caps per route: the upload routes get their tenant's cap plus multipart framing, the rest
+    JSON_BODY_LIMIT. A tenant's cap (ALIGND_TENANT_MAX_*_BYTES) only ever lowers the server-wide one."""
+
+    def limit(_method: str, path: str, tenant: str | None) -> int:
+        route = path.rstrip("/")
+        if route == "/v1/datasets":
+            cap = settings.max_dataset_bytes if tenant is None else settings.dataset_cap(tenant)
+            return cap + MULTIPART_OVERHEAD
+        if route == "/v1/models":
+            cap = settings.max_model_bytes if tenant is None else settings.model_cap(tenant)
+            return cap + MULTIPART_OVERHEAD
+        return JSON_BODY_LIMIT
+
+    return limit
+
+
 class BodySizeLimit:
     """Pure ASGI middleware: refuse bodies over the cap for their route, before and while they stream.
 
-    Starlette spools multipart files to disk with no size limit, so the cap must sit in front of it.
+    Starlette spools multipart files to disk with no size limit, so the cap must sit in front of it; it sits
+    after authentication, whose tenant picks the cap.
     """
 
-    def __init__(self, app: Any, *, limits: Callable[[str, str], int]) -> None:
+    def __init__(self, app: Any, *, limits: BodyLimits) -> None:
         self.app = app
         self.limits = limits
 
@@ -41,7 +65,7 @@ class BodySizeLimit:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        limit = self.limits(scope["method"], scope["path"])
+        limit = self.limits(scope["method"], scope["path"], tenant_of_scope(scope))
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

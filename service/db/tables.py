@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Text
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -185,3 +185,27 @@ class FeedbackLabelRow(SQLModel, table=True):
     kind: str = Field(max_length=16)
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: int
+
+
+class IdempotencyKeyRow(SQLModel, table=True):
+    """A POST's Idempotency-Key: reserved before its handler runs, then holding the response to replay.
+
+    Unique on (tenant, key): the insert is the lock, so two API replicas never both run one key. A row
+    without ``response_status`` is in flight; ``owner`` names the request holding it (release, completion
+    and the lock refresh all check it), ``locked_at`` is when that request last refreshed its lock.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ux_idempotency_keys_tenant_key", "tenant", "idempotency_key", unique=True),)
+
+    seq: int | None = Field(default=None, primary_key=True)
+    tenant: str = Field(max_length=128)
+    idempotency_key: str = Field(max_length=255)
+    owner: str = Field(max_length=32)
+    locked_at: float
+    expires_at: float = Field(index=True)
+    created_at: int
+    request_hash: str | None = Field(default=None, max_length=64)
+    response_status: int | None = None
+    response_content_type: str | None = Field(default=None, max_length=255)
+    response_body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))

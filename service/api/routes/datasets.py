@@ -47,7 +47,7 @@ def create_dataset(
         staged = staging / "data.jsonl"
         # Raises 422 invalid_dataset / empty_dataset or 413 before anything is stored.
         with open(staged, "wb") as sink:
-            report = validate_and_store(file.file, kind, sink, max_bytes=ctx.settings.max_dataset_bytes)
+            report = validate_and_store(file.file, kind, sink, max_bytes=ctx.settings.dataset_cap(tenant))
         row = store_validated_dataset(
             session,
             store,
