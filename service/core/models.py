@@ -206,6 +206,17 @@ def _load_json(name: str, path: Path, *, code: str) -> Any:
         raise _fail(code, f"{name} is not valid JSON: {exc}", filename=name) from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; the safetensors library refuses the file ("duplicate
+    # field"), so a header that passed here would not load there.
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
 def read_safetensors_header(
     name: str, path: str | os.PathLike[str]
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -237,7 +248,7 @@ def read_safetensors_header(
     except JsonStructureError as exc:
         raise _structure_failure(name, exc, code="invalid_safetensors") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from alignd import validation
+from safetensors import SafetensorError, safe_open
 
+from service.core.errors import ValidationFailed
+from service.core.models import read_safetensors_header
 from tests.conftest import LiveServer
 
 # A \ud800 escape alone is a lone surrogate: the stdlib parser took it, the role check quoted it in its
@@ -55,3 +59,21 @@ def test_bom_counts_toward_the_first_lines_length_at_any_chunk_size(chunk_size: 
     assert validation.validate_stream(
         io.BytesIO(data), "sft", max_line_bytes=cap + 3, chunk_size=chunk_size
     ).ok
+
+
+def _safetensors(tmp_path: Path, header: bytes, data: bytes) -> Path:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+def test_safetensors_header_with_a_duplicate_key_is_refused(tmp_path: Path) -> None:
+    # Found by the header fuzzer: json.loads kept the last "shape", so the check passed a file that the
+    # safetensors library refuses to open ("duplicate field `shape`").
+    header = b'{"w": {"dtype": "F32", "shape": [1], "shape": [2], "data_offsets": [0, 8]}}'
+    path = _safetensors(tmp_path, header, b"\0" * 8)
+    with pytest.raises(SafetensorError):
+        safe_open(str(path), framework="numpy")
+    with pytest.raises(ValidationFailed) as info:
+        read_safetensors_header("model.safetensors", path)
+    assert info.value.code == "invalid_safetensors" and "appears twice" in info.value.message
