@@ -152,13 +152,15 @@ def _check_filename(name: object) -> str:
         or name.startswith(".")
         or any(ord(c) < 32 or ord(c) == 127 for c in name)
         or name != name.strip()
+        or any("\ud800" <= c <= "\udfff" for c in name)  # not text: no UTF-8 for it, on disk or in JSON
         or len(name.encode("utf-8", "surrogatepass")) > 255
     )
     if bad:
         raise _fail(
             "invalid_filename",
             f"File name {name!r} is not allowed: use plain names (no slashes, no '..', no hidden names).",
-            filename=name,
+            # as UTF-8 can write it: the 422 body is JSON in UTF-8, and a lone surrogate has no encoding
+            filename=name.encode("utf-8", "backslashreplace").decode("utf-8"),
         )
     return name
 

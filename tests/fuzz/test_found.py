@@ -11,7 +11,7 @@ from alignd import validation
 from safetensors import SafetensorError, safe_open
 
 from service.core.errors import ValidationFailed
-from service.core.models import read_safetensors_header
+from service.core.models import check_model_files, read_safetensors_header
 from tests.conftest import LiveServer
 
 # A \ud800 escape alone is a lone surrogate: the stdlib parser took it, the role check quoted it in its
@@ -77,3 +77,15 @@ def test_safetensors_header_with_a_duplicate_key_is_refused(tmp_path: Path) -> N
     with pytest.raises(ValidationFailed) as info:
         read_safetensors_header("model.safetensors", path)
     assert info.value.code == "invalid_safetensors" and "appears twice" in info.value.message
+
+
+def test_file_name_with_a_lone_surrogate_is_refused_with_an_encodable_body(tmp_path: Path) -> None:
+    # Found by the folder fuzzer: the name was refused, but the 422 body quoted it raw and could not be
+    # encoded as UTF-8; a name that is only a lone surrogate away from plain was not refused at all.
+    path = tmp_path / "part"
+    path.write_bytes(b"{}")
+    for name in ["a\udb64", "\udc80config.json"]:
+        with pytest.raises(ValidationFailed) as info:
+            check_model_files([(name, path)])
+        assert info.value.code == "invalid_filename"
+        json.dumps(info.value.to_body(), ensure_ascii=False).encode("utf-8")
