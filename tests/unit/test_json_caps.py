@@ -184,19 +184,25 @@ def test_deep_or_wide_safetensors_header_is_refused(tmp_path: Path) -> None:
 
 PEAK_RSS_CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from pathlib import Path
     from service.core.errors import ValidationFailed
     from service.core.models import check_model_files
+
+    def peak_kib():
+        # VmHWM, not ru_maxrss: ru_maxrss keeps the parent's high-water mark across fork + exec.
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
     folder = Path(sys.argv[1])
     files = [(p.name, p) for p in folder.iterdir()]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kib()
     try:
         check_model_files(files)
         code = None
     except ValidationFailed as exc:
         code = exc.code
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kib()
     print(json.dumps({"code": code, "peak_kib_before": before, "peak_kib": after}))
     """
 )
