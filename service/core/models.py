@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -195,17 +196,39 @@ def _scan_json_file(name: str, path: Path, *, code: str) -> None:
         raise _structure_failure(name, exc, code=code) from None
 
 
+# A \uD800-\uDFFF escape without its partner decodes to a lone surrogate, which json.loads accepts but no
+# UTF-8 writer can write: an architecture name or shard name holding one broke the JSON response, the database
+# and the 422 body quoting it; the safetensors library refuses such a header outright.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(text: str, value: Any) -> bool:
+    if _SURROGATE_ESCAPE.search(text) is None:  # only an escape can make one: the text itself is UTF-8
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _load_json(name: str, path: Path, *, code: str) -> Any:
     """Parse a JSON file already scanned by :func:`_scan_json_file` (so its size and shape are capped).
 
     UTF-8 only, no BOM, as transformers reads these files: ``json.loads(bytes)`` would also take UTF-16/32,
     which the byte scan cannot read."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        value = json.loads(text)
     except UnicodeDecodeError as exc:
         raise _fail(code, f"{name} is not UTF-8: {exc}", filename=name) from None
     except (ValueError, RecursionError) as exc:
         raise _fail(code, f"{name} is not valid JSON: {exc}", filename=name) from None
+    if _has_lone_surrogate(text, value):
+        raise _fail(
+            code, f"{name} is not valid JSON: a \\u escape encodes a lone UTF-16 surrogate.", filename=name
+        )
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -250,9 +273,12 @@ def read_safetensors_header(
     except JsonStructureError as exc:
         raise _structure_failure(name, exc, code="invalid_safetensors") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        text = raw.decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"the header is not valid JSON ({exc})") from None
+    if _has_lone_surrogate(text, header):
+        raise bad("the header holds a \\u escape of a lone UTF-16 surrogate")
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
 

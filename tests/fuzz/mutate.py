@@ -117,7 +117,7 @@ def random_json(rng: random.Random, depth: int = 0) -> Any:
     if kind == 1:
         return rng.random() < 0.5
     if kind == 2:
-        return rng.choice([0, -1, 1, 2**63, -(2**64), rng.randint(-1000, 1000)])
+        return rng.choice([0, -1, 1, 2**63, 2**64, 2**64 - 1, 2**65, -(2**64), rng.randint(-1000, 1000)])
     if kind == 3:
         return rng.choice([0.5, -0.0, 1e300, 5e-324, rng.uniform(-1e6, 1e6)])
     if kind in (4, 5):

@@ -89,3 +89,48 @@ def test_file_name_with_a_lone_surrogate_is_refused_with_an_encodable_body(tmp_p
             check_model_files([(name, path)])
         assert info.value.code == "invalid_filename"
         json.dumps(info.value.to_body(), ensure_ascii=False).encode("utf-8")
+
+
+def _tiny_weights(tmp_path: Path) -> Path:
+    header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    return _safetensors(tmp_path, header, b"\0" * 8)
+
+
+def test_lone_surrogates_in_model_json_files_are_refused(tmp_path: Path) -> None:
+    # Found by the model fuzzers: json.loads takes \udc00 alone; the safetensors library does not, and a
+    # shard name holding one made the 422 body (or an architecture name, the response) unencodable.
+    header = (
+        b'{"__metadata__": {"x": "\\udc00"}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    )
+    path = _safetensors(tmp_path, header, b"\0" * 8)
+    with pytest.raises(SafetensorError):
+        safe_open(str(path), framework="numpy")
+    with pytest.raises(ValidationFailed) as info:
+        read_safetensors_header("model.safetensors", path)
+    assert info.value.code == "invalid_safetensors"
+
+    (tmp_path / "w").mkdir()
+    weights = _tiny_weights(tmp_path / "w")
+    config = tmp_path / "config"
+    config.write_bytes(b'{"architectures": ["LlamaForCausalLM"]}')
+    index = tmp_path / "index"
+    index.write_bytes(b'{"weight_map": {"w": "model\\udc00.safetensors"}}')
+    files = [("config.json", config), ("model.safetensors", weights), ("model.safetensors.index.json", index)]
+    with pytest.raises(ValidationFailed) as info:
+        check_model_files(files)
+    assert info.value.code == "invalid_index"
+    json.dumps(info.value.to_body(), ensure_ascii=False).encode("utf-8")
+
+
+def test_server_answers_422_for_a_lone_surrogate_architecture(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    weights = _tiny_weights(tmp_path).read_bytes()
+    files = [
+        ("files", ("config.json", b'{"architectures": ["\\ud800"]}', "application/json")),
+        ("files", ("model.safetensors", weights, "application/octet-stream")),
+    ]
+    with live_server.client() as client:
+        response = client.post("/v1/models", data={"name": "m"}, files=files)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "invalid_config"
