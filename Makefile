@@ -56,6 +56,27 @@ fuzz: $(STAMP)
 		ALIGND_FUZZ_RESULTS=bench/results/fuzz $(PY) -m pytest -q -p no:cacheprovider -m 'not slow' \
 		-o timeout=0 tests/fuzz $(PYTEST_ARGS)
 
+# Fault injection (tests/faults, docs/reliability.md) at the full targets; `make test` runs the same tests with
+# a few faults each. Production mode: PostgreSQL on 127.0.0.1:5432 (and a private one it crashes), a private
+# redis-server, moto S3. FAULTS_BUDGET_SECONDS (unset: none) stops striking after that long and records the
+# counts that fit. Prints the figures and writes them to bench/results/faults.json + .md.
+.PHONY: faults
+FAULTS_WORKER_KILLS ?= 100
+FAULTS_CHILD_KILLS ?= 50
+FAULTS_REDIS_KILLS ?= 50
+FAULTS_PG_OUTAGES ?= 5
+FAULTS_S3_OUTAGES ?= 5
+FAULTS_RLHF_SHARE ?= 0.3
+FAULTS_SEED ?= 0
+FAULTS_BUDGET_SECONDS ?=
+faults: $(STAMP)
+	ALIGND_FAULTS_WORKER_KILLS=$(FAULTS_WORKER_KILLS) ALIGND_FAULTS_CHILD_KILLS=$(FAULTS_CHILD_KILLS) \
+		ALIGND_FAULTS_REDIS_KILLS=$(FAULTS_REDIS_KILLS) ALIGND_FAULTS_PG_OUTAGES=$(FAULTS_PG_OUTAGES) \
+		ALIGND_FAULTS_S3_OUTAGES=$(FAULTS_S3_OUTAGES) ALIGND_FAULTS_RLHF_SHARE=$(FAULTS_RLHF_SHARE) \
+		ALIGND_FAULTS_SEED=$(FAULTS_SEED) ALIGND_FAULTS_BUDGET_SECONDS=$(FAULTS_BUDGET_SECONDS) \
+		ALIGND_FAULTS_RESULTS=bench/results $(PY) -m pytest -q -s -p no:cacheprovider -o timeout=0 \
+		tests/faults $(PYTEST_ARGS)
+
 openapi: $(STAMP)
 	$(PY) -m service.openapi > openapi/openapi.json
 
