@@ -25,7 +25,6 @@ from typing import Annotated, Any, Literal, get_args
 import jsonschema
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -40,6 +39,7 @@ from pydantic_core.core_schema import ErrorType
 
 from contract import formula as formulas
 from contract import safe_regex
+from contract.inputs import InputModel
 
 MAX_TEMPLATE_CHARS = 20_000
 MAX_SCHEMA_CHARS = 65_536
@@ -145,10 +145,8 @@ def template_refs(template: str) -> list[FieldRef]:
 # --- the sample
 
 
-class Sample(BaseModel):
+class Sample(InputModel):
     """What a grader grades: one model output. ``output_json`` is not sent: it is ``output_text`` parsed."""
-
-    model_config = ConfigDict(extra="forbid")
 
     output_text: str = Field(description="The model's output.")
     finish_reason: Literal["stop", "length"] | None = Field(
@@ -160,8 +158,8 @@ class Sample(BaseModel):
 # --- grader kinds
 
 
-class _Grader(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class _Grader(InputModel):
+    model_config = ConfigDict(populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=128, description="The grader's name, echoed in the result.")
 
@@ -401,16 +399,12 @@ def _text_parts(content: Any) -> Any:
     return content
 
 
-class JudgeContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JudgeContentPart(InputModel):
     type: Literal["input_text", "output_text"] = "input_text"
     text: Template
 
 
-class JudgeMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JudgeMessage(InputModel):
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[list[JudgeContentPart], BeforeValidator(_text_parts)] = Field(
@@ -418,9 +412,7 @@ class JudgeMessage(BaseModel):
     )
 
 
-class JudgeSamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JudgeSamplingParams(InputModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
@@ -449,7 +441,8 @@ class ScoreModelGrader(_Grader):
     type: Literal["score_model"]
     model: Annotated[str, AfterValidator(_judge_model)] = Field("", validate_default=True)
     input: list[JudgeMessage] = Field(min_length=1, max_length=32)
-    range: tuple[float, float] = (0.0, 1.0)
+    # strict=False lets a JSON list be the tuple; its two numbers stay strict.
+    range: tuple[float, float] = Field((0.0, 1.0), strict=False)
     pass_threshold: float | None = None
     sampling_params: JudgeSamplingParams | None = None
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from contract.inputs import InputModel
 from contract.methods import Method
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(InputModel):
+    """Strict ints and bools, finite floats, no unknown fields (contract/inputs.py)."""
 
 
 class LoraSettings(_Strict):

@@ -25,6 +25,7 @@ from service.api.auth import Authenticate
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
 from service.api.idempotency import Idempotency
+from service.api.input_policy import InputPolicy
 from service.api.routes import artifacts, datasets, feedback_sets, graders, health, jobs, models
 from service.api.startup import MigrationStartup
 from service.api.uploads import BodySizeLimit, upload_limits
@@ -193,12 +194,15 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # The last added runs first: request context, then the key check (401 before any body is read), then
-    # the tenant's body cap, then idempotency (it hashes the capped body on its way to the route).
+    # the tenant's body cap, then the input policy (422 for a path, query or JSON body that is not text or
+    # holds a non-finite number, before a key is reserved), then idempotency (it hashes the capped body on
+    # its way to the route).
     app.add_middleware(
         Idempotency,
         ttl_seconds=settings.idempotency_ttl_hours * 3600,
         lock_seconds=settings.idempotency_lock_seconds,
     )
+    app.add_middleware(InputPolicy)
     app.add_middleware(BodySizeLimit, limits=upload_limits(settings))
     app.add_middleware(Authenticate, tenant_keys=settings.tenant_keys())
     app.add_middleware(RequestContext, metrics=metrics)

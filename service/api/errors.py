@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.schemas import ErrorBody
@@ -97,8 +97,33 @@ def install_error_handlers(app: FastAPI) -> None:
             return await _unavailable(
                 "database_unavailable", "The database connection was lost; retry shortly."
             )
+        if isinstance(exc, DataError):
+            # The last line behind service/api/input_policy.py: a value the database refuses (PostgreSQL: NUL
+            # in text, a byte sequence invalid in its encoding, a number out of its column's range) came with
+            # the request. Logged with its traceback, since a route that let one through needs a fix.
+            log.warning("database refused a value (answered 422): %s", exc.orig, exc_info=exc)
+            return _json(
+                422,
+                "invalid_data",
+                "The database refused a value of this request (a NUL character, text that is not valid in its "
+                "encoding, or a number out of range).",
+            )
         log.exception("database error")
         return _json(500, "internal_error", "Internal database error.")
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_text(_request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        # A lone surrogate cannot be encoded as UTF-8: the database driver binding it (psycopg and sqlite3
+        # raise this, not a database error) or the response echoing it fails. The input policy refuses them
+        # in requests and the dataset validator in files, so one here came from data stored before those.
+        if exc.reason != "surrogates not allowed":
+            raise exc
+        log.warning("text with an unpaired surrogate (answered 422)", exc_info=exc)
+        return _json(
+            422,
+            "invalid_characters",
+            "A value of this request, or data it reads, holds an unpaired surrogate, which is not text.",
+        )
 
     @app.exception_handler(StorageUnavailable)
     async def _storage_down(_request: Request, exc: StorageUnavailable) -> JSONResponse:

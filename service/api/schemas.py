@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from sqlalchemy.engine import Row
 
+from contract.inputs import InputModel
 from contract.methods import Method
 from service.core.feedback import ItemRatings
 from service.core.feedback_sets import Progress
@@ -89,9 +90,7 @@ class DatasetPublic(BaseModel):
         )
 
 
-class LoraCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LoraCreate(InputModel):
     r: int | None = Field(None, description="Rank of the low-rank update matrices (default 16).")
     alpha: float | None = Field(
         None, description="Scaling numerator: the update is scaled by alpha / r (default 32)."
@@ -106,9 +105,7 @@ class LoraCreate(BaseModel):
     )
 
 
-class JobDatasets(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JobDatasets(InputModel):
     sft: str | None = Field(None, description="Dataset id of kind 'sft' (demonstrations).")
     preference: str | None = Field(
         None,
@@ -117,10 +114,8 @@ class JobDatasets(BaseModel):
     prompts: str | None = Field(None, description="Dataset id of kind 'prompts' (for PPO rollouts).")
 
 
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    method: Method
+class JobCreate(InputModel):
+    method: Method = Field(strict=False)  # strict mode wants the member; the value is a string
     base_model: str = Field(description="Model id (model_...).")
     datasets: JobDatasets = Field(default_factory=JobDatasets)
     init_adapter: str | None = Field(None, description="Adapter artifact id to continue from (art_...).")
@@ -257,9 +252,7 @@ class ArtifactPublic(BaseModel):
 # --- feedback sets
 
 
-class FeedbackSetCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FeedbackSetCreate(InputModel):
     name: str = Field(min_length=1, max_length=256)
     candidates: str = Field(description="Dataset id of kind 'candidates' (or 'ranking', to label again).")
     annotations_per_item: int = Field(
@@ -327,9 +320,7 @@ class NextItem(BaseModel):
     )
 
 
-class LabelCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LabelCreate(InputModel):
     item: str = Field(description="Item id (fbi_...).")
     annotator: str = Field(min_length=1, max_length=128)
     ranking: list[str] | None = Field(None, description="Every response id once, best first.", max_length=16)
@@ -425,9 +416,7 @@ class RatingsPublic(BaseModel):
     items: list[ItemRatingsPublic]
 
 
-class ExportCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ExportCreate(InputModel):
     name: str | None = Field(None, max_length=256)
     min_labels: int = Field(1, ge=1, le=100, description="Leave out items with fewer labels.")
     min_agreement: float | None = Field(

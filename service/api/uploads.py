@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
 from service.api.auth import tenant_of_scope
+from service.api.input_policy import form_problems, refusal
 from service.core.errors import UnsupportedMediaTypeError
 from service.settings import Settings
 
@@ -17,14 +18,26 @@ MULTIPART_OVERHEAD = 1 << 20
 JSON_BODY_LIMIT = 1 << 20
 
 
-def require_content_type(expected: str) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def require_content_type(expected: str) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency: 415 unless the request's media type is ``expected``. For a form type it also
+    refuses (422 ``invalid_characters``) form field names and values and filenames that are not text: the
+    input policy's form half (service/api/input_policy.py), here because FastAPI has parsed the form by the
+    time a route's dependencies run, and a streamed multipart body is never buffered in front of it."""
+
+    async def check(request: Request) -> None:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != expected:
             raise UnsupportedMediaTypeError(
                 f"Expected Content-Type {expected}, got {content_type or 'none'}.",
                 code="unsupported_media_type",
             )
+        if expected in FORM_MEDIA_TYPES:
+            details = form_problems(await request.form())  # FastAPI's parsed form, not a second parse
+            if details:
+                raise refusal(details)
 
     return check
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from contract.graders import GRADER_KINDS, Sample, dump_grader, item_fields, model_backed
+from contract.inputs import InputModel
 from service.api.deps import TenantDep
 from service.api.errors import error_responses
 from service.api.uploads import require_content_type
@@ -26,9 +27,7 @@ GRADER_DESCRIPTION = (
 )
 
 
-class GraderRunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GraderRunRequest(InputModel):
     grader: dict[str, Any] = Field(description=GRADER_DESCRIPTION)
     model_sample: str | Sample = Field(
         description="The output to grade: a string (as OpenAI sends it) or the sample object, which adds "
@@ -58,9 +57,7 @@ class GraderRunResponse(BaseModel):
     sub_rewards: dict[str, float] = Field(description="Same as metadata.scores (OpenAI's name for it).")
 
 
-class GraderValidateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GraderValidateRequest(InputModel):
     grader: dict[str, Any] = Field(description=GRADER_DESCRIPTION)
 
 
