@@ -146,19 +146,20 @@ def json_problems(value: Any) -> list[dict[str, str]]:
     return details
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers") or ():
-        if key == name:
-            return bytes(value)
-    return None
-
-
 def _has_json_body(scope: Scope) -> bool:
-    """Whether FastAPI would parse the request's body as JSON (and there is a body)."""
-    length = _header(scope, b"content-length")
-    if (length is None or length == b"0") and _header(scope, b"transfer-encoding") is None:
+    """Whether FastAPI would parse the request's body as JSON (and there is a body). One pass over the
+    headers: it runs on every request."""
+    has_body = False
+    content_type = None
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            has_body = has_body or value != b"0"
+        elif name == b"transfer-encoding":
+            has_body = True
+        elif name == b"content-type":
+            content_type = bytes(value)
+    if not has_body:
         return False
-    content_type = _header(scope, b"content-type")
     if content_type is None:
         return True  # FastAPI reads a body without a Content-Type as JSON
     media = content_type.split(b";", 1)[0].strip().lower()
