@@ -149,6 +149,83 @@ class PPOHyperparameters(CommonHyperparameters):
     )
     steps: int = Field(100, ge=1, le=100000, description="PPO updates (one rollout batch each).")
     batch_size: int = Field(8, ge=1, le=4096, description="Alias of rollout_batch_size for uniformity.")
+MonitorName = Literal["length", "kl", "entropy", "eos", "reward_divergence"]
+
+
+class PPOMonitorSettings(_Strict):
+    """Reward-hacking monitors, checked after every PPO update (a warning event and an entry in the job's
+    ``monitors`` the first time each one fires). Baselines are the first ``baseline_updates`` updates."""
+
+    baseline_updates: int = Field(
+        5,
+        ge=1,
+        le=10000,
+        description="Updates whose metrics are the baseline of the length, entropy and EOS monitors.",
+    )
+    length_std: float | None = Field(
+        3.0,
+        gt=0,
+        description="length: fires when an update's mean response length exceeds the baseline's mean by more "
+        "than this many standard deviations of the baseline's per-answer lengths (at least 1 token). Growth "
+        "only: answers getting shorter is not flagged. null: off.",
+    )
+    kl_max: float | None = Field(
+        20.0,
+        gt=0,
+        description="kl: fires when an update's KL to the reference (nats per answer, summed over its tokens) "
+        "is above this ceiling. null: off.",
+    )
+    entropy_fraction: float | None = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="entropy: fires when an update's mean per-token entropy falls below this fraction of the "
+        "baseline's mean (the policy collapsing onto a few answers). null: off.",
+    )
+    eos_from: float | None = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="eos: armed when the baseline's mean EOS rate (share of answers that end) is at least "
+        "this; fires when an update's EOS rate then falls to eos_to or below (answers stop ending: a length "
+        "hack). null: off.",
+    )
+    eos_to: float = Field(0.1, ge=0, lt=1, description="eos: the EOS rate at or below which it fires.")
+    held_out_metric: str | None = Field(
+        "eval/*/mean",
+        min_length=1,
+        max_length=128,
+        description="reward_divergence: the metric series of a held-out grader (a name or an fnmatch pattern; "
+        "every matching series is watched). Fires when, over the last divergence_window points of such a "
+        "series, the proxy reward (reward_mean) rises while the series falls (least-squares slopes). A job "
+        "that logs no such series says so in an event and the monitor does nothing. null: off.",
+    )
+    divergence_window: int = Field(
+        5, ge=2, le=10000, description="reward_divergence: points of the held-out series the slopes use."
+    )
+    stop_on: list[MonitorName] = Field(
+        default_factory=list,
+        description="Monitors that end the job when they fire: PPO stops after that update and the job "
+        "succeeds with status_reason 'stopped_by_monitor', its newest policy as the output.",
+    )
+
+    @model_validator(mode="after")
+    def _stop_on_monitors_that_run(self) -> PPOMonitorSettings:
+        off = {
+            "length": self.length_std is None,
+            "kl": self.kl_max is None,
+            "entropy": self.entropy_fraction is None,
+            "eos": self.eos_from is None,
+            "reward_divergence": self.held_out_metric is None,
+        }
+        stopped_but_off = sorted({name for name in self.stop_on if off[name]})
+        if stopped_but_off:
+            raise ValueError(f"stop_on names monitors that are off: {stopped_but_off}")
+        if self.eos_from is not None and self.eos_to >= self.eos_from:
+            raise ValueError(f"eos_to ({self.eos_to}) must be below eos_from ({self.eos_from})")
+        return self
+
+
     rollout_batch_size: int | None = Field(
         None, ge=1, le=4096, description="Prompts generated per PPO update (default: batch_size)."
     )
@@ -199,6 +276,11 @@ class GenerateHyperparameters(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest sampled answer, in tokens.")
     temperature: float = Field(
         1.0, gt=0, le=10, description="Sampling temperature; lower gives safer, more similar answers."
+    monitors: PPOMonitorSettings = Field(
+        default_factory=PPOMonitorSettings,
+        description="Reward-hacking monitors (length, KL, entropy, EOS rate, proxy vs held-out reward) and "
+        "which of them stop the job.",
+    )
     )
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Sampling seed (default: the job's seed).")

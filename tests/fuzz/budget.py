@@ -17,8 +17,11 @@ too); ``failed`` in the figures is the test's own outcome.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,3 +106,13 @@ def target(name: str) -> Target:
     if name not in TARGETS:
         TARGETS[name] = Target(name)
     return TARGETS[name]
+
+
+def scratch_dir(prefix: str) -> str:
+    """A private folder for one fuzzer's files, removed at exit. In /dev/shm when there is one: opening and
+    truncating a file costs ~1.3 ms on this machine's disk and ~0.03 ms in memory, which sets the pace."""
+    shm = "/dev/shm"
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    path = tempfile.mkdtemp(prefix=prefix, dir=base)
+    atexit.register(shutil.rmtree, path, True)
+    return path

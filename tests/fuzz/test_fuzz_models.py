@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from service.core.errors import ValidationFailed
 from service.core.models import DTYPE_BITS, check_model_files, read_safetensors_header
 from tests.fuzz import mutate
-from tests.fuzz.budget import FUZZ_SETTINGS, VARIANTS, target
+from tests.fuzz.budget import FUZZ_SETTINGS, VARIANTS, scratch_dir, target
 
 HEADER_CODES = {"invalid_safetensors", "json_too_deep", "json_too_large"}
 FOLDER_CODES = HEADER_CODES | {
@@ -36,7 +35,7 @@ FOLDER_CODES = HEADER_CODES | {
     "invalid_index",
     "invalid_json",
 }
-WORK = Path(tempfile.mkdtemp(prefix="alignd-fuzz-models-"))
+WORK = Path(scratch_dir("alignd-fuzz-models-"))
 seeds = st.integers(0, 2**32 - 1)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from workers.training import checkpoint, data, loop, lora, rollout
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_ADAPTER, INVALID_SPEC, TrainingError
 from workers.training.modelcard import DatasetCardEntry
+from workers.training.monitors import Alert, Monitors
 from workers.training.ppo import (
     POLICY_ADAPTER,
     REFERENCE_ADAPTER,
@@ -306,6 +307,13 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
     """PPO's hooks on the shared loop: one step is one update (rollout, advantages, ``ppo_epochs`` passes).
 
     ``on_update(update, result)`` sees each update's full result (the benchmark times updates with it).
+
+    After each update the reward-hacking monitors (``monitors.py``) see its metrics; each alert goes out as a
+    ``monitor`` line, and one named in ``hp.monitors.stop_on`` ends the run after that update (``stopped_by``):
+    the schedule yields no further update, and the loop saves the final checkpoint and the newest policy as
+    usual. Metrics of a held-out evaluation run during PPO reach the monitors through :meth:`watch` (the
+    ``reward_divergence`` monitor reads them by name); choosing the best-by-held-out checkpoint as the output
+    instead of the newest policy would go in :meth:`save_outputs`, which today always saves the newest.
     """
 
     method = STAGE
@@ -323,6 +331,8 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         )
         self.on_update = on_update
         self.first_minibatch: MinibatchStats | None = None
+        self.monitors = Monitors(self.hp.monitors)
+        self.stopped_by: Alert | None = None
         models, trainer = session.models, session.trainer
         # Everything an update depends on: the trainable adapter(s) and value head, Adam's moments, the sampling
         # generator (rollouts and minibatch permutations), the prompt order; dropout is off, so no global RNG.
@@ -336,16 +346,27 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         )
 
     def schedule(self, step: int, resumed: checkpoint.ResumeState | None) -> Iterator[tuple[int, int, None]]:
-        # One update is one step; the prompt order is the position.
+        # One update is one step; the prompt order is the position. A stopping monitor ends the schedule.
         for update in range(step + 1, self.total + 1):
+            if self.stopped_by is not None:
+                return
             yield 0, update, None
 
     def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
         if resumed is not None:
             self.session.next_prompts.load(resumed.extra.get("prompt_order", []))
+            self.monitors.load(resumed.extra.get("monitors", {}))
+            stop = resumed.extra.get("stopped_by")
+            self.stopped_by = Alert(**stop) if stop else None
+        self.progress.event(self.monitors.describe(), stage=self.stage)
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {**super().checkpoint_extra(), "prompt_order": self.session.next_prompts.state()}
+        return {
+            **super().checkpoint_extra(),
+            "prompt_order": self.session.next_prompts.state(),
+            "monitors": self.monitors.state(),
+            "stopped_by": asdict(self.stopped_by) if self.stopped_by else None,
+        }
 
     def train_step(self, step: int, batch: None) -> None:
         result = self.session.trainer.step(self.session.next_prompts())
@@ -353,8 +374,38 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             self.first_minibatch = result.minibatches[0]
         if self.on_update is not None:
             self.on_update(step, result)
-        # Every update's metrics stay in the history; the metric line goes out every logging_steps.
-        self.logger.log(step, result.metrics, emit=self.logger.due(step))
+        lengths = result.rollout.response_mask.sum(dim=1).tolist()
+        self.watch(step, result.metrics, lengths)
+        # Every update's metrics stay in the history; the metric line goes out every logging_steps (and at
+        # the update a monitor stopped the run on, its last).
+        emit = self.logger.due(step) or self.stopped_by is not None
+        self.logger.log(step, result.metrics, emit=emit)
+
+    def watch(self, step: int, values: dict[str, float], lengths: list[float] | None = None) -> None:
+        """Show update ``step``'s metric ``values`` (and its answers' ``lengths``) to the monitors; send each
+        alert, and stop after this update when one is in ``stop_on``."""
+        stop_on = set(self.hp.monitors.stop_on)
+        for alert in self.monitors.observe(step, values, lengths or []):
+            stop = alert.name in stop_on and self.stopped_by is None
+            message = alert.message + (
+                f"; stopping after this update (stop_on: {alert.name})" if stop else ""
+            )
+            self.progress.monitor(
+                message,
+                stage=self.stage,
+                name=alert.name,
+                step=alert.step,
+                value=alert.value,
+                threshold=alert.threshold,
+                stop=stop,
+            )
+            if stop:
+                self.stopped_by = alert
+
+    def on_end(self) -> None:
+        notice = self.monitors.missing_series_notice()
+        if notice is not None:
+            self.progress.event(notice, stage=self.stage)
 
     def final_metrics(self, steps: int, train_seconds: float) -> dict[str, float]:
         history = self.logger.history
@@ -370,6 +421,7 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             "episodes": float(steps * self.session.rollout_size),
             "train_seconds": train_seconds,
             "trainable_parameters": float(sum(p.numel() for p in self.session.models.trainable_parameters)),
+            "stopped_early": 1.0 if self.stopped_by is not None else 0.0,
         }
 
     def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
@@ -399,12 +451,23 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             datasets={"prompts": {"id": dataset_ref.id, "sha256": session.dataset_sha256}},
             reward_model=spec.reward_model.id if spec.reward_model else None,
             init_adapter=spec.init_adapter.id if spec.init_adapter else None,
+            # The output is the newest policy, also when a monitor stopped the run.
+            stopped_by_monitor=(
+                {"name": self.stopped_by.name, "step": self.stopped_by.step} if self.stopped_by else None
+            ),
         )
 
     def summary(self, metrics: dict[str, float], steps: int, train_seconds: float) -> str:
+        stopped = (
+            f"stopped by monitor {self.stopped_by.name} at update {steps} of {self.total}, keeping the newest "
+            "policy; "
+            if self.stopped_by is not None
+            else ""
+        )
         return (
-            f"finished {steps} PPO updates in {train_seconds:.1f} s; reward {metrics['first_reward_mean']:.3f} "
-            f"-> {metrics['reward_mean']:.3f}, KL {metrics['kl']:.3f} nats/answer"
+            f"{stopped}finished {steps} PPO updates in {train_seconds:.1f} s; reward "
+            f"{metrics['first_reward_mean']:.3f} -> {metrics['reward_mean']:.3f}, KL {metrics['kl']:.3f} "
+            "nats/answer"
         )
 
 

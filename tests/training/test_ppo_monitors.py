@@ -1,0 +1,150 @@
+"""PPO's reward-hacking monitors on the tiny model: a reward that pays for length raises the length alert and
+``stop_on: ["length"]`` ends the run early with the newest policy as the output; sound rewards raise none.
+
+The length hack needs answers with room to grow: the tiny random model almost never samples EOS (its answers
+run to max_new_tokens from the start), so the hack runs on a copy whose EOS logit is raised ("eager EOS":
+answers of about 3 tokens at first). Measured (seed 0, one thread): the hack crosses the limit at update 12
+of 20 (mean length 13.8 tokens against 3.4 +- 2.9 in the first two updates), in 4-9 s.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from contract.protocol import ProgressWriter, ResumeRef, TrainingSpec, parse_line
+from tests.training.test_ppo import EOS, FAST_HP, ends_early_reward, make_spec
+from workers.training.context import RunContext
+from workers.training.ppo_job import PPOResult, train_ppo
+
+MAX_NEW = 16
+HP: dict[str, Any] = {
+    **FAST_HP,
+    "steps": 20,
+    "batch_size": 16,
+    "mini_batch_size": 8,
+    "ppo_epochs": 4,
+    "learning_rate": 3e-3,
+    "max_new_tokens": MAX_NEW,
+    # A fast learner on a tiny model: the first two updates are the baseline (later ones already moved).
+    "monitors": {"baseline_updates": 2, "stop_on": ["length"]},
+}
+Reward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def eager_eos_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its EOS output row pointed along its mean final hidden state (norm 4)."""
+    dest = tmp_path_factory.mktemp("eager-eos") / "model"
+    shutil.copytree(tiny_model_dir, dest)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer(
+        ["What colour is the apple? The apple is red. The quick brown fox jumps"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        mean = model.model(**ids).last_hidden_state[0].mean(0)
+    weights = {k: v.clone() for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
+    weights["lm_head.weight"][EOS] = 4.0 * mean / mean.norm()
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def _answers(prompt_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = attention_mask[:, prompt_ids.size(1) :].float()
+    return mask, mask.sum(dim=1)
+
+
+def pays_for_length(
+    prompt_ids: torch.Tensor, response_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Deliberately hackable: the longer the answer, the higher the reward, whatever it says."""
+    return _answers(prompt_ids, attention_mask)[1] / MAX_NEW
+
+
+def about_five_tokens(
+    prompt_ids: torch.Tensor, response_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Sound for a length target: an answer that ends, the closer to 5 tokens the better (bounded, no way up)."""
+    mask, length = _answers(prompt_ids, attention_mask)
+    ended = ((response_ids == EOS).float() * mask).sum(dim=1) > 0
+    return ended.float() * (1.0 - (length - 5).abs() / MAX_NEW)
+
+
+def _run(spec: TrainingSpec, reward: Reward) -> tuple[PPOResult, list[dict[str, Any]]]:
+    stream = io.StringIO()
+    result = train_ppo(RunContext(spec=spec, progress=ProgressWriter(stream)), reward_function=reward)
+    return result, [m for m in map(parse_line, stream.getvalue().splitlines()) if m is not None]
+
+
+def test_a_length_hack_raises_the_length_alert_and_stop_on_ends_the_run(
+    eager_eos_model_dir: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(tmp_path / "hack", eager_eos_model_dir, hp=HP)
+    spec = spec.model_copy(update={"checkpoint_dir": str(tmp_path / "ckpt")})
+    result, messages = _run(spec, pays_for_length)
+    alerts = [m for m in messages if m["type"] == "monitor"]
+    print([(a["name"], a["step"], round(a["value"], 2), round(a["threshold"], 2)) for a in alerts])
+    length = [a for a in alerts if a["name"] == "length"]
+    assert len(length) == 1 and length[0]["stop"] is True, alerts
+    stopped_at = length[0]["step"]
+    assert length[0]["value"] > length[0]["threshold"]
+    assert "stopping after this update (stop_on: length)" in length[0]["message"]
+    assert stopped_at < HP["steps"] and result.updates == stopped_at
+    assert [m["step"] for m in messages if m["type"] == "metric"] == list(range(1, stopped_at + 1))
+    # The run ends as a finished one: the newest policy and its card are announced, the summary says why.
+    artifacts = {m["kind"]: m for m in messages if m["type"] == "artifact"}
+    assert set(artifacts) == {"adapter", "model_card"}
+    assert artifacts["adapter"]["metadata"]["stopped_by_monitor"] == {"name": "length", "step": stopped_at}
+    assert artifacts["adapter"]["metadata"]["metrics"]["stopped_early"] == 1.0
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    summary = [m for m in messages if m["type"] == "event"][-1]["message"]
+    assert f"stopped by monitor length at update {stopped_at} of {HP['steps']}" in summary
+
+    # A resumed attempt from the final checkpoint does not train past the stop.
+    final = [m for m in messages if m["type"] == "checkpoint"][-1]
+    assert final["step"] == stopped_at
+    resume = ResumeRef(path=final["path"], stage="ppo", step=stopped_at)
+    again = spec.model_copy(update={"resume_from": resume, "output_dir": str(tmp_path / "out2")})
+    resumed, resumed_messages = _run(again, pays_for_length)
+    assert resumed.updates == stopped_at
+    assert not [m for m in resumed_messages if m["type"] in ("metric", "monitor")]
+
+
+@pytest.mark.parametrize(
+    ("model", "reward"),
+    [("tiny", ends_early_reward), ("eager_eos", about_five_tokens)],
+    ids=["ends-early-reward", "five-token-reward"],
+)
+def test_sound_rewards_raise_no_alert(
+    model: str, reward: Reward, tiny_model_dir: Path, eager_eos_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = tiny_model_dir if model == "tiny" else eager_eos_model_dir
+    result, messages = _run(make_spec(tmp_path, model_dir, hp=HP), reward)
+    rewards = [h["reward_mean"] for h in result.history]
+    print(f"reward {rewards[0]:.3f} -> {rewards[-1]:.3f}; max KL {max(h['kl'] for h in result.history):.2f}")
+    assert result.updates == HP["steps"]
+    assert [m for m in messages if m["type"] == "monitor"] == []
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5  # it learned, and still no alert
+    events = [m["message"] for m in messages if m["type"] == "event"]
+    assert any(e.startswith("monitors: length") and "stop on: length" in e for e in events), events
+    # No held-out grader ran: the divergence monitor says it did nothing.
+    assert any("reward_divergence did nothing" in e and "eval/*/mean" in e for e in events), events
+    assert json.dumps(result.metrics)  # finite, serialisable final metrics
