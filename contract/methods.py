@@ -12,11 +12,12 @@ class Method(StrEnum):
     ppo = "ppo"
     rlhf = "rlhf"
     generate = "generate"
+    evaluate = "evaluate"
 
 
 # Methods whose training code exists; the others are accepted by the schema and refused with 422.
 AVAILABLE_METHODS: frozenset[Method] = frozenset(
-    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.rlhf, Method.generate}
+    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.rlhf, Method.generate, Method.evaluate}
 )
 
 # Which dataset kinds each method needs (role name == dataset kind).
@@ -27,6 +28,7 @@ REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
     Method.ppo: ("prompts",),
     Method.rlhf: ("sft", "preference", "prompts"),
     Method.generate: ("prompts",),
+    Method.evaluate: ("prompts",),
 }
 
 RLHF_STAGES: tuple[Method, ...] = (Method.sft, Method.reward_model, Method.ppo)

@@ -11,10 +11,12 @@ import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from contract.evaluation import EvaluationSpec, evaluation_of, model_refs
 from contract.protocol import AdapterRef, BaseModelRef, DatasetRef, ResumeRef, TrainingSpec
 from service.core import ranking
 from service.db.session import session_scope
@@ -110,6 +112,27 @@ class JobInputs:
     base_model: BaseModelRef
     datasets: dict[str, DatasetRef]
     adapters: dict[str, AdapterRef | None]  # keyed by ADAPTER_FIELDS
+    evaluation: EvaluationSpec | None = None
+    evaluation_artifacts: dict[str, AdapterRef] | None = None  # evaluate: keyed by artifact id
+
+
+def _artifact_ref(session: Any, store: ArtifactStore, cache: InputCache, artifact_id: str) -> AdapterRef:
+    artifact = session.exec(select(ArtifactRow).where(ArtifactRow.id == artifact_id)).first()
+    if artifact is None:
+        raise InputMissing(f"artifact {artifact_id} no longer exists")
+    return AdapterRef(id=artifact.id, path=str(cache.artifact(store, artifact)))
+
+
+def _evaluation_inputs(
+    session: Any, store: ArtifactStore, cache: InputCache, job: JobRow
+) -> tuple[EvaluationSpec | None, dict[str, AdapterRef]]:
+    """An evaluate job's spec and every artifact it names (candidate and judge adapters, reward models)."""
+    stored = evaluation_of(job.method, job.hyperparameters)
+    if stored is None:
+        return None, {}
+    spec = EvaluationSpec.model_validate(stored)
+    artifact_ids = sorted({ref for _, ref, _ in model_refs(spec) if ref.startswith("art_")})
+    return spec, {ref: _artifact_ref(session, store, cache, ref) for ref in artifact_ids}
 
 
 def fetch_inputs(engine: Engine, store: ArtifactStore, cache: InputCache, job: JobRow) -> JobInputs:
@@ -139,14 +162,17 @@ def fetch_inputs(engine: Engine, store: ArtifactStore, cache: InputCache, job: J
         adapters: dict[str, AdapterRef | None] = {}
         for field in ADAPTER_FIELDS:
             artifact_id = getattr(job, field)
-            if artifact_id is None:
-                adapters[field] = None
-                continue
-            artifact = session.exec(select(ArtifactRow).where(ArtifactRow.id == artifact_id)).first()
-            if artifact is None:
-                raise InputMissing(f"artifact {artifact_id} no longer exists")
-            adapters[field] = AdapterRef(id=artifact.id, path=str(cache.artifact(store, artifact)))
-    return JobInputs(base_model=model_ref, datasets=datasets, adapters=adapters)
+            adapters[field] = (
+                None if artifact_id is None else _artifact_ref(session, store, cache, artifact_id)
+            )
+        evaluation, evaluation_artifacts = _evaluation_inputs(session, store, cache, job)
+    return JobInputs(
+        base_model=model_ref,
+        datasets=datasets,
+        adapters=adapters,
+        evaluation=evaluation,
+        evaluation_artifacts=evaluation_artifacts,
+    )
 
 
 def write_spec(
@@ -170,12 +196,15 @@ def write_spec(
         init_reward_model=inputs.adapters["init_reward_model"],
         reward_model=inputs.adapters["reward_model"],
         lora=job.lora,
-        hyperparameters=job.hyperparameters,
+        # An evaluate job's hyperparameters column holds its evaluation spec, handed over on its own.
+        hyperparameters={} if inputs.evaluation is not None else job.hyperparameters,
         seed=job.seed,
         output_dir=str(output_dir),
         checkpoint_dir=str(checkpoint_dir),
         resume_from=resume_from,
         stage_artifacts=stage_artifacts,
+        evaluation=inputs.evaluation,
+        evaluation_artifacts=inputs.evaluation_artifacts or {},
     )
     (attempt_dir / "spec.json").write_text(spec.model_dump_json(indent=2), encoding="utf-8")
     return spec

@@ -14,9 +14,11 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult
 from service.core.errors import AlignError
 from service.core.ids import new_id, now
 from service.db.artifacts import sweep_orphan_objects
@@ -43,6 +45,20 @@ def pack_folder(folder: Path, dest: Path) -> tuple[int, str]:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return dest.stat().st_size, digest.hexdigest()
+
+
+def refused_artifact(message: dict[str, Any]) -> tuple[str, str] | None:
+    """The error to fail the job with when an artifact message breaks the protocol, None when it holds.
+
+    An ``eval`` artifact's metadata carries the evaluation that ``GET /v1/jobs/{id}/evaluation`` serves, so
+    it is checked against its schema before it is stored rather than failing every later read."""
+    if message.get("kind") != EVAL_ARTIFACT_KIND:
+        return None
+    try:
+        EvaluationResult.model_validate((message.get("metadata") or {}).get("evaluation"))
+    except ValidationError as exc:
+        return ("invalid_output", f"The eval artifact's evaluation does not match its schema: {exc}")
+    return None
 
 
 def store_artifact(engine: Engine, store: ArtifactStore, lease: Lease, message: dict[str, Any]) -> None:

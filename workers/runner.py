@@ -260,7 +260,11 @@ class JobRunner:
         elif kind == "progress":
             leases.set_progress(self.engine, lease, message, stage=stage)
         elif kind == "artifact":
-            self._store_artifact(lease, message)
+            refused = outputs.refused_artifact(message)
+            if refused is not None:
+                self._aborts[lease.job_id] = refused
+            else:
+                self._store_artifact(lease, message)
         elif kind == "checkpoint":
             outputs.store_checkpoint(self.engine, self.store, lease, message)
         elif kind == "dataset":

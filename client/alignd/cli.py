@@ -41,7 +41,7 @@ EXIT_INTERRUPTED = 130
 
 DATASET_KINDS = ("sft", "preference", "prompts")  # also the job's dataset roles (--sft, ...)
 UPLOAD_KINDS = (*DATASET_KINDS, "ranking", "candidates")
-METHODS = ("sft", "reward_model", "dpo", "ppo", "rlhf", "generate")
+METHODS = ("sft", "reward_model", "dpo", "ppo", "rlhf", "generate", "evaluate")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 

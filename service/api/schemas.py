@@ -7,6 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Row
 
+from contract.evaluation import evaluation_of
 from contract.inputs import InputModel
 from contract.methods import Method
 from service.core.feedback import ItemRatings
@@ -134,6 +135,29 @@ class JobCreate(InputModel):
         None, ge=0, le=2**31 - 1, description="Fixed seed; random (and recorded) if omitted."
     )
     name: str | None = Field(None, max_length=256)
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="method 'evaluate' only: {candidates: [{name, adapter?}], baseline, graders: [grader, ...], "
+        "sampling: {max_new_tokens, temperature, top_p, num_samples, max_prompt_length, batch_size, "
+        "max_prompts}, bootstrap_resamples} (docs/evaluation.md). Checked by alignd's rules, with field-named "
+        "422s.",
+        json_schema_extra={
+            "example": {
+                "candidates": [{"name": "base"}, {"name": "sft", "adapter": "art_..."}],
+                "baseline": "base",
+                "graders": [
+                    {
+                        "type": "string_check",
+                        "name": "says_yes",
+                        "input": "{{sample.output_text}}",
+                        "reference": "yes",
+                        "operation": "like",
+                    }
+                ],
+                "sampling": {"max_new_tokens": 64, "temperature": 0, "num_samples": 1},
+            }
+        },
+    )
 
 
 class JobError(BaseModel):
@@ -157,6 +181,9 @@ class JobPublic(BaseModel):
     hyperparameters: dict[str, Any]
     lora: dict[str, Any]
     seed: int
+    evaluation: dict[str, Any] | None = Field(
+        None, description="method 'evaluate': the evaluation spec as resolved (every default filled in)."
+    )
     progress: float
     error: JobError | None
     created_at: int
@@ -167,6 +194,7 @@ class JobPublic(BaseModel):
     def of(cls, row: JobRow | Row[Any]) -> JobPublic:
         """From the ORM row, or a Core row of the jobs table (same attribute names: the hot read path)."""
         error = JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None
+        evaluation = evaluation_of(row.method, row.hyperparameters)
         return cls(
             id=row.id,
             name=row.name,
@@ -179,9 +207,11 @@ class JobPublic(BaseModel):
             reward_model=row.reward_model,
             init_reward_model=row.init_reward_model,
             round=row.round,
-            hyperparameters=row.hyperparameters,
+            # An evaluate job keeps its spec in the hyperparameters column (contract/evaluation.py).
+            hyperparameters={} if evaluation is not None else row.hyperparameters,
             lora=row.lora,
             seed=row.seed,
+            evaluation=evaluation,
             progress=row.progress,
             error=error,
             created_at=row.created_at,

@@ -7,12 +7,13 @@ ValidationFailed naming each offending field (422), so the API route stays a few
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from contract.methods import AVAILABLE_METHODS, REQUIRED_DATASETS, Method
 from service.core.errors import ValidationFailed
+from service.core.evaluation import check_evaluation, missing_item_problems
 from service.core.jobs import resolve_hyperparameters, resolve_lora
 
 
@@ -24,6 +25,8 @@ class ResourceInfo:
 
 
 Lookup = Callable[[str, str], ResourceInfo | None]  # (resource type, id) -> info, None if not the tenant's
+# A dataset's records as (line number, record), read from storage (the evaluate job checks its rows).
+DatasetRows = Callable[[str], Iterable[tuple[int, dict[str, Any]]]]
 
 # Dataset kinds each role accepts besides its own: a ranking expands to all its (better, worse) pairs, so it
 # serves wherever preference pairs do (the runner expands it; see service/core/ranking.py).
@@ -44,6 +47,7 @@ class ResolvedJob:
     hyperparameters: dict[str, Any]
     seed: int
     init_reward_model: str | None = None
+    evaluation: dict[str, Any] | None = None
 
 
 def resolve_job(
@@ -58,6 +62,8 @@ def resolve_job(
     seed: int | None,
     lookup: Lookup,
     init_reward_model: str | None = None,
+    evaluation: Any = None,
+    dataset_rows: DatasetRows | None = None,
 ) -> ResolvedJob:
     if method not in AVAILABLE_METHODS:
         available = ", ".join(sorted(m.value for m in AVAILABLE_METHODS))
@@ -147,14 +153,34 @@ def resolve_job(
 
     resolved_lora: dict[str, Any] = {}
     resolved_hparams: dict[str, Any] = {}
+    resolved_evaluation: dict[str, Any] | None = None
     try:
         resolved_lora = resolve_lora(lora)
     except ValidationFailed as exc:
         problems.extend(exc.details)
-    try:
-        resolved_hparams = resolve_hyperparameters(method, hyperparameters)
-    except ValidationFailed as exc:
-        problems.extend(exc.details)
+    if method is Method.evaluate:
+        resolved_evaluation = _resolve_evaluation(
+            evaluation,
+            base_model=base_model,
+            lookup=lookup,
+            prompts=given.get("prompts") if not problems else None,
+            dataset_rows=dataset_rows,
+            problems=problems,
+        )
+        problems.extend(_unused_by_evaluate(init_adapter, reward_model, lora, hyperparameters))
+    else:
+        if evaluation is not None:
+            problems.append(
+                {
+                    "field": "evaluation",
+                    "code": "unexpected_field",
+                    "message": f"method '{method.value}' takes no evaluation (method 'evaluate' does)",
+                }
+            )
+        try:
+            resolved_hparams = resolve_hyperparameters(method, hyperparameters)
+        except ValidationFailed as exc:
+            problems.extend(exc.details)
 
     if problems:
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
@@ -170,4 +196,49 @@ def resolve_job(
         hyperparameters=resolved_hparams,
         seed=seed if seed is not None else secrets.randbelow(2**31),
         init_reward_model=init_reward_model,
+        evaluation=resolved_evaluation,
     )
+
+
+def _resolve_evaluation(
+    raw: Any,
+    *,
+    base_model: str,
+    lookup: Lookup,
+    prompts: str | None,
+    dataset_rows: DatasetRows | None,
+    problems: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The evaluate job's spec as stored, problems appended to ``problems``.
+
+    The prompts dataset's lines are read only once everything else holds (``prompts`` is None otherwise):
+    no file is read for a request that is refused anyway."""
+
+    def kind_of(resource: str, resource_id: str) -> str | None:
+        info = lookup(resource, resource_id)
+        return None if info is None else info.kind or ""
+
+    spec, found = check_evaluation(raw, base_model=base_model, lookup=kind_of)
+    problems.extend(found)
+    if spec is None or found:
+        return None
+    if prompts is not None and dataset_rows is not None:
+        problems.extend(missing_item_problems(spec, dataset_rows(prompts)))
+    return spec.dump()
+
+
+def _unused_by_evaluate(
+    init_adapter: str | None, reward_model: str | None, lora: Any, hyperparameters: Any
+) -> list[dict[str, Any]]:
+    """Fields an evaluate job would silently ignore: refused, so nobody thinks they took effect."""
+    where = {
+        "init_adapter": (init_adapter, "candidates name their adapters in evaluation.candidates"),
+        "reward_model": (reward_model, "reward models grade as reward_model graders in evaluation.graders"),
+        "lora": (lora, "candidates keep their own adapters' shapes"),
+        "hyperparameters": (hyperparameters, "sampling settings go in evaluation.sampling"),
+    }
+    return [
+        {"field": field, "code": "unexpected_field", "message": f"method 'evaluate' takes no {field}: {why}"}
+        for field, (value, why) in where.items()
+        if value
+    ]

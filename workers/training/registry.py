@@ -23,6 +23,7 @@ METHODS: dict[str, str] = {
     "dpo": "workers.training.dpo:train_dpo",
     "generate": "workers.training.generate:run",
     "rlhf": "workers.training.pipeline:run",
+    "evaluate": "workers.training.evaluate:run",
 }
 
 

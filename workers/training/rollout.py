@@ -174,7 +174,8 @@ def sample_responses(
     the last position. The whole batch advances one token per call; rows that have emitted EOS keep going (the
     batch is a rectangle) but their tokens become pads, and the loop stops as soon as every row has ended.
     Sampling is from ``softmax(logits / temperature)`` (then top-p), the same distribution whose log-probs the
-    trainer recomputes, so the PPO ratio starts at exactly 1.
+    trainer recomputes, so the PPO ratio starts at exactly 1. ``temperature=0`` is greedy decoding: the most
+    likely token every step (the lowest id on a tie, as ``argmax`` picks), no randomness drawn.
     """
     batch = prompt_ids.size(0)
     attention = prompt_mask.long()
@@ -185,11 +186,14 @@ def sample_responses(
     tokens: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         logits, cache = step(next_input, attention, positions, cache)
-        logits = logits.float() / temperature
-        if top_p < 1.0:
-            logits = _top_p_filter(logits, top_p)
-        probs = logits.softmax(dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if temperature == 0:
+            token = logits.float().argmax(dim=-1)
+        else:
+            logits = logits.float() / temperature
+            if top_p < 1.0:
+                logits = _top_p_filter(logits, top_p)
+            probs = logits.softmax(dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished |= token == eos_token_id

@@ -7,14 +7,19 @@ import csv
 import io
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
+from alignd import validation
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import update
 from sqlmodel import Session, col, func, select
 
+from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult, stored_hyperparameters
+from contract.methods import Method
 from service.api.deps import (
     ContextDep,
     PageDep,
@@ -35,7 +40,7 @@ from service.api.schemas import (
     parse_event_id,
 )
 from service.api.uploads import require_content_type
-from service.core.errors import ConflictError, RateLimitedError
+from service.core.errors import ConflictError, NotFoundError, RateLimitedError
 from service.core.ids import new_id, now
 from service.core.jobs import JobStatus
 from service.core.submission import ResourceInfo, resolve_job
@@ -43,6 +48,8 @@ from service.db.jobs import status_change
 from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
 from service.queue import QueueUnavailable
+from service.storage import ArtifactStore
+from service.storage.keys import dataset_key
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,8 @@ def create_job(
         seed=body.seed,
         lookup=lookup,
         init_reward_model=body.init_reward_model,
+        evaluation=body.evaluation,
+        dataset_rows=lambda dataset_id: _dataset_rows(ctx.store, dataset_id),
     )
     job = JobRow(
         id=new_id("job"),
@@ -116,7 +125,11 @@ def create_job(
         reward_model=resolved.reward_model,
         init_reward_model=resolved.init_reward_model,
         round=body.round,
-        hyperparameters=resolved.hyperparameters,
+        hyperparameters=(
+            resolved.hyperparameters
+            if resolved.evaluation is None
+            else stored_hyperparameters(resolved.evaluation)
+        ),
         lora=resolved.lora,
         seed=resolved.seed,
         created_at=now(),
@@ -134,6 +147,18 @@ def create_job(
             "job %s accepted while the queue is down (%s); the reconciler will enqueue it", job.id, exc
         )
     return JobPublic.of(job)
+
+
+def _dataset_rows(store: ArtifactStore, dataset_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A stored dataset's records, read where the store keeps the file or from a temporary download."""
+    local = store.local_path(dataset_key(dataset_id))
+    if local is not None:
+        yield from validation.iter_records(local)
+        return
+    with tempfile.TemporaryDirectory(prefix="alignd-rows-") as folder:
+        path = Path(folder) / "data.jsonl"
+        store.get_to_path(dataset_key(dataset_id), path)
+        yield from validation.iter_records(path)
 
 
 @router.get(
@@ -316,3 +341,35 @@ def list_metrics(
             writer.writerow([point.stage or "", point.step, point.name, repr(point.value)])
         return Response(content=buffer.getvalue(), media_type="text/csv")
     return ListResponse(data=points, has_more=False)
+
+
+@router.get(
+    "/{job_id}/evaluation",
+    response_model=EvaluationResult,
+    response_model_exclude_none=True,  # the baseline has no win-rates, the base candidate no adapter
+    operation_id="getJobEvaluation",
+    summary="An evaluate job's result: per candidate, each grader's mean and win-rate vs the baseline with 95% "
+    "intervals",
+    responses=error_responses(404, 409),
+)
+def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> EvaluationResult:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    if job.method != Method.evaluate:
+        raise NotFoundError(
+            f"Job {job_id} is a '{job.method}' job; only 'evaluate' jobs have an evaluation.",
+            code="evaluation_not_found",
+        )
+    artifact = session.exec(
+        select(ArtifactRow)
+        .where(ArtifactRow.job_id == job_id, ArtifactRow.kind == EVAL_ARTIFACT_KIND)
+        .order_by(col(ArtifactRow.seq).desc())
+    ).first()
+    if artifact is None or job.status != JobStatus.succeeded:
+        raise ConflictError(
+            f"Job {job_id} is {job.status}; its evaluation exists once it has succeeded.",
+            code="evaluation_not_ready"
+            if not JobStatus(job.status).is_terminal
+            else "evaluation_unavailable",
+        )
+    result = EvaluationResult.model_validate(artifact.meta["evaluation"])
+    return result.model_copy(update={"per_prompt_artifact": artifact.id})
