@@ -18,6 +18,10 @@ points ``sys.stdout`` at stderr at start, so library prints cannot corrupt the s
   so a resume skips the stage; see workers/training/checkpoint.py for the folder's contents)
 - ``{"type": "dataset", "stage": str, "kind": "candidates", "path": str, "name": str, "metadata": {...}}``  (a
   JSONL file the runner checks with the dataset rules of ``kind`` and stores as a new dataset made by the job)
+- ``{"type": "monitor", "stage": str, "name": str, "step": int, "value": float, "threshold": float,
+  "message": str, "stop": bool}``  (a reward-hacking monitor fired at that PPO update; the runner stores it
+  as a warning event and in the job's ``monitors``. ``stop``: it is in ``stop_on`` and the child ends the
+  stage early, succeeding: the job's ``status_reason`` becomes ``stopped_by_monitor``)
 - ``{"type": "error", "code": str, "message": str}``  (then the child exits non-zero)
 
 Exit status 0 means every artifact line has been written; anything else is a failure.
@@ -164,6 +168,30 @@ class ProgressWriter:
                 "path": path,
                 "name": name,
                 "metadata": metadata or {},
+            }
+        )
+
+    def monitor(
+        self,
+        message: str,
+        *,
+        stage: str,
+        name: str,
+        step: int,
+        value: float,
+        threshold: float,
+        stop: bool = False,
+    ) -> None:
+        self._emit(
+            {
+                "type": "monitor",
+                "stage": stage,
+                "name": name,
+                "step": int(step),
+                "value": float(value),
+                "threshold": float(threshold),
+                "message": message,
+                "stop": bool(stop),
             }
         )
 
