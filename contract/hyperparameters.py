@@ -265,6 +265,11 @@ class PPOMonitorSettings(_Strict):
     checkpoint_steps: int | None = Field(
         None, ge=1, description="Save a resumable checkpoint every this many PPO updates (and at the end)."
     )
+    monitors: PPOMonitorSettings = Field(
+        default_factory=PPOMonitorSettings,
+        description="Reward-hacking monitors (length, KL, entropy, EOS rate, proxy vs held-out reward) and "
+        "which of them stop the job.",
+    )
 
 
 class GenerateHyperparameters(_Strict):
@@ -276,11 +281,6 @@ class GenerateHyperparameters(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest sampled answer, in tokens.")
     temperature: float = Field(
         1.0, gt=0, le=10, description="Sampling temperature; lower gives safer, more similar answers."
-    monitors: PPOMonitorSettings = Field(
-        default_factory=PPOMonitorSettings,
-        description="Reward-hacking monitors (length, KL, entropy, EOS rate, proxy vs held-out reward) and "
-        "which of them stop the job.",
-    )
     )
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Sampling seed (default: the job's seed).")

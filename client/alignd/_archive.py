@@ -206,6 +206,10 @@ class _TarReader:
         while True:
             buf = self._source.read(BLOCK, "a member header")
             if buf.count(0) == BLOCK:
+                # tarfile refuses this too; dropping the header silently would hide a cut archive
+                if extended:
+                    labels = " and ".join(_EXTENDED[kind] for kind in extended)
+                    raise UnsafeArchiveError(f"archive ends after a {labels} header, with no member for it")
                 return None
             info = _parse_header(buf)
             if info.type not in _EXTENDED:

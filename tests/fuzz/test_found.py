@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 from alignd import validation
+from alignd._archive import safe_extract
+from alignd._errors import UnsafeArchiveError
 from safetensors import SafetensorError, safe_open
 
 from service.core.errors import ValidationFailed
@@ -134,3 +137,22 @@ def test_server_answers_422_for_a_lone_surrogate_architecture(
         response = client.post("/v1/models", data={"name": "m"}, files=files)
         assert response.status_code == 422, response.text
         assert response.json()["error"]["code"] == "invalid_config"
+
+
+def test_archive_ending_after_a_long_name_header_is_refused(tmp_path: Path) -> None:
+    # Found by the archive fuzzer's differential against tarfile: a GNU long-name header followed by the
+    # end-of-archive marker was dropped silently and the rest extracted; tarfile refuses the archive.
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("first.txt"), io.BytesIO(b""))
+        info = tarfile.TarInfo("n" * 200)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    first_member, long_name = 512, 1024  # header of first.txt; the long-name header and its one data block
+    archive = tmp_path / "cut.tar"
+    archive.write_bytes(out.getvalue()[: first_member + long_name] + b"\0" * 1024)
+    with pytest.raises(tarfile.ReadError), tarfile.open(archive) as tar:
+        tar.getmembers()
+    with pytest.raises(UnsafeArchiveError, match="GNU long-name header, with no member"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
