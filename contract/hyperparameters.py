@@ -138,17 +138,6 @@ class DPOHyperparameters(OptimizerHyperparameters):
     )
 
 
-class PPOHyperparameters(CommonHyperparameters):
-    """PPO against a reward model with a per-token KL penalty to the reference (the adapter disabled)."""
-
-    epochs: int | None = Field(  # type: ignore[assignment]
-        None,
-        ge=1,
-        le=1000,
-        description="Cap on passes over the prompts; unset: prompts are recycled until `steps` updates.",
-    )
-    steps: int = Field(100, ge=1, le=100000, description="PPO updates (one rollout batch each).")
-    batch_size: int = Field(8, ge=1, le=4096, description="Alias of rollout_batch_size for uniformity.")
 MonitorName = Literal["length", "kl", "entropy", "eos", "reward_divergence"]
 
 
@@ -226,6 +215,17 @@ class PPOMonitorSettings(_Strict):
         return self
 
 
+class PPOHyperparameters(CommonHyperparameters):
+    """PPO against a reward model with a per-token KL penalty to the reference (the adapter disabled)."""
+
+    epochs: int | None = Field(  # type: ignore[assignment]
+        None,
+        ge=1,
+        le=1000,
+        description="Cap on passes over the prompts; unset: prompts are recycled until `steps` updates.",
+    )
+    steps: int = Field(100, ge=1, le=100000, description="PPO updates (one rollout batch each).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Alias of rollout_batch_size for uniformity.")
     rollout_batch_size: int | None = Field(
         None, ge=1, le=4096, description="Prompts generated per PPO update (default: batch_size)."
     )
