@@ -22,7 +22,7 @@ from contract.methods import RLHF_STAGES, Method
 from contract.protocol import CHECKPOINT_META_FILE, AdapterRef, ResumeRef
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, JobMetricRow, JobRow
-from service.storage import ArtifactStore
+from service.storage import ArtifactStore, StorageUnavailable
 from workers.inputs import InputCache
 from workers.lease import Lease, add_event, fenced
 from workers.outputs import delete_checkpoint_rows, delete_objects
@@ -72,8 +72,8 @@ def resume_plans(engine: Engine, job: JobRow) -> list[ResumePlan]:
 
     A checkpoint of stage S at step k is usable when every stage before S (and S itself when the
     checkpoint marks S complete) has its output artifact stored: the attempt skips those stages, and
-    resumes S from step k (or starts the next stage). Download problems are handled by the caller, which
-    falls back to the next plan.
+    resumes S from step k (or starts the next stage). A checkpoint that is missing or corrupt in storage is
+    skipped by the caller for the next plan; an unreachable store ends the attempt instead.
     """
     stages = job_stages(job.method)
     with session_scope(engine) as session:
@@ -121,7 +121,12 @@ def fetch_best_plan(
         try:
             extract_artifact(store, plan.checkpoint, folder)
             json.loads((folder / CHECKPOINT_META_FILE).read_text(encoding="utf-8"))
-        except Exception as exc:  # missing object, corrupt archive, storage hiccup: try an older one
+        except StorageUnavailable:
+            # The store is down, not the checkpoint bad: falling back would start the job over and delete
+            # its checkpoints. The attempt ends here and a later one resumes once the store is back.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        except Exception as exc:  # missing object, corrupt archive: try an older one
             log.warning(
                 "checkpoint %s of %s unusable (%s); trying an older one", plan.checkpoint.id, job.id, exc
             )

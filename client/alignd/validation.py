@@ -63,7 +63,9 @@ __all__ = [
     "INVALID_RANKING",
     "INVALID_ROLE",
     "INVALID_UTF8",
+    "JSON_TOO_DEEP",
     "LINE_TOO_LONG",
+    "MAX_EXTRA_DEPTH",
     "MAX_RESPONSES",
     "MIN_RESPONSES",
     "MISSING_FIELD",
@@ -105,6 +107,8 @@ LINE_TOO_LONG: Final = "line_too_long"
 # readers cut the text there
 INVALID_CHARACTERS: Final = "invalid_characters"
 EMPTY_DATASET: Final = "empty_dataset"
+# an unknown field inside a message nested past MAX_EXTRA_DEPTH
+JSON_TOO_DEEP: Final = "json_too_deep"
 # ranking and candidates
 TOO_FEW_RESPONSES: Final = "too_few_responses"
 TOO_MANY_RESPONSES: Final = "too_many_responses"
@@ -127,6 +131,7 @@ CODES: Final = frozenset(
         LINE_TOO_LONG,
         INVALID_CHARACTERS,
         EMPTY_DATASET,
+        JSON_TOO_DEEP,
         TOO_FEW_RESPONSES,
         TOO_MANY_RESPONSES,
         DUPLICATE_RESPONSE,
@@ -139,6 +144,10 @@ CODES: Final = frozenset(
 # cannot rank them reliably, and the C(K,2) pairs per prompt (120 at 16) would dominate a reward-model batch.
 MIN_RESPONSES: Final = 2
 MAX_RESPONSES: Final = 16
+# Unknown fields inside a message ride along with the prompt or response into feedback sets, the database and
+# API responses, whose serializers recurse: a 500-deep one made GET /v1/feedback-sets/{id}/next answer 500.
+# Real metadata nests 2 or 3 levels; ignored record-level fields are never read, so they are not walked.
+MAX_EXTRA_DEPTH: Final = 32
 
 DEFAULT_MAX_LINE_BYTES: Final = 1 << 20
 DEFAULT_MAX_ISSUES: Final = 100
@@ -287,6 +296,35 @@ def _text_problem(path: str, value: object, expected: str) -> Problem:
     return WRONG_TYPE, f'"{path}": expected {expected}, got {_tname(value)}'
 
 
+def _depth(value: list[Any] | dict[str, Any], limit: int) -> int:
+    """Levels of lists/objects in ``value`` (1 for a flat one), counted up to ``limit + 1`` at most."""
+    level: list[Any] = [value]
+    depth = 0
+    while level and depth <= limit:
+        depth += 1
+        level = [
+            child
+            for container in level
+            for child in (container.values() if type(container) is dict else container)
+            if type(child) is dict or type(child) is list
+        ]
+    return depth
+
+
+def _deep_extra(message: dict[str, Any]) -> str | None:
+    """The first unknown field of a message nested deeper than :data:`MAX_EXTRA_DEPTH`, or None."""
+    for key, value in message.items():
+        container = type(value) is dict or type(value) is list
+        if (
+            container
+            and key != "role"
+            and key != "content"
+            and _depth(value, MAX_EXTRA_DEPTH) > MAX_EXTRA_DEPTH
+        ):
+            return key
+    return None
+
+
 def _check_messages(
     path: str, msgs: list[Any], *, last: str | None, only: str | None = None
 ) -> Problem | None:
@@ -314,6 +352,11 @@ def _check_messages(
             return _text_problem(f"{path}[{i}].content", content, "a string")
         if "\x00" in content:  # a memchr: the text checks' one extra cost per string
             return _nul_problem(f"{path}[{i}].content")
+        if len(m) > 2 and (deep := _deep_extra(m)) is not None:  # extras travel with the message
+            return (
+                JSON_TOO_DEEP,
+                f'"{path}[{i}]": field {_show(deep)} nests more than {MAX_EXTRA_DEPTH} levels deep',
+            )
         if only is not None and role != only:
             return (
                 INVALID_MESSAGES,

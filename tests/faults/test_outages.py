@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,39 @@ def _succeeded_without_objects(stack: FaultStack, probe: Probe, job_ids: list[st
     return [job_id for job_id in done if any(f"/{job_id}/" in key for key in missing + corrupt)]
 
 
+@dataclass
+class S3Cuts:
+    """Where each cut landed: ``final_upload`` (the child writing its outputs, the uploads next) or
+    ``mid_training`` (right after a checkpoint: the next checkpoint upload, or the resume download of the
+    attempt that follows, meets the dead endpoint)."""
+
+    hits: list[tuple[str, str, int]] = field(default_factory=list)  # (moment, job, its last event seq)
+    premature: set[str] = field(default_factory=set)
+
+    def jobs(self, moment: str) -> set[str]:
+        return {job for kind, job, _ in self.hits if kind == moment}
+
+
+def _await_moment(
+    moment: str, stack: FaultStack, probe: Probe, job_ids: list[str], cuts: S3Cuts, more: Callable[[], str]
+) -> str:
+    """The next job at ``moment``; ``more()`` submits another job whenever fewer than two are left to run."""
+    since = {job: seq for _, job, seq in cuts.hits}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        active = probe.statuses(job_ids)
+        if active["queued"] + active["running"] < 2:
+            job_ids.append(more())
+        if moment == "final_upload":
+            found = _writing_outputs(stack, [j for j in job_ids if j not in cuts.jobs(moment)])
+        else:
+            found = next((j for j in job_ids if probe.checkpoint_since(j, since.get(j, 0))), None)
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no {moment} moment to cut the S3 endpoint at")
+
+
 def test_s3_down_during_artifact_upload_is_retried(
     kill_stack: FaultStack,
     fault_plan: FaultPlan,
@@ -197,41 +231,46 @@ def test_s3_down_during_artifact_upload_is_retried(
     rng = random.Random(fault_plan.seed + 4)
     started = time.monotonic()
     probe = Probe(stack.database_url)
-    hit: list[tuple[str, int]] = []  # (job, its last event seq when the endpoint was cut)
-    premature: set[str] = set()
+    cuts = S3Cuts()
     with stack.client() as client:
         inputs = upload_inputs(client, tiny_model_dir, sft_jsonl, tmp_path)
-        job_ids = [submit(client, sft_job(inputs, seed=seed)) for seed in range(max(JOBS, outages))]
-        while len(hit) < outages:
-            pending = [job_id for job_id in job_ids if job_id not in {j for j, _ in hit}]
-            job_id = _writing_outputs(stack, pending)
-            if job_id is None:
-                assert probe.statuses(pending)["succeeded"] < len(pending), "no upload was caught"
-                time.sleep(0.05)
-                continue
+        job_ids = [submit(client, sft_job(inputs, seed=seed)) for seed in range(JOBS)]
+        for index in range(outages):
+            moment = "final_upload" if index % 2 == 0 else rng.choice(["final_upload", "mid_training"])
+            job_id = _await_moment(
+                moment,
+                stack,
+                probe,
+                job_ids,
+                cuts,
+                lambda: submit(client, sft_job(inputs, seed=rng.randrange(1 << 16))),
+            )
             stack.s3_proxy.stop()
-            hit.append((job_id, probe.last_event_seq(job_id)))
+            cuts.hits.append((moment, job_id, probe.last_event_seq(job_id)))
             cut, down = time.monotonic(), rng.uniform(3.0, 8.0)
             while time.monotonic() - cut < down:
-                premature.update(_succeeded_without_objects(stack, probe, job_ids))
+                cuts.premature.update(_succeeded_without_objects(stack, probe, job_ids))
                 time.sleep(0.3)
             stack.s3_proxy.start()
         wait_until_ended(probe, job_ids, timeout=600)
-        premature.update(_succeeded_without_objects(stack, probe, job_ids))
+        cuts.premature.update(_succeeded_without_objects(stack, probe, job_ids))
     result = audit(stack.database_url, stack.s3(), stack.bucket, job_ids)
-    uploads_after_cut = sum(_stored_adapter_after(probe, job_id, seq) for job_id, seq in hit)
+    before_final = sum(
+        _stored_adapter_after(probe, job, seq) for kind, job, seq in cuts.hits if kind == "final_upload"
+    )
     probe.close()
     figures = {
-        "s3_outages": len(hit),
-        "outages_before_the_final_upload": uploads_after_cut,
-        "jobs_succeeded_before_their_artifacts_were_durable": len(premature),
+        "s3_outages": len(cuts.hits),
+        "s3_outages_by_moment": dict(Counter(kind for kind, _, _ in cuts.hits)),
+        "outages_before_the_final_upload": before_final,
+        "jobs_succeeded_before_their_artifacts_were_durable": len(cuts.premature),
         **result.figures(),
         "wall_s": round(time.monotonic() - started, 1),
     }
     targets = {"s3_outages": outages, "jobs_succeeded_before_their_artifacts_were_durable": 0}
     targets.update(jobs_lost=0, jobs_duplicated=0, orphan_objects=0, resumes_from_step_0_after_a_checkpoint=0)
     fault_results.add("s3_down", targets=targets, figures=figures)
-    assert not premature, premature
+    assert not cuts.premature, cuts.premature
     assert not result.problems(), (result.problems(), stack.worker_logs())
 
 

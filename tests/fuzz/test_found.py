@@ -7,6 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import httpx
 import pytest
 from alignd import validation
 from alignd._archive import safe_extract
@@ -156,3 +157,41 @@ def test_archive_ending_after_a_long_name_header_is_refused(tmp_path: Path) -> N
     with pytest.raises(UnsafeArchiveError, match="GNU long-name header, with no member"):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _candidates_line(depth: int) -> bytes:
+    extra = "[" * depth + "]" * depth
+    return (
+        b'{"prompt": [{"role": "user", "content": "hi", "meta": %s}], "responses": ["a", "b"]}\n'
+        % extra.encode()
+    )
+
+
+def test_deep_field_inside_a_message_is_json_too_deep() -> None:
+    ok = validation.validate_stream(io.BytesIO(_candidates_line(validation.MAX_EXTRA_DEPTH)), "candidates")
+    assert ok.ok
+    deep = validation.validate_stream(
+        io.BytesIO(_candidates_line(validation.MAX_EXTRA_DEPTH + 1)), "candidates"
+    )
+    assert [(i["line"], i["code"]) for i in deep.issues] == [(1, "json_too_deep")]
+    assert '"prompt[0]": field "meta"' in deep.issues[0]["message"]
+
+
+def test_deepest_accepted_message_field_is_served_and_a_deeper_one_refused(live_server: LiveServer) -> None:
+    # Found by probing the feedback flow: a 500-deep field in a prompt message passed the upload, and
+    # GET /v1/feedback-sets/{id}/next then answered 500 (its serializer recursed past its limit).
+    with live_server.client() as client:
+
+        def upload(depth: int) -> httpx.Response:
+            files = {"file": ("c.jsonl", _candidates_line(depth), "application/jsonl")}
+            return client.post("/v1/datasets", data={"kind": "candidates"}, files=files)
+
+        refused = upload(500)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["details"][0]["code"] == "json_too_deep"
+        accepted = upload(validation.MAX_EXTRA_DEPTH)
+        assert accepted.status_code == 201, accepted.text
+        created = client.post("/v1/feedback-sets", json={"name": "deep", "candidates": accepted.json()["id"]})
+        assert created.status_code == 201, created.text
+        served = client.get(f"/v1/feedback-sets/{created.json()['id']}/next", params={"annotator": "ann1"})
+        assert served.status_code == 200, served.text
