@@ -26,12 +26,20 @@ def feed(client: httpx.Client, chaos: Chaos, inputs: Inputs, loops: list[threadi
     """Keep ``plan.outstanding`` jobs queued or running until the fault loops are done (or the budget)."""
     plan = chaos.plan
     rng = random.Random(plan.seed + 2)
-    started = time.monotonic()
+    started = last_report = time.monotonic()
     while any(loop.is_alive() for loop in loops):
         if plan.budget_seconds is not None and time.monotonic() - started > plan.budget_seconds:
             chaos.stop.set()
             break
         counts = chaos.probe.statuses(list(chaos.job_ids))
+        if time.monotonic() - last_report > 60:  # a long run says how far it got
+            last_report = time.monotonic()
+            log = chaos.log
+            print(
+                f"[faults] {last_report - started:.0f} s: {len(log.worker_kills)} worker, "
+                f"{len(log.child_kills)} child, {len(log.redis_kills)} Redis kills; jobs {dict(counts)}",
+                flush=True,
+            )
         for _ in range(plan.outstanding - counts["queued"] - counts["running"]):
             chaos.job_ids.append(submit(client, random_job(inputs, rng, rlhf_share=plan.rlhf_share)))
         time.sleep(0.5)
