@@ -90,14 +90,19 @@ def _header_blocks(data: bytes) -> list[int]:
             stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
         except ValueError:
             continue
-        if stored in tarfile.calc_chksums(block):
+        if stored in _checksums(block):
             offsets.append(pos)
     return offsets
 
 
+def _checksums(block: bytes) -> tuple[int, int]:
+    """A header's checksum, unsigned and signed (readers take either): its bytes summed, the field as spaces."""
+    rest = block[:148] + b" " * 8 + block[156:BLOCK]
+    return sum(rest), sum(b - 256 if b > 127 else b for b in rest)
+
+
 def _with_checksum(block: bytearray) -> None:
-    block[148:156] = b" " * 8
-    block[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(block))[0]
+    block[148:156] = b"%06o\0 " % _checksums(bytes(block))[0]
 
 
 def edit_header(rng: random.Random, data: bytes) -> bytes:
