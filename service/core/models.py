@@ -16,14 +16,17 @@ What we refuse and why:
   (``json_too_large`` / ``json_too_deep``, see :class:`JsonCaps`), found by a streaming pre-scan before
   anything parses it: ``json.loads`` spends ~90 bytes per value, so a 50 MB file of ``{}`` would cost over a
   gigabyte; the scan holds one chunk. A JSON file the server does not parse (``tokenizer.json``) whose
-  brackets close more than they open is ``invalid_json``.
+  brackets close more than they open is ``invalid_json``. The files parsed here must be UTF-8 and hold no
+  ``\\u`` escape of a lone surrogate (it has no UTF-8 form: the response, the database and the 422 body
+  quoting it could not be written).
 
-Other files (the contents of tokenizer files, ``generation_config.json``, chat templates, ``README.md``, licences, ...) are
-accepted as they are: they are data, read by tokenizers and templates, never executed.
+Other files (the contents of tokenizer files, ``generation_config.json``, chat templates, ``README.md``,
+licences, ...) are accepted as they are: they are data, read by tokenizers and templates, never executed.
 
 Safetensors headers are parsed by hand (8-byte little-endian header length, then a JSON header) with the same
-consistency rules the ``safetensors`` library enforces on load, so a file that passes here loads there. Only
-the header is read: memory and time do not grow with the weights' size.
+consistency rules the ``safetensors`` library enforces on load (a key twice in one object included), so a
+file that passes here loads there; tests/fuzz checks that claim against the library. Only the header is read:
+memory and time do not grow with the weights' size.
 """
 
 from __future__ import annotations
