@@ -11,6 +11,8 @@ import hashlib
 import logging
 import shutil
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from service.db.artifacts import sweep_orphan_objects
 from service.db.datasets import add_dataset_file
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, JobEventRow
-from service.storage import ArtifactStore
+from service.storage import ArtifactStore, StorageUnavailable
 from service.storage.keys import artifact_key
 from workers.lease import Lease, LeaseLost, add_event, fenced
 
@@ -166,6 +168,43 @@ def sweep_orphans(engine: Engine, store: ArtifactStore, lease: Lease) -> None:
         raise
     except Exception as exc:  # an orphaned object costs space, not correctness: never fail a job on it
         log.warning("could not sweep orphan artifact objects of %s: %s", lease.job_id, exc)
+
+
+def sweep_orphans_when_reachable(
+    engine: Engine,
+    store: ArtifactStore,
+    lease: Lease,
+    *,
+    give_up: Callable[[], bool],
+    first_wait: float = 0.5,
+    max_wait: float = 10.0,
+) -> bool:
+    """:func:`sweep_orphans` for a job about to succeed, retried while the store is unreachable.
+
+    Nothing sweeps a finished job's objects later, so the checkpoints dropped just before (or an earlier
+    attempt's leftovers) that the store could not delete would stay for good. The lease keeper holds the
+    lease meanwhile. Returns False when ``give_up()`` (worker stopping, lease lost) ended the wait first, or
+    the store failed otherwise; the job then succeeds with the objects left, as before this retry.
+    """
+    wait = first_wait
+    while True:
+        try:
+            with session_scope(engine) as session:
+                fenced(session, lease)
+                sweep_orphan_objects(session, store, lease.job_id)
+            return True
+        except StorageUnavailable as exc:
+            if give_up():
+                log.warning("could not sweep orphan artifact objects of %s: %s", lease.job_id, exc)
+                return False
+            log.warning("store unreachable sweeping %s before it succeeds (%s); retrying", lease.job_id, exc)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # an orphaned object costs space, not correctness: never fail a job on it
+            log.warning("could not sweep orphan artifact objects of %s: %s", lease.job_id, exc)
+            return False
+        time.sleep(wait)
+        wait = min(wait * 2, max_wait)
 
 
 def delete_objects(store: ArtifactStore, keys: list[str]) -> None:
