@@ -31,6 +31,8 @@ FINAL_EVENT_TEXT = {
     JobStatus.cancelled: "Job cancelled.",
     JobStatus.queued: "Job released and queued again.",
 }
+# The job's status_reason when a monitor in stop_on ended PPO early (the job succeeds with its newest policy).
+STOPPED_BY_MONITOR = "stopped_by_monitor"
 
 
 class LeaseLost(Exception):
@@ -147,6 +149,48 @@ def add_metrics(
             )
 
 
+def add_monitor(engine: Engine, lease: Lease, message: Mapping[str, Any], *, stage: str | None) -> None:
+    """A ``monitor`` message: a warning event and an entry in the job's ``monitors``; one that stops the job
+    sets its ``status_reason``. One entry per (stage, monitor, update): a resumed attempt that fires the same
+    monitor at the same update again replaces it."""
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        entry: dict[str, Any] = {
+            "stage": stage or job.stage,
+            "name": str(message.get("name", "")),
+            "step": int(message.get("step", 0)),
+            "value": float(message.get("value", 0.0)),
+            "threshold": float(message.get("threshold", 0.0)),
+            "message": str(message.get("message", "")),
+            "stop": bool(message.get("stop", False)),
+        }
+        key = (entry["stage"], entry["name"], entry["step"])
+        kept = [m for m in job.monitors if (m.get("stage"), m.get("name"), m.get("step")) != key]
+        job.monitors = [*kept, entry]  # a new list: the JSON column is saved on assignment
+        if entry["stop"]:
+            job.status_reason = STOPPED_BY_MONITOR
+        session.add(job)
+        session.add(
+            JobEventRow(
+                job_id=lease.job_id,
+                created_at=now(),
+                level="warning",
+                stage=entry["stage"],
+                message=entry["message"],
+            )
+        )
+
+
+def _succeeded_text(job: JobRow) -> str:
+    stop = next((m for m in reversed(job.monitors) if m.get("stop")), None)
+    if job.status_reason != STOPPED_BY_MONITOR or stop is None:
+        return FINAL_EVENT_TEXT[JobStatus.succeeded]
+    return (
+        f"Job succeeded: stopped early by monitor {stop['name']} at update {stop['step']} (stop_on); the "
+        "newest policy is the output."
+    )
+
+
 def set_progress(engine: Engine, lease: Lease, message: Mapping[str, Any], *, stage: str | None) -> None:
     """Record a progress message's value (the row keeps its own when it has none) and, when given, its stage."""
     with session_scope(engine) as session:
@@ -172,11 +216,15 @@ def end(engine: Engine, lease: Lease, status: JobStatus, *, error: tuple[str, st
         job.lease_expires_at = None
         if status is JobStatus.succeeded:
             job.progress = 1.0
+        else:
+            job.status_reason = None  # a monitor's early stop explains a success only
         if error is not None:
             job.error_code, job.error_message = error
         session.add(job)
         if status is JobStatus.failed:
             text = f"Job failed: {error[1] if error else 'unknown error'}"
+        elif status is JobStatus.succeeded:
+            text = _succeeded_text(job)
         else:
             text = FINAL_EVENT_TEXT[status]
         level = "error" if status is JobStatus.failed else "info"

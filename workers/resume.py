@@ -13,6 +13,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine
@@ -24,7 +25,7 @@ from service.db.session import session_scope
 from service.db.tables import ArtifactRow, JobMetricRow, JobRow
 from service.storage import ArtifactStore, StorageUnavailable
 from workers.inputs import InputCache
-from workers.lease import Lease, add_event, fenced
+from workers.lease import STOPPED_BY_MONITOR, Lease, add_event, fenced
 from workers.outputs import delete_checkpoint_rows, delete_objects
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,23 @@ def start_point(
     return resume_from, stage_artifacts
 
 
+def _discard_redone_monitors(job: JobRow, plan: ResumePlan, redo: list[str]) -> None:
+    """The monitor alerts the new attempt raises again go, by the metric points' rule (the attempt's
+    monitors restart from the checkpoint's state, so it fires them again if the run repeats)."""
+
+    def redone(entry: dict[str, Any]) -> bool:
+        if plan.checkpoint is None:
+            return True
+        if plan.stage is not None and not plan.stage_complete and entry.get("stage") == plan.stage:
+            return int(entry.get("step", 0)) > plan.step
+        return entry.get("stage") in redo
+
+    kept = [entry for entry in job.monitors if not redone(entry)]
+    if kept != job.monitors:
+        job.monitors = kept
+    job.status_reason = STOPPED_BY_MONITOR if any(entry.get("stop") for entry in kept) else None
+
+
 def discard_redone_work(
     engine: Engine, store: ArtifactStore, lease: Lease, job: JobRow, plan: ResumePlan
 ) -> None:
@@ -199,7 +217,7 @@ def discard_redone_work(
     redo = [s for s in stages if s not in kept]
     keys: list[str] = []
     with session_scope(engine) as session:
-        fenced(session, lease)
+        _discard_redone_monitors(fenced(session, lease), plan, redo)
         rows = session.exec(
             select(ArtifactRow).where(ArtifactRow.job_id == job.id, ArtifactRow.kind != "checkpoint")
         ).all()

@@ -213,10 +213,6 @@ class JobRunner:
             return JobStatus.queued
         if end.returncode == 0:
             outputs.drop_checkpoints(self.engine, self.store, lease, self._checkpoint_dir(lease.job_id))
-            # What the drop could not delete (the store down) goes before the job is seen succeeded.
-            outputs.sweep_orphans_when_reachable(
-                self.engine, self.store, lease, give_up=lambda: self._stopping.is_set() or lease.lost.is_set()
-            )
             self.finish(lease, JobStatus.succeeded)
             return JobStatus.succeeded
         error = end.error
@@ -263,6 +259,8 @@ class JobRunner:
             leases.add_metrics(self.engine, lease, values, step=message.get("step", 0), stage=stage)
         elif kind == "progress":
             leases.set_progress(self.engine, lease, message, stage=stage)
+        elif kind == "monitor":
+            leases.add_monitor(self.engine, lease, message, stage=stage)
         elif kind == "artifact":
             refused = outputs.refused_artifact(message)
             if refused is not None:

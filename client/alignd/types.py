@@ -23,6 +23,7 @@ __all__ = [
     "Metric",
     "MetricList",
     "Model",
+    "MonitorAlert",
     "ResponseRating",
     "Timestamp",
 ]
@@ -71,6 +72,20 @@ class JobError(AlignObject):
     message: str | None = None
 
 
+class MonitorAlert(AlignObject):
+    """A reward-hacking monitor that fired during PPO (``length``, ``kl``, ``entropy``, ``eos``,
+    ``reward_divergence``) at update ``step``: ``value`` crossed ``threshold``."""
+
+    stage: str | None = None
+    name: str | None = None
+    step: int | None = None
+    value: float | None = None
+    threshold: float | None = None
+    message: str | None = None
+    stop: bool = False
+    """It was in ``stop_on`` and ended the job early."""
+
+
 class Job(AlignObject):
     id: str
     object: str = "job"
@@ -90,6 +105,10 @@ class Job(AlignObject):
     seed: int | None = None
     progress: float | None = None
     error: JobError | None = None
+    status_reason: str | None = None
+    """Why the job ended as it did when the status alone does not say (``stopped_by_monitor``)."""
+    monitors: list[MonitorAlert] = Field(default_factory=list)
+    """The reward-hacking monitors that fired during PPO."""
     created_at: Timestamp | None = None
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None

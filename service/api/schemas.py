@@ -165,6 +165,18 @@ class JobError(BaseModel):
     message: str
 
 
+class MonitorAlert(BaseModel):
+    """A reward-hacking monitor that fired during PPO (at most once per monitor and stage)."""
+
+    stage: str | None = Field(description="The stage it fired in ('ppo'; rlhf: its ppo stage).")
+    name: str = Field(description="length, kl, entropy, eos or reward_divergence.")
+    step: int = Field(description="The PPO update it fired at.")
+    value: float = Field(description="The watched quantity at that update.")
+    threshold: float = Field(description="The limit it crossed.")
+    message: str
+    stop: bool = Field(False, description="It was in stop_on and ended the job after this update.")
+
+
 class JobPublic(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -186,6 +198,14 @@ class JobPublic(BaseModel):
     )
     progress: float
     error: JobError | None
+    status_reason: str | None = Field(
+        None,
+        description="Why the job ended as it did when the status alone does not say: 'stopped_by_monitor' "
+        "(succeeded early: a monitor in stop_on fired; see monitors).",
+    )
+    monitors: list[MonitorAlert] = Field(
+        default_factory=list, description="The reward-hacking monitors that fired during PPO, oldest first."
+    )
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -214,6 +234,8 @@ class JobPublic(BaseModel):
             evaluation=evaluation,
             progress=row.progress,
             error=error,
+            status_reason=row.status_reason,
+            monitors=[MonitorAlert.model_validate(entry) for entry in row.monitors or []],
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

@@ -70,6 +70,12 @@ class JobRow(SQLModel, table=True):
     progress: float = 0.0
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Why a job ended as it did when its status alone does not say (``stopped_by_monitor``: succeeded early).
+    status_reason: str | None = Field(default=None, max_length=64)
+    # The reward-hacking monitors that fired during PPO, as the child reported them (workers/lease.add_monitor).
+    monitors: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
     created_at: int
     started_at: int | None = None
     finished_at: int | None = None
