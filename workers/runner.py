@@ -213,6 +213,10 @@ class JobRunner:
             return JobStatus.queued
         if end.returncode == 0:
             outputs.drop_checkpoints(self.engine, self.store, lease, self._checkpoint_dir(lease.job_id))
+            # What the drop could not delete (the store down) goes before the job is seen succeeded.
+            outputs.sweep_orphans_when_reachable(
+                self.engine, self.store, lease, give_up=lambda: self._stopping.is_set() or lease.lost.is_set()
+            )
             self.finish(lease, JobStatus.succeeded)
             return JobStatus.succeeded
         error = end.error
