@@ -8,10 +8,12 @@ carries its help text, as TRL's config dataclasses do.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from contract.graders import Grader, leaves
 from contract.inputs import InputModel
 from contract.methods import Method
 
@@ -272,6 +274,159 @@ class PPOHyperparameters(CommonHyperparameters):
     )
 
 
+# Grader names become metric names (reward/<name>), which hold 64 characters.
+REWARD_NAME_PATTERN = r"[A-Za-z0-9_.-]{1,48}"
+REWARD_MODEL_SERIES = "reward_model"  # the job's reward model's series: reward/reward_model
+
+
+class GroupHyperparameters(CommonHyperparameters):
+    """GRPO and RLOO: a group of answers per prompt, advantages from the group, a token-level clipped loss.
+
+    Rewards are the weighted sum of ``graders`` (rule graders, or a score_model judge that is the job's base
+    model) and, when the job names a ``reward_model``, that reward model's score times ``reward_model_weight``.
+    """
+
+    epochs: int | None = Field(  # type: ignore[assignment]
+        None,
+        ge=1,
+        le=1000,
+        description="Cap on passes over the prompts; unset: prompts are recycled until `steps` updates.",
+    )
+    steps: int = Field(100, ge=1, le=100000, description="Updates (one group of answers per prompt each).")
+    batch_size: int = Field(
+        4, ge=1, le=4096, description="Prompts per update; each is answered num_generations times."
+    )
+    num_generations: int = Field(8, ge=2, le=64, description="Answers sampled per prompt (the group, G).")
+    num_iterations: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Optimizer steps on each group of answers (TRL's num_iterations, the PPO epochs). Above 1 the "
+        "later passes are off-policy and the importance ratio (clipped by epsilon) corrects for it.",
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Answers per forward/backward pass; their gradients are summed into one optimizer step "
+        "(default: all batch_size * num_generations at once).",
+    )
+    # As PPO (shared/NOTES.md): a LoRA policy needs a far higher learning rate than TRL's full-model 1e-6.
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Adam learning rate (eps 1e-5, constant).")
+    max_length: int = Field(256, ge=8, le=131072, description="Token budget for the prompt (left-truncated).")
+    max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Longest sampled answer (TRL's max_completion_length)."
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature (logits are divided by it)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="KL coefficient to the reference (the base with the adapter disabled, or the frozen "
+        "init_adapter). 0: no KL term (TRL's default); the KL is still measured and logged.",
+    )
+    epsilon: float = Field(
+        0.2, gt=0, lt=1, description="Clip of the importance ratio: [1 - epsilon, 1 + epsilon_high]."
+    )
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clip (DAPO's clip-higher, e.g. 0.28); default: epsilon."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Advantage scaling after the baseline: divide by the group's reward std ('group'), by the "
+        "std over the whole batch ('batch'), or not at all ('none', Dr. GRPO's advice).",
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo",
+        description="How per-token losses are averaged: grpo: per answer over its tokens, then over answers; "
+        "bnpo: over the tokens of each micro-batch; dr_grpo: summed and divided by answers * max_new_tokens; "
+        "dapo: over the tokens of the whole update (TRL's default).",
+    )
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the reward of an answer cut by max_new_tokens (no EOS)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
+    graders: list[Grader] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Reward graders (docs/graders.md), each scoring every answer; {{item.<field>}} reads the "
+        "prompt's dataset row. reward_model graders are refused: name the reward model as the job's "
+        "reward_model.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="One weight per grader, in order (default: 1 each). The reward is the weighted sum."
+    )
+    reward_model_weight: float = Field(
+        1.0, description="Weight of the job's reward_model score in the reward (when the job names one)."
+    )
+    logging_steps: int = Field(1, ge=1, description="Report metrics every this many updates.")
+    checkpoint_steps: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every this many updates (and at the end)."
+    )
+
+    @field_validator("graders")
+    @classmethod
+    def _graders(cls, graders: list[Any]) -> list[Any]:
+        names = [grader.name for grader in graders]
+        for name in names:
+            if re.fullmatch(REWARD_NAME_PATTERN, name) is None:
+                raise ValueError(
+                    f"grader name {name!r} must match {REWARD_NAME_PATTERN} (it names reward/<name>)"
+                )
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"grader names must be unique (they name reward/<name>): {duplicates}")
+        if REWARD_MODEL_SERIES in names:
+            raise ValueError(
+                f"'{REWARD_MODEL_SERIES}' names the job's reward model series; rename the grader"
+            )
+        for grader in graders:
+            if any(leaf.type == "reward_model" for _, leaf in leaves(grader)):
+                raise ValueError(
+                    f"grader {grader.name!r}: reward_model graders are not used here; name the reward model "
+                    "as the job's reward_model (weighted by reward_model_weight)"
+                )
+        return graders
+
+    @field_validator("reward_weights")
+    @classmethod
+    def _one_weight_per_grader(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        graders = info.data.get("graders")
+        if weights is not None and graders is not None and len(weights) != len(graders):
+            raise ValueError(f"{len(weights)} weights for {len(graders)} graders: give one per grader")
+        return weights
+
+    def weights(self) -> list[float]:
+        return list(self.reward_weights) if self.reward_weights is not None else [1.0] * len(self.graders)
+
+
+class GRPOHyperparameters(GroupHyperparameters):
+    """GRPO: advantage = reward - the group's mean (scaled by scale_rewards); KL (k3) in the loss with beta."""
+
+
+class RLOOHyperparameters(GroupHyperparameters):
+    """RLOO: advantage = reward - the mean of the other answers of the group (leave-one-out); with beta > 0
+    the answer's KL to the reference (summed k3) is subtracted from its reward, as in the RLOO paper and TRL."""
+
+    batch_size: int = Field(
+        8, ge=1, le=4096, description="Prompts per update; each is answered num_generations times."
+    )
+    num_generations: int = Field(4, ge=2, le=64, description="Answers sampled per prompt (the group, K).")
+    beta: float = Field(
+        0.05,
+        ge=0,
+        description="KL coefficient: beta * (the answer's summed k3 KL to the reference) is subtracted from its "
+        "reward (TRL's RLOO default 0.05). 0: no KL term; the KL is still logged.",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "none",
+        description="Advantage scaling after the leave-one-out baseline: by the group's reward std, the batch's, "
+        "or none (the default, as TRL's normalize_advantages=False).",
+    )
+
+
 class GenerateHyperparameters(_Strict):
     """Candidate generation: K sampled answers per prompt, written as a ``candidates`` dataset for labelling."""
 
@@ -298,5 +453,7 @@ HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.reward_model: RewardModelHyperparameters,
     Method.dpo: DPOHyperparameters,
     Method.ppo: PPOHyperparameters,
+    Method.grpo: GRPOHyperparameters,
+    Method.rloo: RLOOHyperparameters,
     Method.generate: GenerateHyperparameters,
 }

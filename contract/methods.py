@@ -10,6 +10,8 @@ class Method(StrEnum):
     reward_model = "reward_model"
     dpo = "dpo"
     ppo = "ppo"
+    grpo = "grpo"
+    rloo = "rloo"
     rlhf = "rlhf"
     generate = "generate"
     evaluate = "evaluate"
@@ -17,7 +19,17 @@ class Method(StrEnum):
 
 # Methods whose training code exists; the others are accepted by the schema and refused with 422.
 AVAILABLE_METHODS: frozenset[Method] = frozenset(
-    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.rlhf, Method.generate, Method.evaluate}
+    {
+        Method.sft,
+        Method.reward_model,
+        Method.dpo,
+        Method.ppo,
+        Method.grpo,
+        Method.rloo,
+        Method.rlhf,
+        Method.generate,
+        Method.evaluate,
+    }
 )
 
 # Which dataset kinds each method needs (role name == dataset kind).
@@ -26,9 +38,18 @@ REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
     Method.reward_model: ("preference",),
     Method.dpo: ("preference",),
     Method.ppo: ("prompts",),
+    Method.grpo: ("prompts",),
+    Method.rloo: ("prompts",),
     Method.rlhf: ("sft", "preference", "prompts"),
     Method.generate: ("prompts",),
     Method.evaluate: ("prompts",),
 }
 
 RLHF_STAGES: tuple[Method, ...] = (Method.sft, Method.reward_model, Method.ppo)
+# The online methods rlhf may run as its last stage (``rl_method`` in its hyperparameters; ppo by default).
+RL_METHODS: tuple[Method, ...] = (Method.ppo, Method.grpo, Method.rloo)
+
+
+def rlhf_stages(rl_method: str = Method.ppo.value) -> tuple[str, ...]:
+    """The stages of an rlhf job whose last stage is ``rl_method``: sft, reward_model, then that method."""
+    return (Method.sft.value, Method.reward_model.value, Method(rl_method).value)

@@ -14,12 +14,13 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from contract.methods import RLHF_STAGES, Method
+from contract.methods import Method, rlhf_stages
 from contract.protocol import CHECKPOINT_META_FILE, AdapterRef, ResumeRef
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, JobMetricRow, JobRow
@@ -34,10 +35,11 @@ log = logging.getLogger(__name__)
 STAGE_OUTPUT_KINDS = ("adapter", "reward_model")
 
 
-def job_stages(method: str) -> tuple[str, ...]:
-    """The stages a job of ``method`` runs through, in order (the ``stage`` its lines carry)."""
+def job_stages(method: str, hyperparameters: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The stages a job of ``method`` runs through, in order (the ``stage`` its lines carry); an rlhf job's last
+    stage is its ``rl_method`` (ppo unless its hyperparameters say grpo or rloo)."""
     if method == Method.rlhf.value:
-        return tuple(stage.value for stage in RLHF_STAGES)
+        return rlhf_stages(str((hyperparameters or {}).get("rl_method", Method.ppo.value)))
     return (method,)
 
 
@@ -76,7 +78,7 @@ def resume_plans(engine: Engine, job: JobRow) -> list[ResumePlan]:
     resumes S from step k (or starts the next stage). A checkpoint that is missing or corrupt in storage is
     skipped by the caller for the next plan; an unreachable store ends the attempt instead.
     """
-    stages = job_stages(job.method)
+    stages = job_stages(job.method, job.hyperparameters)
     with session_scope(engine) as session:
         outputs = list(
             session.exec(
@@ -212,7 +214,7 @@ def discard_redone_work(
     Earlier attempts' metric points after the checkpoint's step would otherwise appear twice; the series
     then describes the one run that produced the final artifacts (the events keep every attempt's story).
     """
-    stages = job_stages(job.method)
+    stages = job_stages(job.method, job.hyperparameters)
     kept = set(plan.done_stages)
     redo = [s for s in stages if s not in kept]
     keys: list[str] = []

@@ -41,7 +41,7 @@ EXIT_INTERRUPTED = 130
 
 DATASET_KINDS = ("sft", "preference", "prompts")  # also the job's dataset roles (--sft, ...)
 UPLOAD_KINDS = (*DATASET_KINDS, "ranking", "candidates")
-METHODS = ("sft", "reward_model", "dpo", "ppo", "rlhf", "generate", "evaluate")
+METHODS = ("sft", "reward_model", "dpo", "ppo", "grpo", "rloo", "rlhf", "generate", "evaluate")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"alignd {__version__}")
     groups = parser.add_subparsers(
-        dest="group", metavar="{models,datasets,jobs,artifacts,feedback}", required=True
+        dest="group", metavar="{models,datasets,jobs,artifacts,feedback,evals}", required=True
     )
 
     def leaf(sub: Any, name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
@@ -562,9 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     leaf(artifacts, "get", cmd_artifacts_get, "show an artifact").add_argument("id")
 
+    from alignd._cli_evals import add_evals_commands
     from alignd._cli_feedback import add_feedback_commands
 
     add_feedback_commands(groups, leaf)
+    add_evals_commands(groups, leaf)
     return parser
 
 

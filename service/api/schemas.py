@@ -129,7 +129,9 @@ class JobCreate(InputModel):
     lora: LoraCreate | None = None
     hyperparameters: dict[str, Any] | None = Field(
         None,
-        description="Per-method knobs; for rlhf keyed by stage: {sft: {...}, reward_model: {...}, ppo: {...}}.",
+        description="Per-method knobs; for rlhf keyed by stage: {rl_method: ppo|grpo|rloo, sft: {...}, "
+        "reward_model: {...}, <rl_method>: {...}}; grpo/rloo rewards: {graders: [...], reward_weights: [...]} "
+        "(docs/grpo.md).",
     )
     seed: int | None = Field(
         None, ge=0, le=2**31 - 1, description="Fixed seed; random (and recorded) if omitted."

@@ -13,8 +13,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from contract.hyperparameters import HYPERPARAMETER_MODELS, LoraSettings
-from contract.methods import RLHF_STAGES, Method
+from contract.methods import RL_METHODS, Method, rlhf_stages
 from service.core.errors import ValidationFailed
+from service.core.rewards import grader_details
 
 
 class JobStatus(StrEnum):
@@ -78,55 +79,89 @@ def _pydantic_details(exc: ValidationError, prefix: str) -> list[dict[str, Any]]
     return details
 
 
+GROUP_METHODS = frozenset({Method.grpo, Method.rloo})
+
+
+def _validate(method: Method, raw: Any, prefix: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(``raw`` validated by ``method``'s model with every default filled in, or None; the problems)."""
+    if not isinstance(raw, dict):
+        return None, [{"field": prefix, "code": "wrong_type", "message": "must be an object"}]
+    try:
+        model = HYPERPARAMETER_MODELS[method].model_validate(raw)
+        if method in GROUP_METHODS:
+            # Graders are stored in their JSON form (json_schema's spec under its OpenAI name, "schema").
+            return model.model_dump(mode="json", by_alias=True), []
+        return model.model_dump(), []
+    except ValidationError as exc:
+        details = _pydantic_details(exc, prefix)
+    if method in GROUP_METHODS:
+        # A bad grader is reported by the grader rules, with their codes and field paths, not pydantic's
+        # union errors; the rest (weights, names, other knobs) keeps the model's message.
+        graders = grader_details(raw, prefix=prefix)
+        if graders:
+            inside = f"{prefix}.graders."
+            details = [d for d in details if not d["field"].startswith(inside)] + graders
+    return None, details
+
+
+def _resolve_rlhf(raw: dict[str, Any]) -> dict[str, Any]:
+    """rlhf: ``{"rl_method": "ppo" | "grpo" | "rloo", "sft": {...}, "reward_model": {...}, <rl_method>: {...}}``."""
+    rl_method = raw.get("rl_method", Method.ppo.value)
+    if rl_method not in {m.value for m in RL_METHODS}:
+        raise ValidationFailed(
+            f"rlhf rl_method must be one of {', '.join(m.value for m in RL_METHODS)}, not {rl_method!r}",
+            code="invalid_hyperparameters",
+            details=[
+                {
+                    "field": "hyperparameters.rl_method",
+                    "code": "invalid_value",
+                    "message": f"one of {', '.join(m.value for m in RL_METHODS)}",
+                }
+            ],
+        )
+    stages = rlhf_stages(rl_method)
+    unknown = sorted(set(raw) - set(stages) - {"rl_method"})
+    if unknown:
+        raise ValidationFailed(
+            f"rlhf hyperparameters are rl_method and one object per stage ({', '.join(stages)}); unknown: "
+            f"{unknown}",
+            code="invalid_hyperparameters",
+            details=[
+                {"field": f"hyperparameters.{k}", "code": "unknown_stage", "message": "unknown stage"}
+                for k in unknown
+            ],
+        )
+    resolved: dict[str, Any] = {"rl_method": rl_method}
+    details: list[dict[str, Any]] = []
+    for stage in stages:
+        values, found = _validate(Method(stage), raw.get(stage) or {}, f"hyperparameters.{stage}")
+        details.extend(found)
+        if values is not None:
+            resolved[stage] = values
+    if details:
+        raise ValidationFailed("Invalid hyperparameters.", code="invalid_hyperparameters", details=details)
+    return resolved
+
+
 def resolve_hyperparameters(method: Method, raw: dict[str, Any] | None) -> dict[str, Any]:
     """Validate user hyperparameters for ``method`` and return them with every default filled in.
 
-    ``rlhf`` takes one mapping per stage: ``{"sft": {...}, "reward_model": {...}, "ppo": {...}}``.
-    Raises ValidationFailed (422, code ``invalid_hyperparameters``) naming each offending field.
+    ``rlhf`` takes one mapping per stage and the method of its last stage:
+    ``{"rl_method": "ppo", "sft": {...}, "reward_model": {...}, "ppo": {...}}`` (``rl_method`` grpo or rloo:
+    that key instead of ``ppo``). Raises ValidationFailed (422, code ``invalid_hyperparameters``) naming each
+    offending field.
     """
     raw = raw or {}
     if method is Method.rlhf:
-        unknown = sorted(set(raw) - {stage.value for stage in RLHF_STAGES})
-        if unknown:
-            raise ValidationFailed(
-                f"rlhf hyperparameters are keyed by stage (sft, reward_model, ppo); unknown: {unknown}",
-                code="invalid_hyperparameters",
-                details=[
-                    {"field": f"hyperparameters.{k}", "code": "unknown_stage", "message": "unknown stage"}
-                    for k in unknown
-                ],
-            )
-        resolved: dict[str, Any] = {}
-        details: list[dict[str, Any]] = []
-        for stage in RLHF_STAGES:
-            stage_raw = raw.get(stage.value) or {}
-            if not isinstance(stage_raw, dict):
-                details.append(
-                    {
-                        "field": f"hyperparameters.{stage.value}",
-                        "code": "wrong_type",
-                        "message": "must be an object",
-                    }
-                )
-                continue
-            try:
-                resolved[stage.value] = HYPERPARAMETER_MODELS[stage].model_validate(stage_raw).model_dump()
-            except ValidationError as exc:
-                details.extend(_pydantic_details(exc, f"hyperparameters.{stage.value}"))
-        if details:
-            raise ValidationFailed(
-                "Invalid hyperparameters.", code="invalid_hyperparameters", details=details
-            )
-        return resolved
-    try:
-        return HYPERPARAMETER_MODELS[method].model_validate(raw).model_dump()
-    except ValidationError as exc:
+        return _resolve_rlhf(raw)
+    values, details = _validate(method, raw, "hyperparameters")
+    if values is None:
         raise ValidationFailed(
-            "Invalid hyperparameters: "
-            + "; ".join(f"{d['field']}: {d['message']}" for d in _pydantic_details(exc, "hyperparameters")),
+            "Invalid hyperparameters: " + "; ".join(f"{d['field']}: {d['message']}" for d in details),
             code="invalid_hyperparameters",
-            details=_pydantic_details(exc, "hyperparameters"),
-        ) from None
+            details=details,
+        )
+    return values
 
 
 def resolve_lora(raw: dict[str, Any] | None) -> dict[str, Any]:

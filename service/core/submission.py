@@ -15,6 +15,7 @@ from contract.methods import AVAILABLE_METHODS, REQUIRED_DATASETS, Method
 from service.core.errors import ValidationFailed
 from service.core.evaluation import check_evaluation, missing_item_problems
 from service.core.jobs import resolve_hyperparameters, resolve_lora
+from service.core.rewards import group_problems
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,16 @@ def resolve_job(
             resolved_hparams = resolve_hyperparameters(method, hyperparameters)
         except ValidationFailed as exc:
             problems.extend(exc.details)
+        if resolved_hparams:
+            problems.extend(
+                group_problems(
+                    method.value,
+                    resolved_hparams,
+                    base_model=base_model,
+                    has_reward_model=reward_model is not None,
+                    rows=_rows_reader(dataset_rows, given.get("prompts"), refused=bool(problems)),
+                )
+            )
 
     if problems:
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
@@ -242,3 +253,13 @@ def _unused_by_evaluate(
         for field, (value, why) in where.items()
         if value
     ]
+
+
+def _rows_reader(
+    dataset_rows: DatasetRows | None, dataset_id: str | None, *, refused: bool
+) -> Callable[[], Iterable[tuple[int, dict[str, Any]]]] | None:
+    """Reads ``dataset_id``'s lines when called; None when there is nothing to read or the request is refused
+    anyway (no file is read for it)."""
+    if dataset_rows is None or dataset_id is None or refused:
+        return None
+    return lambda: dataset_rows(dataset_id)

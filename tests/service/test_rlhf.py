@@ -85,7 +85,8 @@ def test_rlhf_end_to_end(live_server: LiveServer, tmp_path: Path) -> None:
         response = client.post("/v1/jobs", json=_rlhf(ids, HYPERPARAMETERS))
         assert response.status_code == 202, response.text
         job = response.json()
-        assert set(job["hyperparameters"]) == {"sft", "reward_model", "ppo"}
+        assert set(job["hyperparameters"]) == {"rl_method", "sft", "reward_model", "ppo"}
+        assert job["hyperparameters"]["rl_method"] == "ppo"  # the default last stage
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
         assert done["status"] == "succeeded", (done, client.get(f"/v1/jobs/{job['id']}/events").json())
         assert done["progress"] == 1.0 and done["stage"] == "ppo"
@@ -210,3 +211,42 @@ def test_rlhf_gate_needs_a_held_out_set(live_server: LiveServer, tmp_path: Path)
         assert done["status"] == "failed" and done["error"]["code"] == "invalid_hyperparameters", done
         assert "eval_fraction" in done["error"]["message"]
         assert client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"] == []  # refused before SFT
+
+
+def test_rlhf_with_grpo_as_its_last_stage(live_server: LiveServer, tmp_path: Path) -> None:
+    """rl_method grpo: SFT -> reward model -> GRPO from the SFT adapter, rewarded by the job's reward model plus
+    a grader of its own."""
+    preference = tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=84).read_bytes()
+    grpo = {
+        "steps": 2, "batch_size": 2, "num_generations": 4, "max_new_tokens": 8, "max_length": 64,
+        "learning_rate": 1e-3, "graders": [{"type": "ends_with_eos", "name": "ends"}],
+    }  # fmt: skip
+    hyperparameters = {
+        "rl_method": "grpo",
+        "sft": HYPERPARAMETERS["sft"],
+        "reward_model": HYPERPARAMETERS["reward_model"],
+        "grpo": grpo,
+    }
+    with live_server.client() as client:
+        ids = _inputs(client, live_server, preference)
+        response = client.post("/v1/jobs", json=_rlhf(ids, hyperparameters))
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert set(job["hyperparameters"]) == {"rl_method", "sft", "reward_model", "grpo"}
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert done["status"] == "succeeded", (done, client.get(f"/v1/jobs/{job['id']}/events").json())
+        assert done["progress"] == 1.0 and done["stage"] == "grpo"
+        metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
+        grpo_series = {p["name"] for p in metrics if p["stage"] == "grpo"}
+        assert {
+            "reward_mean",
+            "reward/ends",
+            "reward/reward_model",
+            "kl",
+            "frac_reward_zero_std",
+        } <= grpo_series
+        artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+        assert ("grpo", "adapter") in {(a["stage"], a["kind"]) for a in artifacts}
+        adapter = next(a for a in artifacts if (a["stage"], a["kind"]) == ("grpo", "adapter"))
+        card = (_download(client, adapter, tmp_path / "grpo") / "README.md").read_text()
+    assert "## rlhf pipeline" in card and "-> GRPO" in card and "GRPO setup" in card

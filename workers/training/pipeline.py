@@ -7,6 +7,10 @@ scores with this job's reward model). So every stage emits exactly what the meth
 artifacts with their model cards) with ``stage`` moving sft -> reward_model -> ppo, and the job's progress is
 each stage's 0..1 mapped into its share of the whole.
 
+The last stage is the job's ``rl_method`` (``hyperparameters.rl_method``: ppo, the default, grpo or rloo; its
+knobs under that key): GRPO and RLOO start from the SFT adapter too and are rewarded by this job's reward model
+(times ``reward_model_weight``) plus any graders of their own (see grpo.py).
+
 Base weights: each trainer loads the base itself (a causal LM for SFT and PPO, a sequence classifier for the
 reward model) and the previous stage's model is released first, so at most one stage's models are in memory.
 PPO itself holds one copy for policy, reference, reward and value (see ppo.py and ppo_job.py).
@@ -31,8 +35,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from contract.hyperparameters import PPOHyperparameters, RewardModelHyperparameters, SFTHyperparameters
-from contract.methods import RLHF_STAGES
+from contract.hyperparameters import (
+    GRPOHyperparameters,
+    PPOHyperparameters,
+    RewardModelHyperparameters,
+    RLOOHyperparameters,
+    SFTHyperparameters,
+)
+from contract.methods import RL_METHODS, rlhf_stages
 from contract.protocol import AdapterRef, ProgressWriter, TrainingSpec
 from workers.training import checkpoint
 from workers.training.context import RunContext
@@ -43,12 +53,19 @@ from workers.training.errors import (
     TrainingError,
 )
 
-STAGES: tuple[str, ...] = tuple(stage.value for stage in RLHF_STAGES)  # ("sft", "reward_model", "ppo")
-DATASET_ROLE = {"sft": "sft", "reward_model": "preference", "ppo": "prompts"}
+DATASET_ROLE = {
+    "sft": "sft",
+    "reward_model": "preference",
+    "ppo": "prompts",
+    "grpo": "prompts",
+    "rloo": "prompts",
+}
 HYPERPARAMETER_MODELS: dict[str, type[BaseModel]] = {
     "sft": SFTHyperparameters,
     "reward_model": RewardModelHyperparameters,
     "ppo": PPOHyperparameters,
+    "grpo": GRPOHyperparameters,
+    "rloo": RLOOHyperparameters,
 }
 # Share of the job's progress bar per stage. Fixed rather than derived from step counts: a PPO update
 # (generation + several training passes) costs tens of SFT steps, and a bar that crawls at the end is worse
@@ -57,6 +74,8 @@ PROGRESS_SPANS: dict[str, tuple[float, float]] = {
     "sft": (0.0, 0.3),
     "reward_model": (0.3, 0.5),
     "ppo": (0.5, 1.0),
+    "grpo": (0.5, 1.0),
+    "rloo": (0.5, 1.0),
 }
 
 
@@ -90,15 +109,26 @@ class RLHFResult:
     outputs: dict[str, str] = field(default_factory=dict)  # stage -> local folder of its main artifact
 
 
+def _stages(spec: TrainingSpec) -> tuple[str, ...]:
+    """sft, reward_model, then the job's ``rl_method`` (ppo, grpo or rloo; ppo when absent)."""
+    rl_method = spec.hyperparameters.get("rl_method", "ppo")
+    if rl_method not in {m.value for m in RL_METHODS}:
+        raise TrainingError(
+            INVALID_HYPERPARAMETERS, f"rlhf rl_method must be ppo, grpo or rloo, not {rl_method!r}"
+        )
+    return rlhf_stages(rl_method)
+
+
 def _stage_hyperparameters(spec: TrainingSpec) -> dict[str, dict[str, Any]]:
     raw = spec.hyperparameters
-    unknown = sorted(set(raw) - set(STAGES))
+    stages = _stages(spec)
+    unknown = sorted(set(raw) - set(stages) - {"rl_method"})
     if unknown:
         raise TrainingError(
             INVALID_HYPERPARAMETERS, f"rlhf hyperparameters are keyed by stage; unknown: {unknown}"
         )
     resolved: dict[str, dict[str, Any]] = {}
-    for stage in STAGES:
+    for stage in stages:
         try:
             resolved[stage] = HYPERPARAMETER_MODELS[stage].model_validate(raw.get(stage) or {}).model_dump()
         except ValidationError as exc:
@@ -126,17 +156,19 @@ def _stage_spec(
 
 
 def _pipeline_card_section(spec: TrainingSpec, stage: str, hyperparameters: Mapping[str, Any]) -> str:
+    stages = _stages(spec)
+    rl = stages[-1].upper()
     rows = "\n".join(
         f"| {s} | {DATASET_ROLE[s]} | {spec.datasets[DATASET_ROLE[s]].name} | `{spec.datasets[DATASET_ROLE[s]].id}` "
         f"| `{spec.datasets[DATASET_ROLE[s]].sha256}` |"
-        for s in STAGES
+        for s in stages
     )
     floor = hyperparameters["reward_model"]["min_eval_accuracy"]
     return f"""
 ## rlhf pipeline
 
-Stage `{stage}` ({STAGES.index(stage) + 1} of {len(STAGES)}) of the rlhf job `{spec.job_id}`: SFT -> reward model
--> PPO on base `{spec.base_model.name}`. PPO starts from the SFT adapter, uses this job's reward model, and
+Stage `{stage}` ({stages.index(stage) + 1} of {len(stages)}) of the rlhf job `{spec.job_id}`: SFT -> reward model
+-> {rl} on base `{spec.base_model.name}`. {rl} starts from the SFT adapter, uses this job's reward model, and
 ran only because the reward model's held-out accuracy met the floor `min_eval_accuracy` = {floor}.
 
 | stage | role | dataset | id | sha256 |
@@ -148,13 +180,13 @@ ran only because the reward model's held-out accuracy met the floor `min_eval_ac
 def train_rlhf(ctx: RunContext) -> RLHFResult:
     # Imported here: each pulls in torch and transformers, and a bad spec should fail before that.
     from workers.training.__main__ import seed_everything
-    from workers.training.ppo_job import train_ppo
     from workers.training.reward import train_reward_model
     from workers.training.sft import train_sft
 
     spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
     hyperparameters = _stage_hyperparameters(spec)
-    missing = [DATASET_ROLE[s] for s in STAGES if DATASET_ROLE[s] not in spec.datasets]
+    stages = _stages(spec)
+    missing = [DATASET_ROLE[s] for s in stages if DATASET_ROLE[s] not in spec.datasets]
     if missing:
         raise TrainingError(INVALID_SPEC, f"method rlhf needs datasets with roles {missing}")
     reward_hp = hyperparameters["reward_model"]
@@ -168,10 +200,10 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
 
     start = 0
     if spec.resume_from is not None:
-        if spec.resume_from.stage not in STAGES:
+        if spec.resume_from.stage not in stages:
             raise TrainingError(INVALID_SPEC, f"resume_from names unknown stage {spec.resume_from.stage!r}")
-        start = STAGES.index(spec.resume_from.stage) + (1 if spec.resume_from.stage_complete else 0)
-    for stage in STAGES[:start]:
+        start = stages.index(spec.resume_from.stage) + (1 if spec.resume_from.stage_complete else 0)
+    for stage in stages[:start]:
         if stage not in spec.stage_artifacts:
             raise TrainingError(
                 INVALID_SPEC, f"resuming after stage {stage} needs its output in stage_artifacts"
@@ -191,10 +223,11 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
     sft_adapter: AdapterRef | None = spec.stage_artifacts.get("sft")
     reward_model: AdapterRef | None = spec.stage_artifacts.get("reward_model")
     progress.event(
-        "rlhf pipeline: sft -> reward_model -> ppo"
-        + (f", resuming at {STAGES[start] if start < len(STAGES) else 'the end'}" if start else "")
+        "rlhf pipeline: "
+        + " -> ".join(stages)
+        + (f", resuming at {stages[start] if start < len(stages) else 'the end'}" if start else "")
         + f"; quality gate: held-out reward accuracy >= {floor}",
-        stage=STAGES[min(start, len(STAGES) - 1)],
+        stage=stages[min(start, len(stages) - 1)],
     )
 
     if start <= 0:
@@ -245,25 +278,44 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
     if start <= 2:
         assert sft_adapter is not None and reward_model is not None
         seed_everything(spec.seed)
-        stage_spec = _stage_spec(
-            spec, "ppo", hyperparameters["ppo"], init_adapter=sft_adapter, reward_model=reward_model
-        )
-        ppo = train_ppo(RunContext(spec=stage_spec, progress=writer("ppo"), cancel=cancel))
-        result.stages_run.append("ppo")
-        result.metrics["ppo"] = dict(ppo.metrics)
-        result.outputs["ppo"] = str(ppo.adapter_dir)
-        updates = ppo.updates
-        del ppo
-        gc.collect()
-        checkpoint.mark_stage_complete(ctx, stage="ppo", step=updates)
+        _rl_stage(ctx, stages[-1], hyperparameters, sft_adapter, reward_model, writer, result)
     else:
-        progress.event("every stage was already complete; nothing left to run", stage="ppo")
+        progress.event("every stage was already complete; nothing left to run", stage=stages[-1])
 
     if sft_adapter is not None:
         result.outputs["sft"] = sft_adapter.path
     if reward_model is not None:
         result.outputs["reward_model"] = reward_model.path
     return result
+
+
+def _rl_stage(
+    ctx: RunContext,
+    stage: str,
+    hyperparameters: Mapping[str, dict[str, Any]],
+    sft_adapter: AdapterRef,
+    reward_model: AdapterRef,
+    writer: Callable[[str], StageWriter],
+    result: RLHFResult,
+) -> None:
+    """The last stage (ppo, grpo or rloo) from the SFT adapter, rewarded by this job's reward model."""
+    from workers.training.grpo_job import train_grpo, train_rloo
+    from workers.training.ppo_job import train_ppo
+
+    train: Callable[[RunContext], Any] = train_grpo if stage == "grpo" else train_rloo
+    if stage == "ppo":
+        train = train_ppo
+    stage_spec = _stage_spec(
+        ctx.spec, stage, hyperparameters[stage], init_adapter=sft_adapter, reward_model=reward_model
+    )
+    trained = train(RunContext(spec=stage_spec, progress=writer(stage), cancel=ctx.cancel))
+    result.stages_run.append(stage)
+    result.metrics[stage] = dict(trained.metrics)
+    result.outputs[stage] = str(trained.adapter_dir)
+    updates = trained.updates
+    del trained
+    gc.collect()
+    checkpoint.mark_stage_complete(ctx, stage=stage, step=updates)
 
 
 def run(ctx: RunContext) -> None:

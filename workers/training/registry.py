@@ -19,6 +19,8 @@ Trainer = Callable[[RunContext], object]
 METHODS: dict[str, str] = {
     "sft": "workers.training.sft:train_sft",
     "ppo": "workers.training.ppo_job:train_ppo",
+    "grpo": "workers.training.grpo_job:train_grpo",
+    "rloo": "workers.training.grpo_job:train_rloo",
     "reward_model": "workers.training.reward:train_reward_model",
     "dpo": "workers.training.dpo:train_dpo",
     "generate": "workers.training.generate:run",

@@ -151,6 +151,20 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def expand_for_group(
+    logits: torch.Tensor, cache: Any, attention: torch.Tensor, positions: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Repeat each row ``group_size`` times (row b -> rows b*G .. b*G+G-1): the last logits, the KV cache (a
+    transformers ``Cache``, repeated in place), the attention mask and the positions."""
+    cache.batch_repeat_interleave(group_size)
+    return (
+        logits.repeat_interleave(group_size, dim=0),
+        cache,
+        attention.repeat_interleave(group_size, dim=0),
+        positions.repeat_interleave(group_size, dim=0),
+    )
+
+
 # A step function of the model: (input_ids, attention_mask, position_ids, cache) -> (last logits, cache).
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
@@ -167,6 +181,7 @@ def sample_responses(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    group_size: int = 1,
 ) -> torch.Tensor:
     """KV-cached batched sampling from left-padded prompts; returns the raw responses (B, <= max_new_tokens).
 
@@ -176,8 +191,13 @@ def sample_responses(
     Sampling is from ``softmax(logits / temperature)`` (then top-p), the same distribution whose log-probs the
     trainer recomputes, so the PPO ratio starts at exactly 1. ``temperature=0`` is greedy decoding: the most
     likely token every step (the lowest id on a tie, as ``argmax`` picks), no randomness drawn.
+
+    ``group_size`` G > 1 answers each prompt G times (GRPO's groups): the result has B * G rows, rows
+    ``b * G .. b * G + G - 1`` answering prompt ``b``. The prompts are prefilled once; the cache, the last logits,
+    the mask and the positions are then repeated G times (:func:`expand_for_group`), and the G continuations
+    sample independently from there. With G = 1 nothing changes.
     """
-    batch = prompt_ids.size(0)
+    batch = prompt_ids.size(0) * group_size
     attention = prompt_mask.long()
     positions = position_ids_from_mask(attention)
     next_input = prompt_ids
@@ -186,6 +206,10 @@ def sample_responses(
     tokens: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         logits, cache = step(next_input, attention, positions, cache)
+        if group_size > 1 and not tokens:  # after the one prefill: G continuations of each prompt
+            logits, cache, attention, positions = expand_for_group(
+                logits, cache, attention, positions, group_size
+            )
         if temperature == 0:
             token = logits.float().argmax(dim=-1)
         else:

@@ -1,0 +1,172 @@
+"""GRPO and RLOO jobs over REST on the tiny model: a grpo job rewarded by a multi grader (regex + length)
+succeeds, its adapter loads with plain peft and its metric series carry the documented names; bad rewards are
+refused at submission naming the field (or the dataset lines)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import LiveServer
+from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
+
+THINGS = ["apple", "sky", "grass", "snow", "coal", "plum"]
+SHAPE = {
+    "type": "multi",
+    "name": "shape",
+    "graders": {
+        "has_the": {"type": "regex", "name": "has_the", "pattern": "the", "ignore_case": True},
+        "short": {"type": "length", "name": "short", "max": 40},
+    },
+    "calculate_output": "0.5 * has_the + 0.5 * short",
+}
+NAMES_IT = {
+    "type": "string_check",
+    "name": "names_it",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.thing}}",
+    "operation": "ilike",
+}
+SERIES = {
+    "reward_mean", "reward_std", "reward/shape", "reward/names_it", "frac_reward_zero_std", "kl", "clip_ratio",
+    "entropy", "completion_length", "eos_fraction", "episodes_per_second", "generation_seconds",
+}  # fmt: skip
+
+
+def _prompts(rows: list[dict[str, Any]] | None = None) -> bytes:
+    return jsonl(rows or [{"prompt": f"What colour is the {t}?", "thing": t} for t in THINGS])
+
+
+def _job(model: str, prompts: str, *, method: str = "grpo", **hyperparameters: Any) -> dict[str, Any]:
+    hp = {"steps": 3, "batch_size": 2, "num_generations": 4, "max_new_tokens": 8, "learning_rate": 1e-3}
+    return {
+        "method": method,
+        "base_model": model,
+        "datasets": {"prompts": prompts},
+        "lora": {"r": 4, "alpha": 8},
+        "hyperparameters": {
+            **hp,
+            "graders": [SHAPE, NAMES_IT],
+            "reward_weights": [1.0, 0.5],
+            **hyperparameters,
+        },
+        "seed": 0,
+    }
+
+
+@pytest.fixture
+def uploaded(live_server: LiveServer) -> tuple[LiveServer, str, str]:
+    with live_server.client() as client:
+        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
+        prompts = upload_dataset(client, _prompts(), "prompts").json()["id"]
+    return live_server, model, prompts
+
+
+def test_a_grpo_job_with_a_multi_grader_succeeds_and_its_adapter_loads_with_peft(
+    uploaded: tuple[LiveServer, str, str], tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    server, model, prompts = uploaded
+    with server.client() as client:
+        created = client.post("/v1/jobs", json=_job(model, prompts))
+        assert created.status_code == 202, created.text
+        job = created.json()
+        assert job["hyperparameters"]["graders"][0]["graders"]["short"]["unit"] == "chars"  # stored resolved
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert done["status"] == "succeeded", client.get(f"/v1/jobs/{job['id']}/events").json()
+        points = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
+        artifacts = {a["kind"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+        content = client.get(f"/v1/artifacts/{artifacts['adapter']['id']}/content")
+        assert content.status_code == 200
+    assert {p["stage"] for p in points} == {"grpo"}
+    assert sorted({p["step"] for p in points}) == [1, 2, 3]
+    names = {p["name"] for p in points}
+    assert names >= SERIES, SERIES - names
+    assert all(0.0 <= p["value"] <= 1.0 for p in points if p["name"] == "reward/shape")
+    folder = tmp_path / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(content.content), mode="r:gz") as archive:
+        archive.extractall(folder, filter="data")
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(server.tiny_model_dir), str(folder)
+    )
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft_model.named_parameters())  # it trained
+    assert "GRPO setup" in (folder / "README.md").read_text()
+
+
+def _refused(uploaded: tuple[LiveServer, str, str], body: dict[str, Any], code: str) -> dict[str, Any]:
+    server, _, _ = uploaded
+    with server.client() as client:
+        return assert_error(client.post("/v1/jobs", json=body), 422, code)
+
+
+def test_bad_rewards_are_refused_naming_the_field(uploaded: tuple[LiveServer, str, str]) -> None:
+    _, model, prompts = uploaded
+    error = _refused(uploaded, _job(model, prompts, graders=[], reward_weights=None), "missing_reward")
+    assert error["details"][0]["field"] == "hyperparameters.graders"
+
+    nested = {
+        **SHAPE,
+        "graders": {"bad": {"type": "regex", "name": "b", "pattern": "(a+)+"}},
+        "calculate_output": "bad",
+    }
+    error = _refused(uploaded, _job(model, prompts, graders=[nested], reward_weights=None), "unsafe_regex")
+    assert error["details"][0]["field"] == "hyperparameters.graders[0].graders.bad.pattern"
+
+    error = _refused(uploaded, _job(model, prompts, method="rloo", reward_weights=[1.0]), "invalid_value")
+    assert error["details"][0]["field"] == "hyperparameters.reward_weights"
+
+    rm = {"type": "reward_model", "name": "rm", "artifact": "art_x"}
+    error = _refused(uploaded, _job(model, prompts, graders=[rm], reward_weights=None), "invalid_value")
+    assert (
+        error["details"][0]["field"] == "hyperparameters.graders" and "job's reward_model" in error["message"]
+    )
+
+    judge = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "model_someoneelse",
+        "input": [{"role": "user", "content": "Rate {{sample.output_text}} from 0 to 1."}],
+    }
+    error = _refused(
+        uploaded, _job(model, prompts, graders=[judge], reward_weights=None), "judge_model_not_supported"
+    )
+    assert error["details"][0]["field"] == "hyperparameters.graders[0].model"
+
+    rlhf = {"method": "rlhf", "base_model": model, "hyperparameters": {"rl_method": "dpo"}}
+    error = _refused(uploaded, rlhf, "missing_dataset")  # the first problem's code; every problem is listed
+    assert {
+        "field": "hyperparameters.rl_method",
+        "code": "invalid_value",
+        "message": "one of ppo, grpo, rloo",
+    } in (error["details"])
+
+
+def test_a_grader_item_field_missing_in_rows_is_refused_with_line_numbers(
+    uploaded: tuple[LiveServer, str, str],
+) -> None:
+    server, model, _ = uploaded
+    rows = [
+        {"prompt": "a?", "thing": "a"},
+        {"prompt": "b?"},
+        {"prompt": "c?", "thing": "c"},
+        {"prompt": "d?"},
+    ]
+    with server.client() as client:
+        prompts = upload_dataset(client, _prompts(rows), "prompts").json()["id"]
+    error = _refused(uploaded, _job(model, prompts), "missing_item_field")
+    assert [(d["field"], d["line"]) for d in error["details"]] == [
+        ("datasets.prompts", 2),
+        ("datasets.prompts", 4),
+    ]
+    assert "'thing'" in error["details"][0]["message"] and "names_it" in error["details"][0]["message"]
+    # A grader that reads no item field needs nothing of the rows.
+    with server.client() as client:
+        accepted = client.post("/v1/jobs", json=_job(model, prompts, graders=[SHAPE], reward_weights=None))
+        assert accepted.status_code == 202, accepted.text
+        client.post(f"/v1/jobs/{accepted.json()['id']}/cancel")
