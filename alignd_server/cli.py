@@ -1,4 +1,4 @@
-"""``alignd-server serve | worker | migrate``: the server's command line.
+"""``alignd-server serve | worker | migrate | keys``: the server's command line.
 
 It starts the service and the workers alike (``serve`` runs embedded mode's in-process runner, ``worker``
 the arq worker), so it lives in the composition root, not in ``service``, which never imports the workers.
@@ -11,6 +11,7 @@ import ipaddress
 import sys
 from urllib.parse import urlparse
 
+from alignd_server import keys
 from service.settings import Settings
 
 
@@ -35,10 +36,10 @@ def serve(args: argparse.Namespace) -> int:
     from alignd_server.embedded import create_app
 
     settings = Settings()
-    if not settings.auth_enabled and not _is_loopback(args.host):
+    if not _is_loopback(args.host) and not _authenticated(settings):
         print(
             f"refusing to listen on {args.host} without authentication: set ALIGND_API_KEYS "
-            "('tenant:key,...') or bind to 127.0.0.1",
+            "('tenant:key,...'), create a key with `alignd-server keys create --tenant T`, or bind to 127.0.0.1",
             file=sys.stderr,
         )
         return 2
@@ -52,6 +53,27 @@ def serve(args: argparse.Namespace) -> int:
         log_config=None,
     )
     return 0
+
+
+def _authenticated(settings: Settings) -> bool:
+    """Whether the server will demand a key: ALIGND_API_KEYS holds one, or the database does (keys are revoked,
+    never deleted, so the server cannot lose its last one while it runs)."""
+    if settings.auth_enabled:
+        return True
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.db.api_keys import database_has_keys
+    from service.db.session import make_engine
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        return database_has_keys(engine)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"could not look for API keys in the database: {reason}", file=sys.stderr)
+        return False
+    finally:
+        engine.dispose()
 
 
 def worker_command(args: argparse.Namespace) -> int:
@@ -120,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_parser.set_defaults(func=worker_command)
     migrate_parser = commands.add_parser("migrate", help="Apply database migrations and exit.")
     migrate_parser.set_defaults(func=migrate_command)
+    keys.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

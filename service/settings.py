@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     queue: Literal["inline", "arq"] = Field("inline", description="inline: in-process; arq: Redis workers.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the arq queue.")
     api_keys: SecretStr | None = Field(
-        None, description="'tenant-a:key1,tenant-b:key2'. Unset: single tenant, no auth, loopback only."
+        None,
+        description="'tenant-a:key1,tenant-b:key2', accepted beside the database's keys (`alignd-server keys`). "
+        "Neither set: single tenant, no auth, loopback only.",
     )
     max_dataset_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload accepted.")
     max_model_bytes: int = Field(64 << 30, ge=1, description="Largest model upload accepted (all files).")

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contract.methods import Method
 from service import __version__
 from service.api import label_page
-from service.api.auth import Authenticate
+from service.api.auth import Authenticate, DatabaseKeys
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
 from service.api.idempotency import Idempotency
@@ -156,6 +156,7 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
             startup=startup,
             runner=runner,
             tenant_keys=settings.tenant_keys(),
+            api_keys=DatabaseKeys(engine),
         )
         metrics.watch_state(lambda: engine if startup.ready.is_set() else None, queue.depth)
         await asyncio.to_thread(startup.start)

@@ -5,49 +5,158 @@ resolves a route's dependencies, so a key checked in a dependency lets anyone ma
 store gigabytes before hearing 401. :class:`Authenticate` answers 401 from the headers alone, before the
 body is received, and puts the caller's tenant into ``scope["state"]``, where ``TenantDep`` reads it and the
 idempotency and upload-size middleware after it find it.
+
+Keys come from two places, checked in this order: ``ALIGND_API_KEYS`` (plaintext in the environment, compared
+in constant time) and the database's ``api_keys`` table (``alignd-server keys``; looked up by SHA-256, see
+:mod:`service.db.api_keys`). Authentication is on when either holds a key; with neither, every caller is the
+single default tenant (embedded mode on loopback).
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from anyio import to_thread
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.core.errors import AlignError, AuthenticationError
+from service.core.errors import AlignError, AuthenticationError, ServiceUnavailableError
+from service.core.ids import now
+from service.db.api_keys import any_keys, could_be_secret, find_key, record_use
 from service.settings import DEFAULT_TENANT
+
+log = logging.getLogger(__name__)
 
 # Where the tenant lives in the ASGI scope's per-request state (``request.state.tenant``).
 TENANT_STATE_KEY = "tenant"
 # Paths whose requests need a key. Everything else is public: /healthz, /readyz, /metrics, the OpenAPI
 # document and docs pages, and the labeling page's HTML (its script sends the key on its /v1 calls).
 PROTECTED_PREFIXES = ("/v1/",)
+# While the database holds no key, how often a request asks it again (a key made meanwhile is enforced from
+# then on); once it holds one, it is never asked again, since keys are revoked, never deleted.
+NO_KEYS_RECHECK_SECONDS = 1.0
+DATABASE_ERRORS = (OperationalError, DBAPIError, PoolTimeout)
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def tenant_for(authorization: str | None, tenant_keys: Mapping[str, str]) -> str:
-    """The tenant an ``Authorization: Bearer <key>`` header names; AuthenticationError when none does.
+class DatabaseKeys:
+    """The ``api_keys`` table as the middleware asks it.
 
-    With no keys configured auth is off and every caller is the single default tenant.
+    A presented key is looked up on every request, never cached, so a key revoked with ``alignd-server keys
+    revoke`` is refused from the next request on. Only "does the table hold any key" is remembered: once yes,
+    for good; while no, for :data:`NO_KEYS_RECHECK_SECONDS`. Queries run in worker threads: on the event loop,
+    a wait for a pooled connection would stall every request.
     """
-    if not tenant_keys:
-        return DEFAULT_TENANT
+
+    def __init__(self, engine: Engine, *, recheck_seconds: float = NO_KEYS_RECHECK_SECONDS) -> None:
+        self.engine = engine
+        self.recheck_seconds = recheck_seconds
+        self._seen_a_key = False
+        self._next_check = 0.0
+
+    async def any(self) -> bool:
+        if self._seen_a_key:
+            return True
+        moment = time.monotonic()
+        if moment < self._next_check:
+            return False
+        found = await self._query(any_keys, self.engine)
+        # Set only after an answer: while the database fails, every request asks (and hears 503), so an
+        # outage can never pass for "no keys", which would let callers in as the default tenant.
+        self._seen_a_key, self._next_check = found, moment + self.recheck_seconds
+        return found
+
+    async def tenant_of(self, secret: str) -> str | None:
+        """The tenant of a database key; None for a secret that is no key; 401 for a revoked one."""
+        match = await self._query(find_key, self.engine, secret)
+        if match is None:
+            return None
+        if match.revoked:
+            raise AuthenticationError(
+                "This API key was revoked.", code="api_key_revoked", headers=dict(CHALLENGE)
+            )
+        at = now()
+        if match.use_due(at):
+            try:
+                await to_thread.run_sync(lambda: record_use(self.engine, match.key_id, at=at))
+            except DATABASE_ERRORS as exc:  # bookkeeping only: the key itself was found and is valid
+                log.warning("could not record the use of API key %s: %s", match.key_id, exc)
+        return match.tenant
+
+    @staticmethod
+    async def _query(function: Any, *args: Any) -> Any:
+        try:
+            return await to_thread.run_sync(function, *args)
+        except DATABASE_ERRORS as exc:
+            log.warning("database unavailable while checking an API key: %s", exc)
+            raise ServiceUnavailableError(
+                "The database is unreachable; retry shortly.", code="database_unavailable"
+            ) from exc
+
+
+def bearer_token(authorization: str | None) -> str:
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError(
             "Missing API key: send 'Authorization: Bearer <key>'.",
             code="missing_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+            headers=dict(CHALLENGE),
         )
-    presented = token.strip().encode()
+    return token.strip()
+
+
+def _invalid_key() -> AuthenticationError:
+    return AuthenticationError("Invalid API key.", code="invalid_api_key", headers=dict(CHALLENGE))
+
+
+def _environment_tenant(token: str, tenant_keys: Mapping[str, str]) -> str | None:
+    presented = token.encode()
     for key, tenant in tenant_keys.items():
         # Constant-time comparison: no timing oracle on the keys.
         if hmac.compare_digest(key.encode(), presented):
             return tenant
-    raise AuthenticationError(
-        "Invalid API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-    )
+    return None
+
+
+def tenant_for(authorization: str | None, tenant_keys: Mapping[str, str]) -> str:
+    """The tenant an ``Authorization: Bearer <key>`` header names among ALIGND_API_KEYS's keys only;
+    AuthenticationError when none does. With no keys, every caller is the single default tenant."""
+    if not tenant_keys:
+        return DEFAULT_TENANT
+    tenant = _environment_tenant(bearer_token(authorization), tenant_keys)
+    if tenant is None:
+        raise _invalid_key()
+    return tenant
+
+
+async def resolve_tenant(
+    authorization: str | None, tenant_keys: Mapping[str, str], database: DatabaseKeys | None
+) -> str:
+    """The caller's tenant by the environment's keys, then the database's; the default tenant when neither
+    holds any key. AuthenticationError (401) for a missing, unknown or revoked key."""
+    if not tenant_keys and (database is None or not await database.any()):
+        return DEFAULT_TENANT
+    token = bearer_token(authorization)
+    tenant = _environment_tenant(token, tenant_keys)
+    if tenant is None and database is not None and could_be_secret(token):
+        tenant = await database.tenant_of(token)
+    if tenant is None:
+        raise _invalid_key()
+    return tenant
+
+
+def database_keys_of(scope: Mapping[str, Any]) -> DatabaseKeys | None:
+    """The app's :class:`DatabaseKeys` (``AppContext.api_keys``), once its lifespan has opened the database."""
+    state = getattr(scope.get("app"), "state", None)
+    keys = getattr(getattr(state, "ctx", None), "api_keys", None)
+    return keys if isinstance(keys, DatabaseKeys) else None
 
 
 def tenant_of_scope(scope: Mapping[str, Any]) -> str | None:
@@ -79,7 +188,10 @@ async def send_error(scope: Scope, receive: Receive, send: Send, error: AlignErr
 
 
 class Authenticate:
-    """Pure ASGI middleware: 401 for a protected path without a valid bearer key, before any body is read."""
+    """Pure ASGI middleware: 401 for a protected path without a valid bearer key, before any body is read.
+
+    ``tenant_keys`` are ALIGND_API_KEYS's; the database's keys are found through the app's context.
+    """
 
     def __init__(self, app: ASGIApp, *, tenant_keys: Mapping[str, str]) -> None:
         self.app = app
@@ -90,8 +202,10 @@ class Authenticate:
             await self.app(scope, receive, send)
             return
         try:
-            tenant = tenant_for(header_of(scope, b"authorization"), self.tenant_keys)
-        except AuthenticationError as error:
+            tenant = await resolve_tenant(
+                header_of(scope, b"authorization"), self.tenant_keys, database_keys_of(scope)
+            )
+        except AlignError as error:  # 401, or 503 when the database cannot be asked
             await send_error(scope, receive, send, error)
             return
         # uvicorn and Starlette's TestClient give each request its own copy of the state dict.

@@ -18,7 +18,7 @@ from sqlalchemy import bindparam
 from sqlalchemy.engine import Engine, Row
 from sqlmodel import Session, SQLModel, col, select
 
-from service.api.auth import tenant_for, tenant_of_scope
+from service.api.auth import DatabaseKeys, resolve_tenant, tenant_for, tenant_of_scope
 from service.api.startup import MigrationStartup
 from service.core.errors import NotFoundError, ValidationFailed
 from service.queue import JobQueue
@@ -53,6 +53,7 @@ class AppContext:
     startup: MigrationStartup
     runner: InProcessRunner | None = None  # embedded mode only; with arq the API only enqueues ids
     tenant_keys: dict[str, str] = field(default_factory=dict)
+    api_keys: DatabaseKeys | None = None  # the database's keys (alignd-server keys), beside tenant_keys
 
 
 def get_context_of(request: Request) -> AppContext:
@@ -75,15 +76,20 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 async def get_tenant(request: Request, ctx: ContextDep) -> str:
-    return authenticate(request, ctx)
+    tenant = tenant_of_scope(request.scope)
+    if tenant is not None:
+        return tenant
+    # A route outside the auth middleware's prefixes: the same rule, the environment's keys then the database's.
+    return await resolve_tenant(request.headers.get("authorization"), ctx.tenant_keys, ctx.api_keys)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 
 def authenticate(request: Request, ctx: AppContext) -> str:
-    """The caller's tenant (``TenantDep``; hot endpoints call it directly): the one the auth middleware found
-    before the body was read, else (a route outside its prefixes) resolved here by the same rule."""
+    """The caller's tenant for hot ``/v1`` endpoints that skip ``TenantDep``: the one the auth middleware found
+    before the body was read. Outside its prefixes only ALIGND_API_KEYS's keys are known here (the database's
+    need an await): such routes take ``TenantDep``."""
     tenant = tenant_of_scope(request.scope)
     return tenant if tenant is not None else tenant_for(request.headers.get("authorization"), ctx.tenant_keys)
 

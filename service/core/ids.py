@@ -1,4 +1,4 @@
-"""Prefixed, unguessable resource ids (``model_``, ``ds_``, ``job_``, ``art_``), as Stripe and OpenAI use."""
+"""Prefixed, unguessable resource ids (``model_``, ``ds_``, ``job_``, ``art_``, ``key_``), as Stripe uses."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ PREFIXES = {
     "feedback_set": "fbs",
     "feedback_item": "fbi",
     "label": "lbl",
+    "api_key": "key",
 }
 
 

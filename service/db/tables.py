@@ -215,3 +215,25 @@ class IdempotencyKeyRow(SQLModel, table=True):
     response_status: int | None = None
     response_content_type: str | None = Field(default=None, max_length=255)
     response_body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+
+
+class ApiKeyRow(SQLModel, table=True):
+    """An API key made by ``alignd-server keys create``: only the SHA-256 of its secret is stored.
+
+    Rows are never deleted, only revoked, so "the database holds a key" never turns false again and revoking
+    the last key cannot switch authentication off.
+    """
+
+    __tablename__ = "api_keys"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    name: str | None = Field(default=None, max_length=256)
+    # Hex SHA-256 of the whole secret; every authenticated request looks its key up by it.
+    key_hash: str = Field(unique=True, index=True, max_length=64)
+    # The secret's first characters (``ak_live_`` and four random ones), shown in listings to tell keys apart.
+    prefix: str = Field(max_length=32)
+    created_at: int
+    last_used_at: int | None = None
+    revoked_at: int | None = None
