@@ -9,8 +9,9 @@ points ``sys.stdout`` at stderr at start, so library prints cannot corrupt the s
 - ``{"type": "event", "level": "info"|"warning"|"error", "stage": str, "message": str}``
 - ``{"type": "metric", "stage": str, "step": int, "values": {name: float, ...}}``
 - ``{"type": "progress", "stage": str, "progress": float}``  (0..1 over the whole job)
-- ``{"type": "artifact", "stage": str, "kind": "adapter"|"reward_model"|"model_card"|"checkpoint",
-  "path": str, "metadata": {...}}``  (a folder whose files become the artifact's .tar.gz root)
+- ``{"type": "artifact", "stage": str, "kind": "adapter"|"reward_model"|"model_card"|"checkpoint"|"eval",
+  "path": str, "metadata": {...}}``  (a folder whose files become the artifact's .tar.gz root; an ``eval``
+  artifact's metadata is ``{"evaluation": <contract.evaluation.EvaluationResult>}``)
 - ``{"type": "checkpoint", "stage": str, "step": int, "path": str, "stage_complete": bool}``  (a complete
   checkpoint folder, already renamed into place; the runner stores it as a ``checkpoint`` artifact and may
   delete the folder at once. ``stage_complete``: the stage's artifacts were all announced before this line,
@@ -33,7 +34,9 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ArtifactKind = Literal["adapter", "reward_model", "model_card", "checkpoint"]
+from contract.evaluation import EvaluationSpec
+
+ArtifactKind = Literal["adapter", "reward_model", "model_card", "checkpoint", "eval"]
 
 # Written last into a checkpoint folder (workers/training/checkpoint.py): a folder without it is incomplete.
 CHECKPOINT_META_FILE = "checkpoint.json"
@@ -102,6 +105,12 @@ class TrainingSpec(_Spec):
         default_factory=dict,
         description="Multi-stage jobs resumed past a stage: that stage's stored output (sft: its adapter, "
         "reward_model: the reward model), keyed by stage, so the stage is not run again.",
+    )
+    evaluation: EvaluationSpec | None = Field(None, description="The evaluate job's spec (evaluate only).")
+    evaluation_artifacts: dict[str, AdapterRef] = Field(
+        default_factory=dict,
+        description="evaluate: every artifact its spec names (candidate and judge adapters, reward-model "
+        "graders' artifacts), keyed by artifact id, fetched to local folders.",
     )
 
     @classmethod
