@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_serializer, field_validator, model_validator
 
 from contract.graders import Grader, leaves
 from contract.inputs import InputModel
@@ -217,6 +217,48 @@ class PPOMonitorSettings(_Strict):
         return self
 
 
+class PPOEvalSettings(_Strict):
+    """A held-out evaluation inside PPO: every ``every`` updates (and after the last) the current policy answers
+    the first ``max_prompts`` prompts of the ``prompts`` dataset greedily, each answer is graded by every grader
+    (the evaluate job's scoring), and the means go out as metric series ``eval/<grader>/mean``."""
+
+    prompts: str = Field(
+        description="A prompts dataset id (ds_...) held out from training; its rows are the graders' items."
+    )
+    graders: list[Grader] = Field(
+        min_length=1,
+        max_length=16,
+        description="Graders as in an evaluate job (docs/graders.md); reward_model graders name an artifact.",
+    )
+    every: int = Field(10, ge=1, le=100000, description="Evaluate after every this many PPO updates.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Answer length limit in tokens.")
+    max_prompts: int | None = Field(
+        64, ge=1, le=100000, description="Evaluate the dataset's first N prompts (None: all of them)."
+    )
+    batch_size: int = Field(8, ge=1, le=512, description="Prompts answered together.")
+
+    @field_serializer("graders")
+    def _graders_json(self, graders: list[Any]) -> list[dict[str, Any]]:
+        # Stored and handed to the child in their JSON form (json_schema's spec under its OpenAI name).
+        return [grader.model_dump(mode="json", by_alias=True) for grader in graders]
+
+
+# The TrainingSpec dataset role under which the runner hands the child the eval block's prompts.
+PPO_EVAL_ROLE = "eval_prompts"
+
+
+def ppo_eval_block(method: str, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """(The resolved eval block of a ppo job or of an rlhf job's ppo stage, or None; its field path)."""
+    if method == Method.ppo:
+        values, prefix = hyperparameters, "hyperparameters"
+    elif method == Method.rlhf and hyperparameters.get("rl_method", "ppo") == "ppo":
+        values, prefix = hyperparameters.get("ppo") or {}, "hyperparameters.ppo"
+    else:
+        return None, ""
+    block = values.get("eval") if isinstance(values, dict) else None
+    return (block if isinstance(block, dict) else None), f"{prefix}.eval"
+
+
 class PPOHyperparameters(CommonHyperparameters):
     """PPO against a reward model with a per-token KL penalty to the reference (the adapter disabled)."""
 
@@ -271,6 +313,11 @@ class PPOHyperparameters(CommonHyperparameters):
         default_factory=PPOMonitorSettings,
         description="Reward-hacking monitors (length, KL, entropy, EOS rate, proxy vs held-out reward) and "
         "which of them stop the job.",
+    )
+    eval: PPOEvalSettings | None = Field(
+        None,
+        description="Held-out evaluation during training (prompts, graders, every): metric series "
+        "eval/<grader>/mean, read by the reward_divergence monitor.",
     )
 
 

@@ -17,6 +17,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from contract.evaluation import EvaluationSpec, evaluation_of, model_refs
+from contract.graders import leaves
+from contract.hyperparameters import PPO_EVAL_ROLE, PPOEvalSettings, ppo_eval_block
 from contract.protocol import AdapterRef, BaseModelRef, DatasetRef, ResumeRef, TrainingSpec
 from service.core import ranking
 from service.db.session import session_scope
@@ -135,6 +137,35 @@ def _evaluation_inputs(
     return spec, {ref: _artifact_ref(session, store, cache, ref) for ref in artifact_ids}
 
 
+def _ppo_eval_inputs(
+    session: Any, store: ArtifactStore, cache: InputCache, job: JobRow
+) -> tuple[DatasetRef | None, dict[str, AdapterRef]]:
+    """A ppo (or rlhf ppo stage) eval block's prompts and the artifacts its graders name (reward models and
+    judge adapters), both checked at submission and fetched like every other input."""
+    block, _ = ppo_eval_block(job.method, job.hyperparameters)
+    if block is None:
+        return None, {}
+    settings = PPOEvalSettings.model_validate(block)
+    row = session.exec(select(DatasetRow).where(DatasetRow.id == settings.prompts)).first()
+    if row is None:
+        raise InputMissing(f"dataset {settings.prompts} no longer exists")
+    ref = DatasetRef(
+        id=row.id,
+        name=row.name,
+        kind=row.kind,
+        sha256=row.sha256,
+        num_records=row.num_records,
+        path=str(cache.dataset(store, row)),
+    )
+    named = set()
+    for grader in settings.graders:
+        for _, leaf in leaves(grader):
+            model = getattr(leaf, "artifact", None) or getattr(leaf, "model", None)
+            if isinstance(model, str) and model.startswith("art_"):
+                named.add(model)
+    return ref, {artifact_id: _artifact_ref(session, store, cache, artifact_id) for artifact_id in sorted(named)}
+
+
 def fetch_inputs(engine: Engine, store: ArtifactStore, cache: InputCache, job: JobRow) -> JobInputs:
     """Every input of ``job`` on local disk; raises InputMissing when one no longer exists."""
     with session_scope(engine) as session:
@@ -166,6 +197,10 @@ def fetch_inputs(engine: Engine, store: ArtifactStore, cache: InputCache, job: J
                 None if artifact_id is None else _artifact_ref(session, store, cache, artifact_id)
             )
         evaluation, evaluation_artifacts = _evaluation_inputs(session, store, cache, job)
+        eval_prompts, eval_artifacts = _ppo_eval_inputs(session, store, cache, job)
+        if eval_prompts is not None:
+            datasets[PPO_EVAL_ROLE] = eval_prompts
+            evaluation_artifacts = {**evaluation_artifacts, **eval_artifacts}
     return JobInputs(
         base_model=model_ref,
         datasets=datasets,

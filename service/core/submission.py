@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from contract.hyperparameters import ppo_eval_block
 from contract.methods import AVAILABLE_METHODS, REQUIRED_DATASETS, Method
 from service.core.errors import ValidationFailed
 from service.core.evaluation import check_evaluation, missing_item_problems
@@ -192,6 +193,15 @@ def resolve_job(
                     rows=_rows_reader(dataset_rows, given.get("prompts"), refused=bool(problems)),
                 )
             )
+            problems.extend(
+                _ppo_eval_problems(
+                    method,
+                    resolved_hparams,
+                    base_model=base_model,
+                    lookup=lookup,
+                    dataset_rows=None if problems else dataset_rows,
+                )
+            )
 
     if problems:
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
@@ -236,6 +246,50 @@ def _resolve_evaluation(
     if prompts is not None and dataset_rows is not None:
         problems.extend(missing_item_problems(spec, dataset_rows(prompts)))
     return spec.dump()
+
+
+def _ppo_eval_problems(
+    method: Method,
+    hyperparameters: dict[str, Any],
+    *,
+    base_model: str,
+    lookup: Lookup,
+    dataset_rows: DatasetRows | None,
+) -> list[dict[str, Any]]:
+    """A ppo job's (or rlhf ppo stage's) eval block, checked as an evaluate job's graders are: names, the
+    artifacts they name, the prompts dataset, and its lines' item fields (read only when nothing else is
+    wrong; ``dataset_rows`` None: not read)."""
+    block, prefix = ppo_eval_block(method.value, hyperparameters)
+    if block is None:
+        return []
+    # The block as a one-candidate evaluation: the same rules, the fields renamed to where the block is.
+    raw = {
+        "candidates": [{"name": "policy"}],
+        "graders": block["graders"],
+        "sampling": {key: block[key] for key in ("max_new_tokens", "max_prompts", "batch_size")},
+    }
+
+    def kind_of(resource: str, resource_id: str) -> str | None:
+        info = lookup(resource, resource_id)
+        return None if info is None else info.kind or ""
+
+    spec, found = check_evaluation(raw, base_model=base_model, lookup=kind_of)
+    problems = [{**p, "field": p["field"].replace("evaluation.", f"{prefix}.", 1)} for p in found]
+    where, dataset_id = f"{prefix}.prompts", block["prompts"]
+    info = lookup("dataset", dataset_id)
+    if info is None:
+        problems.append({"field": where, "code": "unknown_dataset", "message": f"no dataset '{dataset_id}'"})
+    elif info.kind != "prompts":
+        problems.append(
+            {
+                "field": where,
+                "code": "wrong_dataset_kind",
+                "message": f"dataset '{dataset_id}' is of kind '{info.kind}', expected 'prompts'",
+            }
+        )
+    elif spec is not None and not problems and dataset_rows is not None:
+        problems.extend(missing_item_problems(spec, dataset_rows(dataset_id), field=where))
+    return problems
 
 
 def _unused_by_evaluate(

@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from contract.hyperparameters import (
+    PPO_EVAL_ROLE,
     GRPOHyperparameters,
     PPOHyperparameters,
     RewardModelHyperparameters,
@@ -143,7 +144,12 @@ def _stage_spec(
     resume = spec.resume_from if spec.resume_from and spec.resume_from.stage == stage else None
     update: dict[str, Any] = {
         "method": stage,
-        "datasets": {role: spec.datasets[role]},
+        # The ppo stage's eval block (hyperparameters.ppo.eval) reads its held-out prompts under their own role.
+        "datasets": {
+            name: ref
+            for name, ref in spec.datasets.items()
+            if name == role or (name == PPO_EVAL_ROLE and stage == "ppo")
+        },
         "hyperparameters": hyperparameters,
         "output_dir": str(Path(spec.output_dir) / stage),
         "resume_from": resume,

@@ -41,6 +41,7 @@ from workers.training.ppo import (
     choose_pad_token_id,
     load_scalar_adapter,
 )
+from workers.training.ppo_eval import HeldOutEval
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -333,6 +334,8 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         self.first_minibatch: MinibatchStats | None = None
         self.monitors = Monitors(self.hp.monitors)
         self.stopped_by: Alert | None = None
+        # Built before init_loop: its extra reward/judge adapters are part of the checkpointed modules.
+        self.held_out = self._held_out_eval() if self.hp.eval is not None else None
         models, trainer = session.models, session.trainer
         # Everything an update depends on: the trainable adapter(s) and value head, Adam's moments, the sampling
         # generator (rollouts and minibatch permutations), the prompt order; dropout is off, so no global RNG.
@@ -375,11 +378,29 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         if self.on_update is not None:
             self.on_update(step, result)
         lengths = result.rollout.response_mask.sum(dim=1).tolist()
-        self.watch(step, result.metrics, lengths)
+        values = dict(result.metrics)
+        evaluated = self.held_out is not None and self.held_out.due(step, self.total)
+        if evaluated:
+            assert self.held_out is not None
+            values.update(self.held_out.run())  # eval/<grader>/mean beside the training series
+        self.watch(step, values, lengths)
         # Every update's metrics stay in the history; the metric line goes out every logging_steps (and at
         # the update a monitor stopped the run on, its last).
-        emit = self.logger.due(step) or self.stopped_by is not None
-        self.logger.log(step, result.metrics, emit=emit)
+        emit = self.logger.due(step) or self.stopped_by is not None or evaluated
+        self.logger.log(step, values, emit=emit)
+
+    def _held_out_eval(self) -> HeldOutEval:
+        assert self.hp.eval is not None
+        trainer = self.session.trainer
+        return HeldOutEval(
+            self.ctx,
+            self.hp.eval,
+            self.session.models,
+            self.session.tokenizer,
+            eos_token_id=trainer.eos_token_id,
+            pad_token_id=trainer.pad_token_id,
+            max_prompt_length=self.hp.max_length,
+        )
 
     def watch(self, step: int, values: dict[str, float], lengths: list[float] | None = None) -> None:
         """Show update ``step``'s metric ``values`` (and its answers' ``lengths``) to the monitors; send each
