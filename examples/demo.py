@@ -19,6 +19,7 @@ in minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -40,7 +41,7 @@ PROMPTS_DATA = DATA / "demo_prompts.jsonl"
 SHOWN_METRICS = {
     "sft": ("loss", "tokens_per_second"),
     "reward_model": ("loss", "accuracy", "eval_accuracy"),
-    "ppo": ("reward_mean", "kl", "response_length", "eos_fraction", "generation_seconds"),
+    "ppo": ("reward_mean", "kl", "response_length", "eos_fraction", "generation_seconds", "eval/pirate/mean"),
 }
 LORA: dict[str, object] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 # The feedback round's prompts: candidates are sampled from the rlhf policy, ranked by the scripted annotator.
@@ -57,6 +58,79 @@ HELD_OUT_PROMPTS = [
     "How many legs does a dog have?",
     "What colour is a banana?",
 ]
+
+
+# The eval prompts: asked of no training stage (SFT, preference, PPO and round prompts are all different).
+EVAL_PROMPTS = [
+    *HELD_OUT_PROMPTS,
+    "What is the capital of Spain?",
+    "How many wheels does a car have?",
+    "What colour is a ripe tomato?",
+    "What do bees live in?",
+    "Which animal says moo?",
+    "What is five minus two?",
+    "What season comes after winter?",
+    "What do you use to write on paper?",
+    "How many months are in a year?",
+    "What is the opposite of wet?",
+    "Which fruit is red and grows on trees?",
+    "What do fish live in?",
+    "What shape is a ball?",
+]
+# A rule grader: the SFT data answers like a pirate ("Arr, matey! ... Yo ho ho!"); 1 when "matey" is said.
+PIRATE_GRADER = {
+    "type": "string_check",
+    "name": "pirate",
+    "input": "{{sample.output_text}}",
+    "reference": "matey",
+    "operation": "ilike",
+}
+
+
+def upload_eval_prompts(client: alignd.Client) -> alignd.Dataset:
+    path = DATA_DIR / "eval_prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EVAL_PROMPTS), encoding="utf-8")
+    return client.datasets.upload(path, kind="prompts", name="eval questions (held out)")
+
+
+def evaluate(
+    client: alignd.Client, model_id: str, prompts_id: str, candidates: dict[str, str | None]
+) -> alignd.Evaluation:
+    """An evaluate job: every candidate (None: the base) answers the eval prompts greedily, graded by the rule."""
+    job = client.evals.create(
+        base_model=model_id,
+        prompts=prompts_id,
+        candidates=[{"name": n, **({"adapter": a} if a else {})} for n, a in candidates.items()],
+        baseline="base",
+        graders=[PIRATE_GRADER],
+        sampling={"max_new_tokens": 32, "max_prompt_length": 128},
+        seed=42,
+        name="demo-eval",
+    )
+    follow(client, job.id)
+    return client.evals.retrieve(job.id)
+
+
+def eval_table(evaluation: alignd.Evaluation) -> str:
+    """One row per candidate and grader: mean and win-rate vs the base with 95% intervals, and the answers'
+    EOS rate, mean length (tokens) and log-likelihood ratio to the base."""
+
+    def interval(value: float | None, low: float | None, high: float | None) -> str:
+        return "-" if value is None or low is None or high is None else f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+    rows = [["candidate", "grader", "mean [95% CI]", "win-rate vs base [95% CI]", "eos_rate", "mean_length"]]
+    rows[0].append("kl_to_base")
+    for c in evaluation.candidates:
+        for name, g in c.graders.items():
+            rows.append(
+                [c.name, name, interval(g.mean, g.ci_low, g.ci_high)]
+                + [interval(g.win_rate, g.win_rate_ci_low, g.win_rate_ci_high)]
+                + [f"{v:.2f}" if v is not None else "-" for v in (c.eos_rate, c.mean_length, c.kl_to_base)]
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  " + "  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def free_port() -> int:
@@ -164,7 +238,7 @@ def answers(model_dir: Path, adapter_dir: Path | None) -> list[str]:
 def main() -> int:
     started = time.monotonic()
     DATA_DIR.mkdir(exist_ok=True)
-    print("[1/6] preparing SmolLM2-135M-Instruct (converted once from GGUF, then cached) ...", flush=True)
+    print("[1/7] preparing SmolLM2-135M-Instruct (converted once from GGUF, then cached) ...", flush=True)
     model_dir = prepare_base_model()
     print(f"      {model_dir}")
 
@@ -173,7 +247,7 @@ def main() -> int:
     try:
         with alignd.Client(base_url=f"http://127.0.0.1:{port}", api_key=None, timeout=600) as client:
             wait_until_up(client, server)
-            print(f"[2/6] embedded server up on http://127.0.0.1:{port} (data in {DATA_DIR})")
+            print(f"[2/7] embedded server up on http://127.0.0.1:{port} (data in {DATA_DIR})")
             # An interrupted earlier run leaves its job queued in .alignd-demo: it would run first.
             for stale in client.jobs.list(limit=100):
                 if stale.status in ("queued", "running"):
@@ -183,8 +257,9 @@ def main() -> int:
             sft = client.datasets.upload(SFT_DATA, kind="sft", name="pirate answers")
             preference = client.datasets.upload(PREFERENCE_DATA, kind="preference", name="pirate preferred")
             prompts = client.datasets.upload(PROMPTS_DATA, kind="prompts", name="held-out questions")
+            eval_prompts = upload_eval_prompts(client)
             print(
-                f"[3/6] uploaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters), "
+                f"[3/7] uploaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters), "
                 f"{sft.num_records} SFT examples, {preference.num_records} preference pairs, "
                 f"{prompts.num_records} PPO prompts"
             )
@@ -216,17 +291,25 @@ def main() -> int:
                         "ppo_epochs": 2,
                         "max_new_tokens": 32,
                         "max_length": 128,
+                        # Held-out evaluation inside PPO: series eval/pirate/mean every 3 updates and at the end
+                        "eval": {
+                            "prompts": eval_prompts.id,
+                            "graders": [PIRATE_GRADER],
+                            "every": 3,
+                            "max_new_tokens": 32,
+                            "max_prompts": 8,
+                        },
                     },
                 },
                 seed=42,
                 name="demo-rlhf",
             )
-            print(f"[4/6] training {job.id}: rlhf = SFT -> reward model -> PPO, LoRA on one base ...")
+            print(f"[4/7] training {job.id}: rlhf = SFT -> reward model -> PPO, LoRA on one base ...")
             job = follow(client, job.id)
             artifacts = client.jobs.artifacts(job.id)
             rlhf_policy = next(a for a in artifacts if a.kind == "adapter" and a.stage == "ppo")
             rlhf_reward = next(a for a in artifacts if a.kind == "reward_model")
-            print("[5/6] one human-feedback round, a scripted annotator standing in for people:")
+            print("[5/7] one human-feedback round, a scripted annotator standing in for people:")
             round_result = run_round(
                 client,
                 model=model.id,
@@ -242,6 +325,12 @@ def main() -> int:
                 lora=LORA,
             )
             adapter = client.artifacts.get(round_result.policy)
+            sft_policy = next(a for a in artifacts if a.kind == "adapter" and a.stage == "sft")
+            candidates = {"base": None, "sft": sft_policy.id, "ppo": rlhf_policy.id}
+            if round_result.policy != rlhf_policy.id:
+                candidates["round"] = round_result.policy
+            print(f"[6/7] evaluate job: {', '.join(candidates)} on {len(EVAL_PROMPTS)} held-out prompts ...")
+            table = eval_table(evaluate(client, model.id, eval_prompts.id, candidates))
             shutil.rmtree(DATA_DIR / "adapter", ignore_errors=True)  # the previous run's adapter
             adapter_dir = client.artifacts.download(adapter.id, DATA_DIR / "adapter")
             print(
@@ -251,7 +340,8 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
 
-    print("[6/6] base vs aligned answers to held-out prompts (greedy, 32 new tokens):")
+    print(table)
+    print("[7/7] base vs aligned answers to held-out prompts (greedy, 32 new tokens):")
     before = answers(model_dir, None)
     after = answers(model_dir, adapter_dir)
     for prompt, base_reply, tuned_reply in zip(HELD_OUT_PROMPTS, before, after, strict=True):
