@@ -116,8 +116,17 @@ class RewardModelHyperparameters(OptimizerHyperparameters):
         0.6,
         ge=0,
         le=1,
-        description="rlhf quality gate: held-out pair accuracy below this stops the job (reward_model_too_weak) "
-        "before PPO. Standalone reward_model jobs only report it.",
+        description="Quality gate: a reward model whose held-out pair accuracy is below this (or measured on "
+        "fewer than min_eval_pairs pairs) does not drive PPO: rlhf stops before PPO (reward_model_too_weak), "
+        "and a ppo job naming this reward model is refused at submission unless it sets "
+        "allow_weak_reward_model. 0 turns the gate off.",
+    )
+    min_eval_pairs: int = Field(
+        20,
+        ge=0,
+        le=1_000_000,
+        description="Quality gate: the fewest held-out pairs an accuracy is trusted on (3 pairs say little: "
+        "0.67 is 2 of 3). Fewer held-out pairs fail the gate whatever the accuracy.",
     )
 
 
@@ -318,6 +327,12 @@ class PPOHyperparameters(CommonHyperparameters):
         None,
         description="Held-out evaluation during training (prompts, graders, every): metric series "
         "eval/<grader>/mean, read by the reward_divergence monitor.",
+    )
+    allow_weak_reward_model: bool = Field(
+        False,
+        description="Run PPO on a reward model that fails its quality gate (held-out accuracy under its "
+        "min_eval_accuracy, or fewer than min_eval_pairs held-out pairs); otherwise the job is refused with "
+        "reward_model_too_weak (rlhf: stopped before PPO).",
     )
 
 

@@ -7,8 +7,9 @@
    model -> PPO) and prints each stage's metrics as they arrive;
 4. runs one feedback round (examples/feedback_round.py): candidates from the rlhf policy, a feedback set
    labelled by a scripted annotator (a rule standing in for people), export to a ranking dataset, the reward
-   model continued on it, PPO from the rlhf policy; downloads that policy (sha256 checked) into
-   .alignd-demo/adapter;
+   model continued on it, PPO from the rlhf policy if that reward model passes its quality gate (held-out
+   accuracy >= 0.6 on >= 20 held-out pairs; the server refuses PPO otherwise and the demo says so and keeps
+   the rlhf policy); downloads the resulting policy (sha256 checked) into .alignd-demo/adapter;
 5. prints the base model's and the aligned model's answers to the same held-out prompts, loading the adapter
    with plain `peft`.
 
@@ -45,6 +46,8 @@ SHOWN_METRICS = {
 }
 LORA: dict[str, object] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 # The feedback round's prompts: candidates are sampled from the rlhf policy, ranked by the scripted annotator.
+# Each prompt's ranking (4 answers: up to 6 pairs) is held out whole: 16 prompts at ROUND_EVAL_FRACTION 0.4
+# hold out 6 of them, enough pairs for the quality gate's 20 (6 prompts at 0.2 held out one: 3 to 6 pairs).
 ROUND_PROMPTS = [
     "Name a planet.",
     "What do bees make?",
@@ -52,7 +55,18 @@ ROUND_PROMPTS = [
     "What is the opposite of up?",
     "What colour is snow?",
     "How many days are in a year?",
+    "What is the capital of France?",
+    "How many wheels does a bicycle have?",
+    "What colour is grass?",
+    "Which animal barks?",
+    "What is frozen water called?",
+    "How many hours are in a day?",
+    "What do cows drink?",
+    "Name a fruit that is yellow.",
+    "What is the opposite of hot?",
+    "Which bird cannot fly?",
 ]
+ROUND_EVAL_FRACTION = 0.4
 HELD_OUT_PROMPTS = [
     "What is the capital of Italy?",
     "How many legs does a dog have?",
@@ -281,9 +295,11 @@ def main() -> int:
                         "batch_size": 8,
                         "learning_rate": 1e-3,
                         "max_length": 128,
-                        "eval_fraction": 0.25,
+                        # 20 of the 48 pairs held out: the quality gate trusts an accuracy on >= 20 pairs
+                        "eval_fraction": 0.42,
                         "eval_steps": 3,
-                        "min_eval_accuracy": 0.6,  # the quality gate (the default, written out)
+                        "min_eval_accuracy": 0.6,  # the quality gate (the defaults, written out)
+                        "min_eval_pairs": 20,
                     },
                     "ppo": {
                         "steps": int(os.environ.get("DEMO_PPO_STEPS", "6")),
@@ -322,8 +338,15 @@ def main() -> int:
                 ppo_steps=int(os.environ.get("DEMO_ROUND_PPO_STEPS", "2")),
                 ppo_epochs=2,
                 reward_epochs=2,
+                reward_eval_fraction=ROUND_EVAL_FRACTION,
                 lora=LORA,
             )
+            if round_result.ppo_refused:
+                print(
+                    "      the round's reward model failed its quality gate, so its PPO did not run; the "
+                    "rlhf policy stays the aligned model"
+                )
+            assert round_result.policy is not None  # the round started from the rlhf policy
             adapter = client.artifacts.get(round_result.policy)
             sft_policy = next(a for a in artifacts if a.kind == "adapter" and a.stage == "sft")
             candidates = {"base": None, "sft": sft_policy.id, "ppo": rlhf_policy.id}

@@ -9,6 +9,13 @@ Needs a running server (``alignd-server serve``) and a base model uploaded to it
 ``--policy`` is the previous round's policy adapter (e.g. the SFT adapter of round 0): candidates are sampled
 from it and PPO continues it. ``--reward-model`` continues the previous round's reward model.
 
+PPO runs only on a reward model that passes its quality gate (held-out pair accuracy >= its
+``min_eval_accuracy``, 0.6 by default, on >= ``min_eval_pairs`` held-out pairs, 20 by default): the server
+refuses the PPO job with ``reward_model_too_weak`` otherwise, and the round says so and keeps the previous
+policy. ``--allow-weak-reward-model`` runs PPO anyway (with a printed warning). Each prompt's ranking is held
+out whole, so the held-out pairs are about ``eval_fraction`` x prompts x K(K-1)/2 (K answers per prompt): the
+default 6 prompts at K=4 hold out about 6, too few; ``--reward-eval-fraction`` and more prompts raise it.
+
 The annotators here are a script: "a shorter answer that ends in a full stop is better", a simple rule that
 stands in for people so that the round runs unattended. With ``--annotate-in-browser`` the script prints the
 labeling page's URL and waits until people have labelled every item (``GET /label/{feedback_set_id}``).
@@ -22,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import alignd
 
@@ -68,10 +76,33 @@ def run_job(client: alignd.Client, **body: object) -> alignd.Job:
 
 @dataclass
 class RoundResult:
-    policy: str
+    policy: str | None  # the new PPO policy, or the round's input policy when PPO was refused
     reward_model: str
     reward_accuracy: float | None
     agreement: float | None
+    ppo_refused: str | None = None  # the server's reward_model_too_weak message, when PPO did not run
+
+
+def run_ppo(
+    client: alignd.Client,
+    body: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    *,
+    allow_weak_reward_model: bool,
+) -> alignd.Job | str:
+    """The round's PPO job, or the server's refusal (a reward model too weak to drive PPO) as text."""
+    if allow_weak_reward_model:
+        print(
+            "WARNING: allow_weak_reward_model is set: PPO runs even if the reward model fails its quality "
+            "gate, and may optimise noise"
+        )
+        hyperparameters = {**hyperparameters, "allow_weak_reward_model": True}
+    try:
+        return run_job(client, **body, hyperparameters=hyperparameters)
+    except alignd.ValidationError as exc:
+        if exc.code != "reward_model_too_weak":
+            raise
+        return exc.message
 
 
 def run_round(
@@ -87,10 +118,13 @@ def run_round(
     ppo_steps: int = 4,
     ppo_epochs: int = 4,
     reward_epochs: int = 4,
+    reward_eval_fraction: float = 0.2,
     lora: dict[str, object] | None = None,
     annotate_in_browser: bool = False,
+    allow_weak_reward_model: bool = False,
 ) -> RoundResult:
-    """One round: candidates from ``policy`` -> feedback -> ranking -> reward model -> PPO from ``policy``."""
+    """One round: candidates from ``policy`` -> feedback -> ranking -> reward model -> PPO from ``policy``
+    (PPO only when the reward model passes its quality gate, unless ``allow_weak_reward_model``)."""
     lora = lora or {"r": 8, "alpha": 16, "dropout": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         prompts_path = Path(tmp) / "prompts.jsonl"
@@ -143,38 +177,44 @@ def run_round(
             "epochs": reward_epochs,
             "batch_size": 12,
             "learning_rate": 1e-4,
-            "eval_fraction": 0.2,
+            "eval_fraction": reward_eval_fraction,
         },
         extra_body={"round": round, **({"init_reward_model": reward_model} if reward_model else {})},
     )
     accuracy = client.jobs.metrics(reward.id).latest("eval_accuracy")
     print(f"reward model held-out pair accuracy: {accuracy.value if accuracy else 'n/a'}")
     new_reward_model = next(a for a in client.jobs.artifacts(reward.id) if a.kind == "reward_model")
-
-    # 6. PPO from the previous policy against the new reward model
-    ppo = run_job(
-        client,
-        method="ppo",
-        base_model=model,
-        datasets={"prompts": prompt_set.id},
-        init_adapter=policy,
-        reward_model=new_reward_model.id,
-        lora=lora,
-        hyperparameters={
-            "steps": ppo_steps,
-            "ppo_epochs": ppo_epochs,
-            "batch_size": 4,
-            "max_new_tokens": max_new_tokens,
-        },
-        extra_body={"round": round},
-    )
-    new_policy = next(a for a in client.jobs.artifacts(ppo.id) if a.kind == "adapter")
-    return RoundResult(
-        policy=new_policy.id,
+    result = RoundResult(
+        policy=policy,
         reward_model=new_reward_model.id,
         reward_accuracy=accuracy.value if accuracy else None,
         agreement=agreement,
     )
+
+    # 6. PPO from the previous policy against the new reward model (if the server lets it drive PPO)
+    ppo = run_ppo(
+        client,
+        {
+            "method": "ppo",
+            "base_model": model,
+            "datasets": {"prompts": prompt_set.id},
+            "init_adapter": policy,
+            "reward_model": new_reward_model.id,
+            "lora": lora,
+            "extra_body": {"round": round},
+        },
+        {"steps": ppo_steps, "ppo_epochs": ppo_epochs, "batch_size": 4, "max_new_tokens": max_new_tokens},
+        allow_weak_reward_model=allow_weak_reward_model,
+    )
+    if isinstance(ppo, str):
+        print(f"PPO refused by the server (reward_model_too_weak): {ppo}")
+        print(
+            "this round keeps the previous policy; label more items or hold out more pairs and run it again"
+        )
+        result.ppo_refused = ppo
+        return result
+    result.policy = next(a for a in client.jobs.artifacts(ppo.id) if a.kind == "adapter").id
+    return result
 
 
 def main() -> None:
@@ -189,7 +229,13 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--num-responses", type=int, default=4)
     parser.add_argument("--ppo-steps", type=int, default=4)
+    parser.add_argument("--reward-eval-fraction", type=float, default=0.2)
     parser.add_argument("--annotate-in-browser", action="store_true")
+    parser.add_argument(
+        "--allow-weak-reward-model",
+        action="store_true",
+        help="run PPO even on a reward model that fails its quality gate (prints a warning)",
+    )
     args = parser.parse_args()
     with alignd.Client(base_url=args.base_url, api_key=args.api_key) as client:
         result = run_round(
@@ -201,11 +247,15 @@ def main() -> None:
             round=args.round,
             num_responses=args.num_responses,
             ppo_steps=args.ppo_steps,
+            reward_eval_fraction=args.reward_eval_fraction,
             annotate_in_browser=args.annotate_in_browser,
+            allow_weak_reward_model=args.allow_weak_reward_model,
         )
+    policy = f" --policy {result.policy}" if result.policy else ""
     print(
-        f"round {args.round} done: policy {result.policy}, reward model {result.reward_model}\n"
-        f"next round: --round {args.round + 1} --policy {result.policy} --reward-model {result.reward_model}"
+        f"round {args.round} done{' without PPO' if result.ppo_refused else ''}: policy {result.policy}, "
+        f"reward model {result.reward_model}\n"
+        f"next round: --round {args.round + 1}{policy} --reward-model {result.reward_model}"
     )
 
 

@@ -6,11 +6,13 @@ ValidationFailed naming each offending field (422), so the API route stays a few
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from contract import reward_gate
 from contract.hyperparameters import ppo_eval_block
 from contract.methods import AVAILABLE_METHODS, REQUIRED_DATASETS, Method
 from service.core.errors import ValidationFailed
@@ -21,9 +23,11 @@ from service.core.rewards import group_problems
 
 @dataclass(frozen=True)
 class ResourceInfo:
-    """What the rules need to know about a referenced resource: its kind (dataset kind, artifact kind)."""
+    """What the rules need to know about a referenced resource: its kind (dataset kind, artifact kind) and,
+    for an artifact, its metadata (a reward model's held-out figures, read by the quality gate)."""
 
     kind: str | None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 Lookup = Callable[[str, str], ResourceInfo | None]  # (resource type, id) -> info, None if not the tenant's
@@ -183,6 +187,8 @@ def resolve_job(
             resolved_hparams = resolve_hyperparameters(method, hyperparameters)
         except ValidationFailed as exc:
             problems.extend(exc.details)
+        if method is Method.ppo and reward_model is not None and resolved_hparams:
+            problems.extend(_reward_model_gate(reward_model, resolved_hparams, lookup))
         if resolved_hparams:
             problems.extend(
                 group_problems(
@@ -219,6 +225,29 @@ def resolve_job(
         init_reward_model=init_reward_model,
         evaluation=resolved_evaluation,
     )
+
+
+def _reward_model_gate(
+    reward_model: str, hyperparameters: dict[str, Any], lookup: Lookup
+) -> list[dict[str, Any]]:
+    """PPO on a reward model that fails its quality gate optimises noise: refused unless the job says
+    ``allow_weak_reward_model`` (contract/reward_gate.py has the rule; the floor is the reward model's own)."""
+    info = lookup("artifact", reward_model)
+    if info is None or info.kind != "reward_model" or hyperparameters.get("allow_weak_reward_model"):
+        return []
+    quality, floor = reward_gate.quality_of(info.metadata), reward_gate.floor_of(info.metadata)
+    failure = reward_gate.failure(quality, floor)
+    if failure is None:
+        return []
+    return [
+        {
+            "field": "reward_model",
+            "code": reward_gate.REWARD_MODEL_TOO_WEAK,
+            "message": f"reward model '{reward_model}' is too weak to drive PPO: {failure}. Improve the "
+            "preference data (more pairs, more held out, consistent labels), or set "
+            "hyperparameters.allow_weak_reward_model to run anyway",
+        }
+    ]
 
 
 def _resolve_evaluation(

@@ -165,9 +165,14 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
             "unexpected_field",
         )
 
-        # 6. PPO from the previous policy against the new reward model
+        # 6. PPO from the previous policy against the new reward model: one prompt's 3 pairs held out are too
+        # few to trust, so the quality gate refuses it until the round says it accepts a weak reward model.
         ppo_body["reward_model"] = reward_model["id"]
+        refused = assert_error(client.post("/v1/jobs", json=ppo_body), 422, "reward_model_too_weak")
+        assert "on 3 pairs; floor 0.60 on >= 20 pairs" in refused["message"], refused
+        ppo_body["hyperparameters"] = {**ppo_body["hyperparameters"], "allow_weak_reward_model": True}
         ppo = _job(client, ppo_body)
+        assert ppo["hyperparameters"]["allow_weak_reward_model"] is True
         assert ppo["init_adapter"] == policy_adapter["id"] and ppo["reward_model"] == reward_model["id"]
         new_policy = _artifact(client, ppo, "adapter")
         assert new_policy["job"] == ppo["id"]

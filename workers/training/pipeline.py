@@ -15,9 +15,12 @@ Base weights: each trainer loads the base itself (a causal LM for SFT and PPO, a
 reward model) and the previous stage's model is released first, so at most one stage's models are in memory.
 PPO itself holds one copy for policy, reference, reward and value (see ppo.py and ppo_job.py).
 
-Quality gate: after the reward stage, held-out pair accuracy below ``reward_model.min_eval_accuracy`` stops
-the job with ``reward_model_too_weak`` before any PPO time is spent (the reward model's artifacts stay stored,
-to look at). A job asking for a gate with no held-out set (``eval_fraction`` 0) is refused before SFT starts.
+Quality gate: after the reward stage, held-out pair accuracy below ``reward_model.min_eval_accuracy``, or
+measured on fewer than ``reward_model.min_eval_pairs`` pairs, stops the job with ``reward_model_too_weak``
+before any PPO time is spent (the reward model's artifacts stay stored, to look at); the rule is
+``contract/reward_gate.py``, which the API applies to ppo jobs too. ``ppo.allow_weak_reward_model`` turns the
+stop into a warning. A job asking for a gate with no held-out set (``eval_fraction`` 0) is refused before SFT
+starts (unless it allows a weak reward model).
 
 Resume: after each stage the pipeline writes a ``stage_complete`` checkpoint (after that stage's artifacts);
 a resumed attempt skips completed stages, taking their outputs from ``spec.stage_artifacts`` (the runner
@@ -35,6 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from contract import reward_gate
 from contract.hyperparameters import (
     PPO_EVAL_ROLE,
     GRPOHyperparameters,
@@ -120,6 +124,11 @@ def _stages(spec: TrainingSpec) -> tuple[str, ...]:
     return rlhf_stages(rl_method)
 
 
+def _allow_weak(hyperparameters: Mapping[str, Any], stage: str) -> bool:
+    # Only PPO has allow_weak_reward_model; a grpo or rloo stage always stops on a weak reward model.
+    return bool(hyperparameters[stage].get("allow_weak_reward_model", False))
+
+
 def _stage_hyperparameters(spec: TrainingSpec) -> dict[str, dict[str, Any]]:
     raw = spec.hyperparameters
     stages = _stages(spec)
@@ -170,17 +179,51 @@ def _pipeline_card_section(spec: TrainingSpec, stage: str, hyperparameters: Mapp
         for s in stages
     )
     floor = hyperparameters["reward_model"]["min_eval_accuracy"]
+    pairs = hyperparameters["reward_model"]["min_eval_pairs"]
+    gate = (
+        "ran even if the reward model failed its quality gate (`ppo.allow_weak_reward_model`; see the job's "
+        "events)"
+        if _allow_weak(hyperparameters, stages[-1])
+        else f"ran only because the reward model's held-out accuracy met the floor `min_eval_accuracy` = "
+        f"{floor} on at least `min_eval_pairs` = {pairs} pairs"
+    )
     return f"""
 ## rlhf pipeline
 
 Stage `{stage}` ({stages.index(stage) + 1} of {len(stages)}) of the rlhf job `{spec.job_id}`: SFT -> reward model
 -> {rl} on base `{spec.base_model.name}`. {rl} starts from the SFT adapter, uses this job's reward model, and
-ran only because the reward model's held-out accuracy met the floor `min_eval_accuracy` = {floor}.
+{gate}.
 
 | stage | role | dataset | id | sha256 |
 |---|---|---|---|---|
 {rows}
 """
+
+
+def _check_gate(
+    progress: ProgressWriter, quality: reward_gate.Quality, gate: reward_gate.GateFloor, *, allow_weak: bool
+) -> None:
+    """Stop before PPO when the fresh reward model fails the gate (only warn with ``allow_weak``)."""
+    failure = reward_gate.failure(quality, gate)
+    if failure is None:
+        if not gate.off:
+            progress.event(
+                f"quality gate passed: {reward_gate.describe(quality, gate)}", stage="reward_model"
+            )
+        return
+    if allow_weak:
+        progress.event(
+            f"quality gate failed ({failure}); running PPO anyway because ppo.allow_weak_reward_model is set",
+            stage="reward_model",
+            level="warning",
+        )
+        return
+    raise TrainingError(
+        REWARD_MODEL_TOO_WEAK,
+        f"reward model too weak to drive PPO: {failure}. PPO against it would optimise noise. Stopped before "
+        "PPO: improve the preference data (more pairs, a larger eval_fraction, consistent labels), lower "
+        "reward_model.min_eval_accuracy / min_eval_pairs, or set ppo.allow_weak_reward_model",
+    )
 
 
 def train_rlhf(ctx: RunContext) -> RLHFResult:
@@ -197,7 +240,9 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
         raise TrainingError(INVALID_SPEC, f"method rlhf needs datasets with roles {missing}")
     reward_hp = hyperparameters["reward_model"]
     floor = float(reward_hp["min_eval_accuracy"])
-    if floor > 0 and reward_hp["eval_fraction"] == 0:
+    gate = reward_gate.GateFloor(accuracy=floor, pairs=int(reward_hp["min_eval_pairs"]))
+    allow_weak = _allow_weak(hyperparameters, stages[-1])
+    if floor > 0 and reward_hp["eval_fraction"] == 0 and not allow_weak:
         raise TrainingError(
             INVALID_HYPERPARAMETERS,
             f"reward_model.min_eval_accuracy={floor} needs held-out pairs to judge the reward model, but "
@@ -232,7 +277,8 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
         "rlhf pipeline: "
         + " -> ".join(stages)
         + (f", resuming at {stages[start] if start < len(stages) else 'the end'}" if start else "")
-        + f"; quality gate: held-out reward accuracy >= {floor}",
+        + f"; quality gate: held-out reward accuracy >= {floor} on >= {gate.pairs} pairs"
+        + (" (ppo.allow_weak_reward_model: a weak reward model only warns)" if allow_weak else ""),
         stage=stages[min(start, len(stages) - 1)],
     )
 
@@ -258,27 +304,12 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
         result.stages_run.append("reward_model")
         result.metrics["reward_model"] = dict(rm.metrics)
         steps = rm.steps
-        accuracy = rm.metrics.get("eval_accuracy")
-        n_eval = int(rm.metrics.get("eval_pairs", 0))
+        quality = reward_gate.Quality(
+            accuracy=rm.metrics.get("eval_accuracy"), pairs=int(rm.metrics.get("eval_pairs", 0))
+        )
         del rm
         gc.collect()
-        if accuracy is None:  # unreachable after the check above, unless the held-out split came out empty
-            if floor > 0:
-                raise TrainingError(
-                    REWARD_MODEL_TOO_WEAK, "the reward model has no held-out pairs to check against the gate"
-                )
-        elif accuracy < floor:
-            raise TrainingError(
-                REWARD_MODEL_TOO_WEAK,
-                f"reward model held-out accuracy {accuracy:.3f} (on {n_eval} pairs) is below the floor "
-                f"min_eval_accuracy={floor:g}; PPO against it would optimise noise. Stopped before PPO: improve "
-                "the preference data (more pairs, consistent labels) or lower reward_model.min_eval_accuracy",
-            )
-        else:
-            progress.event(
-                f"quality gate passed: held-out accuracy {accuracy:.3f} on {n_eval} pairs >= {floor:g}",
-                stage="reward_model",
-            )
+        _check_gate(progress, quality, gate, allow_weak=allow_weak)
         checkpoint.mark_stage_complete(ctx, stage="reward_model", step=steps)
 
     if start <= 2:

@@ -262,8 +262,15 @@ class RewardTrainer(loop.DatasetTrainer[RewardModelHyperparameters]):
             metrics,
             name="reward_model",
             kind="reward_model",
-            # Read by the rlhf quality gate; None when eval_fraction was 0 (nothing held out to judge by).
+            # Read by the quality gate (contract/reward_gate.py: rlhf before PPO, the API for a ppo job naming
+            # this artifact): the accuracy (None when eval_fraction was 0), the pairs it was measured on, and
+            # the floor this reward model was trained under.
             eval_accuracy=metrics.get("eval_accuracy"),
+            eval_pairs=len(self.eval_pairs),
+            quality_gate={
+                "min_eval_accuracy": self.hp.min_eval_accuracy,
+                "min_eval_pairs": self.hp.min_eval_pairs,
+            },
             datasets=self.prepared.dataset_metadata(),
         )
 

@@ -94,10 +94,12 @@ def create_job(
                 select(DatasetRow.kind).where(DatasetRow.id == resource_id, DatasetRow.tenant == tenant)
             ).first()
             return ResourceInfo(kind=kind) if kind else None
-        kind = session.exec(
-            select(ArtifactRow.kind).where(ArtifactRow.id == resource_id, ArtifactRow.tenant == tenant)
+        artifact = session.exec(
+            select(ArtifactRow.kind, ArtifactRow.meta).where(
+                ArtifactRow.id == resource_id, ArtifactRow.tenant == tenant
+            )
         ).first()
-        return ResourceInfo(kind=kind) if kind else None
+        return ResourceInfo(kind=artifact[0], metadata=artifact[1] or {}) if artifact else None
 
     resolved = resolve_job(
         method=body.method,
