@@ -163,7 +163,9 @@ def _ppo_eval_inputs(
             model = getattr(leaf, "artifact", None) or getattr(leaf, "model", None)
             if isinstance(model, str) and model.startswith("art_"):
                 named.add(model)
-    return ref, {artifact_id: _artifact_ref(session, store, cache, artifact_id) for artifact_id in sorted(named)}
+    return ref, {
+        artifact_id: _artifact_ref(session, store, cache, artifact_id) for artifact_id in sorted(named)
+    }
 
 
 def fetch_inputs(engine: Engine, store: ArtifactStore, cache: InputCache, job: JobRow) -> JobInputs:

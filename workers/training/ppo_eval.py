@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-
 def metric(grader: str) -> str:
     return f"eval/{grader}/mean"
 
