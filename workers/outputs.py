@@ -34,6 +34,9 @@ from workers.lease import Lease, LeaseLost, add_event, fenced
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_KEPT = 2  # newest checkpoints kept in storage per job; older ones are deleted
+# How long one upload waits for an unreachable store before the attempt ends (a later one then resumes from
+# the newest checkpoint, redoing the work since).
+UPLOAD_PATIENCE_SECONDS = 120.0
 
 
 def pack_folder(folder: Path, dest: Path) -> tuple[int, str]:
@@ -63,6 +66,37 @@ def refused_artifact(message: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def put_when_reachable(
+    store: ArtifactStore,
+    key: str,
+    path: Path,
+    lease: Lease,
+    *,
+    patience: float = UPLOAD_PATIENCE_SECONDS,
+    first_wait: float = 0.5,
+    max_wait: float = 10.0,
+) -> None:
+    """``store.put_file``, retried with backoff while the store is unreachable, for up to ``patience`` s.
+
+    The file stays on disk and the lease keeper holds the lease meanwhile, so a short outage costs a pause
+    rather than the attempt (whose successor would redo the training since the newest checkpoint, and spend
+    one of the job's tries). A lost lease or a cancel ends the wait at once; past ``patience`` the
+    StorageUnavailable ends the attempt as before.
+    """
+    deadline = time.monotonic() + patience
+    wait = first_wait
+    while True:
+        try:
+            store.put_file(key, path)
+            return
+        except StorageUnavailable as exc:
+            if lease.lost.is_set() or lease.cancel_requested.is_set() or time.monotonic() + wait > deadline:
+                raise
+            log.warning("store unreachable uploading %s (%s); retrying in %.1f s", key, exc, wait)
+        time.sleep(wait)
+        wait = min(wait * 2, max_wait)
+
+
 def store_artifact(engine: Engine, store: ArtifactStore, lease: Lease, message: dict[str, Any]) -> None:
     """Pack the folder an ``artifact`` (or ``checkpoint``) message names, upload it, then add its row."""
     folder = Path(str(message["path"]))
@@ -70,7 +104,7 @@ def store_artifact(engine: Engine, store: ArtifactStore, lease: Lease, message: 
     archive = folder.parent / f"{artifact_id}.tar.gz"
     size, sha256 = pack_folder(folder, archive)
     key = artifact_key(lease.job_id, artifact_id)
-    store.put_file(key, archive)
+    put_when_reachable(store, key, archive, lease)
     archive.unlink()
     try:
         with session_scope(engine) as session:
