@@ -24,7 +24,9 @@ from alignd._retry import retry_delay, should_retry_response
 from alignd.pagination import AsyncPage, AsyncPaginator
 from alignd.resources.artifacts import AsyncArtifacts
 from alignd.resources.datasets import AsyncDatasets
+from alignd.resources.evals import AsyncEvals
 from alignd.resources.feedback_sets import AsyncFeedbackSets
+from alignd.resources.graders import AsyncGraders
 from alignd.resources.jobs import AsyncJobs
 from alignd.resources.models import AsyncModels
 
@@ -48,6 +50,8 @@ class AsyncClient(BaseClient):
     feedback_sets: AsyncFeedbackSets
     jobs: AsyncJobs
     artifacts: AsyncArtifacts
+    evals: AsyncEvals
+    graders: AsyncGraders
 
     def __init__(
         self,
@@ -73,6 +77,8 @@ class AsyncClient(BaseClient):
         self.feedback_sets = AsyncFeedbackSets(self)
         self.jobs = AsyncJobs(self)
         self.artifacts = AsyncArtifacts(self)
+        self.evals = AsyncEvals(self)
+        self.graders = AsyncGraders(self)
 
     def with_options(
         self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None

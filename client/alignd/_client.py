@@ -24,7 +24,9 @@ from alignd._retry import retry_delay, should_retry_response
 from alignd.pagination import SyncPage
 from alignd.resources.artifacts import Artifacts
 from alignd.resources.datasets import Datasets
+from alignd.resources.evals import Evals
 from alignd.resources.feedback_sets import FeedbackSets
+from alignd.resources.graders import Graders
 from alignd.resources.jobs import Jobs
 from alignd.resources.models import Models
 
@@ -48,6 +50,8 @@ class Client(BaseClient):
     feedback_sets: FeedbackSets
     jobs: Jobs
     artifacts: Artifacts
+    evals: Evals
+    graders: Graders
 
     def __init__(
         self,
@@ -73,6 +77,8 @@ class Client(BaseClient):
         self.feedback_sets = FeedbackSets(self)
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
+        self.evals = Evals(self)
+        self.graders = Graders(self)
 
     def with_options(
         self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None

@@ -9,13 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "Agreement",
     "Artifact",
+    "CandidateResult",
     "Dataset",
+    "Evaluation",
     "FeedbackItem",
     "FeedbackLabel",
     "FeedbackProgress",
     "FeedbackRatings",
     "FeedbackResponse",
     "FeedbackSet",
+    "GraderRun",
+    "GraderRunMetadata",
+    "GraderSummary",
+    "GraderValidation",
     "ItemRatings",
     "Job",
     "JobError",
@@ -101,6 +107,8 @@ class Job(AlignObject):
     init_reward_model: str | None = None
     round: int | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    """``evaluate`` jobs: the evaluation spec as the server resolved it."""
     lora: dict[str, Any] | None = None
     seed: int | None = None
     progress: float | None = None
@@ -274,3 +282,107 @@ class FeedbackRatings(AlignObject):
     progress: FeedbackProgress | None = None
     agreement: Agreement | None = None
     items: list[ItemRatings] = Field(default_factory=list)
+
+
+# --- evaluations and graders
+
+
+class GraderSummary(AlignObject):
+    """One grader's numbers for one candidate: the mean over prompts and, against the baseline, the paired
+    win-rate (ties count half), each with its 95% bootstrap interval. The baseline itself has no win-rate."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    win_rate: float | None = None
+    win_rate_ci_low: float | None = None
+    win_rate_ci_high: float | None = None
+    errors: int = 0
+    """Answers the grader could not score (scored 0; the reasons are in per_prompt.csv)."""
+
+
+class CandidateResult(AlignObject):
+    name: str
+    adapter: str | None = None
+    eos_rate: float | None = None
+    mean_length: float | None = None
+    kl_to_base: float | None = None
+    graders: dict[str, GraderSummary] = Field(default_factory=dict)
+
+
+def _fmt_interval(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None or low is None or high is None:
+        return "-"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+class Evaluation(AlignObject):
+    """``GET /v1/jobs/{id}/evaluation``: an evaluate job's result. :meth:`table` formats it for people."""
+
+    object: str = "evaluation"
+    job: str | None = None
+    baseline: str
+    num_prompts: int | None = None
+    num_samples: int | None = None
+    bootstrap_resamples: int | None = None
+    confidence: float | None = None
+    candidates: list[CandidateResult] = Field(default_factory=list)
+    per_prompt_artifact: str | None = None
+    """The ``eval`` artifact whose ``per_prompt.csv`` holds every prompt, answer and score."""
+
+    def candidate(self, name: str) -> CandidateResult:
+        for candidate in self.candidates:
+            if candidate.name == name:
+                return candidate
+        raise KeyError(name)
+
+    def table(self) -> str:
+        """Two plain-text tables: the candidates (EOS rate, length, KL to the base), then one row per candidate
+        and grader (mean and win-rate vs the baseline, each with its 95% interval)."""
+        head = [["candidate", "adapter", "eos_rate", "mean_length", "kl_to_base"]]
+        for c in self.candidates:
+            numbers = [
+                f"{v:.3f}" if v is not None else "-" for v in (c.eos_rate, c.mean_length, c.kl_to_base)
+            ]
+            head.append([c.name, c.adapter or "-", *numbers])
+        scores = [["candidate", "grader", "mean [95% CI]", f"win rate vs {self.baseline} [95% CI]", "errors"]]
+        for c in self.candidates:
+            for name, s in c.graders.items():
+                win = _fmt_interval(s.win_rate, s.win_rate_ci_low, s.win_rate_ci_high)
+                scores.append([c.name, name, _fmt_interval(s.mean, s.ci_low, s.ci_high), win, str(s.errors)])
+        about = f"{self.num_prompts} prompts x {self.num_samples} samples; baseline {self.baseline}"
+        return f"{about}\n\n{_aligned(head)}\n\n{_aligned(scores)}\n"
+
+
+class GraderRunMetadata(AlignObject):
+    name: str | None = None
+    type: str | None = None
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(default_factory=dict)
+    execution_time: float | None = None
+
+
+class GraderRun(AlignObject):
+    """``POST /v1/graders/run``: the reward one sample gets from a rule grader."""
+
+    reward: float
+    metadata: GraderRunMetadata = Field(default_factory=GraderRunMetadata)
+    sub_rewards: dict[str, float] = Field(default_factory=dict)
+
+
+class GraderValidation(AlignObject):
+    """``POST /v1/graders/validate``: the grader as the server stores it, the item fields it reads, and the
+    graders inside it that score with a model."""
+
+    object: str = "grader"
+    grader: dict[str, Any] = Field(default_factory=dict)
+    item_fields: list[str] = Field(default_factory=list)
+    model_backed: list[str] = Field(default_factory=list)

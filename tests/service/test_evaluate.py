@@ -181,14 +181,14 @@ def _check_result(result: dict[str, Any], metrics: dict[str, float], files: dict
         assert all((WORD in row["answer"]) == (row["ahoy"] == "1") for row in rows)
 
 
-def test_an_sft_adapter_taught_a_rule_beats_the_base(live_server: LiveServer) -> None:
-    """40 SFT steps teach "every answer starts with Ahoy"; an evaluation on held-out prompts says so with
-    numbers. On the way: 409 until the evaluation exists, 404 for a job that is no evaluation, the adapter's
-    model card refused as a candidate, and tenants kept apart."""
+def test_evaluate_job_over_rest(live_server: LiveServer) -> None:
+    """The plumbing, on a 1-step adapter: 409 until the evaluation exists, 404 for a job that is no
+    evaluation, the adapter's model card refused as a candidate, the result, metrics and artifact, and tenants
+    kept apart."""
     with live_server.client() as client:
         model = upload_model(client, live_server.tiny_model_dir).json()["id"]
         prompts = upload_dataset(client, _prompts(), "prompts").json()["id"]
-        sft_job = _start_sft(client, model, steps=40)
+        sft_job = _start_sft(client, model, steps=1)
         _check_not_ready(client, model, prompts)
         artifacts = _artifacts_of(client, sft_job)
         assert_error(client.get(f"/v1/jobs/{sft_job}/evaluation"), 404, "evaluation_not_found")
@@ -199,11 +199,6 @@ def test_an_sft_adapter_taught_a_rule_beats_the_base(live_server: LiveServer) ->
         assert error["details"][0]["field"] == "evaluation.candidates[1].adapter"
         job, result, metrics, files = _run_evaluation(client, model, prompts, artifacts["adapter"])
     _check_result(result, metrics, files)
-    by_name = {c["name"]: c for c in result["candidates"]}
-    ahoy = by_name["sft"]["graders"]["ahoy"]
-    assert ahoy["win_rate"] > 0.9 and ahoy["win_rate_ci_low"] > 0.5, ahoy
-    assert ahoy["mean"] > by_name["base"]["graders"]["ahoy"]["mean"]
-    assert by_name["sft"]["kl_to_base"] > 0
 
     with live_server.client(api_key=live_server.other_api_key) as other:
         # Tenant B names tenant A's adapter: the 422 an id that does not exist gets (nothing leaks across).
@@ -215,6 +210,26 @@ def test_an_sft_adapter_taught_a_rule_beats_the_base(live_server: LiveServer) ->
         )
         assert error["details"][0]["field"] == "evaluation.candidates[1].adapter"
         assert_error(other.get(f"/v1/jobs/{job}/evaluation"), 404, "job_not_found")
+
+
+# 52-70 s on the shared 2-core machine (load 4-7): past the default suite's budget, so `make test-slow`.
+@pytest.mark.slow
+def test_an_sft_adapter_taught_a_rule_beats_the_base(live_server: LiveServer) -> None:
+    """40 SFT steps teach "every answer starts with Ahoy"; an evaluation on held-out prompts says so with
+    numbers: the adapter's paired win-rate above 0.9 with its interval above 0.5, the base against itself at
+    0.5 inside its interval."""
+    with live_server.client() as client:
+        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
+        prompts = upload_dataset(client, _prompts(), "prompts").json()["id"]
+        adapter = _artifacts_of(client, _start_sft(client, model, steps=40))["adapter"]
+        _, result, metrics, files = _run_evaluation(client, model, prompts, adapter)
+    print("evaluation:", json.dumps(result))
+    _check_result(result, metrics, files)
+    by_name = {c["name"]: c for c in result["candidates"]}
+    ahoy = by_name["sft"]["graders"]["ahoy"]
+    assert ahoy["win_rate"] > 0.9 and ahoy["win_rate_ci_low"] > 0.5, ahoy
+    assert ahoy["mean"] > by_name["base"]["graders"]["ahoy"]["mean"]
+    assert by_name["sft"]["kl_to_base"] > 0
 
 
 @pytest.fixture

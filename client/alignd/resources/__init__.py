@@ -2,7 +2,9 @@
 
 from alignd.resources.artifacts import Artifacts, AsyncArtifacts
 from alignd.resources.datasets import AsyncDatasets, Datasets
+from alignd.resources.evals import AsyncEvals, Evals
 from alignd.resources.feedback_sets import AsyncFeedbackSets, FeedbackSets
+from alignd.resources.graders import AsyncGraders, Graders
 from alignd.resources.jobs import AsyncJobs, Jobs
 from alignd.resources.models import AsyncModels, Models
 
@@ -10,11 +12,15 @@ __all__ = [
     "Artifacts",
     "AsyncArtifacts",
     "AsyncDatasets",
+    "AsyncEvals",
     "AsyncFeedbackSets",
+    "AsyncGraders",
     "AsyncJobs",
     "AsyncModels",
     "Datasets",
+    "Evals",
     "FeedbackSets",
+    "Graders",
     "Jobs",
     "Models",
 ]

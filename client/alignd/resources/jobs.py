@@ -79,6 +79,7 @@ class Jobs(SyncResource):
         hyperparameters: Mapping[str, Any] | None = None,
         seed: int | None = None,
         name: str | None = None,
+        evaluation: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
@@ -90,7 +91,8 @@ class Jobs(SyncResource):
         ``datasets`` maps a role to a dataset id: ``{"sft": "ds_..."}``; ``preference`` for reward_model and
         dpo; ``prompts`` (+ ``reward_model``, an artifact id) for ppo; all three for rlhf.
         ``init_reward_model`` (a reward_model artifact) continues one (reward_model, rlhf); ``round`` tags
-        the job with a feedback round.
+        the job with a feedback round. ``evaluation``: the ``evaluate`` method's spec (``client.evals.create``
+        builds it).
         """
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = job_body(
@@ -105,6 +107,7 @@ class Jobs(SyncResource):
             hyperparameters=hyperparameters,
             seed=seed,
             name=name,
+            evaluation=evaluation,
         )
         response = self._client._post("/v1/jobs", json=body, idempotency_key=idempotency_key, extras=extras)
         return self._client._parse(response, Job)
@@ -334,6 +337,7 @@ class AsyncJobs(AsyncResource):
         hyperparameters: Mapping[str, Any] | None = None,
         seed: int | None = None,
         name: str | None = None,
+        evaluation: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
@@ -353,6 +357,7 @@ class AsyncJobs(AsyncResource):
             hyperparameters=hyperparameters,
             seed=seed,
             name=name,
+            evaluation=evaluation,
         )
         response = await self._client._post(
             "/v1/jobs", json=body, idempotency_key=idempotency_key, extras=extras
