@@ -14,7 +14,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine

@@ -16,11 +16,11 @@ from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import bindparam
 from sqlalchemy.engine import Engine, Row
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, SQLModel, select
 
 from service.api.auth import DatabaseKeys, resolve_tenant, tenant_for, tenant_of_scope
 from service.api.startup import MigrationStartup
-from service.core.errors import NotFoundError, ValidationFailed
+from service.core.errors import NotFoundError
 from service.queue import JobQueue
 from service.settings import Settings
 from service.storage import ArtifactStore
@@ -140,7 +140,7 @@ async def read_owned(
     a Core query with a prebuilt statement costs a fraction of an ORM session's select, and SQLite, a local
     file read in WAL mode (readers never wait for the writer), runs right here on the event loop without a
     thread hop. A networked database runs in the thread pool, so a slow or unreachable server can never
-    stall the loop. Another tenant's id is indistinguishable from a missing one, as in :func:`get_owned`.
+    stall the loop. Another tenant's id is indistinguishable from a missing one, as in :func:`service.db.repository.get_owned`.
     """
 
     def run() -> Row[Any] | None:
@@ -153,29 +153,3 @@ async def read_owned(
     if row is None:
         raise NotFoundError.for_resource(kind, resource_id)
     return row
-
-
-def get_owned(session: Session, table: type[RowT], resource_id: str, tenant: str, kind: str) -> RowT:
-    """The tenant's row with this id; another tenant's id is indistinguishable from a missing one."""
-    row = session.exec(
-        select(table).where(table.id == resource_id, table.tenant == tenant)  # type: ignore[attr-defined]
-    ).first()
-    if row is None:
-        raise NotFoundError.for_resource(kind, resource_id)
-    return row
-
-
-def paginate(
-    session: Session, statement: Any, table: type[RowT], page: Page, tenant: str
-) -> tuple[list[RowT], bool]:
-    """Newest first; ``after`` is the last id of the previous page. Fetch one extra row to set has_more."""
-    seq = col(table.seq)  # type: ignore[attr-defined]
-    if page.after is not None:
-        cursor = session.exec(
-            select(seq).where(table.id == page.after, table.tenant == tenant)  # type: ignore[attr-defined]
-        ).first()
-        if cursor is None:
-            raise ValidationFailed(f"Unknown cursor 'after={page.after}'.", code="invalid_cursor")
-        statement = statement.where(seq < cursor)
-    rows = list(session.exec(statement.order_by(seq.desc()).limit(page.limit + 1)).all())
-    return rows[: page.limit], len(rows) > page.limit

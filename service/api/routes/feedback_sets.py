@@ -6,12 +6,12 @@ Thin: each endpoint loads rows (``service/db/feedback_sets.py``), applies the ru
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+from alignd import validation
 from fastapi import APIRouter, Depends, Query, Response
 from sqlmodel import Session
 
@@ -72,8 +72,7 @@ def _downloaded_records(ctx: AppContext, store: ArtifactStore, dataset_id: str) 
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8-sig") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return [record for _, record in validation.iter_records(path)]
 
 
 # --- routes
