@@ -84,6 +84,7 @@ DEV_AB = "an A/B or exploratory run while developing the change, not written to 
 ARITHMETIC = "arithmetic on figures that are matched elsewhere in the text, not a measurement"
 
 ALLOWED: tuple[Allowed, ...] = (
+    Allowed("README.md", "bootstrap intervals", ("95%",), "the intervals' confidence level, a setting"),
     Allowed(
         "docs/performance.md", "by tens of percent", ("10-20%",), "the spread seen between repeated runs"
     ),
