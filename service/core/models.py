@@ -245,6 +245,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+# The library reads sizes as usize and multiplies them with checked arithmetic: a dimension past 2**64 - 1 is
+# "invalid type", and a shape whose running product overflows is refused even when a later 0 would make the
+# total 0 ([2**32, 2**32, 0]).
+_U64_MAX = 2**64 - 1
+
+
+def _checked_numel(shape: list[int]) -> int:
+    """The element count as the library computes it, or -1 where its running product overflows."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > _U64_MAX:
+            return -1
+    return numel
+
+
 def read_safetensors_header(
     name: str, path: str | os.PathLike[str]
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -300,17 +316,19 @@ def read_safetensors_header(
         offsets = info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise bad(f"tensor {key!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise bad(f"tensor {key!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= _U64_MAX for d in shape):
+            raise bad(f"tensor {key!r}: shape must be a list of 64-bit non-negative integers, got {shape!r}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets)
+            or not all(type(o) is int and 0 <= o <= _U64_MAX for o in offsets)
             or offsets[0] > offsets[1]
         ):
             raise bad(f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
-        numel = math.prod(shape)
+        numel = _checked_numel(shape)
         nbits = numel * DTYPE_BITS[dtype]
+        if numel < 0 or nbits > _U64_MAX:
+            raise bad(f"tensor {key!r}: shape {shape} overflows a 64-bit element or bit count")
         if nbits % 8:
             raise bad(f"tensor {key!r}: {numel} elements of {dtype} do not fill whole bytes")
         if offsets[1] - offsets[0] != nbits // 8:

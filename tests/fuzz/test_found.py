@@ -195,3 +195,18 @@ def test_deepest_accepted_message_field_is_served_and_a_deeper_one_refused(live_
         assert created.status_code == 201, created.text
         served = client.get(f"/v1/feedback-sets/{created.json()['id']}/next", params={"annotator": "ann1"})
         assert served.status_code == 200, served.text
+
+
+@pytest.mark.parametrize("shape", [[0, 2**65], [2**32, 2**32, 0], [2**63]])
+def test_safetensors_shape_past_64_bits_is_refused_as_the_library_does(
+    tmp_path: Path, shape: list[int]
+) -> None:
+    # Found by the header fuzzer (make fuzz): [0, 2**65] holds no element, so its 0 bytes passed here, but the
+    # library reads dimensions as usize and multiplies them with overflow checks, and refuses the file.
+    header = json.dumps({"t": {"dtype": "BOOL", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    path = _safetensors(tmp_path, header, b"")
+    with pytest.raises(SafetensorError):
+        safe_open(str(path), framework="numpy")
+    with pytest.raises(ValidationFailed) as info:
+        read_safetensors_header("model.safetensors", path)
+    assert info.value.code == "invalid_safetensors"
