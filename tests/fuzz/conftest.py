@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from tests.fuzz.budget import API_CASES, FUZZING, INPUTS_PER_TARGET, PROFILE, TA
 
 REPO = Path(__file__).resolve().parents[2]
 _STARTED = time.monotonic()
+_STARTED_AT = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+_LOAD_AT_START = [
+    round(x, 2) for x in os.getloadavg()
+]  # the stamp is taken at the end; the load now is what ran
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -29,6 +34,7 @@ def _bench_common() -> Any:
     spec = importlib.util.spec_from_file_location("bench_common", REPO / "bench" / "common.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -75,7 +81,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         json_path, md_path = common.write_results(
             out.name,
             title="Fuzzing: validator, model checks, archive extraction, API (make fuzz)",
-            stamp=common.machine_stamp(["hypothesis", "schemathesis"]),
+            stamp={
+                **common.machine_stamp(["hypothesis", "schemathesis"]),
+                "loadavg": _LOAD_AT_START,
+                "time": _STARTED_AT,
+            },
             tables={"Targets": rows},
             data={"summary": summary, "nproc": os.cpu_count()},
             notes=[
