@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +20,7 @@ def _bench_common() -> ModuleType:
     spec = importlib.util.spec_from_file_location("alignd_bench_common", REPO / "bench" / "common.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -55,11 +57,13 @@ class FaultResults:
             for key, value in section["figures"].items():
                 target = section["targets"].get(key, "")
                 rows.append({"scenario": name, "figure": key, "value": value, "target": target})
-        notes = [f"{name}: {note}" for name, section in self.sections.items() for note in section["notes"]]
+        wall = round(time.monotonic() - self.started)
+        notes = [f"Wall time of the whole run: {wall} s; nproc {os.cpu_count()}."]
+        notes += [f"{name}: {note}" for name, section in self.sections.items() for note in section["notes"]]
         return common.write_results(
             "faults",
             title="Fault injection (`make faults`)",
-            stamp={**self.stamp, "nproc": os.cpu_count(), "wall_s": round(time.monotonic() - self.started)},
+            stamp={**self.stamp, "nproc": os.cpu_count(), "wall_s": wall},
             tables={"Figures against their targets": rows},
             data={"scenarios": self.sections},
             notes=notes,
