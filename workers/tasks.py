@@ -264,6 +264,26 @@ class ResilientWorker(Worker):
             log.warning("redis unavailable on %s (%s); retrying", self.queue_name, exc)
             await asyncio.sleep(1)
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's ``start_jobs``, one id at a time, giving back the slot a Redis error leaves taken.
+
+        arq takes a slot (the process-wide semaphore and this queue's job counter) for an id before its Redis
+        calls that mark the job in progress; a connection error there skips the release. With
+        ALIGND_WORKER_CONCURRENCY=1 one such error at the wrong moment left the worker polling, healthy to
+        its health check, and never starting a job again (found by tests/faults, Redis killed -9).
+        """
+        for job_id in job_ids:
+            try:
+                await super().start_jobs([job_id])
+            except (RedisError, OSError):
+                # Every await in arq's loop body that talks to Redis comes after the slot was taken, and
+                # nothing releases it on an exception: release it here (unless the job did start, which
+                # releases its own), then let the poll loop retry.
+                if job_id.decode() not in self.tasks:
+                    self.job_counter -= 1
+                    self.sem.release()
+                raise
+
 
 async def _keep_polling(worker: Worker, stopping: threading.Event) -> None:
     while not stopping.is_set():
