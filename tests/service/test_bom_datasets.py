@@ -109,6 +109,9 @@ def test_reward_model_and_ppo_jobs_train_on_bom_preference_and_prompts(
         "mini_batch_size": 2,
         "ppo_epochs": 1,
         "max_new_tokens": 4,
+        # A one-step reward model on a handful of pairs is under the quality gate by design: this test is about
+        # reading a BOM-prefixed prompts file, so it opts out of the gate explicitly.
+        "allow_weak_reward_model": True,
     }
     body = {
         "method": "ppo",
