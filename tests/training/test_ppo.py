@@ -259,7 +259,10 @@ def test_left_padding_with_position_ids_gives_the_unpadded_logits(tiny_model_dir
         padded = shared.lm_head(shared.hidden_states(ids, mask))
         for r, row in enumerate(rows):
             alone = model(input_ids=torch.tensor([row])).logits[0]
-            assert torch.allclose(padded[r, -len(row) :], alone, atol=1e-5), r
+            # float32 with a different reduction order per padded length (CI's CPU differed by ~1e-5 on logits
+            # of size ~4); a mask or position bug moves them by whole units.
+            gap = (padded[r, -len(row) :] - alone).abs().max().item()
+            assert gap < 1e-4, (r, gap)
 
 
 def test_kv_cached_sampling_matches_the_training_forward(tiny_model_dir: Path) -> None:
