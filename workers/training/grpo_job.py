@@ -9,15 +9,12 @@ the checkpoints, logging, cancel checks, model card and artifact lines with ever
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from peft import PeftModel
 
 from contract.graders import RewardModelGrader, leaves
 from contract.hyperparameters import (
@@ -27,12 +24,11 @@ from contract.hyperparameters import (
     LoraSettings,
     RLOOHyperparameters,
 )
-from contract.protocol import DatasetRef, ProgressWriter, TrainingSpec
+from contract.protocol import DatasetRef, TrainingSpec
 from workers.training import checkpoint, data, loop, lora, rollout
 from workers.training.context import RunContext
-from workers.training.errors import INVALID_ADAPTER, INVALID_SPEC, TrainingError
+from workers.training.errors import INVALID_SPEC, TrainingError
 from workers.training.grpo import (
-    REFERENCE_ADAPTER,
     REWARD_ADAPTER,
     GroupModels,
     GroupTrainer,
@@ -41,37 +37,11 @@ from workers.training.grpo import (
     StepResult,
     read_prompt_rows,
 )
-from workers.training.modelcard import DatasetCardEntry
 from workers.training.ppo import choose_pad_token_id, load_scalar_adapter
 from workers.training.scoring import ChildScorer, SharedModels
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-class IndexCycle:
-    """Prompt indices for each update: shuffled passes over the prompts, a fresh seeded pass whenever one runs
-    out. Its checkpoint state is ``rng`` (an extra RNG of the checkpoint) plus the rest of the current pass."""
-
-    def __init__(self, n: int, size: int, *, seed: int) -> None:
-        self.n = n
-        self.size = size
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
-
-    def __call__(self) -> list[int]:
-        batch: list[int] = []
-        while len(batch) < self.size:
-            if not self.order:
-                self.order.extend(self.rng.sample(range(self.n), self.n))
-            batch.append(self.order.pop())
-        return batch
-
-    def state(self) -> list[int]:
-        return list(self.order)
-
-    def load(self, order: list[int]) -> None:
-        self.order = [int(i) for i in order]
 
 
 @dataclass
@@ -87,7 +57,7 @@ class GroupSession:
     prompts: list[list[int]]
     dataset_sha256: str
     total_updates: int
-    next_prompts: IndexCycle
+    next_prompts: loop.IndexCycle
 
     def step(self) -> StepResult:
         """One update on the next prompts (what the job's train_step does, without the logging)."""
@@ -116,21 +86,6 @@ def _check_spec(spec: TrainingSpec, hp: GroupHyperparameters, method: str) -> Da
     return dataset_ref
 
 
-def _count_updates(hp: GroupHyperparameters, n_prompts: int, progress: ProgressWriter, stage: str) -> int:
-    """Updates to run, with a warning when fewer than ``steps`` will run (``epochs`` or ``max_steps``)."""
-    by_epochs = math.ceil(hp.epochs * n_prompts / hp.batch_size) if hp.epochs is not None else hp.steps
-    total = min(hp.steps, by_epochs, hp.max_steps or hp.steps)
-    if total < hp.steps:
-        progress.event(
-            f"running {total} updates, not steps={hp.steps}: epochs={hp.epochs} over {n_prompts} prompts at "
-            f"{hp.batch_size} per update allows {by_epochs}"
-            + (f" and max_steps={hp.max_steps}" if hp.max_steps else ""),
-            stage=stage,
-            level="warning",
-        )
-    return total
-
-
 def _attach_roles(
     spec: TrainingSpec,
     lora_settings: LoraSettings,
@@ -143,21 +98,10 @@ def _attach_roles(
     """Load the base once; the policy adapter, the reference (frozen init adapter, or none: the adapters
     disabled) and the reward model's adapter and head go onto it."""
     base = lora.load_base_model(spec.base_model.path, device=device)
-    # Adapter initialisation draws from the global RNG; seed it from the spec without disturbing callers.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        init_path = spec.init_adapter.path if spec.init_adapter else None
-        peft_model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
-    reference_adapter = None
-    if init_path is not None:
-        # The reference is the starting (SFT) policy: a frozen copy of the init adapter, as in PPO and DPO here.
-        try:
-            lora.add_frozen_adapter(peft_model, REFERENCE_ADAPTER, init_path)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise TrainingError(
-                INVALID_ADAPTER, f"cannot load init_adapter as the reference: {exc}"
-            ) from None
-        reference_adapter = REFERENCE_ADAPTER
+    init_path = spec.init_adapter.path if spec.init_adapter else None
+    peft_model, reference_adapter = lora.attach_policy_and_reference(
+        base, lora_settings, init_adapter=init_path, seed=spec.seed
+    )
     shared = SharedModels(
         model=peft_model,
         tokenizer=tokenizer,
@@ -197,7 +141,15 @@ def build_session(
         + f"; {hp.num_generations} answers per prompt, {hp.batch_size} prompts per update",
         stage=method,
     )
-    total_updates = _count_updates(hp, len(prompts), progress, method)
+    total_updates = loop.count_updates(
+        steps=hp.steps,
+        epochs=hp.epochs,
+        max_steps=hp.max_steps,
+        n_prompts=len(prompts),
+        per_update=hp.batch_size,
+        progress=progress,
+        stage=method,
+    )
     device = lora.pick_device()
     models = _attach_roles(spec, lora_settings, device, tokenizer, eos_token_id=eos, pad_token_id=pad)
     needs_scorer = spec.reward_model is not None or any(
@@ -242,7 +194,7 @@ def build_session(
         prompts=prompts,
         dataset_sha256=data.sha256_file(dataset_ref.path),
         total_updates=total_updates,
-        next_prompts=IndexCycle(len(prompts), hp.batch_size, seed=spec.seed),
+        next_prompts=loop.IndexCycle(len(prompts), hp.batch_size, seed=spec.seed),
     )
 
 
@@ -311,32 +263,16 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
         }
 
     def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
-        spec, session = self.spec, self.session
-        dataset_ref = spec.datasets["prompts"]
-        peft_model: PeftModel = session.models.peft
-        entry = DatasetCardEntry(
-            role="prompts",
-            name=dataset_ref.name,
-            id=dataset_ref.id,
-            sha256=session.dataset_sha256,
+        session = self.session
+        return self.publish_prompt_policy(
+            session.models.peft,
+            session.tokenizer,
+            metrics,
+            title=self.title,
+            dataset_sha256=session.dataset_sha256,
             num_records=len(session.rows),
             num_examples=len(session.prompts),
-        )
-        card = self.model_card(
-            title=f"{spec.base_model.name} + LoRA ({self.title})",
-            datasets=[entry],
-            lora=self.policy_lora(peft_model),
-            metrics=metrics,
-        )
-        card += _setup_card_section(spec, self.hp, self.title)
-        return self.publish(
-            peft_model,
-            session.tokenizer,
-            card,
-            metrics,
-            datasets={"prompts": {"id": dataset_ref.id, "sha256": session.dataset_sha256}},
-            reward_model=spec.reward_model.id if spec.reward_model else None,
-            init_adapter=spec.init_adapter.id if spec.init_adapter else None,
+            setup_section=_setup_card_section(self.spec, self.hp, self.title),
             graders=[grader.name for grader in self.hp.graders],
         )
 

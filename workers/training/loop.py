@@ -15,6 +15,8 @@ The pieces, kept as plain functions:
 - :func:`local_sha256`: the dataset's hash, with a warning when the local file is not the one the spec named;
 - :func:`count_steps`, :func:`build_optimizer`, :func:`optimizer_step`: AdamW with warm-up and decay, the
   divergence check, gradient clipping and the step itself;
+- :func:`count_updates`, :class:`IndexCycle`: how many updates an online method runs, and the seeded,
+  resumable order its prompts are drawn in;
 - :func:`step_batches`: the batches of the remaining steps, epoch by epoch, skipping what a checkpoint had
   consumed;
 - :class:`StepLogger`: metric points, progress and the history the final metrics are read from;
@@ -25,6 +27,7 @@ The pieces, kept as plain functions:
 from __future__ import annotations
 
 import math
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -105,6 +108,63 @@ def count_steps(n_items: int, hp: OptimizerHyperparameters) -> tuple[int, int]:
     if hp.max_steps is not None:
         total = min(total, hp.max_steps)
     return per_epoch, total
+
+
+def count_updates(
+    *,
+    steps: int,
+    epochs: float | None,
+    max_steps: int | None,
+    n_prompts: int,
+    per_update: int,
+    progress: ProgressWriter,
+    stage: str,
+) -> int:
+    """Updates an online method (PPO, GRPO, RLOO) runs, with a warning when fewer than ``steps`` will.
+
+    ``steps`` counts updates and prompts are recycled to reach it; ``epochs`` (passes over the prompts) caps it
+    only when given, and ``max_steps`` always does.
+    """
+    by_epochs = math.ceil(epochs * n_prompts / per_update) if epochs is not None else steps
+    total = min(steps, by_epochs, max_steps or steps)
+    if total < steps:
+        progress.event(
+            f"running {total} updates, not steps={steps}: epochs={epochs} over {n_prompts} prompts at "
+            f"{per_update} per update allows {by_epochs}"
+            + (f" and max_steps={max_steps}" if max_steps else ""),
+            stage=stage,
+            level="warning",
+        )
+    return total
+
+
+class IndexCycle:
+    """Prompt indices for each update of an online method: shuffled passes over ``n`` prompts, a fresh seeded
+    pass whenever one runs out.
+
+    Its state for a checkpoint is ``rng`` (an extra RNG of the checkpoint) plus the rest of the current pass
+    (:meth:`state`), so a resumed run draws the same prompts the uninterrupted one would.
+    """
+
+    def __init__(self, n: int, size: int, *, seed: int) -> None:
+        self.n = n
+        self.size = size
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def __call__(self) -> list[int]:
+        batch: list[int] = []
+        while len(batch) < self.size:
+            if not self.order:
+                self.order.extend(self.rng.sample(range(self.n), self.n))
+            batch.append(self.order.pop())
+        return batch
+
+    def state(self) -> list[int]:
+        return list(self.order)
+
+    def load(self, order: list[int]) -> None:
+        self.order = [int(i) for i in order]
 
 
 def build_optimizer(
@@ -505,6 +565,49 @@ class Trainer(ABC, Generic[H, B]):
             card_dir,
             kind,
             {"base_model": spec.base_model.id, "method": self.method, "metrics": metrics, **metadata},
+        )
+
+    def publish_prompt_policy(
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        metrics: dict[str, float],
+        *,
+        title: str,
+        dataset_sha256: str,
+        num_records: int,
+        num_examples: int,
+        setup_section: str,
+        **metadata: Any,
+    ) -> Outputs:
+        """The online methods' outputs (PPO, GRPO, RLOO): the policy adapter trained on the ``prompts`` dataset,
+        its card (``setup_section`` appended: the method's own set-up) and the artifact metadata naming the
+        prompts, the reward model and the init adapter, then ``metadata``."""
+        spec = self.spec
+        dataset_ref = spec.datasets["prompts"]
+        entry = DatasetCardEntry(
+            role="prompts",
+            name=dataset_ref.name,
+            id=dataset_ref.id,
+            sha256=dataset_sha256,
+            num_records=num_records,
+            num_examples=num_examples,
+        )
+        card = self.model_card(
+            title=f"{spec.base_model.name} + LoRA ({title})",
+            datasets=[entry],
+            lora=self.policy_lora(model),
+            metrics=metrics,
+        )
+        return self.publish(
+            model,
+            tokenizer,
+            card + setup_section,
+            metrics,
+            datasets={"prompts": {"id": dataset_ref.id, "sha256": dataset_sha256}},
+            reward_model=spec.reward_model.id if spec.reward_model else None,
+            init_adapter=spec.init_adapter.id if spec.init_adapter else None,
+            **metadata,
         )
 
 

@@ -320,6 +320,23 @@ def add_frozen_adapter(model: PeftModel, name: str, path: str | Path) -> None:
         p.requires_grad_(grads.get(p, False))
 
 
+def attach_policy_and_reference(
+    base: PreTrainedModel, settings: LoraSettings, *, init_adapter: str | Path | None, seed: int
+) -> tuple[PeftModel, str | None]:
+    """The online methods' two policies on one base: the trainable policy adapter (fresh from ``settings``,
+    seeded, or the init adapter) and, given an init adapter, a frozen copy of it as the reference (the SFT
+    policy the KL is measured against). The reference is None when there is no init adapter: the base itself,
+    the adapters disabled."""
+    # Adapter initialisation draws from the global RNG; seed it from the spec without disturbing callers.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = attach_adapter(base, settings, init_adapter=init_adapter)
+        if init_adapter is None:
+            return model, None
+        add_frozen_adapter(model, REFERENCE_ADAPTER, init_adapter)
+    return model, REFERENCE_ADAPTER
+
+
 @contextmanager
 def use_adapter(model: PeftModel, name: str | None) -> Iterator[None]:
     """Run the block with adapter ``name`` active (``None``: every adapter disabled, i.e. the base model).

@@ -9,26 +9,22 @@ is the entry point (the registry's, and the rlhf pipeline's in-process call).
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 
 from contract.hyperparameters import LoraSettings, PPOHyperparameters
-from contract.protocol import DatasetRef, ProgressWriter, TrainingSpec
+from contract.protocol import DatasetRef, TrainingSpec
 from workers.training import checkpoint, data, loop, lora, rollout
 from workers.training.context import RunContext
-from workers.training.errors import INVALID_ADAPTER, INVALID_SPEC, TrainingError
-from workers.training.modelcard import DatasetCardEntry
+from workers.training.errors import INVALID_SPEC, TrainingError
 from workers.training.monitors import Alert, Monitors
 from workers.training.ppo import (
     POLICY_ADAPTER,
-    REFERENCE_ADAPTER,
     REWARD_ADAPTER,
     STAGE,
     VALUE_ADAPTER,
@@ -47,34 +43,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-class PromptCycle:
-    """Prompts for each update: shuffled passes over the prompts, a fresh seeded pass whenever one runs out.
-
-    Its state for a checkpoint is ``rng`` (an extra RNG of the checkpoint) plus the rest of the current pass
-    (:meth:`state`), so a resumed run draws the same prompts the uninterrupted one would.
-    """
-
-    def __init__(self, prompts: list[list[int]], size: int, *, seed: int) -> None:
-        self.prompts = prompts
-        self.size = size
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
-
-    def __call__(self) -> list[list[int]]:
-        batch: list[list[int]] = []
-        while len(batch) < self.size:
-            if not self.order:
-                self.order.extend(self.rng.sample(range(len(self.prompts)), len(self.prompts)))
-            batch.append(self.prompts[self.order.pop()])
-        return batch
-
-    def state(self) -> list[int]:
-        return list(self.order)
-
-    def load(self, order: list[int]) -> None:
-        self.order = [int(i) for i in order]
-
-
 @dataclass
 class PPOSession:
     """Everything :func:`setup_ppo` builds; :class:`PPOJob` runs the loop on it (tests may drive it)."""
@@ -89,7 +57,7 @@ class PPOSession:
     dataset_sha256: str
     total_updates: int
     rollout_size: int
-    next_prompts: PromptCycle
+    next_prompts: loop.IndexCycle
 
 
 @dataclass
@@ -146,24 +114,6 @@ def _prompts_ref(
     return dataset_ref
 
 
-def _count_updates(hp: PPOHyperparameters, n_prompts: int, progress: ProgressWriter) -> tuple[int, int]:
-    """(PPO updates to run, prompts per update), with a warning when fewer than ``steps`` will run."""
-    rollout_size = hp.rollout_batch_size or hp.batch_size
-    # `steps` counts PPO updates and prompts are recycled to reach it; `epochs` (passes over the
-    # prompts) caps it only when given, and `max_steps` always does.
-    by_epochs = math.ceil(hp.epochs * n_prompts / rollout_size) if hp.epochs is not None else hp.steps
-    total_updates = min(hp.steps, by_epochs, hp.max_steps or hp.steps)
-    if total_updates < hp.steps:
-        progress.event(
-            f"running {total_updates} PPO updates, not steps={hp.steps}: epochs={hp.epochs} over "
-            f"{n_prompts} prompts at {rollout_size} per update allows {by_epochs}"
-            + (f" and max_steps={hp.max_steps}" if hp.max_steps else ""),
-            stage=STAGE,
-            level="warning",
-        )
-    return total_updates, rollout_size
-
-
 def _attach_roles(
     ctx: RunContext,
     hp: PPOHyperparameters,
@@ -176,21 +126,14 @@ def _attach_roles(
     spec = ctx.spec
     base = lora.load_base_model(spec.base_model.path, device=device)
     hidden_size = int(base.config.hidden_size)
-    # Adapter initialisation draws from the global RNG; seed it from the spec without disturbing callers.
+    # The reward and value adapters' initialisation draws from the global RNG too (then overwritten by their
+    # weights); seeded from the spec, without disturbing callers.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         init_path = spec.init_adapter.path if spec.init_adapter else None
-        peft_model = lora.attach_adapter(base, lora_settings, init_adapter=init_path)
-        reference_adapter = None
-        if init_path is not None:
-            # The reference is the SFT policy: a frozen copy of the init adapter (LoRA weights only).
-            try:
-                peft_model.load_adapter(init_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise TrainingError(
-                    INVALID_ADAPTER, f"cannot load init_adapter as the reference: {exc}"
-                ) from None
-            reference_adapter = REFERENCE_ADAPTER
+        peft_model, reference_adapter = lora.attach_policy_and_reference(
+            base, lora_settings, init_adapter=init_path, seed=spec.seed
+        )
         reward_head: torch.nn.Linear | None = None
         reward_adapter = None
         if spec.reward_model is not None and not programmatic_reward:
@@ -258,7 +201,16 @@ def build_session(
         + f"; pad id {pad_token_id}, EOS id {eos_token_id}",
         stage=STAGE,
     )
-    total_updates, rollout_size = _count_updates(hp, len(prompts), progress)
+    rollout_size = hp.rollout_batch_size or hp.batch_size
+    total_updates = loop.count_updates(
+        steps=hp.steps,
+        epochs=hp.epochs,
+        max_steps=hp.max_steps,
+        n_prompts=len(prompts),
+        per_update=rollout_size,
+        progress=progress,
+        stage=STAGE,
+    )
 
     device = lora.pick_device()
     models = _attach_roles(ctx, hp, lora_settings, device, programmatic_reward=reward_function is not None)
@@ -297,7 +249,7 @@ def build_session(
         dataset_sha256=dataset_sha256,
         total_updates=total_updates,
         rollout_size=rollout_size,
-        next_prompts=PromptCycle(prompts, rollout_size, seed=spec.seed),
+        next_prompts=loop.IndexCycle(len(prompts), rollout_size, seed=spec.seed),
     )
 
 
@@ -372,7 +324,7 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         }
 
     def train_step(self, step: int, batch: None) -> None:
-        result = self.session.trainer.step(self.session.next_prompts())
+        result = self.session.trainer.step([self.session.prompts[i] for i in self.session.next_prompts()])
         if self.first_minibatch is None:
             self.first_minibatch = result.minibatches[0]
         if self.on_update is not None:
@@ -446,32 +398,18 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         }
 
     def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
-        spec, session = self.spec, self.session
-        dataset_ref = spec.datasets["prompts"]
-        peft_model: PeftModel = session.models.peft
-        entry = DatasetCardEntry(
-            role="prompts",
-            name=dataset_ref.name,
-            id=dataset_ref.id,
-            sha256=session.dataset_sha256,
+        session = self.session
+        return self.publish_prompt_policy(
+            session.models.peft,
+            session.tokenizer,
+            metrics,
+            title="PPO",
+            dataset_sha256=session.dataset_sha256,
             num_records=session.num_records,
             num_examples=len(session.prompts),
-        )
-        card = self.model_card(
-            title=f"{spec.base_model.name} + LoRA (PPO)",
-            datasets=[entry],
-            lora=self.policy_lora(peft_model),
-            metrics=metrics,
-        )
-        card += _setup_card_section(spec, self.hp, reward_adapter=session.models.reward_adapter is not None)
-        return self.publish(
-            peft_model,
-            session.tokenizer,
-            card,
-            metrics,
-            datasets={"prompts": {"id": dataset_ref.id, "sha256": session.dataset_sha256}},
-            reward_model=spec.reward_model.id if spec.reward_model else None,
-            init_adapter=spec.init_adapter.id if spec.init_adapter else None,
+            setup_section=_setup_card_section(
+                self.spec, self.hp, reward_adapter=session.models.reward_adapter is not None
+            ),
             # The output is the newest policy, also when a monitor stopped the run.
             stopped_by_monitor=(
                 {"name": self.stopped_by.name, "step": self.stopped_by.step} if self.stopped_by else None
