@@ -206,7 +206,14 @@ class PPOMonitorSettings(_Strict):
     stop_on: list[MonitorName] = Field(
         default_factory=list,
         description="Monitors that end the job when they fire: PPO stops after that update and the job "
-        "succeeds with status_reason 'stopped_by_monitor', its newest policy as the output.",
+        "succeeds with status_reason 'stopped_by_monitor'; its output is chosen by keep_on_stop.",
+    )
+    keep_on_stop: Literal["best_held_out", "newest"] = Field(
+        "best_held_out",
+        description="The output of a run a stop_on monitor ended. best_held_out: the policy at the held-out "
+        "evaluation point (hyperparameters.eval) with the highest score on the first series matching "
+        "held_out_metric (sorted by name; a tie keeps the earlier policy, nearer the reference), since the stop "
+        "means the newest policy was drifting; newest when no held-out evaluation ran. newest: always the policy of the update the run stopped after.",
     )
 
     @model_validator(mode="after")

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from contract.protocol import ProgressWriter, ResumeRef, TrainingSpec, parse_line
+from contract.protocol import DatasetRef, ProgressWriter, ResumeRef, TrainingSpec, parse_line
 from tests.training.test_ppo import EOS, FAST_HP, ends_early_reward, make_spec
 from workers.training.context import RunContext
-from workers.training.ppo_job import PPOResult, train_ppo
+from workers.training.ppo_job import PPOJob, PPOResult, train_ppo
 
 MAX_NEW = 16
 HP: dict[str, Any] = {
@@ -142,9 +142,75 @@ def test_sound_rewards_raise_no_alert(
     print(f"reward {rewards[0]:.3f} -> {rewards[-1]:.3f}; max KL {max(h['kl'] for h in result.history):.2f}")
     assert result.updates == HP["steps"]
     assert [m for m in messages if m["type"] == "monitor"] == []
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5  # it learned, and still no alert
+    # The policy moved (the monitors had something to watch) and still no alert. The five-token reward starts
+    # near its ceiling (0.84 of 1), so whether its last updates beat its first depends on the CPU's rounding
+    # (it did on one machine, not on another); the ends-early reward starts at 0.05 and must have learned.
+    assert max(h["kl"] for h in result.history) > 1.0
+    if reward is ends_early_reward:
+        assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5
     events = [m["message"] for m in messages if m["type"] == "event"]
     assert any(e.startswith("monitors: length") and "stop on: length" in e for e in events), events
     # No held-out grader ran: the divergence monitor says it did nothing.
     assert any("reward_divergence did nothing" in e and "eval/*/mean" in e for e in events), events
     assert json.dumps(result.metrics)  # finite, serialisable final metrics
+
+
+def test_a_stopped_run_keeps_the_policy_its_held_out_grader_scored_best(
+    eager_eos_model_dir: Path, tmp_path: Path
+) -> None:
+    # The held-out grader wants short answers (at most 4 tokens); the length hack makes them longer.
+    held_out = {"type": "length", "name": "short", "unit": "tokens", "max": 4}
+    hp = {**HP, "eval": {"prompts": "ds_eval", "graders": [held_out], "every": 2, "max_new_tokens": MAX_NEW}}
+    spec = make_spec(tmp_path / "keep", eager_eos_model_dir, hp=hp)
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps({"prompt": f"colour {i}?"}) + "\n" for i in range(6)), "utf-8")
+    ref = DatasetRef(
+        id="ds_eval", name="eval", kind="prompts", sha256="0" * 64, num_records=6, path=str(eval_path)
+    )
+    spec = spec.model_copy(update={"datasets": {**spec.datasets, "eval_prompts": ref}})
+    policy_at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def remember(update: int, _result: Any) -> None:
+        # Called after the update's optimizer steps, before its evaluation: the weights the evaluation sees.
+        policy_at[update] = {k: v.detach().clone() for k, v in job_policy().items()}
+
+    stream = io.StringIO()
+    ctx = RunContext(spec=spec, progress=ProgressWriter(stream))
+    job = PPOJob(ctx, reward_function=pays_for_length, on_update=remember)
+
+    def job_policy() -> dict[str, torch.Tensor]:
+        return {
+            name: param
+            for name, param in job.session.models.peft.named_parameters()
+            if "lora_" in name and name.split(".")[-2] == "default"
+        }
+
+    finished = job.run()
+    messages = [m for m in map(parse_line, stream.getvalue().splitlines()) if m is not None]
+    scores = {
+        m["step"]: m["values"]["eval/short/mean"]
+        for m in messages
+        if "eval/short/mean" in m.get("values", {})
+    }
+    stopped_at = finished.steps
+    print(scores, "stopped at", stopped_at)
+    assert stopped_at < HP["steps"], "the length hack must be stopped for this test to mean anything"
+    best = max(scores, key=lambda s: (scores[s], -s))  # the first update with the highest score
+    kept = finished.outputs.metadata["kept_policy"]
+    assert kept == {
+        "policy": "best_held_out",
+        "step": best,
+        "series": "eval/short/mean",
+        "value": scores[best],
+    }
+    # The first evaluation (eager EOS: one-token greedy answers) scores the most a length grader can; ties keep
+    # the earlier policy, the one nearer the reference.
+    assert best != stopped_at and scores[best] >= scores[stopped_at]
+    saved = load_file(str(finished.outputs.model_dir / "adapter_model.safetensors"))
+    # peft saves the default adapter's tensors without the adapter name in their keys.
+    at_best = {name.replace(".default.", "."): t for name, t in policy_at[best].items()}
+    assert sorted(saved) == sorted(at_best)
+    assert all(torch.equal(saved[name], at_best[name]) for name in saved)
+    newest = policy_at[stopped_at]
+    assert not all(torch.equal(policy_at[best][name], newest[name]) for name in newest)
+    assert any("not the newest" in m["message"] for m in messages if m["type"] == "event")

@@ -22,6 +22,7 @@ from contract.protocol import DatasetRef, TrainingSpec
 from workers.training import checkpoint, data, loop, lora, rollout
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, TrainingError
+from workers.training.keep_best import BestHeldOutPolicy
 from workers.training.monitors import Alert, Monitors
 from workers.training.ppo import (
     POLICY_ADAPTER,
@@ -265,8 +266,8 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
     ``monitor`` line, and one named in ``hp.monitors.stop_on`` ends the run after that update (``stopped_by``):
     the schedule yields no further update, and the loop saves the final checkpoint and the newest policy as
     usual. Metrics of a held-out evaluation run during PPO reach the monitors through :meth:`watch` (the
-    ``reward_divergence`` monitor reads them by name); choosing the best-by-held-out checkpoint as the output
-    instead of the newest policy would go in :meth:`save_outputs`, which today always saves the newest.
+    ``reward_divergence`` monitor reads them by name). With a held-out evaluation, :class:`BestHeldOutPolicy`
+    keeps the policy its grader scored best; a stopped run publishes that one (``monitors.keep_on_stop``).
     """
 
     method = STAGE
@@ -289,13 +290,17 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         # Built before init_loop: its extra reward/judge adapters are part of the checkpointed modules.
         self.held_out = self._held_out_eval() if self.hp.eval is not None else None
         models, trainer = session.models, session.trainer
+        modules: dict[str, torch.nn.Module] = {"peft": models.peft, "value_head": models.value_head}
+        self.best = self._best_keeper()
+        if self.best is not None:
+            modules["best_held_out"] = self.best
         # Everything an update depends on: the trainable adapter(s) and value head, Adam's moments, the sampling
         # generator (rollouts and minibatch permutations), the prompt order; dropout is off, so no global RNG.
         self.init_loop(
             total=session.total_updates,
             logging_steps=self.hp.logging_steps,
             checkpoint_steps=self.hp.checkpoint_steps,
-            modules={"peft": models.peft, "value_head": models.value_head},
+            modules=modules,
             optimizer=trainer.optimizer,
             extra_rng={"sampling": trainer.generator, "prompt_order": session.next_prompts.rng},
         )
@@ -313,6 +318,8 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             self.monitors.load(resumed.extra.get("monitors", {}))
             stop = resumed.extra.get("stopped_by")
             self.stopped_by = Alert(**stop) if stop else None
+            if self.best is not None:
+                self.best.load(resumed.extra.get("best_held_out", {}))
         self.progress.event(self.monitors.describe(), stage=self.stage)
 
     def checkpoint_extra(self) -> dict[str, Any]:
@@ -321,6 +328,7 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             "prompt_order": self.session.next_prompts.state(),
             "monitors": self.monitors.state(),
             "stopped_by": asdict(self.stopped_by) if self.stopped_by else None,
+            **({"best_held_out": self.best.state()} if self.best is not None else {}),
         }
 
     def train_step(self, step: int, batch: None) -> None:
@@ -335,6 +343,8 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         if evaluated:
             assert self.held_out is not None
             values.update(self.held_out.run())  # eval/<grader>/mean beside the training series
+            if self.best is not None:
+                self.best.offer(step, values)
         self.watch(step, values, lengths)
         # Every update's metrics stay in the history; the metric line goes out every logging_steps (and at
         # the update a monitor stopped the run on, its last).
@@ -353,6 +363,34 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             pad_token_id=trainer.pad_token_id,
             max_prompt_length=self.hp.max_length,
         )
+
+    def _best_keeper(self) -> BestHeldOutPolicy | None:
+        settings = self.hp.monitors
+        if self.held_out is None or settings.keep_on_stop != "best_held_out" or not settings.stop_on:
+            return None
+        pattern = settings.held_out_metric or "eval/*/mean"
+        policy = [
+            (name, param)
+            for name, param in self.session.models.peft.named_parameters()
+            # LoRA parameter names look like "...q_proj.lora_A.<adapter>.weight".
+            if "lora_" in name and name.split(".")[-2] == POLICY_ADAPTER
+        ]
+        return BestHeldOutPolicy(policy, pattern)
+
+    def _keep_best(self, steps: int) -> dict[str, Any] | None:
+        """A stopped run's output policy: the best by the held-out grader, when that is not the newest."""
+        best = self.best
+        if self.stopped_by is None or best is None or best.step is None:
+            return None
+        kept = {"policy": "best_held_out", "step": best.step, "series": best.series, "value": best.value}
+        if best.step != steps:
+            best.restore()
+        self.progress.event(
+            f"output: the policy of update {best.step} (best held-out {best.series} = {best.value:.4f}), "
+            f"not the newest (update {steps}), since monitor {self.stopped_by.name} stopped the run",
+            stage=self.stage,
+        )
+        return kept
 
     def watch(self, step: int, values: dict[str, float], lengths: list[float] | None = None) -> None:
         """Show update ``step``'s metric ``values`` (and its answers' ``lengths``) to the monitors; send each
@@ -399,6 +437,7 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
 
     def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
         session = self.session
+        kept = self._keep_best(int(metrics["updates"]))
         return self.publish_prompt_policy(
             session.models.peft,
             session.tokenizer,
@@ -409,11 +448,17 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             num_examples=len(session.prompts),
             setup_section=_setup_card_section(
                 self.spec, self.hp, reward_adapter=session.models.reward_adapter is not None
+            )
+            + (
+                f"\n\nThis is the policy of update {kept['step']}, the best by held-out {kept['series']} "
+                f"({kept['value']:.4f}); the metrics above are of the last update.\n"
+                if kept
+                else ""
             ),
-            # The output is the newest policy, also when a monitor stopped the run.
             stopped_by_monitor=(
                 {"name": self.stopped_by.name, "step": self.stopped_by.step} if self.stopped_by else None
             ),
+            kept_policy=kept,
         )
 
     def summary(self, metrics: dict[str, float], steps: int, train_seconds: float) -> str:
