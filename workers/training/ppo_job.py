@@ -58,7 +58,11 @@ class PPOSession:
     dataset_sha256: str
     total_updates: int
     rollout_size: int
-    next_prompts: loop.IndexCycle
+    prompt_order: loop.IndexCycle
+
+    def next_prompts(self) -> list[list[int]]:
+        """The next update's prompts, in the seeded, resumable order."""
+        return [self.prompts[i] for i in self.prompt_order()]
 
 
 @dataclass
@@ -250,7 +254,7 @@ def build_session(
         dataset_sha256=dataset_sha256,
         total_updates=total_updates,
         rollout_size=rollout_size,
-        next_prompts=loop.IndexCycle(len(prompts), rollout_size, seed=spec.seed),
+        prompt_order=loop.IndexCycle(len(prompts), rollout_size, seed=spec.seed),
     )
 
 
@@ -302,7 +306,7 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             checkpoint_steps=self.hp.checkpoint_steps,
             modules=modules,
             optimizer=trainer.optimizer,
-            extra_rng={"sampling": trainer.generator, "prompt_order": session.next_prompts.rng},
+            extra_rng={"sampling": trainer.generator, "prompt_order": session.prompt_order.rng},
         )
 
     def schedule(self, step: int, resumed: checkpoint.ResumeState | None) -> Iterator[tuple[int, int, None]]:
@@ -314,7 +318,7 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
 
     def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
         if resumed is not None:
-            self.session.next_prompts.load(resumed.extra.get("prompt_order", []))
+            self.session.prompt_order.load(resumed.extra.get("prompt_order", []))
             self.monitors.load(resumed.extra.get("monitors", {}))
             stop = resumed.extra.get("stopped_by")
             self.stopped_by = Alert(**stop) if stop else None
@@ -325,14 +329,14 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
     def checkpoint_extra(self) -> dict[str, Any]:
         return {
             **super().checkpoint_extra(),
-            "prompt_order": self.session.next_prompts.state(),
+            "prompt_order": self.session.prompt_order.state(),
             "monitors": self.monitors.state(),
             "stopped_by": asdict(self.stopped_by) if self.stopped_by else None,
             **({"best_held_out": self.best.state()} if self.best is not None else {}),
         }
 
     def train_step(self, step: int, batch: None) -> None:
-        result = self.session.trainer.step([self.session.prompts[i] for i in self.session.next_prompts()])
+        result = self.session.trainer.step(self.session.next_prompts())
         if self.first_minibatch is None:
             self.first_minibatch = result.minibatches[0]
         if self.on_update is not None:
