@@ -10,7 +10,11 @@
    model continued on it, PPO from the rlhf policy if that reward model passes its quality gate (held-out
    accuracy >= 0.6 on >= 20 held-out pairs; the server refuses PPO otherwise and the demo says so and keeps
    the rlhf policy); downloads the resulting policy (sha256 checked) into .alignd-demo/adapter;
-5. prints the base model's and the aligned model's answers to the same held-out prompts, loading the adapter
+5. trains a judge reward model on pairs no other stage sees (examples/data/demo_judge_preference.jsonl) and runs
+   an `evaluate` job on 16 held-out prompts (asked by no training file: tests/unit/test_demo_data.py) comparing
+   the base, the SFT adapter, the PPO policy and the round's policy, graded by a rule and by the judge; prints
+   the table and writes it to .alignd-demo/demo_eval.json;
+6. prints the base model's and the aligned model's answers to the same held-out prompts, loading the adapter
    with plain `peft`.
 
 Run it with `make demo`. Settings: DEMO_SFT_STEPS (default 30), DEMO_PPO_STEPS (default 6),
@@ -38,6 +42,11 @@ DATA = ROOT / "examples" / "data"
 SFT_DATA = DATA / "demo_sft.jsonl"
 PREFERENCE_DATA = DATA / "demo_preference.jsonl"
 PROMPTS_DATA = DATA / "demo_prompts.jsonl"
+# Pairs no training stage sees (new answers, pirate style preferred): the judge reward model the evaluation uses,
+# so the policy is scored by a reward model it was never optimised against.
+JUDGE_PREFERENCE_DATA = DATA / "demo_judge_preference.jsonl"
+# The evaluation's figures, also written as JSON (bench/results/demo_eval.json holds a committed run).
+EVAL_RESULTS = DATA_DIR / "demo_eval.json"
 # Metrics worth a line per stage (the server keeps them all: GET /v1/jobs/{id}/metrics).
 SHOWN_METRICS = {
     "sft": ("loss", "tokens_per_second"),
@@ -77,15 +86,15 @@ HELD_OUT_PROMPTS = [
 # The eval prompts: asked of no training stage (SFT, preference, PPO and round prompts are all different).
 EVAL_PROMPTS = [
     *HELD_OUT_PROMPTS,
-    "What is the capital of Spain?",
+    "What is the capital of Norway?",
     "How many wheels does a car have?",
-    "What colour is a ripe tomato?",
+    "What colour is a carrot?",
     "What do bees live in?",
-    "Which animal says moo?",
+    "Which animal says quack?",
     "What is five minus two?",
-    "What season comes after winter?",
+    "What season comes after summer?",
     "What do you use to write on paper?",
-    "How many months are in a year?",
+    "How many weeks are in a year?",
     "What is the opposite of wet?",
     "Which fruit is red and grows on trees?",
     "What do fish live in?",
@@ -107,16 +116,44 @@ def upload_eval_prompts(client: alignd.Client) -> alignd.Dataset:
     return client.datasets.upload(path, kind="prompts", name="eval questions (held out)")
 
 
+def train_judge(client: alignd.Client, model_id: str) -> alignd.Artifact:
+    """A reward model on pairs no other stage trains on; the evaluate job's independent reward-model grader."""
+    data = client.datasets.upload(JUDGE_PREFERENCE_DATA, kind="preference", name="judge pairs (held out)")
+    job = client.jobs.create(
+        method="reward_model",
+        base_model=model_id,
+        datasets={"preference": data.id},
+        lora=LORA,
+        hyperparameters={
+            "epochs": 2,
+            "batch_size": 8,
+            "learning_rate": 1e-3,
+            "max_length": 128,
+            "eval_fraction": 0.25,
+        },
+        seed=7,
+        name="demo-judge-reward-model",
+    )
+    follow(client, job.id)
+    return next(a for a in client.jobs.artifacts(job.id) if a.kind == "reward_model")
+
+
 def evaluate(
-    client: alignd.Client, model_id: str, prompts_id: str, candidates: dict[str, str | None]
+    client: alignd.Client,
+    model_id: str,
+    prompts_id: str,
+    candidates: dict[str, str | None],
+    judge_id: str,
 ) -> alignd.Evaluation:
-    """An evaluate job: every candidate (None: the base) answers the eval prompts greedily, graded by the rule."""
+    """An evaluate job: every candidate (None: the base) answers the eval prompts greedily, graded by the rule
+    and by the judge reward model."""
+    judge = {"type": "reward_model", "name": "judge_rm", "artifact": judge_id}
     job = client.evals.create(
         base_model=model_id,
         prompts=prompts_id,
         candidates=[{"name": n, **({"adapter": a} if a else {})} for n, a in candidates.items()],
         baseline="base",
-        graders=[PIRATE_GRADER],
+        graders=[PIRATE_GRADER, judge],
         sampling={"max_new_tokens": 32, "max_prompt_length": 128},
         seed=42,
         name="demo-eval",
@@ -352,8 +389,12 @@ def main() -> int:
             candidates = {"base": None, "sft": sft_policy.id, "ppo": rlhf_policy.id}
             if round_result.policy != rlhf_policy.id:
                 candidates["round"] = round_result.policy
-            print(f"[6/7] evaluate job: {', '.join(candidates)} on {len(EVAL_PROMPTS)} held-out prompts ...")
-            table = eval_table(evaluate(client, model.id, eval_prompts.id, candidates))
+            print("[6/7] a judge reward model on held-out pairs no stage trained on ...")
+            judge = train_judge(client, model.id)
+            print(f"      evaluate job: {', '.join(candidates)} on {len(EVAL_PROMPTS)} held-out prompts ...")
+            evaluation = evaluate(client, model.id, eval_prompts.id, candidates, judge.id)
+            EVAL_RESULTS.write_text(json.dumps(evaluation.model_dump(mode="json"), indent=2) + "\n", "utf-8")
+            table = eval_table(evaluation)
             shutil.rmtree(DATA_DIR / "adapter", ignore_errors=True)  # the previous run's adapter
             adapter_dir = client.artifacts.download(adapter.id, DATA_DIR / "adapter")
             print(
