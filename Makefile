@@ -81,15 +81,15 @@ openapi: $(STAMP)
 	$(PY) -m service.openapi > openapi/openapi.json
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) bench/.work .alignd .alignd-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_GRPO_VENV) bench/.work .alignd .alignd-demo .pytest_cache .mypy_cache .ruff_cache
 
 # --- benchmarks (bench/; docs/performance.md): results in bench/results/<name>.json + .md ---------------
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: bench bench-quick bench-install bench-ppo bench-ppo-quick bench-sft bench-sft-quick \
-	bench-validation bench-validation-quick bench-api bench-api-quick wrk
+.PHONY: bench bench-quick bench-install bench-ppo bench-ppo-quick bench-grpo bench-grpo-quick bench-sft \
+	bench-sft-quick bench-validation bench-validation-quick bench-api bench-api-quick wrk
 
 # TRL only here. torch first (CPU wheel, pinned), then TRL 1.9.x (still has trl.experimental.ppo) with
 # transformers/peft pinned to the main venv's versions, then this repo (the same alignd code as .venv).
@@ -102,7 +102,23 @@ $(BENCH_STAMP): pyproject.toml client/pyproject.toml
 	$(BENCH_PY) -m pip install -q -e ".[train]"
 	touch $(BENCH_STAMP)
 
-bench-install: $(STAMP) $(BENCH_STAMP)
+# GRPO is compared against TRL's current release, which no longer has the PPOTrainer that .venv-bench pins
+# 1.9.x for: its own venv, same order (torch first), transformers/peft pinned as in .venv-bench.
+BENCH_GRPO_VENV := .venv-bench-grpo
+BENCH_GRPO_PY := $(BENCH_GRPO_VENV)/bin/python
+BENCH_GRPO_STAMP := $(BENCH_GRPO_VENV)/.installed
+TRL_GRPO := trl==1.16.*
+
+$(BENCH_GRPO_STAMP): pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(BENCH_GRPO_VENV)
+	$(BENCH_GRPO_PY) -m pip install -q --upgrade pip
+	$(BENCH_GRPO_PY) -m pip install -q torch==2.13.0
+	$(BENCH_GRPO_PY) -m pip install -q "$(TRL_GRPO)" "transformers==5.23.0" "peft==0.21.2"
+	$(BENCH_GRPO_PY) -m pip install -q -e ./client
+	$(BENCH_GRPO_PY) -m pip install -q -e ".[train]"
+	touch $(BENCH_GRPO_STAMP)
+
+bench-install: $(STAMP) $(BENCH_STAMP) $(BENCH_GRPO_STAMP)
 
 bench-ppo: $(STAMP) $(BENCH_STAMP)
 	$(PY) examples/prepare_base_model.py
@@ -110,6 +126,14 @@ bench-ppo: $(STAMP) $(BENCH_STAMP)
 
 bench-ppo-quick: $(STAMP) $(BENCH_STAMP)
 	$(BENCH_PY) bench/ppo_vs_trl.py --model tiny --updates 5 --threads 1
+
+# The same wall-clock budget for both (150 s of training each; the whole target takes about 8-9 minutes).
+bench-grpo: $(STAMP) $(BENCH_GRPO_STAMP)
+	$(PY) examples/prepare_base_model.py
+	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model smollm2 --seconds 150 --threads 2
+
+bench-grpo-quick: $(STAMP) $(BENCH_GRPO_STAMP)
+	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model tiny --seconds 30 --max-steps 4 --threads 1
 
 bench-sft: $(STAMP) $(BENCH_STAMP)
 	$(PY) examples/prepare_base_model.py
@@ -135,6 +159,6 @@ bench-api: $(STAMP) wrk
 bench-api-quick: $(STAMP) wrk
 	$(PY) bench/api_speed.py --quick
 
-bench-quick: bench-ppo-quick bench-sft-quick bench-validation-quick bench-api-quick
+bench-quick: bench-ppo-quick bench-grpo-quick bench-sft-quick bench-validation-quick bench-api-quick
 
-bench: bench-ppo bench-sft bench-validation bench-api
+bench: bench-ppo bench-grpo bench-sft bench-validation bench-api
