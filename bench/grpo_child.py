@@ -3,7 +3,10 @@ prompt check (``prep``) and the held-out evaluation of the trained adapters (``e
 
 Run by ``bench/grpo_vs_trl.py``; not meant to be called by hand::
 
-    python bench/grpo_child.py {prep,alignd,trl,eval} CONFIG.json RESULT.json [RUN_DIR]
+    python bench/grpo_child.py {prep,alignd,trl,trl_gc,eval} CONFIG.json RESULT.json [RUN_DIR]
+
+``trl`` runs TRL with gradient checkpointing off, as alignd's GRPO (it has none); ``trl_gc`` with it on, TRL's
+default.
 
 CONFIG names the base model folder, the training and held-out prompt files, the grader spec (one alignd rule
 grader, a JSON object), the wall-clock budget, threads and the GRPO settings. The reward is the same code on
@@ -60,16 +63,29 @@ def rule_score(grader: Any, text: str, *, ended: bool, n_tokens: int) -> tuple[f
     return result.reward, {k: float(v) for k, v in result.metadata["scores"].items()}
 
 
+def status_gib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak so far) of this process, GiB, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 class WallBudget:
-    """The training clock both sides stop on: marks at the start of step 1 and at the end of every step."""
+    """The training clock both sides stop on: marks at the start of step 1 and at the end of every step.
+
+    It also notes the RSS when step 1 starts (the model loaded, its weights not all read yet: transformers maps
+    safetensors lazily), so the results can say how much of the peak the training steps added."""
 
     def __init__(self, seconds: float, max_steps: int) -> None:
         self.seconds = seconds
         self.max_steps = max_steps
         self.marks: list[float] = []
+        self.rss_at_start_gib = 0.0
 
     def step_begins(self) -> None:
         if not self.marks:
+            self.rss_at_start_gib = status_gib("VmRSS")
             self.marks.append(time.perf_counter())
 
     def step_ends(self) -> None:
@@ -166,12 +182,26 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     import torch
 
     from contract.protocol import ProgressWriter
-    from workers.training import grpo_job
+    from workers.training import grpo, grpo_job
     from workers.training.context import RunContext
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     budget = WallBudget(cfg["seconds"], cfg["max_steps"])
+    # alignd measures the KL to the base at every update, beta 0 too: one no-grad forward with the adapter
+    # disabled, which TRL skips at beta 0. Timed so the results can say what it costs.
+    reference_seconds: list[float] = []
+    no_grad_logprobs = grpo.GroupTrainer._no_grad_logprobs
+
+    def timed_logprobs(self: Any, batch: Any, *, reference: bool) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return no_grad_logprobs(self, batch, reference=reference)
+        finally:
+            if reference:
+                reference_seconds.append(time.perf_counter() - t0)
+
+    grpo.GroupTrainer._no_grad_logprobs = timed_logprobs  # type: ignore[method-assign]
 
     class BudgetedGRPOJob(grpo_job.GRPOJob):
         def schedule(self, step: int, resumed: Any) -> Iterator[tuple[int, int, None]]:
@@ -194,6 +224,9 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
         "setup_seconds": budget.marks[0] - start,
         "step_marks": budget.marks,
         "generation_seconds": [h["generation_seconds"] for h in history],
+        "reference_seconds": reference_seconds,
+        "rss_at_first_step_gib": budget.rss_at_start_gib,
+        "hwm_gib": status_gib("VmHWM"),
         "reward_mean": [h["reward_mean"] for h in history],
         "completion_length": [h["completion_length"] for h in history],
         "frac_reward_zero_std": [h["frac_reward_zero_std"] for h in history],
@@ -206,7 +239,7 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
 # --- TRL
 
 
-def _trl_config(cfg: dict[str, Any], run_dir: str) -> Any:
+def _trl_config(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bool) -> Any:
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -229,8 +262,9 @@ def _trl_config(cfg: dict[str, Any], run_dir: str) -> Any:
         num_iterations=1,
         scale_rewards=cfg["scale_rewards"],
         loss_type=cfg["loss_type"],
-        # TRL defaults to gradient checkpointing and bf16; alignd's GRPO does neither (fp32, no recompute).
-        gradient_checkpointing=cfg["trl_gradient_checkpointing"],
+        # TRL defaults to gradient checkpointing and bf16; alignd's GRPO does neither (fp32, no recompute). bf16
+        # is off for both; gradient checkpointing is TRL's default in the "trl_gc" run, off in the "trl" run.
+        gradient_checkpointing=gradient_checkpointing,
         bf16=False,
         use_cpu=True,
         use_vllm=False,
@@ -243,7 +277,7 @@ def _trl_config(cfg: dict[str, Any], run_dir: str) -> Any:
     )
 
 
-def run_trl(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def run_trl(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bool) -> dict[str, Any]:
     import torch
     import trl
     from datasets import Dataset
@@ -298,7 +332,7 @@ def run_trl(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[rule_reward],
-        args=_trl_config(cfg, run_dir),
+        args=_trl_config(cfg, run_dir, gradient_checkpointing=gradient_checkpointing),
         train_dataset=Dataset.from_dict({"prompt": read_messages(cfg["prompts"])}),
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -321,17 +355,21 @@ def run_trl(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     trainer.save_model(str(adapter_dir))
     steps = [e for e in history if "reward" in e]
     return {
-        "impl": "trl",
+        "impl": "trl_gc" if gradient_checkpointing else "trl",
         "trl_version": trl.__version__,
         "setup_seconds": budget.marks[0] - start,
         "step_marks": budget.marks,
         "generation_seconds": gen_times,
+        "rss_at_first_step_gib": budget.rss_at_start_gib,
+        "hwm_gib": status_gib("VmHWM"),
         "reward_mean": [e["reward"] for e in steps],
         "completion_length": [e.get("completions/mean_length", math.nan) for e in steps],
         "frac_reward_zero_std": [e.get("frac_reward_zero_std", math.nan) for e in steps],
         "trainable_parameters": trainable,
         "adapter_dir": str(adapter_dir),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        # what the model really did, not what the config asked (PPOTrainer 1.9 asked and never enabled it)
+        "gradient_checkpointing_active": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
         "threads": torch.get_num_threads(),
     }
 
@@ -418,8 +456,8 @@ def main() -> None:
         out = evaluate(cfg)
     elif impl == "alignd":
         out = run_alignd(cfg, run_dir)
-    elif impl == "trl":
-        out = run_trl(cfg, run_dir)
+    elif impl in ("trl", "trl_gc"):
+        out = run_trl(cfg, run_dir, gradient_checkpointing=impl == "trl_gc")
     else:
         raise SystemExit(f"unknown run {impl!r}")
     out["process_seconds"] = time.perf_counter() - t0

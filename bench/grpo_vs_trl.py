@@ -1,6 +1,9 @@
 """GRPO side by side: alignd's GRPO job and TRL's ``GRPOTrainer`` (peft LoRA, beta 0: no reference model), one
 after the other in ONE invocation, each in its own process (peak RSS is each one's own), for the same wall time;
-then both trained adapters answer a held-out prompt set greedily and the same grader scores them.
+then every trained adapter answers a held-out prompt set greedily and the same grader scores them.
+
+TRL runs twice: ``trl`` with gradient checkpointing off, as alignd (which has none), and ``trl_gc`` with it
+on, TRL's default (slower, less memory). The targets are reported against both.
 
     .venv-bench-grpo/bin/python bench/grpo_vs_trl.py --model smollm2 --seconds 150   # make bench-grpo
     .venv-bench-grpo/bin/python bench/grpo_vs_trl.py --model tiny --max-steps 4      # make bench-grpo-quick
@@ -12,8 +15,8 @@ loss_type dapo, scale_rewards group, one iteration per batch, beta 0 (TRL's defa
 dropout 0 all-linear, fp32, torch threads, and the reward: one alignd rule grader (``GRADER``), which alignd's
 job scores itself and TRL's reward function scores through the same ``contract.grading.grade``. Different by
 design: alignd measures the KL to the base every update (one no-grad forward with the adapter disabled) even at
-beta 0; TRL computes nothing for the KL at beta 0. TRL's own defaults that alignd does not share
-(gradient checkpointing, bf16) are off; ``--trl-gradient-checkpointing`` turns TRL's back on.
+beta 0; TRL computes nothing for the KL at beta 0. TRL's bf16 default is off (fp32 on both); its gradient
+checkpointing is off in the ``trl`` run and on (its default) in the ``trl_gc`` run.
 
 Figures: completions (episodes)/s over steps 2..N (step 1 pays one-off costs: lazy weight reads, allocator
 growth) and over all N; peak RSS of the process tree (sampled from /proc every 50 ms, and VmHWM); the share of
@@ -39,17 +42,20 @@ from ppo_vs_trl import model_dir
 
 BENCH_GRPO_VENV = REPO / ".venv-bench-grpo"
 
-# Rewarded: the answer mentions water, and it ends with "!" (SmolLM2 does both now and then, so groups have
-# spread to learn from; NOTES.md measured TRL's reward 0.19 -> 0.50 in 6 steps with this rule).
+# Rewarded: the answer ends (EOS within the 32 new tokens) and it mentions water. SmolLM2 ends about a third
+# of its answers in 32 tokens and mentions water now and then, so most groups of 4 have a reward spread to learn
+# from. (An "ends with '!'" rule, tried first, gave almost no spread: answers cut at 32 tokens never end so.)
 GRADER: dict[str, Any] = {
     "type": "multi",
-    "name": "water_bang",
+    "name": "ends_water",
     "graders": {
+        "ends": {"type": "ends_with_eos", "name": "ends"},
         "water": {"type": "regex", "name": "water", "pattern": "water", "ignore_case": True},
-        "bang": {"type": "regex", "name": "bang", "pattern": r"!\s*$"},
     },
-    "calculate_output": "0.5 * water + 0.5 * bang",
+    "calculate_output": "0.5 * ends + 0.5 * water",
 }
+IMPLS = ("alignd", "trl", "trl_gc")
+TRLS = ("trl", "trl_gc")
 
 # Training and held-out prompts come from disjoint topics, so no held-out prompt is a training prompt.
 _TRAIN_TOPICS = [
@@ -94,6 +100,7 @@ def summarise(impl: str, run: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     steady = durations[1:] if n > 1 else durations
     steady_gen = gens[1:] if n > 1 else gens
     per_step = cfg["prompts_per_step"] * cfg["num_generations"]
+    refs = r.get("reference_seconds", [])[: len(durations)]
     rewards = r["reward_mean"]
     k = min(3, len(rewards))
     return {
@@ -106,6 +113,10 @@ def summarise(impl: str, run: Any, cfg: dict[str, Any]) -> dict[str, Any]:
         "episodes_per_s_all": round(per_step * n / sum(durations), 3),
         "s_per_step": round(statistics.median(steady), 2),
         "generation_share": round(sum(steady_gen) / sum(steady), 3),
+        # alignd's no-grad reference forward (the KL it logs at beta 0 too); TRL has none at beta 0
+        "reference_share": round(sum(refs[1:] if n > 1 else refs) / sum(steady), 3) if refs else None,
+        # RSS when step 1 starts (model loaded, lazily mapped) vs the peak: what the training steps added
+        "rss_step1_gib": round(r["rss_at_first_step_gib"], 2),
         # training reward (sampled, temperature 1): mean of the first and of the last 3 steps
         "train_reward_first3": round(statistics.mean(rewards[:k]), 3) if k else None,
         "train_reward_last3": round(statistics.mean(rewards[-k:]), 3) if k else None,
@@ -142,7 +153,6 @@ def build_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "loss_type": "dapo",
         "max_grad_norm": 1.0,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
     }
 
 
@@ -156,7 +166,8 @@ def train_all(
     raw: list[dict[str, Any]] = []
     adapters: dict[str, str] = {}
     for round_index in range(args.rounds):
-        order = ["alignd", "trl"] if round_index % 2 == 0 else ["trl", "alignd"]
+        # alternate the order per round, so no side always runs first (cold caches) or last
+        order = list(IMPLS) if round_index % 2 == 0 else list(reversed(IMPLS))
         for impl in order:
             label = f"{impl}_r{round_index + 1}"
             result_file = work / f"{label}.json"
@@ -213,39 +224,38 @@ def heldout_rows(evaluation: dict[str, Any], rows: list[dict[str, Any]]) -> list
     return out
 
 
+TRL_LABEL = {
+    "trl": "TRL, gradient checkpointing off as alignd",
+    "trl_gc": "TRL's defaults, gradient checkpointing on",
+}
+
+
 def targets_of(rows: list[dict[str, Any]], held: list[dict[str, Any]]) -> tuple[dict[str, float], list[Any]]:
+    """Ratios alignd / TRL and the targets, against each TRL run (means over rounds)."""
+
     def mean_of(impl: str, key: str) -> float:
         return statistics.mean(r[key] for r in rows if r["impl"] == impl)
 
     def held_mean(impl: str) -> float:
-        return statistics.mean(h["heldout_score"] for h in held if h["adapter"].startswith(impl + "_"))
+        return statistics.mean(h["heldout_score"] for h in held if h["adapter"].startswith(impl + "_r"))
 
-    ratios = {
-        "episodes_per_s_alignd_over_trl": round(
-            mean_of("alignd", "episodes_per_s") / mean_of("trl", "episodes_per_s"), 2
-        ),
-        "peak_rss_alignd_over_trl": round(
-            mean_of("alignd", "peak_rss_gib") / mean_of("trl", "peak_rss_gib"), 3
-        ),
-    }
-    diff = round(held_mean("alignd") - held_mean("trl"), 3)
-    targets = [
-        {
-            "target": "episodes/s >= 1.5x TRL",
-            "measured": ratios["episodes_per_s_alignd_over_trl"],
-            "met": ratios["episodes_per_s_alignd_over_trl"] >= 1.5,
-        },
-        {
-            "target": "peak memory <= 0.6x TRL",
-            "measured": ratios["peak_rss_alignd_over_trl"],
-            "met": ratios["peak_rss_alignd_over_trl"] <= 0.6,
-        },
-        {
-            "target": "held-out grader score after the same wall time: alignd minus TRL, >= 0",
-            "measured": diff,
-            "met": diff >= 0,
-        },
-    ]
+    ratios: dict[str, float] = {}
+    targets: list[dict[str, Any]] = []
+    for trl in TRLS:
+        speed = round(mean_of("alignd", "episodes_per_s") / mean_of(trl, "episodes_per_s"), 2)
+        memory = round(mean_of("alignd", "peak_rss_gib") / mean_of(trl, "peak_rss_gib"), 3)
+        held_diff = round(held_mean("alignd") - held_mean(trl), 3)
+        ratios[f"episodes_per_s_alignd_over_{trl}"] = speed
+        ratios[f"peak_rss_alignd_over_{trl}"] = memory
+        targets += [
+            {"target": f"episodes/s >= 1.5x {TRL_LABEL[trl]}", "measured": speed, "met": speed >= 1.5},
+            {"target": f"peak memory <= 0.6x {TRL_LABEL[trl]}", "measured": memory, "met": memory <= 0.6},
+            {
+                "target": f"held-out score after the same wall time, alignd minus {TRL_LABEL[trl]}: not below 0",
+                "measured": held_diff,
+                "met": held_diff >= 0,
+            },
+        ]
     return ratios, targets
 
 
@@ -257,9 +267,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget per run")
     parser.add_argument("--max-steps", type=int, default=100000, help="cap on steps per run (quick runs)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="alignd/TRL pairs, order alternating per round")
     parser.add_argument(
-        "--trl-gradient-checkpointing", action="store_true", help="TRL's default; off: alignd's"
+        "--rounds", type=int, default=1, help="rounds of the three runs, order reversed every other round"
     )
     parser.add_argument("--name", default=None, help="results file stem (default grpo_vs_trl[_tiny])")
     parser.add_argument("--timeout", type=float, default=3600)
@@ -284,7 +293,7 @@ def main() -> None:
     evaluation = evaluate_all(py, cfg_path, work, env, adapters)
     held = heldout_rows(evaluation, rows)
     ratios, targets = targets_of(rows, held)
-    trl_version = next(r["child"]["trl_version"] for r in raw if r["impl"] == "trl")
+    trl_version = next(r["child"]["trl_version"] for r in raw if r["impl"] in TRLS)
     settings = {k: v for k, v in cfg.items() if k not in ("model", "prompts", "heldout_prompts")}
     settings["model"] = args.model
     settings["prompt_check"] = {k: v for k, v in prep.result.items() if k != "process_seconds"}
@@ -299,29 +308,38 @@ def main() -> None:
             "Targets": targets,
         },
         data={"settings": settings, "ratios": ratios, "evaluation": evaluation, "raw": raw},
-        notes=_notes(args, settings, evaluation),
+        notes=_notes(args, settings, evaluation, raw),
     )
     print(json.dumps({"ratios": ratios, "targets": targets, "heldout": held}))
 
 
-def _notes(args: argparse.Namespace, settings: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
+def _notes(
+    args: argparse.Namespace, settings: dict[str, Any], evaluation: dict[str, Any], raw: list[dict[str, Any]]
+) -> list[str]:
     check = settings["prompt_check"]
     return [
         "Each run is its own process; peak RSS is the max of the sampled process-tree RSS and VmHWM.",
-        f"Both train for {args.seconds:g} s of wall time (checked at each step's end, so the last step may run "
+        f"Every run trains for {args.seconds:g} s of wall time (checked at each step's end, so the last step may run "
         "past it; train_s is the real figure) from the start of their first step; setup (loading) is apart.",
-        "episodes/s counts completions (2 prompts x 4 generations per step on both sides); generation_share: "
+        "episodes/s counts completions (2 prompts x 4 generations per step in every run); generation_share: "
         "time in the sampling call (TRL _generate_single_turn, alignd sample_responses) over step wall time.",
-        "alignd runs one extra no-grad forward per step (the KL to the base, logged even at beta 0); TRL "
-        "computes no KL at beta 0.",
+        "alignd runs one extra no-grad forward per step (the KL to the base, logged even at beta 0; its time "
+        "over step time is reference_share); TRL computes no KL at beta 0.",
+        "rss_step1_gib: the process's RSS when step 1 starts (model loaded; transformers maps the weights "
+        "lazily, so not all of them are resident yet); peak_rss_gib is the whole run's.",
         f"Held-out: {evaluation['prompts']} prompts on topics no training prompt has; greedy, "
         f"{settings['max_new_tokens']} new tokens, plain transformers + peft, scored by the same grader code "
         "for the base and every adapter; score_se is the standard error over prompts.",
         "The same prompt token ids on both sides (alignd's encoding vs TRL's apply_chat_template): "
         f"training {check['prompts']['same_ids_as_trl']}, held-out {check['heldout_prompts']['same_ids_as_trl']}; "
         "the order differs (alignd's seeded IndexCycle, TRL's seeded sampler).",
-        f"TRL gradient checkpointing: {'on' if args.trl_gradient_checkpointing else 'off'} (TRL's default is "
-        "on; alignd's GRPO has none); bf16 off on both (fp32).",
+        "TRL gradient checkpointing (active in the trained model, not just configured): "
+        + ", ".join(
+            f"{r['impl']} r{r['round']}: {r['child']['gradient_checkpointing_active']}"
+            for r in raw
+            if r["impl"] in TRLS
+        )
+        + "; alignd's GRPO has none; bf16 off everywhere (fp32).",
         f"grader: {json.dumps(GRADER)}",
     ]
 

@@ -33,7 +33,7 @@ def test_trl_reward_is_alignds_grpo_reward() -> None:
     trl = [grpo_child.rule_score(grader, a, ended=e, n_tokens=n)[0] for a, e, n in ANSWERS]
     assert alignd.errors == 0
     assert alignd.total.tolist() == pytest.approx(trl)
-    assert trl == [1.0, 0.5, 0.5, 0.0, 0.5]  # both parts of the rule are exercised
+    assert trl == [1.0, 0.5, 0.5, 0.0, 1.0]  # both parts of the rule are exercised
 
 
 def test_heldout_prompts_are_not_training_prompts(tmp_path: Path) -> None:
