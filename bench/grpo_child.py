@@ -277,43 +277,25 @@ def _trl_config(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bo
     )
 
 
-def run_trl(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bool) -> dict[str, Any]:
-    import torch
-    import trl
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOTrainer
+def trl_reward(grader: Any, eos_token_id: int) -> Any:
+    """TRL's reward function: :func:`rule_score` of each completion (its ids end with the EOS when it ended)."""
 
-    torch.set_num_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
-    grader = load_grader(cfg)
-    eos = {tokenizer.eos_token_id}
-
-    def rule_reward(
+    def reward(
         prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **_: Any
     ) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [
-            rule_score(grader, text, ended=bool(ids) and ids[-1] in eos, n_tokens=len(ids))[0]
+            rule_score(grader, text, ended=bool(ids) and ids[-1] == eos_token_id, n_tokens=len(ids))[0]
             for text, ids in zip(texts, completion_ids, strict=True)
         ]
 
-    rule_reward.__name__ = grader.name  # TRL names the reward's log series after the function
-    lora = cfg["lora"]
-    peft_config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    budget = WallBudget(cfg["seconds"], cfg["max_steps"])
-    history: list[dict[str, float]] = []
+    reward.__name__ = grader.name  # TRL names the reward's log series after the function
+    return reward
+
+
+def trl_clock(budget: WallBudget, history: list[dict[str, float]]) -> Any:
+    """A TrainerCallback: the wall budget's marks at TRL's step boundaries, the stop, and the logged metrics."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, *a: Any, **k: Any) -> None:
@@ -329,14 +311,41 @@ def run_trl(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bool) 
             if logs:
                 history.append({key: v for key, v in logs.items() if isinstance(v, int | float)})
 
+    return Clock()
+
+
+def run_trl(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bool) -> dict[str, Any]:
+    import torch
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    lora = cfg["lora"]
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    budget = WallBudget(cfg["seconds"], cfg["max_steps"])
+    history: list[dict[str, float]] = []
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[rule_reward],
+        reward_funcs=[trl_reward(load_grader(cfg), int(tokenizer.eos_token_id))],
         args=_trl_config(cfg, run_dir, gradient_checkpointing=gradient_checkpointing),
         train_dataset=Dataset.from_dict({"prompt": read_messages(cfg["prompts"])}),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[Clock()],
+        callbacks=[trl_clock(budget, history)],
     )
     gen_times: list[float] = []
     generate = trainer._generate_single_turn

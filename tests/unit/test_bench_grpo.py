@@ -1,5 +1,5 @@
 """bench/grpo_vs_trl.py is only a fair comparison if both sides are rewarded alike and evaluated on prompts
-neither trained on: TRL's reward function (``grpo_child.rule_score``) gives every answer the reward alignd's
+neither trained on: TRL's reward function (``grpo_child.trl_reward``) gives every answer the reward alignd's
 GRPO job gives it, and the held-out prompts share no prompt with the training ones."""
 
 from __future__ import annotations
@@ -29,8 +29,15 @@ def test_trl_reward_is_alignds_grpo_reward() -> None:
     scorer = RewardScorer(hp, scorer=None, reward_model=None)
     rows = [PromptRow(messages=[{"role": "user", "content": "q"}], record={}) for _ in ANSWERS]
     alignd = scorer(rows, [a for a, _, _ in ANSWERS], [n for _, _, n in ANSWERS], [e for _, e, _ in ANSWERS])
-    grader = parse_grader(grpo_vs_trl.GRADER)
-    trl = [grpo_child.rule_score(grader, a, ended=e, n_tokens=n)[0] for a, e, n in ANSWERS]
+    # what TRL hands its reward functions: conversational completions, ids ending with the EOS when they ended
+    eos = 2
+    reward = grpo_child.trl_reward(parse_grader(grpo_vs_trl.GRADER), eos)
+    trl = reward(
+        prompts=[[{"role": "user", "content": "q"}]] * len(ANSWERS),
+        completions=[[{"role": "assistant", "content": a}] for a, _, _ in ANSWERS],
+        completion_ids=[[7] * (n - 1) + [eos] if e else [7] * n for _, e, n in ANSWERS],
+        trainer_state=None,
+    )
     assert alignd.errors == 0
     assert alignd.total.tolist() == pytest.approx(trl)
     assert trl == [1.0, 0.5, 0.5, 0.0, 1.0]  # both parts of the rule are exercised
