@@ -1,6 +1,6 @@
 """The OpenAI facade's mapping rules without a server (service/core/openai_*.py, docs/openai.md): file lines onto
 alignd's dataset kinds (line numbers kept, refusals in the uploaded format's names), hyperparameters and
-"auto", grader names, field renames in refusals, model names, grader error flags."""
+"auto", grader names, field renames in refusals, model names, grader error flags, the error shape."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from alignd import validation
 
+from service.api.openai_errors import openai_error
 from service.core.errors import ValidationFailed
 from service.core.openai_files import DATASET_KINDS, FileFormat, convert, file_issues
 from service.core.openai_graders import error_flags, job_grader
@@ -204,3 +205,23 @@ def test_grader_error_flags() -> None:
         "other_error": True,
     }
 
+
+def test_alignds_error_body_in_openais_shape() -> None:
+    body = {
+        "error": {
+            "code": "invalid_training_file",
+            "message": "bad",
+            "details": [{"field": "training_file", "line": 2}],
+        }
+    }
+    assert openai_error(body, 422) == {
+        "error": {
+            "message": "bad",
+            "type": "invalid_request_error",
+            "param": "training_file",
+            "code": "invalid_training_file",
+            "details": [{"field": "training_file", "line": 2}],
+        }
+    }
+    assert openai_error({"error": {"code": "x", "message": "m"}}, 503)["error"]["type"] == "server_error"  # type: ignore[index]
+    assert openai_error({"detail": "not ours"}, 400) is None
