@@ -22,7 +22,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import API_KEYS, UvicornThread, make_settings
+from tests.conftest import API_KEYS, UvicornThread, free_port, make_settings, pg_database
 from tests.service.helpers import jsonl, upload_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -402,3 +402,53 @@ def test_graders_validate_and_run(facade: Facade) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         graders.validate(grader={"type": "python", "name": "p", "source": "x"})  # type: ignore[arg-type,typeddict-item]
     assert (refused.value.code, refused.value.param) == ("grader_kind_not_allowed", "grader.type")
+
+
+def test_the_facade_on_postgresql_with_jobs_left_queued(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The facade's tables and queries on PostgreSQL: an API-only server (arq mode, its Redis unreachable, so
+    accepted jobs stay queued and train nowhere) takes files, converts them, makes jobs and cancels them."""
+    from service.api.app import create_app
+
+    with pg_database() as database_url:
+        redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: jobs stay queued
+        settings = make_settings(
+            tmp_path / "alignd", database_url=database_url, queue="arq", redis_url=redis_url
+        )
+        with UvicornThread(create_app(settings)) as server:
+            headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
+            with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http:
+                assert upload_model(http, tiny_model_dir, name="tiny").status_code == 201
+                assert upload_model(http, tiny_model_dir, name="tiny").status_code == 201
+            client = OpenAI(
+                base_url=f"{server.base_url}/openai/v1", api_key=API_KEYS["tenant-a"], max_retries=0
+            )
+            training = _upload(client, _chat(4))
+            with pytest.raises(openai.BadRequestError) as ambiguous:
+                client.fine_tuning.jobs.create(model="tiny", training_file=training)
+            assert (ambiguous.value.code, ambiguous.value.param) == ("model_ambiguous", "model")
+            model = client.models.list().data[0].id
+            bad = _upload(client, b'{"messages": []}\n')
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.fine_tuning.jobs.create(model=model, training_file=bad)
+            assert refused.value.body["details"][0]["line"] == 1  # type: ignore[index]
+            job = client.fine_tuning.jobs.create(model=model, training_file=training, metadata={"k": "v"})
+            again = client.fine_tuning.jobs.create(
+                model=model, training_file=training, suffix="b"
+            )  # reuses the dataset
+            listed = client.fine_tuning.jobs.list(limit=1)
+            assert [j.id for j in listed.data] == [again.id] and listed.has_more
+            assert [j.id for j in client.fine_tuning.jobs.list(after=again.id)] == [job.id]
+            assert client.fine_tuning.jobs.retrieve(job.id).metadata == {"k": "v"}
+            assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+            assert [e.message for e in client.fine_tuning.jobs.list_events(job.id)][:2] == [
+                "Job cancelled.",
+                "Job queued.",
+            ]
+            assert client.fine_tuning.jobs.checkpoints.list(job.id).data == []
+            with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http:
+                datasets = http.get("/v1/datasets").json()["data"]
+                assert [d["kind"] for d in datasets] == ["sft"]  # one conversion for both jobs
+                assert client.files.delete(training).deleted
+                assert [d["id"] for d in http.get("/v1/datasets").json()["data"]] == [
+                    datasets[0]["id"]
+                ]  # in use
