@@ -290,8 +290,8 @@ def _not_supported(action: str) -> Callable[[str, SessionDep, TenantDep], NoRetu
     def refuse(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> NoReturn:
         db.facade_job(session, tenant, fine_tuning_job_id)
         raise AlignError(
-            f"alignd cannot {action} a job: it has no paused state. Cancel it instead (alignd resumes an "
-            "interrupted job from its newest checkpoint by itself).",
+            f"alignd cannot {action} a job: it has no paused state. Cancel it instead (a job whose worker "
+            "died is retried by alignd itself, from its newest checkpoint when it has one).",
             code=f"{action}_not_supported",
         )
 
