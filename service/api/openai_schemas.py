@@ -12,7 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import CoreSchema, core_schema
 
 from contract.inputs import InputModel
@@ -165,6 +172,17 @@ class OpenAIMethodCreate(InputModel):
     supervised: OpenAISupervisedMethod | None = None
     dpo: OpenAIDpoMethod | None = None
     reinforcement: OpenAIReinforcementMethod | None = None
+
+    @model_validator(mode="after")
+    def _one_block(self) -> OpenAIMethodCreate:
+        others = [
+            name
+            for name in ("supervised", "dpo", "reinforcement")
+            if name != self.type and getattr(self, name)
+        ]
+        if others:
+            raise ValueError(f"method.{others[0]} is given, but the method's type is {self.type!r}")
+        return self
 
     def hyperparameters(self) -> dict[str, Any]:
         """The given hyperparameters of the method's own block (absent ones are "auto")."""

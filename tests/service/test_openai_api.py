@@ -224,6 +224,7 @@ def test_bad_requests_name_the_openai_field(facade: Facade) -> None:
         ),
         ({"suffix": "a:b"}, "invalid_request", "suffix"),
         ({"method": {"type": "reinforcement"}}, "missing_grader", "method.reinforcement.grader"),
+        ({"method": {"type": "dpo", "supervised": {}}}, "invalid_request", "method"),
     ]
     for change, code, param in cases:
         body = {"model": "tiny", "training_file": training, **change}
