@@ -79,6 +79,10 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "9 s; test_rlhf_end_to_end and tests/training/test_ppo_eval.py stay"
     ),
     "tests/service/test_jobs.py::test_sft_job_end_to_end[http]": "8 s; in-process and http-postgresql stay",
+    "tests/service/test_openai_api.py::test_a_dpo_job_continues_from_the_fine_tuned_model": (
+        "10 s of a third training child; the facade's supervised and reinforcement jobs, its dpo file checks and "
+        "tests/unit/test_openai_mapping.py stay"
+    ),
     "tests/service/test_api_keys.py::test_cli_key_authenticates_is_listed_without_its_secret_and_revoked_at_once"
     "[sqlite]": "8 s; the PostgreSQL run stays",
 }
