@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_serializer, field_validator, model_validator
 
+from contract.evaluation import CandidateSpec, EvaluationSpec, SamplingSettings
 from contract.graders import Grader, leaves
 from contract.inputs import InputModel
 from contract.methods import Method
@@ -257,6 +258,24 @@ class PPOEvalSettings(_Strict):
     def _graders_json(self, graders: list[Any]) -> list[dict[str, Any]]:
         # Stored and handed to the child in their JSON form (json_schema's spec under its OpenAI name).
         return [grader.model_dump(mode="json", by_alias=True) for grader in graders]
+
+    def as_evaluation(
+        self, candidates: list[CandidateSpec], *, max_prompt_length: int, baseline: str | None = None
+    ) -> EvaluationSpec:
+        """The block as an evaluate job's spec for ``candidates``: its graders, greedy answers of at most its
+        max_new_tokens, its max_prompts and batch_size, prompts cut to ``max_prompt_length`` tokens (>= 8)."""
+        return EvaluationSpec(
+            candidates=candidates,
+            baseline=baseline,
+            graders=self.graders,
+            sampling=SamplingSettings(
+                max_new_tokens=self.max_new_tokens,
+                temperature=0.0,
+                max_prompt_length=max(8, max_prompt_length),
+                batch_size=self.batch_size,
+                max_prompts=self.max_prompts,
+            ),
+        )
 
 
 # The TrainingSpec dataset role under which the runner hands the child the eval block's prompts.
