@@ -362,6 +362,21 @@ class PPOHyperparameters(CommonHyperparameters):
     )
 
 
+class RLHFSettings(_Strict):
+    """The rlhf job's own knobs, beside its one object per stage (``sft``, ``reward_model``, ``<rl_method>``)."""
+
+    rl_method: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo", description="The last stage: ppo, grpo or rloo (its knobs under the key of that name)."
+    )
+    final_evaluation: bool = Field(
+        True,
+        description="After the last stage, evaluate the base, the SFT adapter and the final policy on that "
+        "stage's held-out eval block (its prompts and graders; greedy, its max_new_tokens), baseline the base, "
+        "as an evaluate job does: an eval artifact, read at GET /v1/jobs/{id}/evaluation. A job whose last "
+        "stage has no eval block (only ppo takes one) evaluates nothing and says so in an event.",
+    )
+
+
 # Grader names become metric names (reward/<name>), which hold 64 characters.
 REWARD_NAME_PATTERN = r"[A-Za-z0-9_.-]{1,48}"
 REWARD_MODEL_SERIES = "reward_model"  # the job's reward model's series: reward/reward_model
