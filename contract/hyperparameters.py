@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_serializer, field_validator, model_validator
 
+from contract.evaluation import CandidateSpec, EvaluationSpec, SamplingSettings
 from contract.graders import Grader, leaves
 from contract.inputs import InputModel
 from contract.methods import Method
@@ -258,6 +259,24 @@ class PPOEvalSettings(_Strict):
         # Stored and handed to the child in their JSON form (json_schema's spec under its OpenAI name).
         return [grader.model_dump(mode="json", by_alias=True) for grader in graders]
 
+    def as_evaluation(
+        self, candidates: list[CandidateSpec], *, max_prompt_length: int, baseline: str | None = None
+    ) -> EvaluationSpec:
+        """The block as an evaluate job's spec for ``candidates``: its graders, greedy answers of at most its
+        max_new_tokens, its max_prompts and batch_size, prompts cut to ``max_prompt_length`` tokens (>= 8)."""
+        return EvaluationSpec(
+            candidates=candidates,
+            baseline=baseline,
+            graders=self.graders,
+            sampling=SamplingSettings(
+                max_new_tokens=self.max_new_tokens,
+                temperature=0.0,
+                max_prompt_length=max(8, max_prompt_length),
+                batch_size=self.batch_size,
+                max_prompts=self.max_prompts,
+            ),
+        )
+
 
 # The TrainingSpec dataset role under which the runner hands the child the eval block's prompts.
 PPO_EVAL_ROLE = "eval_prompts"
@@ -340,6 +359,21 @@ class PPOHyperparameters(CommonHyperparameters):
         description="Run PPO on a reward model that fails its quality gate (held-out accuracy under its "
         "min_eval_accuracy, or fewer than min_eval_pairs held-out pairs); otherwise the job is refused with "
         "reward_model_too_weak (rlhf: stopped before PPO).",
+    )
+
+
+class RLHFSettings(_Strict):
+    """The rlhf job's own knobs, beside its one object per stage (``sft``, ``reward_model``, ``<rl_method>``)."""
+
+    rl_method: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo", description="The last stage: ppo, grpo or rloo (its knobs under the key of that name)."
+    )
+    final_evaluation: bool = Field(
+        True,
+        description="After the last stage, evaluate the base, the SFT adapter and the final policy on that "
+        "stage's held-out eval block (its prompts and graders; greedy, its max_new_tokens), baseline the base, "
+        "as an evaluate job does: an eval artifact, read at GET /v1/jobs/{id}/evaluation. A job whose last "
+        "stage has no eval block (only ppo takes one) evaluates nothing and says so in an event.",
     )
 
 

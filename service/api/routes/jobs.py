@@ -236,15 +236,15 @@ def list_metrics(
     response_model=EvaluationResult,
     response_model_exclude_none=True,  # the baseline has no win-rates, the base candidate no adapter
     operation_id="getJobEvaluation",
-    summary="An evaluate job's result: per candidate, each grader's mean and win-rate vs the baseline with 95% "
-    "intervals",
+    summary="An evaluate job's result (or an rlhf job's final evaluation of base, sft and its last stage): per "
+    "candidate, each grader's mean and win-rate vs the baseline with 95% intervals",
     responses=error_responses(404, 409),
 )
 def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> EvaluationResult:
     job = get_owned(session, JobRow, job_id, tenant, "job")
-    if job.method != Method.evaluate:
+    if job.method not in (Method.evaluate, Method.rlhf):
         raise NotFoundError(
-            f"Job {job_id} is a '{job.method}' job; only 'evaluate' jobs have an evaluation.",
+            f"Job {job_id} is a '{job.method}' job; only 'evaluate' and 'rlhf' jobs have an evaluation.",
             code="evaluation_not_found",
         )
     artifact = session.exec(
@@ -252,6 +252,11 @@ def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> Evalu
         .where(ArtifactRow.job_id == job_id, ArtifactRow.kind == EVAL_ARTIFACT_KIND)
         .order_by(col(ArtifactRow.seq).desc())
     ).first()
+    if artifact is None and job.method == Method.rlhf and job.status == JobStatus.succeeded:
+        # final_evaluation false, or a last stage without an eval block: its events say which.
+        raise NotFoundError(
+            f"rlhf job {job_id} ran no final evaluation (see its events).", code="evaluation_not_found"
+        )
     if artifact is None or job.status != JobStatus.succeeded:
         raise ConflictError(
             f"Job {job_id} is {job.status}; its evaluation exists once it has succeeded.",
