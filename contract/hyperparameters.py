@@ -324,8 +324,39 @@ class PPOHyperparameters(CommonHyperparameters):
         0.7, gt=0, le=10, description="Sampling temperature (logits are divided by it)."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator for the penalty.")
+    kl_coef: float = Field(
+        0.05,
+        ge=0,
+        description="Per-token KL penalty coefficient; with kl_control 'adaptive', its starting value.",
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="Per-token KL estimator in the penalty (and in the kl metric and the adaptive controller): "
+        "k1 = log p - log q (TRL's default; unbiased, negative on some tokens), k3 = q/p - 1 - log(q/p) "
+        "(unbiased, never negative, lower variance); p the policy, q the reference, on the sampled token.",
+    )
+    # "fixed" stays the default until the alignment benchmark (issue 16) measures the adaptive controller on a
+    # real model; the adaptive controller's defaults are TRL's former AdaptiveKLController's.
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="fixed: kl_coef throughout. adaptive: Ziegler et al. 2019's controller (TRL's former "
+        "AdaptiveKLController): after each update, with e = clip(kl / kl_target - 1, -0.2, 0.2) from that "
+        "update's kl (nats per answer), kl_coef *= 1 + e * rollout_size / kl_horizon. The default stays fixed "
+        "until a benchmark on a real model shows the adaptive one does better.",
+    )
+    kl_target: float = Field(
+        6.0,
+        gt=0,
+        le=1000,
+        description="adaptive: the KL per answer (nats, summed over its tokens) the controller steers to.",
+    )
+    kl_horizon: int = Field(
+        10000,
+        ge=1,
+        le=10_000_000,
+        description="adaptive: the controller's time constant in episodes; each update moves kl_coef by at "
+        "most a factor 1 +- 0.2 * rollout_size / kl_horizon.",
+    )
     cliprange: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the old values.")
     vf_coef: float = Field(0.1, ge=0, description="Value-loss weight.")
@@ -360,6 +391,13 @@ class PPOHyperparameters(CommonHyperparameters):
         "min_eval_accuracy, or fewer than min_eval_pairs held-out pairs); otherwise the job is refused with "
         "reward_model_too_weak (rlhf: stopped before PPO).",
     )
+
+    @model_validator(mode="after")
+    def _adaptive_needs_a_coefficient(self) -> PPOHyperparameters:
+        # The controller multiplies the coefficient: from 0 it could never move.
+        if self.kl_control == "adaptive" and self.kl_coef == 0:
+            raise ValueError("kl_control 'adaptive' needs kl_coef > 0 (its starting value)")
+        return self
 
 
 class RLHFSettings(_Strict):

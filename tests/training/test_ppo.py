@@ -509,3 +509,28 @@ def test_child_refuses_ppo_without_reward_model(tiny_model_dir: Path, tmp_path: 
     assert run.returncode == 1
     errors = run.of_type("error")
     assert errors and errors[0]["code"] == "invalid_spec" and "reward_model" in errors[0]["message"]
+
+
+# --- KL control
+
+
+def test_adaptive_kl_controller_update_and_fixed_stays() -> None:
+    """TRL's former AdaptiveKLController: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+    controller = ppo.KLController(0.1, adaptive=True, target=2.0, horizon=100)
+    controller.update(2.5, 10)  # error 0.25 clipped to 0.2: x (1 + 0.2 * 10 / 100)
+    assert controller.coef == pytest.approx(0.1 * 1.02)
+    controller.update(1.5, 10)  # error -0.25 clipped to -0.2
+    assert controller.coef == pytest.approx(0.1 * 1.02 * 0.98)
+    before = controller.coef
+    controller.update(2.2, 50)  # error 0.1, inside the clip
+    assert controller.coef == pytest.approx(before * (1 + 0.1 * 50 / 100))
+    controller.update(2.0, 50)  # on target: unchanged
+    assert controller.coef == pytest.approx(before * 1.05)
+    restored = ppo.KLController(0.1, adaptive=True, target=2.0, horizon=100)
+    restored.load(controller.state())
+    assert restored.coef == controller.coef  # exact: the checkpoint's JSON round-trips floats
+    fixed = ppo.KLController.from_hyperparameters(PPOHyperparameters.model_validate({"kl_coef": 0.3}))
+    fixed.update(100.0, 8)
+    assert not fixed.adaptive and fixed.coef == 0.3
+    with pytest.raises(ValueError, match="needs kl_coef > 0"):
+        PPOHyperparameters.model_validate({"kl_control": "adaptive", "kl_coef": 0.0})
