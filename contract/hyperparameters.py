@@ -9,7 +9,7 @@ carries its help text, as TRL's config dataclasses do.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_serializer, field_validator, model_validator
 
@@ -21,6 +21,22 @@ from contract.methods import Method
 
 class _Strict(InputModel):
     """Strict ints and bools, finite floats, no unknown fields (contract/inputs.py)."""
+
+
+# Stop sequences, as OpenAI's API takes them: up to 4 non-empty strings. The length cap keeps the per-step tail
+# the sampler decodes short (a stop string of n UTF-8 bytes spans at most n tokens).
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+StopSequences = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)
+]
+STOP_HELP = (
+    f"Up to {MAX_STOP_SEQUENCES} stop sequences (1-{MAX_STOP_CHARS} characters each), as OpenAI's API has: "
+    "an answer whose decoded text (special tokens skipped) comes to contain one ends there. Its tokens are kept "
+    "through the one that completes the stop sequence and EOS is appended, so it counts as ended (no "
+    "missing-EOS penalty; the EOS is in its mask and trained on); the text graders see stops before the stop "
+    "sequence, which OpenAI also leaves out of the returned text. [] (the default): answers end at EOS only."
+)
 
 
 class LoraSettings(_Strict):
@@ -357,6 +373,7 @@ class PPOHyperparameters(CommonHyperparameters):
         description="adaptive: the controller's time constant in episodes; each update moves kl_coef by at "
         "most a factor 1 +- 0.2 * rollout_size / kl_horizon.",
     )
+    stop: StopSequences = Field(default_factory=list, description=STOP_HELP)
     cliprange: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the old values.")
     vf_coef: float = Field(0.1, ge=0, description="Value-loss weight.")
@@ -462,6 +479,7 @@ class GroupHyperparameters(CommonHyperparameters):
         1.0, gt=0, le=10, description="Sampling temperature (logits are divided by it)."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    stop: StopSequences = Field(default_factory=list, description=STOP_HELP)
     beta: float = Field(
         0.0,
         ge=0,

@@ -402,12 +402,14 @@ class PPOTrainer:
         eos_token_id: int,
         pad_token_id: int,
         generator: torch.Generator,
+        stop: rollout.StopStrings | None = None,
     ) -> None:
         if pad_token_id == eos_token_id:
             raise ValueError("the pad token must differ from EOS")
         self.models = models
         self.reward_function = reward_function
         self.hp = hp
+        self.stop = stop  # hp.stop with the tokenizer (the job builds it)
         self.kl_controller = KLController.from_hyperparameters(hp)
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -456,6 +458,7 @@ class PPOTrainer:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             generator=self.generator,
+            stop=self.stop,
         )
         generation_seconds = time.perf_counter() - started
         responses, response_mask, has_eos = rollout.truncate_after_eos(

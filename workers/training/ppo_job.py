@@ -241,7 +241,13 @@ def build_session(
 
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
     trainer = PPOTrainer(
-        models, reward_fn, hp, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator
+        models,
+        reward_fn,
+        hp,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+        stop=rollout.StopStrings(tokenizer, hp.stop) if hp.stop else None,
     )
     return PPOSession(
         hp=hp,
