@@ -607,6 +607,55 @@ class GenerateHyperparameters(_Strict):
     )
 
 
+# The longest completion a chat job samples, in tokens (the facade refuses a larger max_tokens with a 400).
+MAX_CHAT_TOKENS = 4096
+# Completions sampled for one chat request (OpenAI's ``n``): all in one batch, on the worker's device.
+MAX_CHAT_CHOICES = 8
+MAX_CHAT_STOPS = 4
+# A chat job's error codes for a request the model cannot take as sent (found by the child, which holds the
+# tokenizer and the model's config): the facade answers them 400 naming ``messages``; other failures are 500s.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+INVALID_MESSAGES = "invalid_messages"
+
+
+class ChatMessage(_Strict):
+    """One message of a chat job, already in alignd's terms (the facade maps OpenAI's spellings onto these)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatHyperparameters(_Strict):
+    """One chat completion: the messages, under the base model's chat template, and the sampling settings.
+
+    The job behind ``POST /openai/v1/chat/completions`` (docs/openai.md). The job's ``seed`` seeds the sampler.
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000, description="The conversation so far.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHAT_TOKENS,
+        description="Longest completion, in tokens; None: what the model's context leaves after the prompt, "
+        f"at most {MAX_CHAT_TOKENS}.",
+    )
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
+    n: int = Field(1, ge=1, le=MAX_CHAT_CHOICES, description="Completions sampled, in one batch.")
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_CHAT_STOPS,
+        description="Texts that end a completion where they first appear (left out of it).",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if any(not stop for stop in value):
+            raise ValueError("a stop sequence must not be empty")
+        return value
+
+
 HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.sft: SFTHyperparameters,
     Method.reward_model: RewardModelHyperparameters,
@@ -615,4 +664,5 @@ HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.grpo: GRPOHyperparameters,
     Method.rloo: RLOOHyperparameters,
     Method.generate: GenerateHyperparameters,
+    Method.chat: ChatHyperparameters,
 }

@@ -233,6 +233,7 @@ def sample_responses(
     generator: torch.Generator | None = None,
     group_size: int = 1,
     stop: StopStrings | None = None,
+    on_token: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """KV-cached batched sampling from left-padded prompts; returns the raw responses (B, <= max_new_tokens).
 
@@ -251,6 +252,11 @@ def sample_responses(
     ``stop``: an answer whose decoded tail comes to contain a stop string ends after the token that completed
     it, and EOS is appended there (:func:`close_stopped`), so the answer reads as ended downstream; an answer
     that stopped at the last step gets the one extra column (B, max_new_tokens + 1).
+
+    ``on_token`` sees each step's tokens (B,) as they are sampled (ended rows already padded) and may return a
+    bool mask (B,) of rows to end there as if they had emitted EOS: a chat job streams each row's text as it
+    grows and cuts it at a stop text (workers/training/chat.py), which ``stop`` does not, and ends rows at
+    its model's extra EOS ids.
     """
     batch = prompt_ids.size(0) * group_size
     attention = prompt_mask.long()
@@ -283,6 +289,8 @@ def sample_responses(
             hit = stop.hits(tail, ~finished)
             ends = torch.where(hit, len(tokens) - 1, ends)
             finished |= hit
+        if on_token is not None and (ended := on_token(token)) is not None:
+            finished |= ended
         if bool(finished.all()):
             break
         # Finished rows still attend to what they emit; nothing downstream reads their later positions.

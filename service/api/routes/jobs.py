@@ -36,7 +36,7 @@ from service.api.schemas import (
     parse_event_id,
 )
 from service.api.uploads import require_content_type
-from service.core.errors import ConflictError, NotFoundError
+from service.core.errors import ConflictError, NotFoundError, ValidationFailed
 from service.core.jobs import JobStatus
 from service.db.jobs import request_cancel
 from service.db.repository import get_owned, list_owned
@@ -60,6 +60,12 @@ SSE_KEEPALIVE_SECONDS = 15.0
 def create_job(
     body: JobCreate, ctx: ContextDep, session: SessionDep, queue: QueueDep, tenant: TenantDep
 ) -> JobPublic:
+    if body.method is Method.chat:  # its output is the answer of the request that made it, and no other
+        raise ValidationFailed(
+            "Method 'chat' runs only behind POST /openai/v1/chat/completions, which answers with its output.",
+            code="method_not_available",
+            details=[{"field": "method", "code": "method_not_available", "message": "chat"}],
+        )
     job = new_job_row(ctx, session, tenant, body)
     session.commit()
     enqueue(queue, job)
