@@ -278,3 +278,24 @@ class OpenAIJobRow(SQLModel, table=True):
     method: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     meta: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON, nullable=True))
     created_at: int
+
+
+class OpenAIChatCompletionRow(SQLModel, table=True):
+    """The output of a ``chat`` job (same id, ``jobs.id``), the job behind ``POST /openai/v1/chat/completions``.
+
+    The facade adds it with the job; the runner replaces ``choices`` and ``usage`` with each ``chat`` line the
+    child sends (every choice's whole text so far, contract/protocol.py), and the facade's request polls it
+    for its answer, or its stream's next chunk. The database is the bus, as for job events: any API replica
+    can answer for any worker."""
+
+    __tablename__ = "openai_chat_completions"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    # The model as the request named it (a base model's id or name, or an ft: name): the answer's ``model``.
+    model: str = Field(max_length=512)
+    # [{index, text, finish_reason}], empty until the child accepted the prompt.
+    choices: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: int
