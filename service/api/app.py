@@ -35,6 +35,7 @@ from service.api.routes import (
     health,
     jobs,
     models,
+    openai_chat,
     openai_files,
     openai_graders,
     openai_jobs,
@@ -205,6 +206,7 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         openai_files.router,
         openai_models.router,
         openai_graders.router,
+        openai_chat.router,
     ):
         app.include_router(router)
 

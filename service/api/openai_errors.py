@@ -31,7 +31,9 @@ _DESCRIPTIONS = {
     413: "Body larger than the tenant's upload cap.",
     415: "Wrong Content-Type.",
     429: "Too many queued jobs; retry after Retry-After seconds.",
+    500: "The chat job failed on its worker: `code` and `message` are its error.",
     503: "A dependency (database, queue, storage) is unreachable; retry after Retry-After seconds.",
+    504: "No completion within ALIGND_CHAT_TIMEOUT_SECONDS; the chat job was cancelled.",
 }
 
 

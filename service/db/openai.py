@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from alignd import validation
+from sqlalchemy import select as sa_select
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from service.core.errors import ValidationFailed
@@ -19,6 +22,7 @@ from service.core.ids import new_id, now
 from service.core.jobs import JobStatus
 from service.core.openai_files import DATASET_KINDS, FileFormat, convert, file_issues
 from service.db.datasets import store_validated_dataset
+from service.db.jobs import request_cancel
 from service.db.repository import PageRequest, find_owned, get_owned, paginate
 from service.db.tables import (
     ArtifactRow,
@@ -27,6 +31,7 @@ from service.db.tables import (
     JobMetricRow,
     JobRow,
     ModelRow,
+    OpenAIChatCompletionRow,
     OpenAIFileRow,
     OpenAIJobRow,
 )
@@ -171,6 +176,29 @@ def base_model(session: Session, tenant: str, model: str) -> ModelRow | None:
     return named[0] if named else None
 
 
+@dataclass(frozen=True)
+class NamedModel:
+    """What a request's ``model`` names: a base model, or a fine-tuned one (its base and its adapter)."""
+
+    base_id: str
+    base_name: str  # as it appears in ft:<base>:...
+    adapter: str | None  # the fine-tuned model's adapter artifact; None for a base model
+
+
+def model_named(session: Session, tenant: str, model: str) -> NamedModel | None:
+    """The tenant's model a request names: a base model by id or name, or an ``ft:`` name of a succeeded
+    facade job that has its adapter. None when it names none of them (or another tenant's)."""
+    if model.startswith("ft:"):
+        facade = fine_tuned(session, tenant, model)
+        job = find_owned(session, JobRow, facade.id, tenant) if facade else None
+        adapter = adapters(session, [job.id]).get(job.id) if job else None
+        if job is None or job.status != JobStatus.succeeded or adapter is None:
+            return None
+        return NamedModel(job.base_model, model.split(":")[1], adapter)
+    row = base_model(session, tenant, model)
+    return NamedModel(row.id, row.name, None) if row is not None else None
+
+
 def fine_tuned(session: Session, tenant: str, name: str) -> OpenAIJobRow | None:
     return session.exec(
         select(OpenAIJobRow).where(OpenAIJobRow.tenant == tenant, OpenAIJobRow.fine_tuned_model == name)
@@ -198,6 +226,47 @@ def succeeded_fine_tunes(session: Session, tenant: str) -> list[tuple[OpenAIJobR
         .order_by(col(OpenAIJobRow.seq))
     ).all()
     return [(facade, job) for facade, job in rows]
+
+
+# --- chat completions
+
+
+@dataclass(frozen=True)
+class ChatState:
+    """A chat job as the request that made it polls it: the job's status and error, the output so far."""
+
+    status: JobStatus
+    error_code: str | None
+    error_message: str | None
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+
+
+def chat_state(engine: Engine, job_id: str) -> ChatState:
+    """Read in one statement: the runner stores a chat job's last output before it ends the job, so a
+    finished status comes with the final output."""
+    statement = (
+        sa_select(
+            col(JobRow.status),
+            col(JobRow.error_code),
+            col(JobRow.error_message),
+            col(OpenAIChatCompletionRow.choices),
+            col(OpenAIChatCompletionRow.usage),
+        )
+        .join(OpenAIChatCompletionRow, col(OpenAIChatCompletionRow.id) == col(JobRow.id))
+        .where(col(JobRow.id) == job_id)
+    )
+    with engine.connect() as connection:
+        status, code, message, choices, usage = connection.execute(statement).one()
+    return ChatState(JobStatus(status), code, message, list(choices or []), usage)
+
+
+def cancel_unfinished(engine: Engine, job_id: str) -> None:
+    """Cancel a chat job nobody waits for any more (its client went away, or it ran out of time)."""
+    with Session(engine, expire_on_commit=False) as session:
+        job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
+        if job is not None and not JobStatus(job.status).is_terminal:
+            request_cancel(session, job)
 
 
 # --- jobs

@@ -72,6 +72,7 @@ async def _call(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, bytes
         "/v1/feedback-sets/fbs_x/labels",
         "/openai/v1/files",  # the OpenAI facade: the same keys, checked as early
         "/openai/v1/fine_tuning/jobs",
+        "/openai/v1/chat/completions",
     ],
 )
 @pytest.mark.parametrize(

@@ -405,6 +405,139 @@ def test_graders_validate_and_run(facade: Facade) -> None:
     assert (refused.value.code, refused.value.param) == ("grader_kind_not_allowed", "grader.type")
 
 
+QUESTION = [
+    {"role": "developer", "content": "Answer in one short sentence."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "What colour is the "}, {"type": "text", "text": "sky?"}],
+    },
+]
+
+
+def test_a_chat_completion_from_the_base_model_is_an_alignd_chat_job(facade: Facade) -> None:
+    client = facade.client()
+    answer = client.chat.completions.create(
+        model="tiny",
+        messages=QUESTION,
+        max_completion_tokens=8,
+        temperature=0,
+        n=2,
+        seed=11,  # type: ignore[arg-type]
+    )
+    assert (answer.object, answer.model, len(answer.choices)) == ("chat.completion", "tiny", 2)
+    first, second = answer.choices
+    assert (first.index, second.index, first.message.role) == (0, 1, "assistant")
+    assert first.message.content == second.message.content  # greedy: one answer, twice
+    assert first.finish_reason in ("stop", "length") and first.message.content is not None
+    usage = answer.usage
+    assert usage is not None and usage.prompt_tokens > 10  # the developer line and the template count
+    assert (
+        usage.completion_tokens <= 16 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    )
+
+    headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
+    job = httpx.get(f"{facade.base_url}/v1/jobs/{answer.id}", headers=headers).json()
+    assert (job["method"], job["status"], job["seed"], job["base_model"]) == (
+        "chat",
+        "succeeded",
+        11,
+        facade.model_id,
+    )
+    assert job["hyperparameters"]["messages"] == [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "What colour is the sky?"},
+    ]
+    refused = httpx.post(
+        f"{facade.base_url}/v1/jobs", headers=headers, json={"method": "chat", "base_model": facade.model_id}
+    )
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "method_not_available")
+
+
+def test_a_fine_tuned_model_answers_streamed_and_not_with_the_same_text(
+    facade: Facade, supervised: tuple[str, str]
+) -> None:
+    client = facade.client()
+    fine_tuned = str(client.fine_tuning.jobs.retrieve(supervised[0]).fine_tuned_model)
+    asked: dict[str, Any] = {
+        "model": fine_tuned,
+        "messages": QUESTION,
+        "max_tokens": 200,
+        "temperature": 0,
+        "seed": 3,
+    }
+    answer = client.chat.completions.create(**asked)
+    text = answer.choices[0].message.content
+    assert answer.model == fine_tuned and text
+    adapter = client.fine_tuning.jobs.retrieve(supervised[0]).to_dict()["alignd"]["adapter"]
+    headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
+    job = httpx.get(f"{facade.base_url}/v1/jobs/{answer.id}", headers=headers).json()
+    events = httpx.get(f"{facade.base_url}/v1/jobs/{answer.id}/events", headers=headers).json()["data"]
+    assert job["init_adapter"] == adapter  # sampled from the base with the fine-tuned adapter on it
+    assert f"sampling from the base with adapter {adapter}" in [event["message"] for event in events]
+
+    stream = client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert {chunk.id for chunk in chunks} == {chunks[0].id} != answer.id  # a second job
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [answer.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage  # include_usage: the last chunk
+
+
+def test_chat_completions_refuse_what_alignd_cannot_serve_in_openais_shape(facade: Facade) -> None:
+    client = facade.client()
+    user = [{"role": "user", "content": "hi"}]
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"n": 9}, "invalid_request", "n"),
+        ({"max_completion_tokens": 5000}, "invalid_request", "max_completion_tokens"),
+        ({"max_tokens": 8, "max_completion_tokens": 9}, "conflicting_field", "max_tokens"),
+        ({"temperature": 2.5}, "invalid_request", "temperature"),
+        ({"top_p": 0}, "invalid_request", "top_p"),
+        ({"seed": -1}, "invalid_request", "seed"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "invalid_request", "stop"),
+        ({"logprobs": True}, "unsupported_parameter", "logprobs"),
+        ({"presence_penalty": 0.5}, "unsupported_parameter", "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "unsupported_parameter", "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported_parameter", "tools"),
+        (
+            {"messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}]},
+            "invalid_request",
+            "messages.0.role",
+        ),
+        ({"messages": []}, "invalid_request", "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "invalid_request",
+            "messages.0.content",
+        ),
+    ]
+    for change, code, param in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**{"model": "tiny", "messages": user, **change})
+        assert (refused.value.code, refused.value.param) == (code, param), (change, refused.value.body)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o-mini", messages=user)  # type: ignore[arg-type]
+    assert missing.value.code == "model_not_found" and "does not exist" in missing.value.message
+    theirs = facade.client("tenant-b")
+    for model in (facade.model_id, "tiny", "ft:tiny:colours:job_0"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            theirs.chat.completions.create(model=model, messages=user, stream=True)  # type: ignore[arg-type]
+        assert missing.value.code == "model_not_found"
+    raw = httpx.post(
+        f"{facade.base_url}/openai/v1/chat/completions",
+        headers={"Authorization": f"Bearer {API_KEYS['tenant-a']}", "Content-Type": "application/json"},
+        content='{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    )
+    assert (raw.status_code, raw.json()["error"]["code"], raw.json()["error"]["param"]) == (
+        400,
+        "non_finite_number",
+        "temperature",
+    )
+
+
 def test_the_facade_on_postgresql_with_jobs_left_queued(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The facade's tables and queries on PostgreSQL: an API-only server (arq mode, its Redis unreachable, so
     accepted jobs stay queued and train nowhere) takes files, converts them, makes jobs and cancels them."""

@@ -79,23 +79,18 @@ def _model_not_available(model: str, why: str) -> ValidationFailed:
     )
 
 
-def _base_of(session: Session, tenant: str, model: str) -> tuple[str, str, str | None]:
-    """(base model id, the base's name for ft:<base>:..., the adapter to continue from) for ``model``."""
-    if model.startswith("ft:"):
-        facade = db.fine_tuned(session, tenant, model)
-        job = find_owned(session, JobRow, facade.id, tenant) if facade else None
-        adapter = db.adapters(session, [job.id]).get(job.id) if job else None
-        if job is None or job.status != JobStatus.succeeded or adapter is None:
-            raise _model_not_available(model, "no succeeded fine-tuning job of this tenant made it")
-        return job.base_model, model.split(":")[1], adapter
-    row = db.base_model(session, tenant, model)
-    if row is None:
+def _base_of(session: Session, tenant: str, model: str) -> db.NamedModel:
+    """The base model (and the adapter to continue from) a job's ``model`` names; 400 when none."""
+    named = db.model_named(session, tenant, model)
+    if named is None and model.startswith("ft:"):
+        raise _model_not_available(model, "no succeeded fine-tuning job of this tenant made it")
+    if named is None:
         raise _model_not_available(
             model,
             "alignd holds no base model with this id or name for this tenant; upload one (POST /v1/models) "
             "and name it here by its id (model_...) or its name",
         )
-    return row.id, row.name, None
+    return named
 
 
 def _file(session: Session, tenant: str, file_id: str, param: str) -> OpenAIFileRow:
@@ -174,7 +169,7 @@ def create_fine_tuning_job(
 ) -> OpenAIFineTuningJob:
     fmt, given, grader = _method_of(body)
     mapped = resolve_method(fmt, given)
-    base_id, base_name, init_adapter = _base_of(session, tenant, body.model)
+    source = _base_of(session, tenant, body.model)
     training = _file(session, tenant, body.training_file, "training_file")
     validation = (
         _file(session, tenant, body.validation_file, "validation_file") if body.validation_file else None
@@ -193,9 +188,9 @@ def create_fine_tuning_job(
         warnings.extend(named)
     request = JobCreate(
         method=mapped.method,
-        base_model=base_id,
+        base_model=source.base_id,
         datasets=JobDatasets(**{DATASET_KINDS[fmt]: dataset.id}),
-        init_adapter=init_adapter,
+        init_adapter=source.adapter,
         hyperparameters=hyperparameters,
         seed=body.seed,
     )
@@ -209,7 +204,7 @@ def create_fine_tuning_job(
         model=body.model,
         training_file=training.id,
         validation_file=validation.id if validation else None,
-        fine_tuned_model=fine_tuned_model_name(base_name, body.suffix, job.id),
+        fine_tuned_model=fine_tuned_model_name(source.base_name, body.suffix, job.id),
         suffix=body.suffix,
         method={"type": fmt.value, fmt.value: block},
         meta=body.metadata,
