@@ -611,7 +611,6 @@ class GenerateHyperparameters(_Strict):
 MAX_CHAT_TOKENS = 4096
 # Completions sampled for one chat request (OpenAI's ``n``): all in one batch, on the worker's device.
 MAX_CHAT_CHOICES = 8
-MAX_CHAT_STOPS = 4
 # A chat job's error codes for a request the model cannot take as sent (found by the child, which holds the
 # tokenizer and the model's config): the facade answers them 400 naming ``messages``; other failures are 500s.
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
@@ -642,18 +641,11 @@ class ChatHyperparameters(_Strict):
     temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
     n: int = Field(1, ge=1, le=MAX_CHAT_CHOICES, description="Completions sampled, in one batch.")
-    stop: list[str] = Field(
+    stop: StopSequences = Field(
         default_factory=list,
-        max_length=MAX_CHAT_STOPS,
-        description="Texts that end a completion where they first appear (left out of it).",
+        description=f"Up to {MAX_STOP_SEQUENCES} texts (1-{MAX_STOP_CHARS} characters each) that end a "
+        "completion where they first appear, left out of it.",
     )
-
-    @field_validator("stop")
-    @classmethod
-    def _non_empty_stops(cls, value: list[str]) -> list[str]:
-        if any(not stop for stop in value):
-            raise ValueError("a stop sequence must not be empty")
-        return value
 
 
 HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from contract.hyperparameters import MAX_CHAT_CHOICES, MAX_CHAT_STOPS, MAX_CHAT_TOKENS
+from contract.hyperparameters import MAX_CHAT_CHOICES, MAX_CHAT_TOKENS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from contract.inputs import InputModel
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -106,7 +106,9 @@ class OpenAIChatCompletionCreate(InputModel):
     temperature: float | None = Field(None, ge=0, le=2, description="Default 1; 0 is greedy decoding.")
     top_p: float | None = Field(None, gt=0, le=1, description="Default 1 (off).")
     n: int | None = Field(None, ge=1, le=MAX_CHAT_CHOICES, description="Choices, sampled in one batch.")
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_CHAT_STOPS} stop texts.")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_SEQUENCES} stop texts of 1-{MAX_STOP_CHARS} characters."
+    )
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seeds the sampler (default: drawn).")
     stream: bool | None = Field(None, description="Answer as chat.completion.chunk server-sent events.")
     stream_options: OpenAIStreamOptions | None = None
@@ -140,10 +142,10 @@ class OpenAIChatCompletionCreate(InputModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_CHAT_STOPS:
-            raise ValueError(f"at most {MAX_CHAT_STOPS} stop texts")
-        if any(not stop for stop in stops):
-            raise ValueError("a stop text must not be empty")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop texts")
+        if any(not 1 <= len(stop) <= MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop text has 1 to {MAX_STOP_CHARS} characters")
         return value
 
     def refused(self) -> list[dict[str, str]]:

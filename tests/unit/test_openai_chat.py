@@ -101,7 +101,7 @@ def test_a_stream_sends_what_each_choice_added_and_stops_on_a_text_that_changed(
     assert text_deltas(sent, [{"index": 0, "text": "Help"}, {"index": 1, "text": "Yo"}]) is None  # a rerun
 
 
-@pytest.mark.parametrize("stop", [["a"] * 5, [""], ""])
-def test_stop_texts_are_at_most_four_and_never_empty(stop: object) -> None:
+@pytest.mark.parametrize("stop", [["a"] * 5, [""], "", "x" * 65])
+def test_stop_texts_are_at_most_four_of_1_to_64_characters(stop: object) -> None:
     with pytest.raises(ValueError):
         _request(stop=stop)
