@@ -33,12 +33,16 @@ chromium:
 		|| { if [ "$$CI" = true ]; then echo "chromium unavailable and CI=true: install it (apt-get install -y chromium)" >&2; exit 1; fi; \
 		echo "chromium unavailable: the labeling-page browser test will skip"; }
 
+# In TEST_WORKERS processes (pytest-xdist): many tests wait on servers, child processes and sleeps, so three
+# workers keep the two cores busy (a serial run used about 1.2). TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 3
 test: $(STAMP) chromium
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-# Only the tests marked @pytest.mark.slow (left out of `make test` by pyproject's addopts).
+# Only the tests marked slow (left out of `make test` by pyproject's addopts): the long learning, fault and
+# end-to-end checks, @pytest.mark.slow or listed in tests/conftest.py's SLOW_IN_MAKE_TEST with why.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -247,7 +247,11 @@ def _add_table(pool: Pool, rows: list[dict[str, Any]], cite: str | None) -> None
         if isinstance(target, str) and isinstance(measured, int | float):
             for _, unit, _ in list(figures_in(target))[:1]:
                 pool.measured[unit].append((measured * (100.0 if unit == "%" else 1.0), cite))
-    for values in columns.values():
+    for key, values in columns.items():
+        # Side-by-side ratios are of rates and sizes (episodes/s, GiB, req/s); quotients of durations are never
+        # quoted, and a large table's duration column (fuzz seconds per target) would match almost any ratio.
+        if _unit_scales([key])[0][0] in ("s", "ms", "min"):
+            continue
         pool.measured["x"].extend(
             (a / b, cite) for i, a in enumerate(values) for j, b in enumerate(values) if i != j and b
         )
@@ -278,10 +282,13 @@ def load_pool(results_dir: Path) -> Pool:
     return pool
 
 
-def matches(number: Number, values: Sequence[Value], paragraph: str) -> bool:
+def matches(number: Number, values: Sequence[Value], paragraph: str, *, signed: bool = False) -> bool:
+    """``number`` is one of ``values`` to its decimals. Unsigned by default (text says "fell by 0.47" for a
+    -0.47); ``signed`` for ratios, which are never negative: a raw -0.474 in a series is not "0.474x"."""
     tolerance = 0.5 * 10.0 ** (-number.decimals) * (1 + 1e-9)
     return any(
-        abs(abs(value) - number.value) <= tolerance and (cite is None or cite in paragraph)
+        abs((value if signed else abs(value)) - number.value) <= tolerance
+        and (cite is None or cite in paragraph)
         for value, cite in values
     )
 
@@ -394,7 +401,8 @@ def check(root: Path, files: Sequence[str] = CHECKED) -> list[str]:
                 used.update((entry, figure.text) for entry in allowed)
                 continue
             values = (pool.targets if figure.target else pool.measured)[figure.unit]
-            missing = [n for n in figure.numbers if not matches(n, values, figure.paragraph)]
+            signed = figure.unit == "x"
+            missing = [n for n in figure.numbers if not matches(n, values, figure.paragraph, signed=signed)]
             if missing:
                 kind = "target text" if figure.target else "current value"
                 shown = ", ".join(f"{n.value:g}" for n in missing)

@@ -9,10 +9,11 @@ carries its help text, as TRL's config dataclasses do.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_serializer, field_validator, model_validator
 
+from contract.evaluation import CandidateSpec, EvaluationSpec, SamplingSettings
 from contract.graders import Grader, leaves
 from contract.inputs import InputModel
 from contract.methods import Method
@@ -20,6 +21,22 @@ from contract.methods import Method
 
 class _Strict(InputModel):
     """Strict ints and bools, finite floats, no unknown fields (contract/inputs.py)."""
+
+
+# Stop sequences, as OpenAI's API takes them: up to 4 non-empty strings. The length cap keeps the per-step tail
+# the sampler decodes short (a stop string of n UTF-8 bytes spans at most n tokens).
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+StopSequences = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)
+]
+STOP_HELP = (
+    f"Up to {MAX_STOP_SEQUENCES} stop sequences (1-{MAX_STOP_CHARS} characters each), as OpenAI's API has: "
+    "an answer whose decoded text (special tokens skipped) comes to contain one ends there. Its tokens are kept "
+    "through the one that completes the stop sequence and EOS is appended, so it counts as ended (no "
+    "missing-EOS penalty; the EOS is in its mask and trained on); the text graders see stops before the stop "
+    "sequence, which OpenAI also leaves out of the returned text. [] (the default): answers end at EOS only."
+)
 
 
 class LoraSettings(_Strict):
@@ -258,6 +275,24 @@ class PPOEvalSettings(_Strict):
         # Stored and handed to the child in their JSON form (json_schema's spec under its OpenAI name).
         return [grader.model_dump(mode="json", by_alias=True) for grader in graders]
 
+    def as_evaluation(
+        self, candidates: list[CandidateSpec], *, max_prompt_length: int, baseline: str | None = None
+    ) -> EvaluationSpec:
+        """The block as an evaluate job's spec for ``candidates``: its graders, greedy answers of at most its
+        max_new_tokens, its max_prompts and batch_size, prompts cut to ``max_prompt_length`` tokens (>= 8)."""
+        return EvaluationSpec(
+            candidates=candidates,
+            baseline=baseline,
+            graders=self.graders,
+            sampling=SamplingSettings(
+                max_new_tokens=self.max_new_tokens,
+                temperature=0.0,
+                max_prompt_length=max(8, max_prompt_length),
+                batch_size=self.batch_size,
+                max_prompts=self.max_prompts,
+            ),
+        )
+
 
 # The TrainingSpec dataset role under which the runner hands the child the eval block's prompts.
 PPO_EVAL_ROLE = "eval_prompts"
@@ -305,8 +340,40 @@ class PPOHyperparameters(CommonHyperparameters):
         0.7, gt=0, le=10, description="Sampling temperature (logits are divided by it)."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator for the penalty.")
+    kl_coef: float = Field(
+        0.05,
+        ge=0,
+        description="Per-token KL penalty coefficient; with kl_control 'adaptive', its starting value.",
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="Per-token KL estimator in the penalty (and in the kl metric and the adaptive controller): "
+        "k1 = log p - log q (TRL's default; unbiased, negative on some tokens), k3 = q/p - 1 - log(q/p) "
+        "(unbiased, never negative, lower variance); p the policy, q the reference, on the sampled token.",
+    )
+    # "fixed" stays the default until the alignment benchmark (issue 16) measures the adaptive controller on a
+    # real model; the adaptive controller's defaults are TRL's former AdaptiveKLController's.
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="fixed: kl_coef throughout. adaptive: Ziegler et al. 2019's controller (TRL's former "
+        "AdaptiveKLController): after each update, with e = clip(kl / kl_target - 1, -0.2, 0.2) from that "
+        "update's kl (nats per answer), kl_coef *= 1 + e * rollout_size / kl_horizon. The default stays fixed "
+        "until a benchmark on a real model shows the adaptive one does better.",
+    )
+    kl_target: float = Field(
+        6.0,
+        gt=0,
+        le=1000,
+        description="adaptive: the KL per answer (nats, summed over its tokens) the controller steers to.",
+    )
+    kl_horizon: int = Field(
+        10000,
+        ge=1,
+        le=10_000_000,
+        description="adaptive: the controller's time constant in episodes; each update moves kl_coef by at "
+        "most a factor 1 +- 0.2 * rollout_size / kl_horizon.",
+    )
+    stop: StopSequences = Field(default_factory=list, description=STOP_HELP)
     cliprange: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the old values.")
     vf_coef: float = Field(0.1, ge=0, description="Value-loss weight.")
@@ -340,6 +407,28 @@ class PPOHyperparameters(CommonHyperparameters):
         description="Run PPO on a reward model that fails its quality gate (held-out accuracy under its "
         "min_eval_accuracy, or fewer than min_eval_pairs held-out pairs); otherwise the job is refused with "
         "reward_model_too_weak (rlhf: stopped before PPO).",
+    )
+
+    @model_validator(mode="after")
+    def _adaptive_needs_a_coefficient(self) -> PPOHyperparameters:
+        # The controller multiplies the coefficient: from 0 it could never move.
+        if self.kl_control == "adaptive" and self.kl_coef == 0:
+            raise ValueError("kl_control 'adaptive' needs kl_coef > 0 (its starting value)")
+        return self
+
+
+class RLHFSettings(_Strict):
+    """The rlhf job's own knobs, beside its one object per stage (``sft``, ``reward_model``, ``<rl_method>``)."""
+
+    rl_method: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo", description="The last stage: ppo, grpo or rloo (its knobs under the key of that name)."
+    )
+    final_evaluation: bool = Field(
+        True,
+        description="After the last stage, evaluate the base, the SFT adapter and the final policy on that "
+        "stage's held-out eval block (its prompts and graders; greedy, its max_new_tokens), baseline the base, "
+        "as an evaluate job does: an eval artifact, read at GET /v1/jobs/{id}/evaluation. A job whose last "
+        "stage has no eval block (only ppo takes one) evaluates nothing and says so in an event.",
     )
 
 
@@ -390,6 +479,7 @@ class GroupHyperparameters(CommonHyperparameters):
         1.0, gt=0, le=10, description="Sampling temperature (logits are divided by it)."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    stop: StopSequences = Field(default_factory=list, description=STOP_HELP)
     beta: float = Field(
         0.0,
         ge=0,
@@ -517,6 +607,47 @@ class GenerateHyperparameters(_Strict):
     )
 
 
+# The longest completion a chat job samples, in tokens (the facade refuses a larger max_tokens with a 400).
+MAX_CHAT_TOKENS = 4096
+# Completions sampled for one chat request (OpenAI's ``n``): all in one batch, on the worker's device.
+MAX_CHAT_CHOICES = 8
+# A chat job's error codes for a request the model cannot take as sent (found by the child, which holds the
+# tokenizer and the model's config): the facade answers them 400 naming ``messages``; other failures are 500s.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+INVALID_MESSAGES = "invalid_messages"
+
+
+class ChatMessage(_Strict):
+    """One message of a chat job, already in alignd's terms (the facade maps OpenAI's spellings onto these)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatHyperparameters(_Strict):
+    """One chat completion: the messages, under the base model's chat template, and the sampling settings.
+
+    The job behind ``POST /openai/v1/chat/completions`` (docs/openai.md). The job's ``seed`` seeds the sampler.
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000, description="The conversation so far.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHAT_TOKENS,
+        description="Longest completion, in tokens; None: what the model's context leaves after the prompt, "
+        f"at most {MAX_CHAT_TOKENS}.",
+    )
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1: off).")
+    n: int = Field(1, ge=1, le=MAX_CHAT_CHOICES, description="Completions sampled, in one batch.")
+    stop: StopSequences = Field(
+        default_factory=list,
+        description=f"Up to {MAX_STOP_SEQUENCES} texts (1-{MAX_STOP_CHARS} characters each) that end a "
+        "completion where they first appear, left out of it.",
+    )
+
+
 HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.sft: SFTHyperparameters,
     Method.reward_model: RewardModelHyperparameters,
@@ -525,4 +656,5 @@ HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.grpo: GRPOHyperparameters,
     Method.rloo: RLOOHyperparameters,
     Method.generate: GenerateHyperparameters,
+    Method.chat: ChatHyperparameters,
 }

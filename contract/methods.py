@@ -15,6 +15,8 @@ class Method(StrEnum):
     rlhf = "rlhf"
     generate = "generate"
     evaluate = "evaluate"
+    # One chat completion (POST /openai/v1/chat/completions): no dataset, no training, a short job.
+    chat = "chat"
 
 
 # Methods whose training code exists; the others are accepted by the schema and refused with 422.
@@ -29,6 +31,7 @@ AVAILABLE_METHODS: frozenset[Method] = frozenset(
         Method.rlhf,
         Method.generate,
         Method.evaluate,
+        Method.chat,
     }
 )
 
@@ -43,6 +46,7 @@ REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
     Method.rlhf: ("sft", "preference", "prompts"),
     Method.generate: ("prompts",),
     Method.evaluate: ("prompts",),
+    Method.chat: (),
 }
 
 RLHF_STAGES: tuple[Method, ...] = (Method.sft, Method.reward_model, Method.ppo)

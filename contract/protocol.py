@@ -22,6 +22,11 @@ points ``sys.stdout`` at stderr at start, so library prints cannot corrupt the s
   "message": str, "stop": bool}``  (a reward-hacking monitor fired at that PPO update; the runner stores it
   as a warning event and in the job's ``monitors``. ``stop``: it is in ``stop_on`` and the child ends the
   stage early, succeeding: the job's ``status_reason`` becomes ``stopped_by_monitor``)
+- ``{"type": "chat", "stage": "chat", "choices": [{"index": int, "text": str, "finish_reason": null|"stop"|
+  "length"}], "usage": {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int}}``  (a ``chat``
+  job's completion so far: each choice's whole text, never a delta, so each line replaces the one before and
+  a reader that misses lines loses nothing; a text only grows from one line to the next. The first line, with
+  empty texts, says the prompt was accepted; the last has every ``finish_reason`` set)
 - ``{"type": "error", "code": str, "message": str}``  (then the child exits non-zero)
 
 Exit status 0 means every artifact line has been written; anything else is a failure.
@@ -194,6 +199,9 @@ class ProgressWriter:
                 "stop": bool(stop),
             }
         )
+
+    def chat(self, *, choices: list[dict[str, Any]], usage: dict[str, int]) -> None:
+        self._emit({"type": "chat", "stage": "chat", "choices": choices, "usage": usage})
 
     def error(self, message: str, *, code: str) -> None:
         self._emit({"type": "error", "code": code, "message": message})

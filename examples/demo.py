@@ -320,6 +320,8 @@ def main() -> int:
                 datasets={"sft": sft.id, "preference": preference.id, "prompts": prompts.id},
                 lora=LORA,
                 hyperparameters={
+                    # No final evaluation in the job: step 6 evaluates these stages and the round's policy.
+                    "final_evaluation": False,
                     "sft": {
                         "epochs": 3,
                         "max_steps": int(os.environ.get("DEMO_SFT_STEPS", "30")),

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         ge=1,
         description="arq max_tries: deliveries of one queue entry (worker crashes, database outages).",
     )
+    chat_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="POST /openai/v1/chat/completions: how long a completion may wait in the queue and run "
+        "before its chat job is cancelled and the request answered 504 (chat_timeout).",
+    )
     db_retry_seconds: float = Field(
         2.0, gt=0, description="Delay between migration attempts while the database is unreachable at start."
     )

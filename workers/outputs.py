@@ -1,4 +1,5 @@
-"""What an attempt leaves behind, stored under its lease: artifacts, checkpoints, generated datasets.
+"""What an attempt leaves behind, stored under its lease: artifacts, checkpoints, generated datasets, chat
+completions.
 
 Objects go to storage first and their rows second (fenced by the lease); a writer fenced out between the two
 deletes its own object. Checkpoints go the other way round, row and then object. A worker killed between two
@@ -26,7 +27,7 @@ from service.core.ids import new_id, now
 from service.db.artifacts import sweep_orphan_objects
 from service.db.datasets import add_dataset_file
 from service.db.session import session_scope
-from service.db.tables import ArtifactRow, JobEventRow
+from service.db.tables import ArtifactRow, JobEventRow, OpenAIChatCompletionRow
 from service.storage import ArtifactStore, StorageUnavailable
 from service.storage.keys import artifact_key
 from workers.lease import Lease, LeaseLost, add_event, fenced
@@ -247,6 +248,31 @@ def delete_objects(store: ArtifactStore, keys: list[str]) -> None:
             store.delete(key)
         except Exception as exc:  # an orphaned object costs space, not correctness
             log.warning("could not delete artifact object %s: %s", key, exc)
+
+
+def store_chat(engine: Engine, lease: Lease, message: dict[str, Any]) -> None:
+    """A chat job's completion so far (a ``chat`` line): its choices and usage replace the row's, under the
+    lease. Whole texts, not deltas, so one row per job; the facade's request that made the row reads it."""
+    choices = [
+        {
+            "index": int(choice.get("index", index)),
+            "text": str(choice.get("text", "")),
+            "finish_reason": choice.get("finish_reason"),
+        }
+        for index, choice in enumerate(message.get("choices") or [])
+        if isinstance(choice, dict)
+    ]
+    usage = message.get("usage") if isinstance(message.get("usage"), dict) else None
+    with session_scope(engine) as session:
+        fenced(session, lease)
+        row = session.exec(
+            select(OpenAIChatCompletionRow).where(OpenAIChatCompletionRow.id == lease.job_id)
+        ).first()
+        if row is None:  # not a facade request's job (chat jobs are made only there): nobody to answer
+            log.warning("chat output of %s has no chat completion row; dropped", lease.job_id)
+            return
+        row.choices, row.usage = choices, usage  # new values: the JSON columns are saved on assignment
+        session.add(row)
 
 
 def store_dataset(

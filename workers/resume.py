@@ -19,6 +19,7 @@ from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
+from contract.evaluation import STAGE as EVAL_STAGE
 from contract.methods import Method, rlhf_stages
 from contract.protocol import CHECKPOINT_META_FILE, AdapterRef, ResumeRef
 from service.db.session import session_scope
@@ -36,9 +37,12 @@ STAGE_OUTPUT_KINDS = ("adapter", "reward_model")
 
 def job_stages(method: str, hyperparameters: dict[str, Any] | None = None) -> tuple[str, ...]:
     """The stages a job of ``method`` runs through, in order (the ``stage`` its lines carry); an rlhf job's last
-    stage is its ``rl_method`` (ppo unless its hyperparameters say grpo or rloo)."""
+    training stage is its ``rl_method`` (ppo unless its hyperparameters say grpo or rloo), then its final
+    evaluation, which takes no checkpoint: an attempt resumed past the last stage redoes it whole, so the
+    outputs and metrics an earlier attempt left of it go."""
     if method == Method.rlhf.value:
-        return rlhf_stages(str((hyperparameters or {}).get("rl_method", Method.ppo.value)))
+        stages = rlhf_stages(str((hyperparameters or {}).get("rl_method", Method.ppo.value)))
+        return (*stages, EVAL_STAGE)
     return (method,)
 
 

@@ -279,6 +279,8 @@ class JobRunner:
             )
             if refused is not None:
                 self._aborts[lease.job_id] = refused
+        elif kind == "chat":
+            outputs.store_chat(self.engine, lease, message)
         elif kind == "error":
             self.add_event(
                 lease, f"{message.get('code')}: {message.get('message')}", level="error", stage=stage

@@ -21,12 +21,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contract.methods import Method
 from service import __version__
 from service.api import label_page
-from service.api.auth import Authenticate, DatabaseKeys
+from service.api.auth import Authenticate, DatabaseKeys, is_protected
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
 from service.api.idempotency import Idempotency
 from service.api.input_policy import InputPolicy
-from service.api.routes import artifacts, datasets, feedback_sets, graders, health, jobs, models
+from service.api.openai_errors import OpenAIErrors
+from service.api.routes import (
+    artifacts,
+    datasets,
+    feedback_sets,
+    graders,
+    health,
+    jobs,
+    models,
+    openai_chat,
+    openai_files,
+    openai_graders,
+    openai_jobs,
+    openai_models,
+)
 from service.api.startup import MigrationStartup
 from service.api.uploads import BodySizeLimit, upload_limits
 from service.core.errors import ServiceUnavailableError
@@ -59,7 +73,7 @@ def _open_queue(settings: Settings, runner: InProcessRunner | None) -> JobQueue:
 
 class RequestContext:
     """Pure ASGI middleware: request id (context var + X-Request-ID header), per-route metrics, and 503 on /v1
-    until the schema is in place.
+    (and the OpenAI facade's /openai/v1) until the schema is in place.
 
     Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs every request
     through an extra task and memory streams, which cost about a fifth of a GET's server CPU here.
@@ -92,7 +106,7 @@ class RequestContext:
 
         try:
             ctx: AppContext | None = getattr(scope["app"].state, "ctx", None)
-            if ctx is not None and not ctx.startup.ready.is_set() and scope["path"].startswith("/v1/"):
+            if ctx is not None and not ctx.startup.ready.is_set() and is_protected(scope["path"]):
                 error = ServiceUnavailableError(
                     "The database is unreachable (schema not applied yet); retry shortly.",
                     code="database_unavailable",
@@ -187,6 +201,12 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         feedback_sets.router,
         graders.router,
         label_page.router,
+        # The OpenAI-compatible facade (docs/openai.md): its own prefix, never clashing with /v1.
+        openai_jobs.router,
+        openai_files.router,
+        openai_models.router,
+        openai_graders.router,
+        openai_chat.router,
     ):
         app.include_router(router)
 
@@ -197,7 +217,7 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     # The last added runs first: request context, then the key check (401 before any body is read), then
     # the tenant's body cap, then the input policy (422 for a path, query or JSON body that is not text or
     # holds a non-finite number, before a key is reserved), then idempotency (it hashes the capped body on
-    # its way to the route).
+    # its way to the route). Outermost, the OpenAI facade's error shape, whichever of them answered.
     app.add_middleware(
         Idempotency,
         ttl_seconds=settings.idempotency_ttl_hours * 3600,
@@ -207,4 +227,5 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     app.add_middleware(BodySizeLimit, limits=upload_limits(settings))
     app.add_middleware(Authenticate, tenant_keys=settings.tenant_keys())
     app.add_middleware(RequestContext, metrics=metrics)
+    app.add_middleware(OpenAIErrors)
     return app

@@ -129,9 +129,10 @@ class JobCreate(InputModel):
     lora: LoraCreate | None = None
     hyperparameters: dict[str, Any] | None = Field(
         None,
-        description="Per-method knobs; for rlhf keyed by stage: {rl_method: ppo|grpo|rloo, sft: {...}, "
-        "reward_model: {...}, <rl_method>: {...}}; grpo/rloo rewards: {graders: [...], reward_weights: [...]} "
-        "(docs/grpo.md).",
+        description="Per-method knobs; for rlhf keyed by stage: {rl_method: ppo|grpo|rloo, final_evaluation: "
+        "true|false (evaluate base, sft and the last stage on its eval block at the end; docs/evaluation.md), "
+        "sft: {...}, reward_model: {...}, <rl_method>: {...}}; grpo/rloo rewards: {graders: [...], "
+        "reward_weights: [...]} (docs/grpo.md).",
     )
     seed: int | None = Field(
         None, ge=0, le=2**31 - 1, description="Fixed seed; random (and recorded) if omitted."

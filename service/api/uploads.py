@@ -52,7 +52,7 @@ def upload_limits(settings: Settings) -> BodyLimits:
 
     def limit(_method: str, path: str, tenant: str | None) -> int:
         route = path.rstrip("/")
-        if route == "/v1/datasets":
+        if route in ("/v1/datasets", "/openai/v1/files"):  # a facade file becomes a dataset
             cap = settings.max_dataset_bytes if tenant is None else settings.dataset_cap(tenant)
             return cap + MULTIPART_OVERHEAD
         if route == "/v1/models":

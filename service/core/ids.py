@@ -1,4 +1,4 @@
-"""Prefixed, unguessable resource ids (``model_``, ``ds_``, ``job_``, ``art_``, ``key_``), as Stripe uses."""
+"""Prefixed, unguessable resource ids (``model_``, ``ds_``, ``job_``, ``art_``, ``key_``, ``file_``), as Stripe uses."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ PREFIXES = {
     "feedback_item": "fbi",
     "label": "lbl",
     "api_key": "key",
+    "openai_file": "file",  # the OpenAI facade's files (OpenAI spells them file-...)
 }
 
 

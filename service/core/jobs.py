@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contract.hyperparameters import HYPERPARAMETER_MODELS, LoraSettings
+from contract.hyperparameters import HYPERPARAMETER_MODELS, LoraSettings, RLHFSettings
 from contract.methods import RL_METHODS, Method, rlhf_stages
 from service.core.errors import ValidationFailed
 from service.core.rewards import grader_details
@@ -105,7 +105,8 @@ def _validate(method: Method, raw: Any, prefix: str) -> tuple[dict[str, Any] | N
 
 
 def _resolve_rlhf(raw: dict[str, Any]) -> dict[str, Any]:
-    """rlhf: ``{"rl_method": "ppo" | "grpo" | "rloo", "sft": {...}, "reward_model": {...}, <rl_method>: {...}}``."""
+    """rlhf: ``{"rl_method": "ppo" | "grpo" | "rloo", "final_evaluation": true, "sft": {...},
+    "reward_model": {...}, <rl_method>: {...}}`` (``contract.hyperparameters.RLHFSettings``)."""
     rl_method = raw.get("rl_method", Method.ppo.value)
     if rl_method not in {m.value for m in RL_METHODS}:
         raise ValidationFailed(
@@ -120,19 +121,24 @@ def _resolve_rlhf(raw: dict[str, Any]) -> dict[str, Any]:
             ],
         )
     stages = rlhf_stages(rl_method)
-    unknown = sorted(set(raw) - set(stages) - {"rl_method"})
+    own = RLHFSettings.model_fields  # rl_method, final_evaluation: the job's knobs beside its stages
+    unknown = sorted(set(raw) - set(stages) - set(own))
     if unknown:
         raise ValidationFailed(
-            f"rlhf hyperparameters are rl_method and one object per stage ({', '.join(stages)}); unknown: "
-            f"{unknown}",
+            f"rlhf hyperparameters are {', '.join(own)} and one object per stage ({', '.join(stages)}); "
+            f"unknown: {unknown}",
             code="invalid_hyperparameters",
             details=[
                 {"field": f"hyperparameters.{k}", "code": "unknown_stage", "message": "unknown stage"}
                 for k in unknown
             ],
         )
-    resolved: dict[str, Any] = {"rl_method": rl_method}
+    resolved: dict[str, Any] = {}
     details: list[dict[str, Any]] = []
+    try:
+        resolved.update(RLHFSettings.model_validate({k: raw[k] for k in own if k in raw}).model_dump())
+    except ValidationError as exc:
+        details.extend(_pydantic_details(exc, "hyperparameters"))
     for stage in stages:
         values, found = _validate(Method(stage), raw.get(stage) or {}, f"hyperparameters.{stage}")
         details.extend(found)

@@ -37,9 +37,16 @@ def get_owned(session: Session, table: type[RowT], resource_id: str, tenant: str
 
 
 def paginate(
-    session: Session, statement: Any, table: type[RowT], page: PageRequest, tenant: str
+    session: Session,
+    statement: Any,
+    table: type[RowT],
+    page: PageRequest,
+    tenant: str,
+    *,
+    ascending: bool = False,
 ) -> tuple[list[RowT], bool]:
-    """Newest first; ``after`` is the last id of the previous page. Fetch one extra row to set has_more."""
+    """Newest first (oldest first when ``ascending``); ``after`` is the last id of the previous page. Fetch one
+    extra row to set has_more."""
     seq = col(table.seq)  # type: ignore[attr-defined]
     if page.after is not None:
         cursor = session.exec(
@@ -47,8 +54,9 @@ def paginate(
         ).first()
         if cursor is None:
             raise ValidationFailed(f"Unknown cursor 'after={page.after}'.", code="invalid_cursor")
-        statement = statement.where(seq < cursor)
-    rows = list(session.exec(statement.order_by(seq.desc()).limit(page.limit + 1)).all())
+        statement = statement.where(seq > cursor if ascending else seq < cursor)
+    order = seq.asc() if ascending else seq.desc()
+    rows = list(session.exec(statement.order_by(order).limit(page.limit + 1)).all())
     return rows[: page.limit], len(rows) > page.limit
 
 

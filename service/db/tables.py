@@ -237,3 +237,65 @@ class ApiKeyRow(SQLModel, table=True):
     created_at: int
     last_used_at: int | None = None
     revoked_at: int | None = None
+
+
+class OpenAIFileRow(SQLModel, table=True):
+    """A file uploaded through the OpenAI facade (``POST /openai/v1/files``): the bytes as sent, kept under
+    ``openai_files/<id>.jsonl``. OpenAI's files carry no dataset kind, so none is decided at upload: the first
+    job that uses the file converts it to the kind its method needs (supervised: sft, dpo: preference,
+    reinforcement: prompts), validates it with alignd's rules, and stores it as an alignd dataset, whose id
+    is remembered in ``datasets`` (kind -> id) for the next job."""
+
+    __tablename__ = "openai_files"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    filename: str = Field(max_length=256)
+    purpose: str = Field(max_length=32)
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    sha256: str = Field(max_length=64)
+    datasets: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: int
+
+
+class OpenAIJobRow(SQLModel, table=True):
+    """What a job made through the OpenAI facade adds to its alignd job (same id, ``jobs.id``): the OpenAI
+    fields alignd's job has no column for, as the facade answers them."""
+
+    __tablename__ = "openai_jobs"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    model: str = Field(max_length=256)
+    training_file: str = Field(max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    # ft:<base>:<suffix>:<job id>, shown once the job has succeeded; unique, so /models can look it up.
+    fine_tuned_model: str = Field(unique=True, index=True, max_length=512)
+    suffix: str | None = Field(default=None, max_length=64)
+    # The OpenAI method as resolved ("auto" replaced by the value used), as GET answers it.
+    method: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    meta: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON, nullable=True))
+    created_at: int
+
+
+class OpenAIChatCompletionRow(SQLModel, table=True):
+    """The output of a ``chat`` job (same id, ``jobs.id``), the job behind ``POST /openai/v1/chat/completions``.
+
+    The facade adds it with the job; the runner replaces ``choices`` and ``usage`` with each ``chat`` line the
+    child sends (every choice's whole text so far, contract/protocol.py), and the facade's request polls it
+    for its answer, or its stream's next chunk. The database is the bus, as for job events: any API replica
+    can answer for any worker."""
+
+    __tablename__ = "openai_chat_completions"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    id: str = Field(unique=True, index=True, max_length=64)
+    tenant: str = Field(index=True, max_length=128)
+    # The model as the request named it (a base model's id or name, or an ft: name): the answer's ``model``.
+    model: str = Field(max_length=512)
+    # [{index, text, finish_reason}], empty until the child accepted the prompt.
+    choices: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: int

@@ -24,3 +24,8 @@ def artifact_key(job_id: str, artifact_id: str) -> str:
     # swept by listing one folder (rows keep their storage_key: objects written as
     # artifacts/<artifact_id>.tar.gz by earlier versions stay readable).
     return f"{job_artifact_prefix(job_id)}{artifact_id}.tar.gz"
+
+
+def openai_file_key(file_id: str) -> str:
+    """A file uploaded through the OpenAI facade, as sent (it becomes a dataset when a job uses it)."""
+    return f"openai_files/{file_id}.jsonl"

@@ -45,6 +45,7 @@ CHART: dict[str, str] = {
     "staging_sweep_after_seconds": "`config.extraEnv`",
     "job_timeout_seconds": "`config.jobTimeoutSeconds`",
     "job_max_tries": "`config.jobMaxTries`",
+    "chat_timeout_seconds": "`config.extraEnv`",
     "db_retry_seconds": "`config.dbRetrySeconds`",
     "cancel_grace_seconds": "`config.cancelGraceSeconds`",
     "training_python": "`config.extraEnv` (the image's Python is the default)",

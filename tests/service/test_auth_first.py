@@ -63,7 +63,18 @@ async def _call(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, bytes
     return start["status"], dict(start["headers"]), body, receive_calls
 
 
-@pytest.mark.parametrize("path", ["/v1/datasets", "/v1/models", "/v1/jobs", "/v1/feedback-sets/fbs_x/labels"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/datasets",
+        "/v1/models",
+        "/v1/jobs",
+        "/v1/feedback-sets/fbs_x/labels",
+        "/openai/v1/files",  # the OpenAI facade: the same keys, checked as early
+        "/openai/v1/fine_tuning/jobs",
+        "/openai/v1/chat/completions",
+    ],
+)
 @pytest.mark.parametrize(
     ("authorization", "code"),
     [(None, "missing_api_key"), ("Bearer wrong", "invalid_api_key"), ("Basic a2V5LWE=", "missing_api_key")],

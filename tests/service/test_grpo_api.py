@@ -170,3 +170,11 @@ def test_a_grader_item_field_missing_in_rows_is_refused_with_line_numbers(
         accepted = client.post("/v1/jobs", json=_job(model, prompts, graders=[SHAPE], reward_weights=None))
         assert accepted.status_code == 202, accepted.text
         client.post(f"/v1/jobs/{accepted.json()['id']}/cancel")
+
+
+def test_bad_stop_sequences_are_refused_at_submission(uploaded: tuple[LiveServer, str, str]) -> None:
+    """Empty, too long (over 64 characters) and more than 4: 422 naming the field, as OpenAI's API refuses."""
+    _, model, prompts = uploaded
+    for stop, field in (([""], "stop.0"), (["x" * 65], "stop.0"), (["a", "b", "c", "d", "e"], "stop")):
+        error = _refused(uploaded, _job(model, prompts, stop=stop), "invalid_value")
+        assert error["details"][0]["field"] == f"hyperparameters.{field}", error

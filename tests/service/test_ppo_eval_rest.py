@@ -1,6 +1,7 @@
 """The eval block over REST: an rlhf job whose ppo stage evaluates on a held-out prompts dataset. The runner
 fetches that dataset, the pipeline hands it to the ppo stage, and the job's metrics carry eval/<grader>/mean
-at the expected PPO updates."""
+at the expected PPO updates. With ``final_evaluation: false`` the job ends without its final evaluation
+(test_rlhf_end_to_end has the default, on)."""
 
 from __future__ import annotations
 
@@ -8,33 +9,33 @@ from pathlib import Path
 
 from tests.conftest import LiveServer
 from tests.helpers.tiny_model import tiny_preference_jsonl
-from tests.service.helpers import jsonl, upload_dataset, wait_for
-from tests.service.test_rlhf import HYPERPARAMETERS, _inputs, _rlhf
-
-HELD_OUT = jsonl(
-    [{"prompt": f"What colour is the {t}?", "colour": "red"} for t in ("cherry", "ruby", "rose")]
-)
-GRADER = {
-    "type": "string_check",
-    "name": "says_colour",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.colour}}",
-    "operation": "ilike",
-}
+from tests.service.helpers import assert_error, jsonl, upload_dataset, wait_for
+from tests.service.test_rlhf import HYPERPARAMETERS, _eval_block, _inputs, _rlhf
 
 
 def test_rlhf_ppo_stage_reports_held_out_eval_series(live_server: LiveServer, tmp_path: Path) -> None:
     preference = tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=84).read_bytes()
     with live_server.client() as client:
         ids = _inputs(client, live_server, preference)
-        held_out = upload_dataset(client, HELD_OUT, "prompts").json()["id"]
-        eval_block = {"prompts": held_out, "graders": [GRADER], "every": 1, "max_new_tokens": 4}
-        hyperparameters = {**HYPERPARAMETERS, "ppo": {**HYPERPARAMETERS["ppo"], "eval": eval_block}}
+        eval_block = _eval_block(client, every=1)
+        hyperparameters = {
+            **HYPERPARAMETERS,
+            "final_evaluation": False,
+            "ppo": {**HYPERPARAMETERS["ppo"], "eval": eval_block},
+        }
         response = client.post("/v1/jobs", json=_rlhf(ids, hyperparameters))
         assert response.status_code == 202, response.text
         job = response.json()
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
         assert done["status"] == "succeeded", (done, client.get(f"/v1/jobs/{job['id']}/events").json())
+        assert done["stage"] == "ppo"
+
+        # final_evaluation false: no eval artifact, no evaluation, and an event saying so.
+        artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+        assert "eval" not in {a["kind"] for a in artifacts}
+        assert_error(client.get(f"/v1/jobs/{job['id']}/evaluation"), 404, "evaluation_not_found")
+        events = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+        assert "no final evaluation: final_evaluation is false" in events
         metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
         points = [
             (m["stage"], m["step"], m["value"]) for m in metrics if m["name"] == "eval/says_colour/mean"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import random
@@ -49,6 +50,18 @@ HYPERPARAMETERS: dict[str, Any] = {
     },
 }
 
+# Held out from every stage: the ppo stage's eval block, and so the final evaluation.
+HELD_OUT = jsonl(
+    [{"prompt": f"What colour is the {t}?", "colour": "red"} for t in ("cherry", "ruby", "rose")]
+)
+COLOUR_GRADER = {
+    "type": "string_check",
+    "name": "says_colour",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.colour}}",
+    "operation": "ilike",
+}
+
 
 def _inputs(client: httpx.Client, server: LiveServer, preference: bytes) -> dict[str, str]:
     return {
@@ -78,18 +91,55 @@ def _download(client: httpx.Client, artifact: dict[str, Any], dest: Path) -> Pat
     return dest
 
 
+def _eval_block(client: httpx.Client, *, every: int) -> dict[str, Any]:
+    """A held-out eval block on 3 prompts no stage trains on, 4-token answers (cheap on the tiny model)."""
+    held_out = upload_dataset(client, HELD_OUT, "prompts").json()["id"]
+    return {"prompts": held_out, "graders": [COLOUR_GRADER], "every": every, "max_new_tokens": 4}
+
+
+def _check_final_evaluation(client: httpx.Client, job_id: str, artifacts: list[dict[str, Any]]) -> None:
+    """The job ended with an evaluation of base, sft and ppo vs base, served as an evaluate job's is."""
+    evaluation = client.get(f"/v1/jobs/{job_id}/evaluation")
+    assert evaluation.status_code == 200, evaluation.text
+    body = evaluation.json()
+    eval_artifact = next(a for a in artifacts if a["kind"] == "eval")
+    assert eval_artifact["stage"] == "evaluate"
+    assert body["baseline"] == "base" and body["per_prompt_artifact"] == eval_artifact["id"]
+    assert body["num_prompts"] == 3 and body["num_samples"] == 1
+    assert [c["name"] for c in body["candidates"]] == ["base", "sft", "ppo"]
+    for candidate in body["candidates"]:
+        assert {"eos_rate", "mean_length", "kl_to_base", "graders"} <= set(candidate)
+        assert "adapter" not in candidate  # local folders in the child; the job's sft and ppo adapters
+        grader = candidate["graders"]["says_colour"]
+        assert grader["ci_low"] <= grader["mean"] <= grader["ci_high"]
+        wins = {"win_rate", "win_rate_ci_low", "win_rate_ci_high"}
+        if candidate["name"] == "base":
+            assert not wins & set(grader) and candidate["kl_to_base"] == 0.0
+        else:
+            assert grader["win_rate_ci_low"] <= grader["win_rate"] <= grader["win_rate_ci_high"]
+    events = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+    assert any(m.startswith("final evaluation: base, sft and ppo answer") for m in events), events
+    summary = next(m for m in events if m.startswith("final evaluation on 3 held-out prompts"))
+    assert "sft: says_colour" in summary and "ppo: says_colour" in summary and summary.count("wins") == 2
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    assert "eval/ppo/says_colour/win_rate" in {m["name"] for m in metrics if m["stage"] == "evaluate"}
+
+
 def test_rlhf_end_to_end(live_server: LiveServer, tmp_path: Path) -> None:
     preference = tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=84).read_bytes()
     with live_server.client() as client:
         ids = _inputs(client, live_server, preference)
-        response = client.post("/v1/jobs", json=_rlhf(ids, HYPERPARAMETERS))
+        # every 100: the ppo stage evaluates after its last update only; then the final evaluation.
+        ppo = {**HYPERPARAMETERS["ppo"], "eval": _eval_block(client, every=100)}
+        response = client.post("/v1/jobs", json=_rlhf(ids, {**HYPERPARAMETERS, "ppo": ppo}))
         assert response.status_code == 202, response.text
         job = response.json()
-        assert set(job["hyperparameters"]) == {"rl_method", "sft", "reward_model", "ppo"}
+        assert set(job["hyperparameters"]) == {"rl_method", "final_evaluation", "sft", "reward_model", "ppo"}
         assert job["hyperparameters"]["rl_method"] == "ppo"  # the default last stage
+        assert job["hyperparameters"]["final_evaluation"] is True  # on by default
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
         assert done["status"] == "succeeded", (done, client.get(f"/v1/jobs/{job['id']}/events").json())
-        assert done["progress"] == 1.0 and done["stage"] == "ppo"
+        assert done["progress"] == 1.0 and done["stage"] == "evaluate"
 
         # Stages in order, in the events and in the metrics.
         events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
@@ -106,10 +156,11 @@ def test_rlhf_end_to_end(live_server: LiveServer, tmp_path: Path) -> None:
         assert {"reward_mean", "kl"} <= by_stage["ppo"]
         assert {"loss", "accuracy", "eval_accuracy", "reward_mean", "kl"} <= {m["name"] for m in metrics}
 
-        # Each stage's artifacts; checkpoints were dropped when the job succeeded.
+        # Each stage's artifacts and the final evaluation's; checkpoints were dropped when the job succeeded.
         artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
         kinds = sorted((a["stage"], a["kind"]) for a in artifacts)
         assert kinds == [
+            ("evaluate", "eval"),
             ("ppo", "adapter"),
             ("ppo", "model_card"),
             ("reward_model", "model_card"),
@@ -121,6 +172,12 @@ def test_rlhf_end_to_end(live_server: LiveServer, tmp_path: Path) -> None:
             (a["stage"], a["kind"]): _download(client, a, tmp_path / f"{a['stage']}-{a['kind']}")
             for a in artifacts
         }
+        _check_final_evaluation(client, job["id"], artifacts)
+    with open(folders[("evaluate", "eval")] / "per_prompt.csv", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["prompt_index"], r["candidate"]) for r in rows] == [
+        (str(p), c) for p in range(3) for c in ("base", "sft", "ppo")
+    ]
 
     # Every stage's output loads with plain peft on the original base.
     import torch
@@ -232,10 +289,14 @@ def test_rlhf_with_grpo_as_its_last_stage(live_server: LiveServer, tmp_path: Pat
         response = client.post("/v1/jobs", json=_rlhf(ids, hyperparameters))
         assert response.status_code == 202, response.text
         job = response.json()
-        assert set(job["hyperparameters"]) == {"rl_method", "sft", "reward_model", "grpo"}
+        assert set(job["hyperparameters"]) == {"rl_method", "final_evaluation", "sft", "reward_model", "grpo"}
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
         assert done["status"] == "succeeded", (done, client.get(f"/v1/jobs/{job['id']}/events").json())
         assert done["progress"] == 1.0 and done["stage"] == "grpo"
+        # GRPO takes no held-out eval block, so there is nothing to evaluate on, and one event says so.
+        events = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+        assert sum(m.startswith("no final evaluation of base, sft and grpo") for m in events) == 1, events
+        assert client.get(f"/v1/jobs/{job['id']}/evaluation").status_code == 404
         metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
         grpo_series = {p["name"] for p in metrics if p["stage"] == "grpo"}
         assert {

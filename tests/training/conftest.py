@@ -12,6 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.helpers.tiny_model import build_tiny_llama
+    from tests.helpers.tiny_model import shared_tiny_llama
 
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model", seed=0)
+    return shared_tiny_llama(tmp_path_factory.getbasetemp(), "training-tiny-llama/model", seed=0)

@@ -398,7 +398,14 @@ def _prefers_token_5(
     return ((response_ids == 5).float() * real).sum(1) / real.sum(1).clamp(min=1)
 
 
-def test_ppo_stopped_and_resumed_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+# The adaptive KL controller's coefficient is checkpointed state: a short horizon moves it every update.
+ADAPTIVE_KL = {"kl_control": "adaptive", "kl_target": 0.05, "kl_horizon": 6, "kl_coef": 0.1}
+
+
+@pytest.mark.parametrize("kl_hp", [{}, ADAPTIVE_KL], ids=["fixed_kl", "adaptive_kl"])
+def test_ppo_stopped_and_resumed_matches_uninterrupted_run(
+    tiny_model_dir: Path, tmp_path: Path, kl_hp: dict[str, Any]
+) -> None:
     from workers.training.ppo_job import train_ppo
 
     torch.set_num_threads(1)
@@ -408,7 +415,7 @@ def test_ppo_stopped_and_resumed_matches_uninterrupted_run(tiny_model_dir: Path,
     prompts.write_text("".join(json.dumps({"prompt": f"What colour is the {t}?"}) + "\n" for t in things))
     hp = {
         "steps": 5, "batch_size": 3, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 6,
-        "max_length": 64, "learning_rate": 1e-3, "temperature": 1.0, "checkpoint_steps": 2,
+        "max_length": 64, "learning_rate": 1e-3, "temperature": 1.0, "checkpoint_steps": 2, **kl_hp,
     }  # fmt: skip
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 
@@ -435,9 +442,13 @@ def test_ppo_stopped_and_resumed_matches_uninterrupted_run(tiny_model_dir: Path,
     for key in finals[0]:
         assert torch.equal(finals[0][key], finals[1][key]), key
     # Sampling continued from the restored generator and prompt order: the same rollouts, the same rewards.
-    _same_metrics_after(straight, resumer, ("reward_mean", "kl", "response_length", "policy_loss"))
+    _same_metrics_after(straight, resumer, ("reward_mean", "kl", "kl_coef", "response_length", "policy_loss"))
     assert [m["step"] for m in resumer.messages if m["type"] == "metric"] == [3, 4, 5]
     assert resumed.metrics["first_reward_mean"] == full.metrics["first_reward_mean"]
+    coefs = [m["values"]["kl_coef"] for m in straight.messages if m["type"] == "metric"]
+    if kl_hp:  # the coefficient moved, so resuming had to restore it to match
+        assert len(set(coefs)) == len(coefs), coefs
+        assert all(m["values"]["kl_target"] == 0.05 for m in straight.messages if m["type"] == "metric")
 
 
 def test_grpo_stopped_and_resumed_matches_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -509,3 +509,96 @@ def test_child_refuses_ppo_without_reward_model(tiny_model_dir: Path, tmp_path: 
     assert run.returncode == 1
     errors = run.of_type("error")
     assert errors and errors[0]["code"] == "invalid_spec" and "reward_model" in errors[0]["message"]
+
+
+# --- KL control
+
+
+def test_adaptive_kl_controller_update_and_fixed_stays() -> None:
+    """TRL's former AdaptiveKLController: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+    controller = ppo.KLController(0.1, adaptive=True, target=2.0, horizon=100)
+    controller.update(2.5, 10)  # error 0.25 clipped to 0.2: x (1 + 0.2 * 10 / 100)
+    assert controller.coef == pytest.approx(0.1 * 1.02)
+    controller.update(1.5, 10)  # error -0.25 clipped to -0.2
+    assert controller.coef == pytest.approx(0.1 * 1.02 * 0.98)
+    before = controller.coef
+    controller.update(2.2, 50)  # error 0.1, inside the clip
+    assert controller.coef == pytest.approx(before * (1 + 0.1 * 50 / 100))
+    controller.update(2.0, 50)  # on target: unchanged
+    assert controller.coef == pytest.approx(before * 1.05)
+    restored = ppo.KLController(0.1, adaptive=True, target=2.0, horizon=100)
+    restored.load(controller.state())
+    assert restored.coef == controller.coef  # exact: the checkpoint's JSON round-trips floats
+    fixed = ppo.KLController.from_hyperparameters(PPOHyperparameters.model_validate({"kl_coef": 0.3}))
+    fixed.update(100.0, 8)
+    assert not fixed.adaptive and fixed.coef == 0.3
+    with pytest.raises(ValueError, match="needs kl_coef > 0"):
+        PPOHyperparameters.model_validate({"kl_control": "adaptive", "kl_coef": 0.0})
+
+
+# --- stop sequences
+
+
+def _scripted_step(script: list[int], vocab: int) -> rollout.StepFn:
+    """A 'model' whose greedy answer is ``script`` (then token 5 forever), the same in every row."""
+    calls = {"n": 0}
+
+    def step(
+        ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        n = calls["n"]
+        calls["n"] += 1
+        logits = torch.zeros(ids.size(0), vocab)
+        logits[:, script[n] if n < len(script) else 5] = 1.0
+        return logits, cache
+
+    return step
+
+
+def _greedy(tokenizer: Any, script: list[int], stop: list[str], max_new: int) -> torch.Tensor:
+    ids, mask = rollout.left_pad([[1, 7, 8], [1, 9]], PAD)
+    return rollout.sample_responses(
+        _scripted_step(script, len(tokenizer)), ids, mask, max_new_tokens=max_new, temperature=0.0,
+        top_p=1.0, eos_token_id=EOS, pad_token_id=PAD, stop=rollout.StopStrings(tokenizer, stop),
+    )  # fmt: skip
+
+
+def test_stop_strings_spanning_tokens_at_the_start_and_absent(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    script = tokenizer("The apple is red. The sky is blue.", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([t]) for t in script]
+    text = "".join(pieces)
+    # A stop string across tokens 3 and 4: the last character of one and the first of the next.
+    spanning = pieces[3][-1] + pieces[4][0]
+    assert text.find(spanning) == len("".join(pieces[:4])) - 1, (pieces, spanning)
+    out = _greedy(tokenizer, script, [spanning, "never here"], max_new=12)
+    assert out[0].tolist() == [*script[:5], EOS]  # cut after the token completing it, closed with EOS
+    assert torch.equal(out[0], out[1])
+    _, mask, has_eos = rollout.truncate_after_eos(out, EOS, PAD)
+    assert has_eos.all() and mask.sum(1).tolist() == [6, 6]  # an ended answer for the masks and the penalty
+    stop = rollout.StopStrings(tokenizer, [spanning])
+    assert (
+        stop.cut(tokenizer.decode(out[0].tolist(), skip_special_tokens=True)) == text[: text.find(spanning)]
+    )
+    # At the very start: the first token completes it; the answer is that token and EOS, its text empty.
+    first = _greedy(tokenizer, script, [pieces[0]], max_new=12)
+    assert first[0].tolist() == [script[0], EOS]
+    assert rollout.StopStrings(tokenizer, [pieces[0]]).cut(pieces[0]) == ""
+    # Not found: the answer runs to max_new_tokens untouched, without an EOS.
+    none = _greedy(tokenizer, script, ["zzz"], max_new=6)
+    assert none[0].tolist() == script[:6] and not (none == EOS).any()
+    # Completed by the last allowed token: EOS goes in one extra column.
+    last = _greedy(tokenizer, script, [spanning], max_new=5)
+    assert last.size(1) == 6 and last[0].tolist() == [*script[:5], EOS]
+
+
+def test_stop_sequences_are_validated() -> None:
+    ok = PPOHyperparameters.model_validate({"stop": ["\n\n", "User:"]})
+    assert ok.stop == ["\n\n", "User:"] and PPOHyperparameters().stop == []
+    for bad in ([""], ["x" * 65], ["a", "b", "c", "d", "e"], "User:"):
+        with pytest.raises(ValueError):
+            PPOHyperparameters.model_validate({"stop": bad})
+    from contract.hyperparameters import GRPOHyperparameters
+
+    with pytest.raises(ValueError):
+        GRPOHyperparameters.model_validate({"stop": [""]})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,17 +289,17 @@ def write_per_prompt(
                     )
 
 
-def _load(ctx: RunContext, spec: EvaluationSpec) -> SharedModels:
+def _load(ctx: RunContext, spec: EvaluationSpec, local_adapters: Mapping[str, str]) -> SharedModels:
     refs = model_refs(spec)
-    wanted = {ref: kind for _, ref, kind in refs if ref.startswith("art_")}
-    missing = sorted(ref for ref in wanted if ref not in ctx.spec.evaluation_artifacts)
+    wanted = {ref: kind for _, ref, kind in refs if ref.startswith("art_") or ref in local_adapters}
+    fetched = {ref: got.path for ref, got in ctx.spec.evaluation_artifacts.items()} | dict(local_adapters)
+    missing = sorted(ref for ref in wanted if ref not in fetched)
     if missing:
         raise TrainingError(INVALID_SPEC, f"the runner did not fetch artifacts {missing}")
-    folders = {ref: ctx.spec.evaluation_artifacts[ref].path for ref in wanted}
     return load_shared_models(
         ctx.spec.base_model.path,
-        adapters={ref: folders[ref] for ref, kind in wanted.items() if kind != "reward_model"},
-        reward_models={ref: folders[ref] for ref, kind in wanted.items() if kind == "reward_model"},
+        adapters={ref: fetched[ref] for ref, kind in wanted.items() if kind != "reward_model"},
+        reward_models={ref: fetched[ref] for ref, kind in wanted.items() if kind == "reward_model"},
         device=lora.pick_device(),
     )
 
@@ -316,11 +317,16 @@ def _spec(ctx: RunContext) -> tuple[EvaluationSpec, str]:
     return spec, dataset.path
 
 
-def run(ctx: RunContext) -> None:
+def run(ctx: RunContext, *, local_adapters: Mapping[str, str] | None = None) -> EvaluationResult:
+    """The evaluate job of ``ctx.spec`` (the registry's entry point, and the rlhf job's final evaluation).
+
+    ``local_adapters``: candidate adapters that are no artifact yet, ref -> local folder (the rlhf job's own
+    stage outputs, inside its child); their candidates are reported without an ``adapter`` id."""
     spec, dataset_path = _spec(ctx)
+    local = dict(local_adapters or {})
     progress = ctx.progress
     rows = read_rows(dataset_path, spec.sampling.max_prompts)
-    models = _load(ctx, spec)
+    models = _load(ctx, spec, local)
     encoded, cut = rollout.encode_prompts(
         models.tokenizer, [row.messages for row in rows], max_length=spec.sampling.max_prompt_length
     )
@@ -350,7 +356,25 @@ def run(ctx: RunContext) -> None:
         scores.append(graded)
         errors.append(problems)
     result = summarize(ctx, rows, answers, scores, errors)
+    for candidate_result in result.candidates:
+        if candidate_result.adapter in local:
+            candidate_result.adapter = None  # a local ref names no artifact a client could fetch
     _publish(ctx, spec, rows, answers, scores, errors, result, step=step)
+    return result
+
+
+def describe(candidate: CandidateResult) -> str:
+    """``name: grader mean [low, high], wins w [low, high]; ...`` (no win-rate on the baseline)."""
+    parts = [
+        f"{name} {s.mean:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]"
+        + (
+            f", wins {s.win_rate:.3f} [{s.win_rate_ci_low:.3f}, {s.win_rate_ci_high:.3f}]"
+            if s.win_rate is not None
+            else ""
+        )
+        for name, s in candidate.graders.items()
+    ]
+    return f"{candidate.name}: " + "; ".join(parts)
 
 
 def _publish(
@@ -376,16 +400,7 @@ def _publish(
                 values[metric_name(candidate.name, name, "win_rate")] = summary.win_rate
     ctx.progress.metric(stage=STAGE, step=step, values=values)
     for candidate in result.candidates:
-        parts = [
-            f"{name} {s.mean:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]"
-            + (
-                f", wins {s.win_rate:.3f} [{s.win_rate_ci_low:.3f}, {s.win_rate_ci_high:.3f}]"
-                if s.win_rate is not None
-                else ""
-            )
-            for name, s in candidate.graders.items()
-        ]
-        ctx.progress.event(f"{candidate.name}: " + "; ".join(parts), stage=STAGE)
+        ctx.progress.event(describe(candidate), stage=STAGE)
     folder = Path(ctx.spec.output_dir) / EVAL_ARTIFACT_KIND
     folder.mkdir(parents=True, exist_ok=True)
     # Fields that do not apply are left out (the baseline's win-rates, the base's adapter), as the API answers.

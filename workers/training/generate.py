@@ -23,6 +23,7 @@ from alignd import validation
 from pydantic import ValidationError
 
 from contract.hyperparameters import GenerateHyperparameters, LoraSettings
+from contract.protocol import ProgressWriter, TrainingSpec
 from workers.training import lora, rollout
 from workers.training.context import RunContext
 from workers.training.errors import (
@@ -103,6 +104,29 @@ def _decode(tokenizer: Any, tokens: torch.Tensor, lengths: list[Any], rows: rang
     ]
 
 
+def load_sampler(
+    spec: TrainingSpec, lora_settings: LoraSettings, progress: ProgressWriter, *, stage: str
+) -> tuple[rollout.StepFn, torch.device]:
+    """The policy a sampling job answers with, the base or the base with ``init_adapter``, loaded on the
+    worker's device as a KV-cached step for ``rollout.sample_responses``; and that device."""
+    device = lora.pick_device()
+    model: torch.nn.Module = lora.load_base_model(spec.base_model.path, device=device)
+    if spec.init_adapter is not None:
+        model = lora.attach_adapter(model, lora_settings, init_adapter=spec.init_adapter.path)  # type: ignore[arg-type]
+        progress.event(f"sampling from the base with adapter {spec.init_adapter.id}", stage=stage)
+    model.eval()
+
+    def step(
+        ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return out.logits[:, -1], out.past_key_values
+
+    return step, device
+
+
 def run(ctx: RunContext) -> None:
     spec, progress, cancel = ctx.spec, ctx.progress, ctx.cancel
     try:
@@ -130,21 +154,8 @@ def run(ctx: RunContext) -> None:
         stage=STAGE,
     )
 
-    device = lora.pick_device()
-    model: torch.nn.Module = lora.load_base_model(spec.base_model.path, device=device)
-    if spec.init_adapter is not None:
-        model = lora.attach_adapter(model, lora_settings, init_adapter=spec.init_adapter.path)  # type: ignore[arg-type]
-        progress.event(f"sampling from the base with adapter {spec.init_adapter.id}", stage=STAGE)
-    model.eval()
+    step, device = load_sampler(spec, lora_settings, progress, stage=STAGE)
     generator = torch.Generator(device=device).manual_seed(hp.seed if hp.seed is not None else spec.seed)
-
-    def step(
-        ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
-    ) -> tuple[torch.Tensor, Any]:
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-        return out.logits[:, -1], out.past_key_values
 
     out_dir = Path(spec.output_dir) / KIND
     out_dir.mkdir(parents=True, exist_ok=True)

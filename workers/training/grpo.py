@@ -354,6 +354,7 @@ class GroupTrainer:
         self.rewards = rewards
         self.hp = hp
         self.tokenizer = tokenizer
+        self.stop = rollout.StopStrings(tokenizer, hp.stop) if hp.stop else None
         self.leave_one_out = leave_one_out
         # RLOO folds the KL into the reward; GRPO puts it in the loss.
         self.kl_in_reward = leave_one_out
@@ -382,6 +383,7 @@ class GroupTrainer:
             pad_token_id=self.pad_token_id,
             generator=self.generator,
             group_size=g,
+            stop=self.stop,
         )
         generation_seconds = time.perf_counter() - started
         responses, response_mask, has_eos = rollout.truncate_after_eos(
@@ -393,6 +395,8 @@ class GroupTrainer:
             str(self.tokenizer.decode(responses[i, : int(n)].tolist(), skip_special_tokens=True))
             for i, n in enumerate(lengths)
         ]
+        if self.stop is not None:  # graders see the text before the stop sequence, as OpenAI returns it
+            texts = [self.stop.cut(text) for text in texts]
         return GroupBatch(
             prompt_ids=prompt_ids,
             responses=responses,

@@ -22,6 +22,11 @@ before any PPO time is spent (the reward model's artifacts stay stored, to look 
 stop into a warning. A job asking for a gate with no held-out set (``eval_fraction`` 0) is refused before SFT
 starts (unless it allows a weak reward model).
 
+Final evaluation (rlhf_eval.py): after the last stage, when that stage has a held-out eval block
+(``hyperparameters.ppo.eval``) and ``final_evaluation`` is on (the default), the same child evaluates the base,
+the SFT adapter and the final policy on it with the evaluate job's code: stage ``evaluate``, an ``eval``
+artifact, ``GET /v1/jobs/{id}/evaluation``. Otherwise an event says why nothing was evaluated.
+
 Resume: after each stage the pipeline writes a ``stage_complete`` checkpoint (after that stage's artifacts);
 a resumed attempt skips completed stages, taking their outputs from ``spec.stage_artifacts`` (the runner
 passes the stored artifacts back), and resumes the stage it was in from that stage's newest step checkpoint
@@ -39,17 +44,20 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from contract import reward_gate
+from contract.evaluation import STAGE as EVAL_STAGE
 from contract.hyperparameters import (
     PPO_EVAL_ROLE,
     GRPOHyperparameters,
+    PPOEvalSettings,
     PPOHyperparameters,
     RewardModelHyperparameters,
+    RLHFSettings,
     RLOOHyperparameters,
     SFTHyperparameters,
 )
 from contract.methods import RL_METHODS, rlhf_stages
 from contract.protocol import AdapterRef, ProgressWriter, TrainingSpec
-from workers.training import checkpoint
+from workers.training import checkpoint, rlhf_eval
 from workers.training.context import RunContext
 from workers.training.errors import (
     INVALID_HYPERPARAMETERS,
@@ -81,6 +89,8 @@ PROGRESS_SPANS: dict[str, tuple[float, float]] = {
     "ppo": (0.5, 1.0),
     "grpo": (0.5, 1.0),
     "rloo": (0.5, 1.0),
+    # The final evaluation (rlhf_eval.py) when it runs: the last stage's span then ends where it starts.
+    EVAL_STAGE: (0.95, 1.0),
 }
 
 
@@ -129,10 +139,19 @@ def _allow_weak(hyperparameters: Mapping[str, Any], stage: str) -> bool:
     return bool(hyperparameters[stage].get("allow_weak_reward_model", False))
 
 
+def _settings(spec: TrainingSpec) -> RLHFSettings:
+    """The job's own knobs beside its stages (rl_method, final_evaluation), as the API resolved them."""
+    own = {k: v for k, v in spec.hyperparameters.items() if k in RLHFSettings.model_fields}
+    try:
+        return RLHFSettings.model_validate(own)
+    except ValidationError as exc:
+        raise TrainingError(INVALID_HYPERPARAMETERS, f"invalid rlhf hyperparameters: {exc}") from None
+
+
 def _stage_hyperparameters(spec: TrainingSpec) -> dict[str, dict[str, Any]]:
     raw = spec.hyperparameters
     stages = _stages(spec)
-    unknown = sorted(set(raw) - set(stages) - {"rl_method"})
+    unknown = sorted(set(raw) - set(stages) - set(RLHFSettings.model_fields))
     if unknown:
         raise TrainingError(
             INVALID_HYPERPARAMETERS, f"rlhf hyperparameters are keyed by stage; unknown: {unknown}"
@@ -249,16 +268,8 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
             "reward_model.eval_fraction is 0: set eval_fraction > 0, or min_eval_accuracy 0 to skip the gate",
         )
 
-    start = 0
-    if spec.resume_from is not None:
-        if spec.resume_from.stage not in stages:
-            raise TrainingError(INVALID_SPEC, f"resume_from names unknown stage {spec.resume_from.stage!r}")
-        start = stages.index(spec.resume_from.stage) + (1 if spec.resume_from.stage_complete else 0)
-    for stage in stages[:start]:
-        if stage not in spec.stage_artifacts:
-            raise TrainingError(
-                INVALID_SPEC, f"resuming after stage {stage} needs its output in stage_artifacts"
-            )
+    start = _start(spec, stages)
+    final, no_final = rlhf_eval.plan(_settings(spec), stages[-1], hyperparameters[stages[-1]])
 
     def writer(stage: str) -> StageWriter:
         section = _pipeline_card_section(spec, stage, hyperparameters)
@@ -268,7 +279,10 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
             if readme.is_file():
                 readme.write_text(readme.read_text(encoding="utf-8") + section, encoding="utf-8")
 
-        return StageWriter(progress, PROGRESS_SPANS[stage], on_artifact=annotate)
+        span = PROGRESS_SPANS[stage]
+        if final is not None and stage == stages[-1]:
+            span = (span[0], PROGRESS_SPANS[EVAL_STAGE][0])  # the final evaluation's share follows
+        return StageWriter(progress, span, on_artifact=annotate)
 
     result = RLHFResult(stages_run=[])
     sft_adapter: AdapterRef | None = spec.stage_artifacts.get("sft")
@@ -276,6 +290,7 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
     progress.event(
         "rlhf pipeline: "
         + " -> ".join(stages)
+        + (" -> final evaluation of base, sft and " + stages[-1] if final is not None else "")
         + (f", resuming at {stages[start] if start < len(stages) else 'the end'}" if start else "")
         + f"; quality gate: held-out reward accuracy >= {floor} on >= {gate.pairs} pairs"
         + (" (ppo.allow_weak_reward_model: a weak reward model only warns)" if allow_weak else ""),
@@ -317,13 +332,56 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
         seed_everything(spec.seed)
         _rl_stage(ctx, stages[-1], hyperparameters, sft_adapter, reward_model, writer, result)
     else:
-        progress.event("every stage was already complete; nothing left to run", stage=stages[-1])
+        progress.event(
+            "every stage was already complete; " + ("nothing left to run" if final is None else "evaluating"),
+            stage=stages[-1],
+        )
 
     if sft_adapter is not None:
         result.outputs["sft"] = sft_adapter.path
     if reward_model is not None:
         result.outputs["reward_model"] = reward_model.path
+    _final_evaluation(ctx, stages[-1], hyperparameters[stages[-1]], final, no_final, result)
     return result
+
+
+def _final_evaluation(
+    ctx: RunContext,
+    stage: str,
+    stage_hyperparameters: Mapping[str, Any],
+    block: PPOEvalSettings | None,
+    why_not: str,
+    result: RLHFResult,
+) -> None:
+    """base, sft and the last stage evaluated on ``block`` (rlhf_eval.py), or one event saying why not."""
+    if block is None:
+        ctx.progress.event(why_not, stage=stage)
+        return
+    for done, ref in ctx.spec.stage_artifacts.items():
+        result.outputs.setdefault(done, ref.path)  # stages a resumed attempt skipped: their stored outputs
+    rlhf_eval.run(
+        ctx,
+        block,
+        stage,
+        max_prompt_length=int(stage_hyperparameters["max_length"]),
+        adapters=result.outputs,
+        progress=StageWriter(ctx.progress, PROGRESS_SPANS[EVAL_STAGE]),
+    )
+
+
+def _start(spec: TrainingSpec, stages: tuple[str, ...]) -> int:
+    """The index of the first stage this attempt runs (len(stages): every stage is complete)."""
+    start = 0
+    if spec.resume_from is not None:
+        if spec.resume_from.stage not in stages:
+            raise TrainingError(INVALID_SPEC, f"resume_from names unknown stage {spec.resume_from.stage!r}")
+        start = stages.index(spec.resume_from.stage) + (1 if spec.resume_from.stage_complete else 0)
+    for stage in stages[:start]:
+        if stage not in spec.stage_artifacts:
+            raise TrainingError(
+                INVALID_SPEC, f"resuming after stage {stage} needs its output in stage_artifacts"
+            )
+    return start
 
 
 def _rl_stage(

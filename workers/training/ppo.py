@@ -301,6 +301,45 @@ def load_scalar_adapter(
     return head
 
 
+# --- KL control
+
+
+class KLController:
+    """The KL penalty's coefficient: fixed, or adapted after each update (Ziegler et al. 2019, TRL's former
+    ``AdaptiveKLController``).
+
+    Adaptive: with ``e = clip(kl / target - 1, -0.2, 0.2)`` from an update's KL (nats per answer, the mean
+    over its episodes), ``coef *= 1 + e * n_steps / horizon``, ``n_steps`` being that update's episodes. The
+    clip bounds how fast one noisy update can move the coefficient. Plain Python floats, so the state saved in a
+    checkpoint (JSON, which round-trips floats exactly) resumes bit-exact.
+    """
+
+    def __init__(self, coef: float, *, adaptive: bool, target: float, horizon: int) -> None:
+        self.coef = coef
+        self.adaptive = adaptive
+        self.target = target
+        self.horizon = horizon
+
+    @classmethod
+    def from_hyperparameters(cls, hp: PPOHyperparameters) -> KLController:
+        return cls(
+            hp.kl_coef, adaptive=hp.kl_control == "adaptive", target=hp.kl_target, horizon=hp.kl_horizon
+        )
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if not self.adaptive:
+            return
+        proportional_error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.coef *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state(self) -> dict[str, float]:
+        return {"coef": self.coef}
+
+    def load(self, state: dict[str, Any]) -> None:
+        if "coef" in state:
+            self.coef = float(state["coef"])
+
+
 # --- one PPO update
 
 
@@ -363,12 +402,15 @@ class PPOTrainer:
         eos_token_id: int,
         pad_token_id: int,
         generator: torch.Generator,
+        stop: rollout.StopStrings | None = None,
     ) -> None:
         if pad_token_id == eos_token_id:
             raise ValueError("the pad token must differ from EOS")
         self.models = models
         self.reward_function = reward_function
         self.hp = hp
+        self.stop = stop  # hp.stop with the tokenizer (the job builds it)
+        self.kl_controller = KLController.from_hyperparameters(hp)
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.generator = generator
@@ -416,6 +458,7 @@ class PPOTrainer:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             generator=self.generator,
+            stop=self.stop,
         )
         generation_seconds = time.perf_counter() - started
         responses, response_mask, has_eos = rollout.truncate_after_eos(
@@ -454,8 +497,9 @@ class PPOTrainer:
             rewards_seq = rewards_seq - hp.missing_eos_penalty * (~has_eos).float()
 
         logprobs, ref_logprobs, values = logprobs * maskf, ref_logprobs * maskf, values * maskf
+        # The penalised KL is the configured estimator's (k1 or k3); its coefficient the controller's current one.
         kl = rollout.kl_penalty(logprobs, ref_logprobs, hp.kl_estimator) * maskf
-        token_rewards = -hp.kl_coef * kl
+        token_rewards = -self.kl_controller.coef * kl
         last = response_mask.sum(dim=1) - 1  # index of the EOS, or of the last token when there is none
         token_rewards[torch.arange(batch, device=self.device), last] += rewards_seq
         if hp.whiten_rewards:
@@ -576,12 +620,18 @@ class PPOTrainer:
         def mean_of(attr: str) -> float:
             return sum(getattr(m, attr) for m in minibatches) / n
 
+        kl = float(ro.kl.sum(dim=1).mean())
+        kl_coef = self.kl_controller.coef  # the coefficient this update's rewards were penalised with
+        # Then adapted to this update's KL, for the next rollout.
+        self.kl_controller.update(kl, ro.responses.size(0))
         metrics = {
             "reward_mean": float(ro.rewards.mean()),
             "reward_std": float(ro.rewards.std(unbiased=False)),
             "score_mean": float(ro.scores.mean()),
             # nats per sequence (sum over the response's tokens), averaged over episodes, as TRL reports it
-            "kl": float(ro.kl.sum(dim=1).mean()),
+            "kl": kl,
+            "kl_coef": kl_coef,
+            **({"kl_target": self.kl_controller.target} if self.kl_controller.adaptive else {}),
             "entropy": float(rollout.masked_mean(ro.entropy, mask)),
             "policy_loss": mean_of("policy_loss"),
             "value_loss": mean_of("value_loss"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING
 
-from contract.evaluation import CandidateSpec, EvaluationSpec, SamplingSettings, model_refs
+from contract.evaluation import CandidateSpec, model_refs
 from contract.hyperparameters import PPO_EVAL_ROLE, PPOEvalSettings
 from workers.training import lora, rollout
 from workers.training.context import RunContext
@@ -48,16 +48,8 @@ class HeldOutEval:
         if dataset is None:
             raise TrainingError(INVALID_SPEC, f"the eval block needs a dataset with role '{PPO_EVAL_ROLE}'")
         self.ctx, self.settings = ctx, settings
-        self.spec = EvaluationSpec(
-            candidates=[CandidateSpec(name="policy", adapter=POLICY_ADAPTER)],
-            graders=settings.graders,
-            sampling=SamplingSettings(
-                max_new_tokens=settings.max_new_tokens,
-                temperature=0.0,
-                max_prompt_length=max(8, max_prompt_length),
-                batch_size=settings.batch_size,
-                max_prompts=settings.max_prompts,
-            ),
+        self.spec = settings.as_evaluation(
+            [CandidateSpec(name="policy", adapter=POLICY_ADAPTER)], max_prompt_length=max_prompt_length
         )
         self.rows = read_rows(dataset.path, settings.max_prompts)
         self.encoded, _ = rollout.encode_prompts(

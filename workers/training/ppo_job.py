@@ -241,7 +241,13 @@ def build_session(
 
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
     trainer = PPOTrainer(
-        models, reward_fn, hp, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator
+        models,
+        reward_fn,
+        hp,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+        stop=rollout.StopStrings(tokenizer, hp.stop) if hp.stop else None,
     )
     return PPOSession(
         hp=hp,
@@ -320,6 +326,7 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         if resumed is not None:
             self.session.prompt_order.load(resumed.extra.get("prompt_order", []))
             self.monitors.load(resumed.extra.get("monitors", {}))
+            self.session.trainer.kl_controller.load(resumed.extra.get("kl_controller", {}))
             stop = resumed.extra.get("stopped_by")
             self.stopped_by = Alert(**stop) if stop else None
             if self.best is not None:
@@ -331,6 +338,8 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
             **super().checkpoint_extra(),
             "prompt_order": self.session.prompt_order.state(),
             "monitors": self.monitors.state(),
+            # The adaptive KL coefficient is state an update depends on, like the optimizer's moments.
+            "kl_controller": self.session.trainer.kl_controller.state(),
             "stopped_by": asdict(self.stopped_by) if self.stopped_by else None,
             **({"best_held_out": self.best.state()} if self.best is not None else {}),
         }

@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "generate": "workers.training.generate:run",
     "rlhf": "workers.training.pipeline:run",
     "evaluate": "workers.training.evaluate:run",
+    "chat": "workers.training.chat:run",
 }
 
 

@@ -165,6 +165,56 @@ def expand_for_group(
     )
 
 
+class StopStrings:
+    """Stop sequences, checked on the decoded tail of each unfinished answer after every sampled token.
+
+    A stop string may span tokens, so the check decodes the answer's last ``window`` tokens: a string of n
+    UTF-8 bytes spans at most n tokens (each token is at least one byte), plus one leading token so that a
+    tokenizer's quirks at the start of a slice (a dropped leading space, half a character) never touch the
+    match. Special tokens are skipped in the text, as in the text graders see. The first step whose tail
+    contains a stop string ends the answer; the sampler then appends EOS after that token.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, strings: Sequence[str]) -> None:
+        if not strings or any(not s for s in strings):
+            raise ValueError("stop strings must be non-empty")
+        self.tokenizer = tokenizer
+        self.strings = tuple(strings)
+        self.window = max(len(s.encode("utf-8")) for s in self.strings) + 1
+
+    def hits(self, tail: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Which of ``rows`` (bool, (B,)) have a stop string in the text of ``tail`` ((B, <= window) tokens)."""
+        found = torch.zeros_like(rows)
+        index = rows.nonzero().flatten().tolist()
+        if not index:
+            return found
+        texts = self.tokenizer.batch_decode(tail[index].tolist(), skip_special_tokens=True)
+        for row, text in zip(index, texts, strict=True):
+            if any(s in text for s in self.strings):
+                found[row] = True
+        return found
+
+    def cut(self, text: str) -> str:
+        """The answer's text before its first stop string (OpenAI leaves the stop sequence out too)."""
+        ends = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        return text[: min(ends)] if ends else text
+
+
+def close_stopped(
+    tokens: torch.Tensor, ends: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> torch.Tensor:
+    """Put EOS right after each stopped answer's last token (``ends``: its index, -1 for answers not stopped),
+    widening by one column when an answer stopped at the last one."""
+    stopped = ends >= 0
+    if not bool(stopped.any()):
+        return tokens
+    if int(ends.max()) + 1 >= tokens.size(1):
+        tokens = torch.cat([tokens, tokens.new_full((tokens.size(0), 1), pad_token_id)], dim=1)
+    rows = stopped.nonzero().flatten()
+    tokens[rows, ends[rows] + 1] = eos_token_id
+    return tokens
+
+
 # A step function of the model: (input_ids, attention_mask, position_ids, cache) -> (last logits, cache).
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
@@ -182,6 +232,8 @@ def sample_responses(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     group_size: int = 1,
+    stop: StopStrings | None = None,
+    on_token: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """KV-cached batched sampling from left-padded prompts; returns the raw responses (B, <= max_new_tokens).
 
@@ -196,6 +248,15 @@ def sample_responses(
     ``b * G .. b * G + G - 1`` answering prompt ``b``. The prompts are prefilled once; the cache, the last logits,
     the mask and the positions are then repeated G times (:func:`expand_for_group`), and the G continuations
     sample independently from there. With G = 1 nothing changes.
+
+    ``stop``: an answer whose decoded tail comes to contain a stop string ends after the token that completed
+    it, and EOS is appended there (:func:`close_stopped`), so the answer reads as ended downstream; an answer
+    that stopped at the last step gets the one extra column (B, max_new_tokens + 1).
+
+    ``on_token`` sees each step's tokens (B,) as they are sampled (ended rows already padded) and may return a
+    bool mask (B,) of rows to end there as if they had emitted EOS: a chat job streams each row's text as it
+    grows and cuts it at a stop text (workers/training/chat.py), which ``stop`` does not, and ends rows at
+    its model's extra EOS ids.
     """
     batch = prompt_ids.size(0) * group_size
     attention = prompt_mask.long()
@@ -203,6 +264,8 @@ def sample_responses(
     next_input = prompt_ids
     cache: Any = None
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    ends = torch.full((batch,), -1, dtype=torch.long, device=prompt_ids.device)  # where a stop string ended
+    tail = prompt_ids.new_empty((batch, 0))
     tokens: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         logits, cache = step(next_input, attention, positions, cache)
@@ -221,13 +284,20 @@ def sample_responses(
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished |= token == eos_token_id
+        if stop is not None:
+            tail = torch.cat([tail, token.unsqueeze(1)], dim=1)[:, -stop.window :]
+            hit = stop.hits(tail, ~finished)
+            ends = torch.where(hit, len(tokens) - 1, ends)
+            finished |= hit
+        if on_token is not None and (ended := on_token(token)) is not None:
+            finished |= ended
         if bool(finished.all()):
             break
         # Finished rows still attend to what they emit; nothing downstream reads their later positions.
         next_input = token.unsqueeze(1)
         positions = positions[:, -1:] + 1
         attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
-    return torch.stack(tokens, dim=1)
+    return close_stopped(torch.stack(tokens, dim=1), ends, eos_token_id, pad_token_id)
 
 
 # --- log-probs, KL, advantages

@@ -83,8 +83,8 @@ class Evals(SyncResource):
         extra_body: Body | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> Evaluation:
-        """The job's evaluation; ConflictError (409) until the job has succeeded, NotFoundError (404) for a job
-        that is no evaluation. ``.table()`` formats it."""
+        """The job's evaluation (an evaluate job's, or an rlhf job's final one); ConflictError (409) until the
+        job has succeeded, NotFoundError (404) for a job that has none. ``.table()`` formats it."""
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         response = self._client._get(f"/v1/jobs/{path_id(job_id)}/evaluation", extras=extras)
         return self._client._parse(response, Evaluation)

@@ -6,19 +6,14 @@ import asyncio
 import csv
 import io
 import json
-import logging
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
-from alignd import validation
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import update
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
-from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult, stored_hyperparameters
+from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult
 from contract.methods import Method
 from service.api.deps import (
     ContextDep,
@@ -31,6 +26,7 @@ from service.api.deps import (
     read_owned,
 )
 from service.api.errors import error_responses
+from service.api.job_submission import enqueue, new_job_row
 from service.api.schemas import (
     EventPublic,
     JobCreate,
@@ -40,18 +36,11 @@ from service.api.schemas import (
     parse_event_id,
 )
 from service.api.uploads import require_content_type
-from service.core.errors import ConflictError, NotFoundError, RateLimitedError
-from service.core.ids import new_id, now
+from service.core.errors import ConflictError, NotFoundError, ValidationFailed
 from service.core.jobs import JobStatus
-from service.core.submission import ResourceInfo, resolve_job
-from service.db.jobs import status_change
+from service.db.jobs import request_cancel
 from service.db.repository import get_owned, list_owned
-from service.db.tables import ArtifactRow, DatasetRow, JobEventRow, JobMetricRow, JobRow, ModelRow
-from service.queue import QueueUnavailable
-from service.storage import ArtifactStore
-from service.storage.keys import dataset_key
-
-log = logging.getLogger(__name__)
+from service.db.tables import ArtifactRow, JobEventRow, JobMetricRow, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -71,96 +60,16 @@ SSE_KEEPALIVE_SECONDS = 15.0
 def create_job(
     body: JobCreate, ctx: ContextDep, session: SessionDep, queue: QueueDep, tenant: TenantDep
 ) -> JobPublic:
-    waiting = session.exec(
-        select(func.count())
-        .select_from(JobRow)
-        .where(JobRow.tenant == tenant, JobRow.status == JobStatus.queued)
-    ).one()
-    if waiting >= ctx.settings.max_queued_jobs_per_tenant:
-        raise RateLimitedError(
-            f"{waiting} jobs are already queued for this tenant (limit {ctx.settings.max_queued_jobs_per_tenant}).",
-            code="too_many_queued_jobs",
-            headers={"Retry-After": "30"},
+    if body.method is Method.chat:  # its output is the answer of the request that made it, and no other
+        raise ValidationFailed(
+            "Method 'chat' runs only behind POST /openai/v1/chat/completions, which answers with its output.",
+            code="method_not_available",
+            details=[{"field": "method", "code": "method_not_available", "message": "chat"}],
         )
-
-    def lookup(resource: str, resource_id: str) -> ResourceInfo | None:
-        if resource == "model":
-            model = session.exec(
-                select(ModelRow.id).where(ModelRow.id == resource_id, ModelRow.tenant == tenant)
-            ).first()
-            return ResourceInfo(kind=None) if model else None
-        if resource == "dataset":
-            kind = session.exec(
-                select(DatasetRow.kind).where(DatasetRow.id == resource_id, DatasetRow.tenant == tenant)
-            ).first()
-            return ResourceInfo(kind=kind) if kind else None
-        artifact = session.exec(
-            select(ArtifactRow.kind, ArtifactRow.meta).where(
-                ArtifactRow.id == resource_id, ArtifactRow.tenant == tenant
-            )
-        ).first()
-        return ResourceInfo(kind=artifact[0], metadata=artifact[1] or {}) if artifact else None
-
-    resolved = resolve_job(
-        method=body.method,
-        base_model=body.base_model,
-        datasets=body.datasets.model_dump(),
-        init_adapter=body.init_adapter,
-        reward_model=body.reward_model,
-        lora=body.lora.model_dump(exclude_none=True) if body.lora else None,
-        hyperparameters=body.hyperparameters,
-        seed=body.seed,
-        lookup=lookup,
-        init_reward_model=body.init_reward_model,
-        evaluation=body.evaluation,
-        dataset_rows=lambda dataset_id: _dataset_rows(ctx.store, dataset_id),
-    )
-    job = JobRow(
-        id=new_id("job"),
-        tenant=tenant,
-        name=body.name,
-        method=resolved.method.value,
-        status=JobStatus.queued.value,
-        base_model=resolved.base_model,
-        datasets=resolved.datasets,
-        init_adapter=resolved.init_adapter,
-        reward_model=resolved.reward_model,
-        init_reward_model=resolved.init_reward_model,
-        round=body.round,
-        hyperparameters=(
-            resolved.hyperparameters
-            if resolved.evaluation is None
-            else stored_hyperparameters(resolved.evaluation)
-        ),
-        lora=resolved.lora,
-        seed=resolved.seed,
-        created_at=now(),
-    )
-    session.add(job)
-    session.add(JobEventRow(job_id=job.id, created_at=job.created_at, level="info", message="Job queued."))
+    job = new_job_row(ctx, session, tenant, body)
     session.commit()
-    # The row is committed first and is the truth: if the queue is down the job is still accepted (202,
-    # `queued`) and the reconciler enqueues it once the queue is back. Answering 503 here would make a
-    # client retry and submit the job twice.
-    try:
-        queue.enqueue(job.id, method=job.method, generation=job.lease_token)
-    except QueueUnavailable as exc:
-        log.warning(
-            "job %s accepted while the queue is down (%s); the reconciler will enqueue it", job.id, exc
-        )
+    enqueue(queue, job)
     return JobPublic.of(job)
-
-
-def _dataset_rows(store: ArtifactStore, dataset_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """A stored dataset's records, read where the store keeps the file or from a temporary download."""
-    local = store.local_path(dataset_key(dataset_id))
-    if local is not None:
-        yield from validation.iter_records(local)
-        return
-    with tempfile.TemporaryDirectory(prefix="alignd-rows-") as folder:
-        path = Path(folder) / "data.jsonl"
-        store.get_to_path(dataset_key(dataset_id), path)
-        yield from validation.iter_records(path)
 
 
 @router.get(
@@ -213,24 +122,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
     job = get_owned(session, JobRow, job_id, tenant, "job")
     if JobStatus(job.status).is_terminal:
         raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
-    # Queued: cancel outright (compare-and-set, in case a worker takes it this instant).
-    result = session.execute(
-        status_change(job_id, JobStatus.queued, JobStatus.cancelled).values(
-            cancel_requested=True, finished_at=now()
-        )
-    )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
-        session.add(JobEventRow(job_id=job_id, created_at=now(), level="info", message="Job cancelled."))
-    else:
-        # Running: flag it; the runner that holds the lease stops the child (SIGTERM, then SIGKILL).
-        session.execute(update(JobRow).where(col(JobRow.id) == job_id).values(cancel_requested=True))
-        session.add(
-            JobEventRow(
-                job_id=job_id, created_at=now(), level="info", message="Cancel requested.", stage=job.stage
-            )
-        )
-    session.commit()
-    session.refresh(job)
+    request_cancel(session, job)
     return JobPublic.of(job)
 
 
@@ -350,15 +242,15 @@ def list_metrics(
     response_model=EvaluationResult,
     response_model_exclude_none=True,  # the baseline has no win-rates, the base candidate no adapter
     operation_id="getJobEvaluation",
-    summary="An evaluate job's result: per candidate, each grader's mean and win-rate vs the baseline with 95% "
-    "intervals",
+    summary="An evaluate job's result (or an rlhf job's final evaluation of base, sft and its last stage): per "
+    "candidate, each grader's mean and win-rate vs the baseline with 95% intervals",
     responses=error_responses(404, 409),
 )
 def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> EvaluationResult:
     job = get_owned(session, JobRow, job_id, tenant, "job")
-    if job.method != Method.evaluate:
+    if job.method not in (Method.evaluate, Method.rlhf):
         raise NotFoundError(
-            f"Job {job_id} is a '{job.method}' job; only 'evaluate' jobs have an evaluation.",
+            f"Job {job_id} is a '{job.method}' job; only 'evaluate' and 'rlhf' jobs have an evaluation.",
             code="evaluation_not_found",
         )
     artifact = session.exec(
@@ -366,6 +258,11 @@ def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> Evalu
         .where(ArtifactRow.job_id == job_id, ArtifactRow.kind == EVAL_ARTIFACT_KIND)
         .order_by(col(ArtifactRow.seq).desc())
     ).first()
+    if artifact is None and job.method == Method.rlhf and job.status == JobStatus.succeeded:
+        # final_evaluation false, or a last stage without an eval block: its events say which.
+        raise NotFoundError(
+            f"rlhf job {job_id} ran no final evaluation (see its events).", code="evaluation_not_found"
+        )
     if artifact is None or job.status != JobStatus.succeeded:
         raise ConflictError(
             f"Job {job_id} is {job.status}; its evaluation exists once it has succeeded.",
