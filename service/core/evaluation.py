@@ -15,13 +15,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from contract.evaluation import EvaluationSpec, model_refs, spec_problems
-from contract.graders import GraderSpecError, item_fields, parse_grader
-from contract.grading import missing_item_fields
+from contract.graders import GraderSpecError, parse_grader
+from service.core.rewards import missing_item_field_problems
 
 Problem = dict[str, Any]
 # (resource type, id) -> the resource's kind ("" for a model), None when the tenant has no such resource.
 KindLookup = Callable[[str, str], str | None]
-MAX_LINE_PROBLEMS = 100  # as the dataset validator reports at most 100 bad lines
 
 
 def _grader_problems(raw: dict[str, Any]) -> list[Problem]:
@@ -109,31 +108,5 @@ def missing_item_problems(
 ) -> list[Problem]:
     """One problem per dataset line (up to 100) lacking an item field a grader reads, with its line number.
 
-    Only the lines the job evaluates are read (``sampling.max_prompts``)."""
-    readers = [(grader, item_fields(grader)) for grader in spec.graders]
-    readers = [(grader, fields) for grader, fields in readers if fields]
-    if not readers:
-        return []
-    problems: list[Problem] = []
-    limit = spec.sampling.max_prompts
-    for count, (line, record) in enumerate(rows, start=1):
-        gaps = [
-            (grader.name, missing)
-            for grader, _ in readers
-            if (missing := missing_item_fields(grader, record))
-        ]
-        if gaps:
-            named = "; ".join(
-                f"{', '.join(repr(m) for m in missing)} (grader '{name}')" for name, missing in gaps
-            )
-            problems.append(
-                {
-                    "field": field,
-                    "line": line,
-                    "code": "missing_item_field",
-                    "message": f"line {line} lacks item fields the graders read: {named}",
-                }
-            )
-        if len(problems) >= MAX_LINE_PROBLEMS or (limit is not None and count >= limit):
-            break
-    return problems
+    Only the lines the job evaluates are read (``sampling.max_prompts``); the rule is GRPO's rewards' own."""
+    return missing_item_field_problems(spec.graders, rows, field=field, limit=spec.sampling.max_prompts)
