@@ -296,3 +296,41 @@ def test_streams_follow_a_real_job(tmp_path: Path, tiny_model_dir: Path, sft_jso
         assert streamed == client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
         assert {"loss", "learning_rate"} <= {p["name"] for p in streamed}
         wait_for(client, job["id"], {"succeeded"})
+
+
+def test_sdk_stream_metrics_sync_and_async(tmp_path: Path) -> None:
+    """The SDK's jobs.stream_metrics: points written while it reads arrive once each, in order; it ends with
+    the job; ``after`` and ``name`` resume and filter (the async twin the same)."""
+    import asyncio
+
+    import alignd
+
+    from alignd_server.embedded import create_app
+    from service.db.session import make_engine
+
+    settings = make_settings(tmp_path / "alignd")
+    with UvicornThread(create_app(settings)) as running:
+        engine = make_engine(settings.resolved_database_url)
+        job = _job(engine, "tenant-a")
+        _metrics(engine, job, ("loss", 1, 2.0), ("lr", 1, 0.1))
+        got: list[alignd.Metric] = []
+        with alignd.Client(base_url=running.base_url, api_key=API_KEYS["tenant-a"]) as client:
+            reader = threading.Thread(target=lambda: got.extend(client.jobs.stream_metrics(job)), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _metrics(engine, job, ("loss", 2, 1.5), ("lr", 2, 0.05))
+            _update(engine, job, status="succeeded")
+            reader.join(timeout=10)
+            assert not reader.is_alive()
+        assert [(m.name, m.step) for m in got] == [("loss", 1), ("lr", 1), ("loss", 2), ("lr", 2)]
+        seqs = [m.seq for m in got]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4
+
+        async def read_async() -> list[alignd.Metric]:
+            async with alignd.AsyncClient(base_url=running.base_url, api_key=API_KEYS["tenant-a"]) as client:
+                return [m async for m in client.jobs.stream_metrics(job, after=seqs[0], name="loss")]
+
+        assert [(m.name, m.step, m.value) for m in asyncio.run(read_async())] == [("loss", 2, 1.5)]
+        engine.dispose()
