@@ -195,6 +195,36 @@ def test_job_list_stream_sends_the_page_then_every_change(server: Server) -> Non
         assert_error(client.get("/v1/jobs", params={"status": "nope"}, headers=SSE), 422, "invalid_request")
 
 
+def test_job_list_stream_stops_polling_when_the_client_goes(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The list stream never ends by itself: a client that goes must end its polling (the server runs in this
+    process, so its polls are counted here)."""
+    from service.api import job_streams
+
+    polls: list[float] = []
+    poll = job_streams._poll_jobs
+
+    def counted(*args: Any) -> Any:
+        polls.append(time.monotonic())
+        return poll(*args)
+
+    monkeypatch.setattr(job_streams, "_poll_jobs", counted)
+    _job(server.engine, "tenant-a")
+    with server.client() as client:
+        reader = EventReader(client, "/v1/jobs")
+        reader.jobs(1)
+        deadline = time.monotonic() + 10
+        while len(polls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(polls) >= 2  # polling while the client listens
+        reader.close()
+        time.sleep(2 * job_streams.SSE_POLL_SECONDS + 0.5)  # a poll under way when it went may still finish
+        settled = len(polls)
+        time.sleep(4 * job_streams.SSE_POLL_SECONDS)
+        assert len(polls) == settled, "the stream kept polling after its client went"
+
+
 def test_metrics_stream_resumes_and_ends_after_the_last_point(server: Server) -> None:
     job = _job(server.engine, "tenant-a")
     _metrics(server.engine, job, ("loss", 1, 2.0), ("lr", 1, 0.1), ("loss", 2, 1.5))
