@@ -277,9 +277,11 @@ def test_metrics_stream_resumes_and_ends_after_the_last_point(server: Server) ->
 
         assert_error(other.get(f"/v1/jobs/{job}/metrics"), 404, "job_not_found")
         assert_error(other.get(f"/v1/jobs/{job}/metrics", headers=SSE), 404, "job_not_found")
-        for params in ({"after": -1}, {"after": "x"}, {"after": 2**63}):
+        largest = client.get(f"/v1/jobs/{job}/metrics", params={"after": 2**31 - 1})
+        assert largest.status_code == 200 and largest.json()["data"] == []
+        for params in ({"after": -1}, {"after": "x"}, {"after": 2**31}):
             assert_error(client.get(f"/v1/jobs/{job}/metrics", params=params), 422, "invalid_request")
-        for bad in ("evt_3", "-1", "1e3", "9" * 30):
+        for bad in ("evt_3", "-1", "1e3", str(2**31), "9" * 30):
             response = client.get(f"/v1/jobs/{job}/metrics", headers={**SSE, "Last-Event-ID": bad})
             assert_error(response, 422, "invalid_last_event_id")
 
