@@ -43,6 +43,7 @@ def require_or_skip(reason: str) -> NoReturn:
 # checks run in `make test-slow` instead (marked slow here, in one place, with why); each leaves a shorter test
 # of the same path in `make test`. Durations: serial, on the quiet 2-core VM.
 SLOW_IN_MAKE_TEST: dict[str, str] = {
+    "tests/unit/test_gpu_check.py::test_cpu_smoke_runs_every_part": "35 s; the GPU check's plumbing on CPU",
     "tests/faults/test_kills.py::test_kills_lose_and_duplicate_nothing": "60 s; make faults runs it at full size",
     "tests/faults/test_outages.py::test_postgres_crash_mid_run_is_503_then_recovers": "31 s; make faults too",
     "tests/faults/test_outages.py::test_s3_down_during_artifact_upload_is_retried": "25 s; make faults too",
