@@ -272,7 +272,7 @@ class OpenAIFineTuningJob(BaseModel):
     organization_id: str = Field(description="The tenant.")
     result_files: list[str] = Field(default_factory=list, description="Always empty (docs/openai.md).")
     seed: int
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
     trained_tokens: int | None = Field(None, description="Not counted by alignd: always null.")
     training_file: str
     validation_file: str | None

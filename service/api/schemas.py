@@ -209,6 +209,11 @@ class JobPublic(BaseModel):
     monitors: list[MonitorAlert] = Field(
         default_factory=list, description="The reward-hacking monitors that fired during PPO, oldest first."
     )
+    pause_requested: bool = Field(
+        False,
+        description="A pause was asked for and the job is still running: it becomes 'paused' once its training "
+        "process has saved a checkpoint and stopped.",
+    )
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -239,6 +244,7 @@ class JobPublic(BaseModel):
             error=error,
             status_reason=row.status_reason,
             monitors=[MonitorAlert.model_validate(entry) for entry in row.monitors or []],
+            pause_requested=bool(row.pause_requested) and row.status == JobStatus.running,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

@@ -299,8 +299,9 @@ def test_a_dpo_job_continues_from_the_fine_tuned_model(facade: Facade, supervise
 
 
 def _cancel_a_queued_job(client: OpenAI, facade: Facade) -> None:
-    """While a job runs (one job at a time in this server), another waits queued: cancelled at once. Pause and
-    resume are refused in OpenAI's shape, and the ignored fields said so in warning events."""
+    """While a job runs (one job at a time in this server), another waits queued: paused at once, resumed,
+    then cancelled at once; resuming a job that is not paused is refused in OpenAI's shape, and the ignored
+    fields said so in warning events. (A running job's pause and resume: tests/service/test_pause_resume.py.)"""
     job = client.fine_tuning.jobs.create(
         model=facade.model_id,
         training_file=_upload(client, _chat(4)),
@@ -309,10 +310,12 @@ def _cancel_a_queued_job(client: OpenAI, facade: Facade) -> None:
     )
     assert job.status == "queued" and job.hyperparameters.n_epochs == 3  # "auto"
     jobs = client.fine_tuning.jobs
-    for action, code in ((jobs.pause, "pause_not_supported"), (jobs.resume, "resume_not_supported")):
-        with pytest.raises(openai.BadRequestError) as refused:
-            action(job.id)
-        assert refused.value.code == code
+    with pytest.raises(openai.ConflictError) as refused:
+        jobs.resume(job.id)
+    assert refused.value.code == "job_not_paused"
+    assert jobs.pause(job.id).status == "paused"
+    assert jobs.retrieve(job.id).status == "paused"
+    assert jobs.resume(job.id).status == "queued"
     cancelled = jobs.cancel(job.id)
     assert (cancelled.status, cancelled.fine_tuned_model, cancelled.metadata) == (
         "cancelled",

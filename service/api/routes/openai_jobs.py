@@ -8,8 +8,7 @@ line is a 400 naming it), maps the method (service/core/openai_jobs.py) and subm
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from sqlmodel import Session
@@ -30,14 +29,14 @@ from service.api.openai_schemas import (
 )
 from service.api.schemas import JobCreate, JobDatasets, event_id, parse_event_id
 from service.api.uploads import require_content_type
-from service.core.errors import AlignError, ConflictError, ValidationFailed
+from service.core.errors import ConflictError, ValidationFailed
 from service.core.ids import now
 from service.core.jobs import JobStatus
 from service.core.openai_files import DATASET_KINDS, FileFormat
 from service.core.openai_graders import job_grader
 from service.core.openai_jobs import fine_tuned_model_name, in_openai_terms, resolve_method
 from service.db import openai as db
-from service.db.jobs import request_cancel
+from service.db.jobs import request_cancel, request_pause, resume
 from service.db.repository import find_owned
 from service.db.tables import JobEventRow, JobRow, OpenAIFileRow, OpenAIJobRow
 
@@ -278,31 +277,44 @@ def cancel_fine_tuning_job(
     return _public(facade, job, None)
 
 
-def _not_supported(action: str) -> Callable[[str, SessionDep, TenantDep], NoReturn]:
-    """The route for an OpenAI job action alignd has no counterpart for: 404 for a job that is not the
-    tenant's (as for every other action), else 400 ``<action>_not_supported`` in OpenAI's error shape."""
+@router.post(
+    "/{fine_tuning_job_id}/pause",
+    response_model=OpenAIFineTuningJob,
+    operation_id="openaiPauseFineTuningJob",
+    summary="Pause a fine-tuning job (alignd's pause: a running job stops at its next step after a checkpoint)",
+    responses=openai_error_responses(404, 409),
+)
+def pause_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep
+) -> OpenAIFineTuningJob:
+    facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
+    if JobStatus(job.status).is_terminal:
+        raise ConflictError(f"Job {job.id} already finished with status '{job.status}'.", code="job_finished")
+    if job.cancel_requested:
+        raise ConflictError(f"Job {job.id} is being cancelled.", code="job_cancelling")
+    request_pause(session, job)
+    return _public(facade, job, None)
 
-    def refuse(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> NoReturn:
-        db.facade_job(session, tenant, fine_tuning_job_id)
-        raise AlignError(
-            f"alignd cannot {action} a job: it has no paused state. Cancel it instead (a job whose worker "
-            "died is retried by alignd itself, from its newest checkpoint when it has one).",
-            code=f"{action}_not_supported",
+
+@router.post(
+    "/{fine_tuning_job_id}/resume",
+    response_model=OpenAIFineTuningJob,
+    operation_id="openaiResumeFineTuningJob",
+    summary="Resume a paused fine-tuning job from its newest checkpoint",
+    responses=openai_error_responses(404, 409),
+)
+def resume_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, queue: QueueDep, tenant: TenantDep
+) -> OpenAIFineTuningJob:
+    facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
+    if job.status != JobStatus.paused and not (job.status == JobStatus.running and job.pause_requested):
+        raise ConflictError(
+            f"Job {job.id} is '{job.status}', not paused; only a paused job can be resumed.",
+            code="job_not_paused",
         )
-
-    return refuse
-
-
-for _action in ("pause", "resume"):
-    router.add_api_route(
-        f"/{{fine_tuning_job_id}}/{_action}",
-        _not_supported(_action),
-        methods=["POST"],
-        response_model=None,
-        operation_id=f"openai{_action.capitalize()}FineTuningJob",
-        summary="Not supported: alignd has no paused state (400)",
-        responses=openai_error_responses(404),
-    )
+    if resume(session, job):
+        enqueue(queue, job)
+    return _public(facade, job, None)
 
 
 @router.get(
