@@ -113,6 +113,11 @@ class JobDatasets(InputModel):
         description="Dataset id of kind 'preference' (chosen/rejected) or 'ranking' (expanded to pairs).",
     )
     prompts: str | None = Field(None, description="Dataset id of kind 'prompts' (for PPO rollouts).")
+    validation: str | None = Field(
+        None,
+        description="sft only: a held-out dataset of kind 'sft'; its loss and token accuracy are logged as "
+        "eval_loss and eval_mean_token_accuracy (hyperparameters.eval_steps).",
+    )
 
 
 class JobCreate(InputModel):

@@ -96,8 +96,9 @@ def supervised(facade: Facade, tmp_path_factory: pytest.TempPathFactory) -> tupl
     assert 'OpenAI(base_url="http://127.0.0.1:8000/openai/v1", api_key="key-a")' in script
     (folder / "finetune.py").write_text(script.replace("http://127.0.0.1:8000", facade.base_url))
     (folder / "train.jsonl").write_bytes(_chat())
+    (folder / "valid.jsonl").write_bytes(_chat(6))
     done = subprocess.run(
-        [sys.executable, "finetune.py", "train.jsonl", "tiny"],
+        [sys.executable, "finetune.py", "train.jsonl", "tiny", "valid.jsonl"],
         cwd=folder,
         capture_output=True,
         text=True,
@@ -134,6 +135,13 @@ def test_the_documented_script_fine_tunes_and_the_job_is_an_alignd_job(
     final = checkpoints[0]
     assert (final.id, final.fine_tuned_model_checkpoint) == (links["adapter"], job.fine_tuned_model)
     assert final.step_number == 2 and final.metrics.train_loss is not None and final.metrics.train_loss > 0
+    # The validation file is sft's held-out set: scored whole (valid_* == full_valid_*) at steps 1 and 2.
+    metrics = final.metrics
+    assert metrics.valid_loss is not None and metrics.valid_loss > 0
+    assert metrics.full_valid_loss == metrics.valid_loss
+    assert metrics.valid_mean_token_accuracy is not None and 0 <= metrics.valid_mean_token_accuracy <= 1
+    assert metrics.train_mean_token_accuracy is not None and 0 <= metrics.train_mean_token_accuracy <= 1
+    assert f"2 {metrics.train_loss} {metrics.valid_loss} {job.fine_tuned_model}" in output
 
     models = {model.id for model in client.models.list()}
     assert {facade.model_id, job.fine_tuned_model} <= models
@@ -142,6 +150,7 @@ def test_the_documented_script_fine_tunes_and_the_job_is_an_alignd_job(
     headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
     alignd_job = httpx.get(f"{facade.base_url}/v1/jobs/{job_id}", headers=headers).json()
     assert alignd_job["method"] == "sft" and alignd_job["hyperparameters"]["epochs"] == 1
+    assert set(alignd_job["datasets"]) == {"sft", "validation"}
     developer = alignd_job["datasets"]["sft"]
     dataset = httpx.get(f"{facade.base_url}/v1/datasets/{developer}", headers=headers).json()
     assert dataset["kind"] == "sft" and dataset["num_records"] == 16

@@ -130,6 +130,8 @@ def test_pause_keeps_every_step_and_resume_continues_from_it(
         p["step"] for p in client.get(f"/v1/jobs/{running}/metrics", params={"name": "loss"}).json()["data"]
     ]
     assert steps == list(range(1, STEPS + 1)), steps
-    with alignd.Client(base_url=str(client.base_url), api_key=API_KEYS["tenant-a"]) as sdk:
-        with pytest.raises(alignd.ConflictError, match="not paused"):
-            sdk.jobs.resume(running)
+    with (
+        alignd.Client(base_url=str(client.base_url), api_key=API_KEYS["tenant-a"]) as sdk,
+        pytest.raises(alignd.ConflictError, match="not paused"),
+    ):
+        sdk.jobs.resume(running)

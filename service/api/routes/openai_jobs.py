@@ -112,7 +112,7 @@ def _warnings(body: OpenAIFineTuningJobCreate, fmt: FileFormat, notes: dict[str,
             "last one: alignd trains on the last assistant message of each line only (OpenAI trains on every "
             "assistant message without weight 0)."
         )
-    if body.validation_file is not None:
+    if body.validation_file is not None and fmt is not FileFormat.supervised:
         warnings.append(
             f"validation_file {body.validation_file} was checked but is not used: alignd's "
             f"{fmt.value} training has no held-out loss yet (checkpoints report no valid_loss)."
@@ -175,8 +175,11 @@ def create_fine_tuning_job(
     )
     store, data_dir = ctx.store, ctx.settings.data_dir
     dataset, notes = db.file_dataset(session, store, training, fmt, param="training_file", data_dir=data_dir)
+    held_out = None
     if validation is not None:
-        db.file_dataset(session, store, validation, fmt, param="validation_file", data_dir=data_dir)
+        held_out, _ = db.file_dataset(
+            session, store, validation, fmt, param="validation_file", data_dir=data_dir
+        )
     warnings = [*mapped.warnings, *_warnings(body, fmt, notes)]
     hyperparameters = mapped.for_records(dataset.num_records)
     block: dict[str, Any] = {"hyperparameters": mapped.openai}
@@ -188,7 +191,11 @@ def create_fine_tuning_job(
     request = JobCreate(
         method=mapped.method,
         base_model=source.base_id,
-        datasets=JobDatasets(**{DATASET_KINDS[fmt]: dataset.id}),
+        datasets=JobDatasets(
+            **{DATASET_KINDS[fmt]: dataset.id},
+            # supervised: the validation file is sft's held-out set (valid_loss, valid_mean_token_accuracy)
+            **({"validation": held_out.id} if held_out is not None and fmt is FileFormat.supervised else {}),
+        ),
         init_adapter=source.adapter,
         hyperparameters=hyperparameters,
         seed=body.seed,
@@ -363,6 +370,7 @@ def list_fine_tuning_checkpoints(
     facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
     artifacts, has_more = db.checkpoint_artifacts(session, tenant, job.id, Page(limit=limit, after=after))
     losses = db.metric_series(session, job.id, "loss")
+    series = {name: db.metric_series(session, job.id, name) for name in _CHECKPOINT_SERIES}
     data = []
     for artifact in artifacts:
         step = db.artifact_step(artifact) or (max(losses) if losses else 0)
@@ -375,8 +383,33 @@ def list_fine_tuning_checkpoints(
                     facade.fine_tuned_model if final else f"{facade.fine_tuned_model}:ckpt-step-{step}"
                 ),
                 fine_tuning_job_id=job.id,
-                metrics=OpenAICheckpointMetrics(step=step, train_loss=losses.get(step)),
+                metrics=_checkpoint_metrics(step, losses, series),
                 step_number=step,
             )
         )
     return OpenAIList[OpenAIFineTuningJobCheckpoint].page(data, has_more)
+
+
+# alignd's metric -> OpenAI's checkpoint metric. The held-out evaluation runs every eval_steps, so a checkpoint
+# reports the newest one at or before its step; alignd scores the whole validation file every time, which is
+# what OpenAI calls full_valid_*: valid_* (OpenAI's sampled batch) carry the same values.
+_CHECKPOINT_SERIES = {
+    "mean_token_accuracy": ("train_mean_token_accuracy",),
+    "eval_loss": ("valid_loss", "full_valid_loss"),
+    "eval_mean_token_accuracy": ("valid_mean_token_accuracy", "full_valid_mean_token_accuracy"),
+}
+
+
+def _checkpoint_metrics(
+    step: int, losses: dict[int, float], series: dict[str, dict[int, float]]
+) -> OpenAICheckpointMetrics:
+    values: dict[str, float | None] = {}
+    for name, fields in _CHECKPOINT_SERIES.items():
+        points = series[name]
+        if name.startswith("eval_"):
+            earlier = [s for s in points if s <= step]
+            value = points[max(earlier)] if earlier else None
+        else:
+            value = points.get(step)
+        values.update(dict.fromkeys(fields, value))
+    return OpenAICheckpointMetrics(step=step, train_loss=losses.get(step), **values)
