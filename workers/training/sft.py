@@ -186,7 +186,9 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
     def compute_loss(self, micro: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = {k: v.to(self.device) for k, v in self.collate([self.examples[i] for i in micro]).items()}
         loss, correct = completion_loss_sum(self.model, inputs)
-        return loss, {"inputs": int(inputs["attention_mask"].sum()), "correct": correct}
+        tokens = int(inputs["attention_mask"].sum())
+        self.trained_tokens += tokens
+        return loss, {"inputs": tokens, "correct": correct}
 
     def on_eval(self, step: int) -> dict[str, float]:
         if self.validation and (step % self.eval_every == 0 or step == self.total):
@@ -214,11 +216,14 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
 
     def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
         super().on_start(resumed)
-        if resumed is not None:  # the newest evaluation travels in the checkpoint: the final metrics read it
+        # The newest evaluation and the token count travel in the checkpoint: the final metrics read them.
+        self.trained_tokens = int(resumed.extra.get("trained_tokens", 0)) if resumed is not None else 0
+        if resumed is not None:
             self.last_eval = dict(resumed.extra.get("last_eval", {}))
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {**super().checkpoint_extra(), "last_eval": self.last_eval}
+        extra = {"last_eval": self.last_eval, "trained_tokens": self.trained_tokens}
+        return {**super().checkpoint_extra(), **extra}
 
     def log_values(
         self, window: loop.MetricWindow, *, learning_rate: float, epoch: float
@@ -241,6 +246,8 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
             "loss": history[-1]["loss"],
             "first_loss": history[0]["loss"],
             "mean_token_accuracy": history[-1]["mean_token_accuracy"],
+            # non-pad input tokens of every example consumed, each epoch again (OpenAI's trained_tokens)
+            "trained_tokens": float(self.trained_tokens),
             **self.last_eval,
             **self.run_metrics(steps, train_seconds),
         }

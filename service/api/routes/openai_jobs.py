@@ -122,7 +122,7 @@ def _warnings(body: OpenAIFineTuningJobCreate, fmt: FileFormat, notes: dict[str,
     return warnings
 
 
-def _public(facade: OpenAIJobRow, job: JobRow, adapter: str | None) -> OpenAIFineTuningJob:
+def _public(facade: OpenAIJobRow, job: JobRow, adapter: db.AdapterInfo | None) -> OpenAIFineTuningJob:
     status = JobStatus(job.status)
     error = None
     if status is JobStatus.failed:
@@ -142,6 +142,7 @@ def _public(facade: OpenAIJobRow, job: JobRow, adapter: str | None) -> OpenAIFin
         organization_id=job.tenant,
         seed=job.seed,
         status=status.value,
+        trained_tokens=adapter.trained_tokens if adapter is not None else None,
         training_file=facade.training_file,
         validation_file=facade.validation_file,
         metadata=facade.meta,
@@ -149,8 +150,8 @@ def _public(facade: OpenAIJobRow, job: JobRow, adapter: str | None) -> OpenAIFin
         alignd=OpenAIAligndLinks(
             job=job.id,
             method=job.method,
-            adapter=adapter,
-            adapter_url=f"/v1/artifacts/{adapter}/content" if adapter else None,
+            adapter=adapter.id if adapter else None,
+            adapter_url=f"/v1/artifacts/{adapter.id}/content" if adapter else None,
         ),
     )
 
