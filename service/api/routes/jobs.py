@@ -1,4 +1,4 @@
-"""Jobs: submit, list, inspect, cancel; events (JSON or live SSE) and metrics (JSON or CSV)."""
+"""Jobs: submit, list, inspect, cancel, pause and resume; events (JSON or live SSE) and metrics (JSON or CSV)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from service.api.schemas import (
 from service.api.uploads import require_content_type
 from service.core.errors import ConflictError, NotFoundError, ValidationFailed
 from service.core.jobs import JobStatus
-from service.db.jobs import request_cancel
+from service.db.jobs import request_cancel, request_pause, resume
 from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, JobEventRow, JobRow
 
@@ -160,6 +160,50 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
     if JobStatus(job.status).is_terminal:
         raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
     request_cancel(session, job)
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobPublic,
+    operation_id="pauseJob",
+    summary="Pause a job (a queued one at once; a running one at its next step, after saving a checkpoint)",
+    description="A running job keeps `status: running` with `pause_requested: true` until its training process "
+    "has saved a checkpoint and stopped (seconds: one optimizer step), then becomes `paused`. A paused job holds "
+    "no worker and keeps its checkpoints; `resume` queues it to continue from the newest. Pausing a paused job, "
+    "or one whose pause is pending, changes nothing. Training before the first step (loading the model) is not "
+    "kept: the job resumes from its newest checkpoint, or from the start.",
+    responses=error_responses(404, 409),
+)
+def pause_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    if JobStatus(job.status).is_terminal:
+        raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
+    if job.cancel_requested:
+        raise ConflictError(f"Job {job_id} is being cancelled.", code="job_cancelling")
+    request_pause(session, job)
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    operation_id="resumeJob",
+    summary="Resume a paused job (queued again, it continues from its newest checkpoint)",
+    description="Also withdraws a pause that has not taken effect yet (the job keeps running). A job that is "
+    "neither paused nor pausing answers 409 `job_not_paused`.",
+    responses=error_responses(404, 409),
+)
+def resume_job(job_id: str, session: SessionDep, queue: QueueDep, tenant: TenantDep) -> JobPublic:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    pausing = job.status == JobStatus.running and job.pause_requested
+    if job.status != JobStatus.paused and not pausing:
+        raise ConflictError(
+            f"Job {job_id} is '{job.status}', not paused; only a paused job (or one pausing) can be resumed.",
+            code="job_not_paused",
+        )
+    if resume(session, job):
+        enqueue(queue, job)
     return JobPublic.of(job)
 
 
