@@ -43,6 +43,9 @@ def require_or_skip(reason: str) -> NoReturn:
 # checks run in `make test-slow` instead (marked slow here, in one place, with why); each leaves a shorter test
 # of the same path in `make test`. Durations: serial, on the quiet 2-core VM.
 SLOW_IN_MAKE_TEST: dict[str, str] = {
+    "tests/service/test_live_streams.py::test_streams_follow_a_real_job": (
+        "22 s; the row-written stream tests on SQLite and PostgreSQL stay"
+    ),
     "tests/faults/test_kills.py::test_kills_lose_and_duplicate_nothing": "60 s; make faults runs it at full size",
     "tests/faults/test_outages.py::test_postgres_crash_mid_run_is_503_then_recovers": "31 s; make faults too",
     "tests/faults/test_outages.py::test_s3_down_during_artifact_upload_is_retried": "25 s; make faults too",

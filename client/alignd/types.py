@@ -151,6 +151,8 @@ class JobEvent(AlignObject):
 
 
 class Metric(AlignObject):
+    seq: int | None = None
+    """The point's position in the job's log (increasing); ``?after=<seq>`` resumes after it."""
     stage: str | None = None
     step: int | float | None = None
     name: str

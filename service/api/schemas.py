@@ -275,6 +275,10 @@ def parse_event_id(value: str | None) -> int:
 
 
 class MetricPublic(BaseModel):
+    seq: int = Field(
+        description="The point's position in the job's log: increases with every point logged, so '?after=<seq>' "
+        "(or an SSE Last-Event-ID) resumes after it."
+    )
     stage: str | None
     step: int
     name: str

@@ -26,6 +26,16 @@ from service.api.deps import (
     read_owned,
 )
 from service.api.errors import error_responses
+from service.api.job_streams import (
+    SSE_HEADERS,
+    SSE_KEEPALIVE_SECONDS,
+    SSE_POLL_SECONDS,
+    JobFilter,
+    metric_points,
+    metrics_after,
+    stream_jobs,
+    stream_metrics,
+)
 from service.api.job_submission import enqueue, new_job_row
 from service.api.schemas import (
     EventPublic,
@@ -40,12 +50,9 @@ from service.core.errors import ConflictError, NotFoundError, ValidationFailed
 from service.core.jobs import JobStatus
 from service.db.jobs import request_cancel
 from service.db.repository import get_owned, list_owned
-from service.db.tables import ArtifactRow, JobEventRow, JobMetricRow, JobRow
+from service.db.tables import ArtifactRow, JobEventRow, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-SSE_POLL_SECONDS = 0.5
-SSE_KEEPALIVE_SECONDS = 15.0
 
 
 @router.post(
@@ -76,10 +83,23 @@ def create_job(
     "",
     response_model=ListResponse[JobPublic],
     operation_id="listJobs",
-    summary="List jobs",
-    responses=error_responses(),
+    summary="List jobs, newest first; with Accept: text/event-stream the list, then every job created or changed, "
+    "live",
+    responses={
+        **error_responses(),
+        200: {
+            "description": "A page of jobs, or an SSE stream when asked for text/event-stream: first `event: job` "
+            "per job of the page (newest first, up to `limit`; `data` is the job as GET /v1/jobs/{id} gives "
+            "it), then `event: job` for every job of the tenant matching the filters that is created or whose "
+            "status, stage, progress, round, status_reason, error or monitors change (a job leaving the "
+            "`status` filter is sent once more with its new status); `: keep-alive` comments while idle.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
 )
 def list_jobs(
+    request: Request,
+    ctx: ContextDep,
     session: SessionDep,
     tenant: TenantDep,
     page: PageDep,
@@ -87,11 +107,21 @@ def list_jobs(
     round: Annotated[
         int | None, Query(ge=0, le=1_000_000, description="Only jobs of this feedback round.")
     ] = None,
-) -> ListResponse[JobPublic]:
+) -> ListResponse[JobPublic] | StreamingResponse:
+    if _wants_stream(request):
+        return StreamingResponse(
+            stream_jobs(ctx, JobFilter(tenant=tenant, status=status, round=round), page, request),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
     rows, has_more = list_owned(
         session, JobRow, page, tenant, status=status.value if status is not None else None, round=round
     )
     return ListResponse(data=[JobPublic.of(row) for row in rows], has_more=has_more)
+
+
+def _wants_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
 
 
 @router.get(
@@ -208,25 +238,45 @@ def _poll(ctx: ContextDep, job_id: str, after_seq: int) -> tuple[list[JobEventRo
     "/{job_id}/metrics",
     response_model=ListResponse[MetricPublic],
     operation_id="listJobMetrics",
-    summary="Training metrics, in the order they were logged (?format=csv for CSV)",
+    summary="Training metrics, in the order they were logged (?format=csv for CSV); with Accept: "
+    "text/event-stream they stream live until the job ends",
     responses={
-        **error_responses(404),
-        200: {"description": "Metric points.", "content": {"text/csv": {"schema": {"type": "string"}}}},
+        **error_responses(404, 422),
+        200: {
+            "description": "Metric points; or CSV; or an SSE stream when asked for text/event-stream: "
+            '`event: metrics` with `id: <seq of the batch\'s last point>` and `data: {"data": [point, ...]}` '
+            "as points are written (resumed after `Last-Event-ID` or `?after=`), then `event: end` with "
+            '`data: {"status": "<the job\'s status>"}` once the job has ended and every point was sent.',
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        },
     },
 )
 def list_metrics(
     job_id: str,
+    request: Request,
+    ctx: ContextDep,
     session: SessionDep,
     tenant: TenantDep,
     format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv.")] = "json",
     name: Annotated[str | None, Query(description="Only this metric.")] = None,
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=2**63 - 1, description="Only points whose seq is greater (a point's seq, to resume)."),
+    ] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> ListResponse[MetricPublic] | Response:
     get_owned(session, JobRow, job_id, tenant, "job")
-    statement = select(JobMetricRow).where(JobMetricRow.job_id == job_id)
-    if name is not None:
-        statement = statement.where(JobMetricRow.name == name)
-    rows = session.exec(statement.order_by(col(JobMetricRow.seq))).all()
-    points = [MetricPublic(stage=row.stage, step=row.step, name=row.name, value=row.value) for row in rows]
+    resume = _metric_seq(last_event_id) if last_event_id else after
+    if _wants_stream(request):
+        return StreamingResponse(
+            stream_metrics(ctx, job_id, resume or 0, name, request),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    points = metric_points(metrics_after(session, job_id, after=resume, name=name))
     if format == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -235,6 +285,17 @@ def list_metrics(
             writer.writerow([point.stage or "", point.step, point.name, repr(point.value)])
         return Response(content=buffer.getvalue(), media_type="text/csv")
     return ListResponse(data=points, has_more=False)
+
+
+def _metric_seq(value: str) -> int:
+    """A metrics stream's Last-Event-ID: the seq of the last point the client received."""
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise ValidationFailed(
+            f"Last-Event-ID must be a metric point's seq (a non-negative integer), not '{value[:40]}'.",
+            code="invalid_last_event_id",
+            details=[{"field": "Last-Event-ID", "code": "invalid_last_event_id", "message": value[:40]}],
+        )
+    return int(value)
 
 
 @router.get(
