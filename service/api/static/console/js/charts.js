@@ -32,6 +32,9 @@ export function align(series) {
   return [xs, ...ys];
 }
 
+// Steps are whole numbers: ticks at 1, 2, 5 x 10^k only.
+const STEP_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
+
 function fade(color) {
   return color + "55";
 }
@@ -75,7 +78,7 @@ export class LineChart {
         height: this.height,
         series,
         scales: { x: { time: false } },
-        axes: [{ label: this.xLabel, size: 40 }, { size: 56 }],
+        axes: [{ label: this.xLabel, size: 40, incrs: STEP_TICKS }, { size: 56 }],
         legend: { live: true },
         cursor: { drag: { x: true, y: false } },
       },

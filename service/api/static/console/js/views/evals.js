@@ -187,8 +187,8 @@ export async function renderEval(root, signal, jobId) {
         ].map(([term, value]) => h("div", null, h("dt", { text: term }), h("dd", { text: String(value) }))),
       ),
     ),
-    graderNames(result).map((grader) => graderCharts(result, grader)),
-    panel("Per candidate", summaryTable(result)),
+    ...graderNames(result).map((grader) => graderCharts(result, grader)),
+    panel("Candidates", summaryTable(result)),
   );
   const promptsBox = h("div", null, h("p", { class: "muted", text: "Loading the per-prompt table…" }));
   root.append(promptsBox);

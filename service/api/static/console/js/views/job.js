@@ -289,7 +289,7 @@ function artifactsSection(jobId, signal) {
   const box = h("div");
   const error = errorBox(null);
   const status = h("p", { class: "muted small", role: "status" });
-  let shown = "";
+  let shown = null; // the artifact ids on screen
   const load = async () => {
     try {
       const page = await getJSON("/v1/jobs/" + encodeURIComponent(jobId) + "/artifacts?limit=100", { signal });

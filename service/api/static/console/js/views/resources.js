@@ -19,7 +19,7 @@ function listView(root, signal, { title, path, columns, empty, extra }) {
       showError(error, failure);
     }
   };
-  root.append(h("div", { class: "page-head" }, h("h1", { text: title })), extra ? extra(load) : null, error, panel("All " + title.toLowerCase(), box));
+  root.append(h("div", { class: "page-head" }, h("h1", { text: title })), ...(extra ? [extra(load)] : []), error, panel("All " + title.toLowerCase(), box));
   load();
 }
 
