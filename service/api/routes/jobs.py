@@ -13,19 +13,21 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
 
-from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult
+from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult, PromptResult
 from contract.methods import Method
 from service.api.deps import (
     ContextDep,
     PageDep,
     QueueDep,
     SessionDep,
+    StoreDep,
     TenantDep,
     authenticate,
     get_context_of,
     read_owned,
 )
 from service.api.errors import error_responses
+from service.api.evaluation_prompts import prompt_results
 from service.api.job_streams import (
     SSE_HEADERS,
     SSE_KEEPALIVE_SECONDS,
@@ -308,6 +310,36 @@ def _metric_seq(value: str) -> int:
     responses=error_responses(404, 409),
 )
 def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> EvaluationResult:
+    artifact = _evaluation_artifact(session, job_id, tenant)
+    result = EvaluationResult.model_validate(artifact.meta["evaluation"])
+    return result.model_copy(update={"per_prompt_artifact": artifact.id})
+
+
+@router.get(
+    "/{job_id}/evaluation/prompts",
+    response_model=ListResponse[PromptResult],
+    operation_id="listJobEvaluationPrompts",
+    summary="An evaluation's prompts, in order: per prompt its answers from every candidate side by side, each "
+    "grader's score and the references the graders compared with (the eval artifact's per_prompt.csv as JSON)",
+    responses=error_responses(404, 409, 422),
+)
+def list_evaluation_prompts(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Prompts per page (1..1000).")] = 100,
+    after: Annotated[
+        int | None, Query(ge=0, le=2**31, description="Return prompts after this index (cursor).")
+    ] = None,
+) -> ListResponse[PromptResult]:
+    artifact = _evaluation_artifact(session, job_id, tenant)
+    rows = [row for row in prompt_results(store, artifact) if after is None or row.index > after]
+    return ListResponse(data=rows[:limit], has_more=len(rows) > limit)
+
+
+def _evaluation_artifact(session: Session, job_id: str, tenant: str) -> ArtifactRow:
+    """The job's eval artifact, or the 404 / 409 that says why there is none (yet)."""
     job = get_owned(session, JobRow, job_id, tenant, "job")
     if job.method not in (Method.evaluate, Method.rlhf):
         raise NotFoundError(
@@ -331,5 +363,4 @@ def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> Evalu
             if not JobStatus(job.status).is_terminal
             else "evaluation_unavailable",
         )
-    result = EvaluationResult.model_validate(artifact.meta["evaluation"])
-    return result.model_copy(update={"per_prompt_artifact": artifact.id})
+    return artifact
