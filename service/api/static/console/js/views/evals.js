@@ -4,6 +4,18 @@
 import { ApiError, getJSON, listAll } from "../api.js";
 import { age, clear, errorBox, h, interval, jobLink, number, panel, showError, sortableTable, statusBadge, svg } from "../ui.js";
 
+// Ticks at round values (1, 2 or 5 x 10^k apart), four to seven across [low, high].
+function niceTicks(low, high) {
+  const raw = (high - low) / 6;
+  const magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw);
+  const ticks = [];
+  for (let value = Math.ceil(low / step) * step; value <= high + step * 1e-9; value += step) {
+    ticks.push(Math.abs(value) < step * 1e-9 ? 0 : Number(value.toPrecision(12)));
+  }
+  return ticks;
+}
+
 // A dot-and-whisker ("forest") plot: one row per candidate, its estimate and interval on a shared x axis.
 export function forestPlot({ label, rows, reference, domain }) {
   const width = 640;
@@ -21,8 +33,7 @@ export function forestPlot({ label, rows, reference, domain }) {
   const axisY = top + rows.length * rowHeight + 6;
   const parts = [svg("title", { text: label })];
   parts.push(svg("line", { class: "axis", x1: left, x2: width - right, y1: axisY, y2: axisY }));
-  for (let i = 0; i <= 4; i += 1) {
-    const value = low + ((high - low) * i) / 4;
+  for (const value of niceTicks(low, high)) {
     parts.push(svg("line", { class: "axis", x1: x(value), x2: x(value), y1: axisY, y2: axisY + 5 }));
     parts.push(svg("text", { x: x(value), y: axisY + 18, "text-anchor": "middle", text: number(value, 3) }));
   }
@@ -98,15 +109,42 @@ function summaryTable(result) {
   return box;
 }
 
-// The per-prompt rows as the API gives them, each with {index, prompt, answers: {candidate: {answer, scores}}}.
+// GET .../evaluation/prompts rows -> {index, line, prompt, references, answers: {candidate: {answer, scores}}}:
+// with several samples per prompt, a candidate's answers are listed together and its scores averaged (as the
+// evaluation's statistics average them per prompt).
 function normalizeRows(data) {
-  return data.map((row, i) => {
+  return data.map((row) => {
+    const grouped = {};
+    for (const answer of row.answers) {
+      const entry = (grouped[answer.candidate] ||= { texts: [], scores: {}, counts: {}, errors: [] });
+      entry.texts.push(answer.answer);
+      entry.errors.push(...(answer.grader_errors || []));
+      for (const [grader, score] of Object.entries(answer.scores)) {
+        entry.scores[grader] = (entry.scores[grader] || 0) + score;
+        entry.counts[grader] = (entry.counts[grader] || 0) + 1;
+      }
+    }
     const answers = {};
-    const candidates = row.candidates || {};
-    const list = Array.isArray(candidates) ? candidates : Object.entries(candidates).map(([name, value]) => ({ name, ...value }));
-    for (const entry of list) answers[entry.name || entry.candidate] = entry;
-    return { index: row.prompt_index ?? row.index ?? i, line: row.line, prompt: row.prompt, answers };
+    for (const [name, entry] of Object.entries(grouped)) {
+      const scores = {};
+      for (const grader of Object.keys(entry.scores)) scores[grader] = entry.scores[grader] / entry.counts[grader];
+      answers[name] = { answer: entry.texts.join("\n---\n"), scores, errors: entry.errors };
+    }
+    return { index: row.index, line: row.line, prompt: row.prompt, references: row.references || null, answers };
   });
+}
+
+async function allPrompts(jobId, signal) {
+  const rows = [];
+  let after = null;
+  for (;;) {
+    const query = new URLSearchParams({ limit: "1000" });
+    if (after !== null) query.set("after", String(after));
+    const page = await getJSON("/v1/jobs/" + encodeURIComponent(jobId) + "/evaluation/prompts?" + query, { signal });
+    rows.push(...page.data);
+    if (!page.has_more || page.data.length === 0) return rows;
+    after = page.data[page.data.length - 1].index;
+  }
 }
 
 function promptText(prompt) {
@@ -116,11 +154,7 @@ function promptText(prompt) {
 }
 
 function answerOf(entry) {
-  if (!entry) return "";
-  if (typeof entry.answer === "string") return entry.answer;
-  if (Array.isArray(entry.answers)) return entry.answers.join("\n---\n");
-  if (Array.isArray(entry.samples)) return entry.samples.map((s) => s.answer).join("\n---\n");
-  return "";
+  return entry ? entry.answer : "";
 }
 
 function scoreOf(entry, grader) {
@@ -136,6 +170,10 @@ function promptsTable(result, rows) {
     { key: "index", label: "#", value: (r) => r.index + 1, sortValue: (r) => r.index, numeric: true },
     { key: "prompt", label: "Prompt", value: (r) => promptText(r.prompt), cellClass: "prompt" },
   ];
+  if (rows.some((r) => r.references && Object.keys(r.references).length)) {
+    const references = (r) => Object.entries(r.references || {}).map(([grader, text]) => grader + ": " + text).join("\n");
+    columns.push({ key: "references", label: "References", value: references, cellClass: "prompt" });
+  }
   for (const name of names) {
     columns.push({ key: name + ":answer", label: name + " answer", value: (r) => answerOf(r.answers[name]), cellClass: "answer" });
     for (const grader of graders) {
@@ -193,8 +231,7 @@ export async function renderEval(root, signal, jobId) {
   const promptsBox = h("div", null, h("p", { class: "muted", text: "Loading the per-prompt table…" }));
   root.append(promptsBox);
   try {
-    const page = await getJSON("/v1/jobs/" + encodeURIComponent(jobId) + "/evaluation/prompts", { signal });
-    clear(promptsBox, promptsTable(result, normalizeRows(page.data || page.prompts || [])));
+    clear(promptsBox, promptsTable(result, normalizeRows(await allPrompts(jobId, signal))));
   } catch (failure) {
     clear(promptsBox);
     showError(error, failure);

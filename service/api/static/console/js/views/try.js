@@ -93,5 +93,5 @@ export async function renderTry(root, signal) {
       send.removeAttribute("aria-busy");
     }
   });
-  root.append(panel("Prompt", form), h("div", { class: "side-by-side" }, left.element, right.element));
+  root.append(panel("Ask", form), h("div", { class: "side-by-side" }, left.element, right.element));
 }
