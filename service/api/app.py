@@ -20,13 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.methods import Method
 from service import __version__
-from service.api.console import ConsoleHeaders, ConsoleFiles, console_router
 from service.api.auth import Authenticate, DatabaseKeys, is_protected
+from service.api.console import ConsoleFiles, ConsoleHeaders, console_router
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
 from service.api.idempotency import Idempotency
-from service.api.label_page import label_router
 from service.api.input_policy import InputPolicy
+from service.api.label_page import label_router
 from service.api.openai_errors import OpenAIErrors
 from service.api.routes import (
     artifacts,

@@ -125,7 +125,9 @@ def console_router(static: ConsoleFiles) -> APIRouter:
         ctx = get_context_of(request)
         auth = bool(ctx.tenant_keys) or (ctx.api_keys is not None and await ctx.api_keys.any())
         body = {"auth_required": auth, "version": __version__, "asset_version": static.version}
-        return Response(json.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
+        return Response(
+            json.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"}
+        )
 
     @router.get(ASSET_PREFIX + "/{version}/{path:path}")
     def console_asset(version: str, path: str) -> Response:

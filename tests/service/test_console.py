@@ -28,14 +28,27 @@ from tests.conftest import API_KEYS, UvicornThread, make_settings, require_or_sk
 from tests.service.helpers import jsonl, upload_dataset, upload_model, wait_for
 from tests.service.test_label_page import CHROMIUM, CHROMIUM_ARGS, _requirements
 
+# One worker runs them all under `make test` (--dist loadgroup), so the module's server and browser are made once.
+pytestmark = pytest.mark.xdist_group("console")
+
 TERMINAL = {"succeeded", "failed", "cancelled"}
 KEY = API_KEYS["tenant-a"]
 THINGS = ("apple", "sky", "grass", "snow", "coal", "plum")
 GRADERS = [
-    {"type": "string_check", "name": "says_the", "input": "{{sample.output_text}}", "reference": "The",
-     "operation": "like"},
-    {"type": "string_check", "name": "names_it", "input": "{{sample.output_text}}",
-     "reference": "{{item.thing}}", "operation": "ilike"},
+    {
+        "type": "string_check",
+        "name": "says_the",
+        "input": "{{sample.output_text}}",
+        "reference": "The",
+        "operation": "like",
+    },
+    {
+        "type": "string_check",
+        "name": "names_it",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.thing}}",
+        "operation": "ilike",
+    },
 ]
 
 
@@ -109,14 +122,18 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sft_js
     # Three jobs at once: the two short runs and the long one the first test watches and cancels.
     settings = make_settings(tmp_path_factory.mktemp("console") / "alignd", worker_concurrency=3)
     with UvicornThread(create_app(settings)) as server:
-        with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        with httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ) as c:
             model = upload_model(c, tiny_model_dir).json()["id"]
             sft = upload_dataset(c, sft_jsonl, "sft").json()["id"]
             rows = [{"prompt": f"What colour is the {thing}?", "thing": thing} for thing in THINGS]
             prompts = upload_dataset(c, jsonl(rows), "prompts").json()["id"]
             runs = {}
             for name, rate in (("run-a", 3e-3), ("run-b", 1e-2)):
-                runs[name] = c.post("/v1/jobs", json=_sft(model, sft, name, learning_rate=rate, max_steps=6)).json()["id"]
+                runs[name] = c.post(
+                    "/v1/jobs", json=_sft(model, sft, name, learning_rate=rate, max_steps=6)
+                ).json()["id"]
         yield World(server.base_url, model, sft, prompts, runs)
 
 
@@ -139,11 +156,15 @@ class Page:
 
     def __init__(self, browser: Any, world: World, viewport: dict[str, int] | None = None) -> None:
         self.world = world
-        self.context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800}, accept_downloads=True)
+        self.context = browser.new_context(
+            viewport=viewport or {"width": 1280, "height": 800}, accept_downloads=True
+        )
         self.page = self.context.new_page()
         self.page.set_default_timeout(30_000)
         self.errors: list[str] = []
-        self.page.on("console", lambda msg: self.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+        self.page.on(
+            "console", lambda msg: self.errors.append(f"console: {msg.text}") if msg.type == "error" else None
+        )
         self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
 
     def sign_in(self, route: str = "") -> None:
@@ -194,7 +215,9 @@ def test_sign_in_watch_a_running_job_and_cancel_it(world: World, page: Page, tmp
     from playwright.sync_api import expect
 
     with world.client() as client:
-        long_run = client.post("/v1/jobs", json=_sft(world.model, world.sft, "long-run", epochs=1000)).json()["id"]
+        long_run = client.post("/v1/jobs", json=_sft(world.model, world.sft, "long-run", epochs=1000)).json()[
+            "id"
+        ]
 
     p = page.page
     p.goto(f"{world.base_url}/ui")  # the redirect to /ui/, then the sign-in form: auth is on
@@ -204,14 +227,18 @@ def test_sign_in_watch_a_running_job_and_cancel_it(world: World, page: Page, tmp
     # The list is live: the long run shows up, and its row moves to running.
     row = p.get_by_role("row").filter(has=p.get_by_role("link", name="long-run"))
     expect(row).to_be_visible()
-    expect(row.get_by_text("running")).to_be_visible(timeout=60_000)
+    expect(row.get_by_text("running")).to_be_visible(timeout=120_000)
 
+    # run-a (submitted first) is done by now: its evaluation runs while this test watches and cancels.
+    world.start_evaluation()
     p.get_by_role("link", name="long-run").click()
     expect(p.get_by_role("heading", name="long-run", level=1)).to_be_visible()
-    expect(p.locator('figure[data-chart="sft · loss"]')).to_be_visible()
-    seen = _wait_points(p, "sft · loss", 1)
+    # Generous: the training child imports torch first, which takes a minute on two cores shared by a full
+    # `make test` (load average 8-10 seen).
+    expect(p.locator('figure[data-chart="sft · loss"]')).to_be_visible(timeout=120_000)
+    seen = _wait_points(p, "sft · loss", 1, timeout=60)
     # More points arrive over the metrics stream while the page stays open.
-    _wait_points(p, "sft · loss", seen)
+    _wait_points(p, "sft · loss", seen, timeout=60)
     expect(p.get_by_role("log", name="Events log")).to_contain_text("Job started")
     # The chooser hides a series' chart; smoothing redraws without losing points.
     p.get_by_role("checkbox", name="sft · learning_rate").uncheck()
@@ -239,7 +266,7 @@ def test_compare_two_runs_and_download_an_artifact(world: World, page: Page, tmp
 
     for job in world.runs.values():
         world.finished(job)
-    world.start_evaluation()  # runs while this test drives the browser
+    world.start_evaluation()  # started by the first test, unless it ran alone
     p = page.page
     page.sign_in("#/compare")
     p.get_by_role("checkbox", name="Compare run-a").check()
@@ -303,6 +330,9 @@ def test_open_an_evaluation_and_sort_its_table(world: World, page: Page, tmp_pat
     answer_header.focus()
     p.keyboard.press("Enter")
     expect(table.get_by_role("columnheader", name="sft answer")).to_have_attribute("aria-sort", "ascending")
+    expect(answer_header).to_be_focused()  # the redrawn table gives the focus back
+    p.keyboard.press("Enter")
+    expect(table.get_by_role("columnheader", name="sft answer")).to_have_attribute("aria-sort", "descending")
     assert job["status"] == "succeeded"
     page.finish(tmp_path / "evaluation.png")
 
@@ -334,6 +364,25 @@ def test_phone_width_and_keyboard(world: World, browser: Any, tmp_path: Path) ->
         opened.context.close()
 
 
+def test_sign_out_then_another_tenant_sees_only_its_own(world: World, page: Page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    p = page.page
+    page.sign_in("#/jobs")
+    expect(p.get_by_role("link", name="run-a")).to_be_visible()
+    p.get_by_role("button", name="Sign out").click()
+    expect(p.get_by_role("heading", name="Sign in to alignd")).to_be_visible()
+    assert p.evaluate("sessionStorage.getItem('alignd.apiKey')") is None
+    p.get_by_label("API key").fill(API_KEYS["tenant-b"])
+    p.get_by_role("button", name="Sign in").click()
+    expect(p.get_by_role("table", name="Jobs")).to_be_visible()
+    expect(p.get_by_role("link", name="run-a")).to_have_count(0)
+    expect(p.get_by_text("No jobs yet")).to_be_visible()
+    p.get_by_role("navigation", name="Main").get_by_role("link", name="Models").click()
+    expect(p.get_by_text("No models yet")).to_be_visible()
+    page.finish(tmp_path / "tenant-b.png")
+
+
 CANDIDATES = [
     {"prompt": "Name a colour.", "responses": ["Red.", "A chair.", "Blue, like the sky."]},
     {"prompt": "2+2?", "responses": ["4", "It is 4."]},
@@ -347,7 +396,9 @@ def test_feedback_datasets_and_models(world: World, page: Page, tmp_path: Path) 
 
     with world.client() as client:
         candidates = upload_dataset(client, jsonl(CANDIDATES), "candidates").json()["id"]
-        fbs = client.post("/v1/feedback-sets", json={"name": "colours round", "candidates": candidates}).json()
+        fbs = client.post(
+            "/v1/feedback-sets", json={"name": "colours round", "candidates": candidates}
+        ).json()
         item = client.get(f"/v1/feedback-sets/{fbs['id']}/next", params={"annotator": "ada"}).json()
         ranking = [r["id"] for r in item["responses"]]
         label = {"item": item["id"], "annotator": "ada", "ranking": ranking}
@@ -356,15 +407,20 @@ def test_feedback_datasets_and_models(world: World, page: Page, tmp_path: Path) 
     page.sign_in("#/feedback")
     p.get_by_role("link", name="colours round").click()
     expect(p.get_by_role("heading", name="colours round")).to_be_visible()
-    expect(p.get_by_role("link", name="Open the labeling page")).to_have_attribute("href", f"/label/{fbs['id']}")
+    expect(p.get_by_role("link", name="Open the labeling page")).to_have_attribute(
+        "href", f"/label/{fbs['id']}"
+    )
     ratings = p.get_by_role("table", name="Ratings per item")
     expect(ratings.get_by_role("row")).to_have_count(3)
     p.get_by_role("button", name="Export ranking dataset").click()
-    expect(p.get_by_role("status").filter(has_text="Exported")).to_contain_text("(1 items)")
+    expect(p.get_by_role("status").filter(has_text="Exported")).to_contain_text("(1 item)")
+    p.screenshot(path=str(tmp_path / "feedback.png"), full_page=True)
 
     p.get_by_role("navigation", name="Main").get_by_role("link", name="Datasets").click()
     p.get_by_label("JSONL file").set_input_files(
-        files=[{"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": b'{"prompt": "a"}\nnot json\n'}]
+        files=[
+            {"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": b'{"prompt": "a"}\nnot json\n'}
+        ]
     )
     p.get_by_label("Kind").select_option("sft")
     p.get_by_role("button", name="Upload and validate").click()
@@ -373,6 +429,7 @@ def test_feedback_datasets_and_models(world: World, page: Page, tmp_path: Path) 
     expect(report.get_by_role("row").nth(1)).to_contain_text("1")
     expect(report.get_by_role("row").nth(2)).to_contain_text("2")
     expect(p.get_by_role("alert")).to_contain_text("invalid_dataset")
+    p.screenshot(path=str(tmp_path / "refused-upload.png"), full_page=True)
 
     p.get_by_role("navigation", name="Main").get_by_role("link", name="Models").click()
     expect(p.get_by_role("table", name="Models").get_by_role("cell", name=world.model)).to_be_visible()

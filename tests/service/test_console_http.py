@@ -9,9 +9,10 @@ import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.conftest import make_settings
 
@@ -21,9 +22,7 @@ CSP = (
 )
 
 
-def _client(data_dir: Path, **overrides: object) -> Iterator[httpx.Client]:
-    from fastapi.testclient import TestClient
-
+def _client(data_dir: Path, **overrides: object) -> Iterator[TestClient]:
     from alignd_server.embedded import create_app
 
     with TestClient(create_app(make_settings(data_dir, **overrides)), follow_redirects=False) as client:
@@ -31,11 +30,11 @@ def _client(data_dir: Path, **overrides: object) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[httpx.Client]:
+def client(tmp_path: Path) -> Iterator[TestClient]:
     yield from _client(tmp_path / "alignd")
 
 
-def _assert_secured(response: httpx.Response) -> None:
+def _assert_secured(response: Any) -> None:  # httpx or the TestClient's own Response
     assert response.headers["content-security-policy"] == CSP, response.url
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["referrer-policy"] == "no-referrer"
@@ -45,7 +44,7 @@ def _asset_urls(page: str) -> list[str]:
     return re.findall(r'(?:src|href)="(/ui/assets/[^"]+)"', page)
 
 
-def test_console_page_and_assets(client: httpx.Client) -> None:
+def test_console_page_and_assets(client: TestClient) -> None:
     redirect = client.get("/ui")
     assert redirect.status_code == 308 and redirect.headers["location"] == "/ui/"
     _assert_secured(redirect)
@@ -79,7 +78,7 @@ def test_console_page_and_assets(client: httpx.Client) -> None:
     assert client.get(f"/ui/assets/{version}/console/js/views/job.js").status_code == 200
 
 
-def test_stale_unknown_and_traversal_paths_are_404(client: httpx.Client) -> None:
+def test_stale_unknown_and_traversal_paths_are_404(client: TestClient) -> None:
     version = _asset_urls(client.get("/ui/").text)[0].split("/")[3]
     good = f"/ui/assets/{version}/console/app.css"
     assert client.get(good).status_code == 200
@@ -102,7 +101,7 @@ def test_stale_unknown_and_traversal_paths_are_404(client: httpx.Client) -> None
             _assert_secured(response)
 
 
-def test_label_page_is_the_static_file(client: httpx.Client) -> None:
+def test_label_page_is_the_static_file(client: TestClient) -> None:
     page = client.get("/label/fbs_anything")
     assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
     _assert_secured(page)
@@ -112,7 +111,7 @@ def test_label_page_is_the_static_file(client: httpx.Client) -> None:
     assert "/v1/feedback-sets/" in body and "sessionStorage" in body
 
 
-def test_config_says_whether_a_key_is_needed(client: httpx.Client, tmp_path: Path) -> None:
+def test_config_says_whether_a_key_is_needed(client: TestClient, tmp_path: Path) -> None:
     from service import __version__
 
     config = client.get("/ui/config.json")
@@ -138,7 +137,9 @@ def test_static_files_ship_as_package_data() -> None:
     ):
         assert (static / path).is_file(), path
     # Every vendored file is the one VERSIONS.md records.
-    recorded = dict(re.findall(r"^\| (\S+) \| `([0-9a-f]{64})` \|$", (static / "vendor/VERSIONS.md").read_text(), re.M))
+    recorded = dict(
+        re.findall(r"^\| (\S+) \| `([0-9a-f]{64})` \|$", (static / "vendor/VERSIONS.md").read_text(), re.M)
+    )
     assert set(recorded) == {"uplot/uPlot.esm.js", "uplot/uPlot.min.css", "uplot/LICENSE"}
     for path, sha256 in recorded.items():
         assert hashlib.sha256((static / "vendor" / path).read_bytes()).hexdigest() == sha256, path

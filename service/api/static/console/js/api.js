@@ -51,7 +51,7 @@ async function errorOf(response) {
 
 // One request; throws ApiError for a non-2xx answer. `cache: "no-store"`: nothing one key read is kept for
 // the next, so another tenant signing in on this browser never sees it.
-export async function request(path, { method = "GET", json, form, signal, accept } = {}) {
+export async function request(path, { method = "GET", json, form, signal, accept, redirect = "follow" } = {}) {
   const sent = headers(accept ? { Accept: accept } : undefined);
   let body;
   if (json !== undefined) {
@@ -60,7 +60,8 @@ export async function request(path, { method = "GET", json, form, signal, accept
   } else if (form) {
     body = form;
   }
-  const response = await fetch(path, { method, headers: sent, body, signal, cache: "no-store" });
+  const response = await fetch(path, { method, headers: sent, body, signal, cache: "no-store", redirect });
+  if (response.type === "opaqueredirect") return response; // the caller asked to see redirects
   if (!response.ok) throw await errorOf(response);
   return response;
 }

@@ -14,7 +14,12 @@ export async function downloadArtifact(artifact, button, errorElement, statusEle
   showError(errorElement, null);
   statusElement.textContent = "Downloading " + artifact.id + "…";
   try {
-    const response = await request("/v1/artifacts/" + encodeURIComponent(artifact.id) + "/content");
+    const response = await request("/v1/artifacts/" + encodeURIComponent(artifact.id) + "/content", { redirect: "manual" });
+    if (response.type === "opaqueredirect") {
+      // ALIGND_S3_PRESIGN: the server answers with a presigned URL on the object store, another origin,
+      // which the console's Content-Security-Policy (connect-src 'self') does not let it fetch.
+      throw new Error("This server hands out downloads as presigned storage URLs (ALIGND_S3_PRESIGN), which the console may not fetch: download " + artifact.id + " with the SDK or curl.");
+    }
     const blob = await response.blob();
     // crypto.subtle exists in secure contexts only (https, or http on localhost / 127.0.0.1).
     let check = "sha256 not checked (the browser offers hashing on https or localhost only)";

@@ -132,6 +132,30 @@ export function jobLink(job) {
   return h("a", { href: "#/jobs/" + encodeURIComponent(job.id), text: job.name || job.id });
 }
 
+// Runs `redraw` (which replaces elements) and gives the focus back to the element that had it: the one with
+// the same tag and text in the row or header with the same data-key, in the table with the same data-table.
+// Live updates and sorting then never pull the keyboard focus out from under the user.
+export function keepFocus(redraw) {
+  const active = document.activeElement;
+  const keyed = active?.closest?.("[data-key]");
+  const table = active?.closest?.("[data-table]");
+  const key = keyed?.dataset.key;
+  const tableName = table?.dataset.table;
+  const tag = active?.tagName;
+  const text = active?.textContent;
+  redraw();
+  if (!key || active.isConnected) return;
+  const scopes = tableName ? [...document.querySelectorAll("[data-table]")].filter((t) => t.dataset.table === tableName) : [document];
+  for (const scope of scopes) {
+    const row = [...scope.querySelectorAll("[data-key]")].find((element) => element.dataset.key === key);
+    const target = row && [...row.querySelectorAll(tag)].find((element) => element.textContent === text);
+    if (target) {
+      target.focus();
+      return;
+    }
+  }
+}
+
 // A table whose columns sort when their header buttons are clicked; `sort` is {key, dir} and `onSort` is
 // told the new one (the view keeps it, so a live update does not lose it).
 export function sortableTable({ label, columns, rows, sort, onSort, rowKey, empty }) {
@@ -140,7 +164,7 @@ export function sortableTable({ label, columns, rows, sort, onSort, rowKey, empt
     null,
     columns.map((column) => {
       const active = sort && sort.key === column.key;
-      const th = h("th", { scope: "col", class: column.numeric ? "num" : "" });
+      const th = h("th", { scope: "col", class: column.numeric ? "num" : "", "data-key": "sort:" + column.key });
       if (column.sortable === false) {
         th.textContent = column.label;
         return th;
@@ -153,7 +177,7 @@ export function sortableTable({ label, columns, rows, sort, onSort, rowKey, empt
           text: column.label,
           onclick: () => {
             const dir = active && sort.dir === "asc" ? "desc" : "asc";
-            onSort({ key: column.key, dir });
+            keepFocus(() => onSort({ key: column.key, dir }));
           },
         }),
       );
@@ -181,7 +205,7 @@ export function sortableTable({ label, columns, rows, sort, onSort, rowKey, empt
   );
   const table = h(
     "table",
-    null,
+    { "data-table": label },
     label ? h("caption", { text: label }) : null,
     h("thead", null, head),
     body,

@@ -96,7 +96,7 @@ function exportForm(set) {
       const body = { name: name.value.trim() || undefined, min_labels: Number(minLabels.value) || 1 };
       if (minAgreement.value !== "") body.min_agreement = Number(minAgreement.value);
       const dataset = await postJSON("/v1/feedback-sets/" + encodeURIComponent(set.id) + "/export", body);
-      clear(done, "Exported ", h("code", { text: dataset.id }), " (" + dataset.num_records + " items). ", h("a", { href: "#/datasets", text: "See datasets" }));
+      clear(done, "Exported ", h("code", { text: dataset.id }), " (" + dataset.num_records + (dataset.num_records === 1 ? " item). " : " items). "), h("a", { href: "#/datasets", text: "See datasets" }));
     });
   });
   return form;

@@ -349,6 +349,7 @@ export async function renderJob(root, signal, jobId) {
   const artifacts = artifactsSection(jobId, signal);
   const charts = new MetricCharts(signal);
 
+  let drawnStatus = null;
   const update = (next) => {
     const changed = next.status !== job.status || next.stage !== job.stage;
     job = next;
@@ -356,13 +357,17 @@ export async function renderJob(root, signal, jobId) {
     clear(headFacts, facts(job));
     clear(timelineBox, timeline(job, events));
     clear(monitorsBox, monitorsTable(job));
+    if (changed) artifacts.load();
+    // The buttons depend on the status only: redrawn when it changes, not on every poll, so that neither
+    // the keyboard focus nor an open confirm dialog is thrown away.
+    if (job.status === drawnStatus) return;
+    drawnStatus = job.status;
     const links = [];
     if ((job.method === "evaluate" || job.method === "rlhf") && job.status === "succeeded") {
       links.push(h("a", { class: "button", href: "#/evals/" + encodeURIComponent(job.id), text: "Evaluation results" }));
     }
     links.push(h("a", { class: "button", href: "#/compare?jobs=" + encodeURIComponent(job.id), text: "Compare with…" }));
     clear(actions, links, TERMINAL.has(job.status) ? null : cancelControl(job, update));
-    if (changed) artifacts.load();
   };
 
   root.append(

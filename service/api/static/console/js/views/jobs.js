@@ -1,6 +1,6 @@
 // #/jobs: the job list, live over GET /v1/jobs as server-sent events (the page, then every change).
 import { follow } from "../api.js";
-import { age, clear, errorBox, field, h, jobLink, progressBar, routeParams, showError, sortableTable, statusBadge } from "../ui.js";
+import { age, clear, errorBox, field, h, jobLink, keepFocus, progressBar, routeParams, showError, sortableTable, statusBadge } from "../ui.js";
 
 export const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
 export const METHODS = ["sft", "reward_model", "dpo", "ppo", "grpo", "rloo", "rlhf", "generate", "evaluate", "chat"];
@@ -34,7 +34,7 @@ export function renderJobs(root, signal) {
   const live = h("span", { class: "muted small", role: "status", text: "connecting…" });
   const tableBox = h("div");
 
-  const draw = () => {
+  const draw = () => keepFocus(() => {
     const rows = [...jobs.values()].filter((job) => !method || job.method === method);
     clear(
       tableBox,
@@ -59,7 +59,7 @@ export function renderJobs(root, signal) {
         ],
       }),
     );
-  };
+  });
 
   root.append(
     h("div", { class: "page-head" }, h("h1", { text: "Jobs" }), live),
