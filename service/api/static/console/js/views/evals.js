@@ -202,6 +202,15 @@ export async function renderEval(root, signal, jobId) {
       root.append(h("div", { class: "panel" }, h("h1", { text: "Evaluation of " + (job.name || job.id) }), h("p", null, "The job is ", statusBadge(job.status), "; its evaluation exists once it has succeeded. ", jobLink(job))));
       return;
     }
+    if (job.method === "rlhf") {
+      // An rlhf job evaluates itself only with final_evaluation and an eval block: look for its eval
+      // artifact first rather than ask for an evaluation that is a 404.
+      const artifacts = await getJSON("/v1/jobs/" + encodeURIComponent(jobId) + "/artifacts?limit=100", { signal });
+      if (!artifacts.data.some((a) => a.kind === "eval")) {
+        root.append(h("div", { class: "panel" }, h("h1", { text: "Evaluation of " + (job.name || job.id) }), h("p", null, "This rlhf job ran no final evaluation (its events say why). ", jobLink(job))));
+        return;
+      }
+    }
     result = await getJSON("/v1/jobs/" + encodeURIComponent(jobId) + "/evaluation", { signal });
   } catch (failure) {
     showError(error, failure);
