@@ -325,6 +325,31 @@ def _aligned(rows: list[list[str]]) -> str:
     )
 
 
+class PromptAnswer(AlignObject):
+    """One candidate's answer to one prompt (one of ``num_samples``) with every grader's score."""
+
+    candidate: str
+    sample: int = 0
+    answer: str
+    finish_reason: str | None = None
+    tokens: int | None = None
+    log_ratio_to_base: float | None = None
+    scores: dict[str, float] = Field(default_factory=dict)
+    grader_errors: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class EvaluationPrompt(AlignObject):
+    """``GET /v1/jobs/{id}/evaluation/prompts``: one prompt, its candidates' answers side by side."""
+
+    object: str = "evaluation.prompt"
+    index: int
+    line: int | None = None
+    prompt: str | list[dict[str, Any]]
+    references: dict[str, str] | None = None
+    """What each reference-taking grader compared the answers with on this prompt's item."""
+    answers: list[PromptAnswer] = Field(default_factory=list)
+
+
 class Evaluation(AlignObject):
     """``GET /v1/jobs/{id}/evaluation``: an evaluate job's result. :meth:`table` formats it for people."""
 

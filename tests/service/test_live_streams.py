@@ -190,6 +190,8 @@ def test_job_list_stream_sends_the_page_then_every_change(server: Server) -> Non
             for reader in (everything, only_running, newest, of_b):
                 reader.close()
         assert_error(client.get("/v1/jobs", params={"limit": 0}, headers=SSE), 422, "invalid_request")
+        assert_error(client.get("/v1/jobs", params={"after": "job_nope"}, headers=SSE), 422, "invalid_cursor")
+        assert_error(other.get("/v1/jobs", params={"after": done}, headers=SSE), 422, "invalid_cursor")
         assert_error(client.get("/v1/jobs", params={"status": "nope"}, headers=SSE), 422, "invalid_request")
 
 

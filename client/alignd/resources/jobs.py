@@ -184,14 +184,18 @@ class Jobs(SyncResource):
         self,
         job_id: str,
         *,
+        after: int | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> MetricList:
-        """Every metric row so far; ``.as_dict()`` -> ``{name: {"step": [...], "value": [...]}}``."""
+        """Every metric row so far (``after``: only those whose ``seq`` is greater, to poll for new ones);
+        ``.as_dict()`` -> ``{name: {"step": [...], "value": [...]}}``."""
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        response = self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics", extras=extras)
+        response = self._client._get(
+            f"/v1/jobs/{path_id(job_id)}/metrics", params={"after": after}, extras=extras
+        )
         return _metrics_from(self._client._parse_list, response)
 
     def metrics_csv(
@@ -434,13 +438,16 @@ class AsyncJobs(AsyncResource):
         self,
         job_id: str,
         *,
+        after: int | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> MetricList:
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics", extras=extras)
+        response = await self._client._get(
+            f"/v1/jobs/{path_id(job_id)}/metrics", params={"after": after}, extras=extras
+        )
         return _metrics_from(self._client._parse_list, response)
 
     async def metrics_csv(

@@ -33,6 +33,7 @@ from service.api.job_streams import (
     SSE_KEEPALIVE_SECONDS,
     SSE_POLL_SECONDS,
     JobFilter,
+    first_page,
     metric_points,
     metrics_after,
     stream_jobs,
@@ -111,8 +112,9 @@ def list_jobs(
     ] = None,
 ) -> ListResponse[JobPublic] | StreamingResponse:
     if _wants_stream(request):
+        where = JobFilter(tenant=tenant, status=status, round=round)
         return StreamingResponse(
-            stream_jobs(ctx, JobFilter(tenant=tenant, status=status, round=round), page, request),
+            stream_jobs(ctx, where, first_page(session, where, page), request),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
