@@ -214,17 +214,16 @@ def _wait_points(page: Any, chart: str, more_than: int, timeout: float = 30) -> 
 def test_sign_in_watch_a_running_job_and_cancel_it(world: World, page: Page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    with world.client() as client:
-        long_run = client.post("/v1/jobs", json=_sft(world.model, world.sft, "long-run", epochs=1000)).json()[
-            "id"
-        ]
-
     p = page.page
     p.goto(f"{world.base_url}/ui")  # the redirect to /ui/, then the sign-in form: auth is on
     expect(p.get_by_role("heading", name="Sign in to alignd")).to_be_visible()
     page.sign_in()
     assert p.evaluate("sessionStorage.getItem('alignd.apiKey')") == KEY
-    # The list is live: the long run shows up, and its row moves to running.
+    expect(p.get_by_role("link", name="run-a")).to_be_visible()
+    # The list is live: a job submitted now shows up without a reload, and its row moves to running.
+    with world.client() as client:
+        body = _sft(world.model, world.sft, "long-run", epochs=1000)
+        long_run = client.post("/v1/jobs", json=body).json()["id"]
     row = p.get_by_role("row").filter(has=p.get_by_role("link", name="long-run"))
     expect(row).to_be_visible()
     expect(row.get_by_text("running")).to_be_visible(timeout=120_000)
