@@ -382,6 +382,25 @@ def test_sign_out_then_another_tenant_sees_only_its_own(world: World, page: Page
     page.finish(tmp_path / "tenant-b.png")
 
 
+def test_no_key_asked_without_keys(browser: Any, tmp_path: Path) -> None:
+    """Embedded single-tenant mode (no ALIGND_API_KEYS, no key in the database): the console opens on the
+    job list without asking for a key, and offers no sign-out."""
+    from playwright.sync_api import expect
+
+    from alignd_server.embedded import create_app
+
+    settings = make_settings(tmp_path / "alignd", api_keys=None)
+    with UvicornThread(create_app(settings)) as server:
+        opened = Page(browser, World(server.base_url, "", "", "", {}))
+        p = opened.page
+        p.goto(f"{server.base_url}/ui/")
+        expect(p.get_by_role("heading", name="Jobs", level=1)).to_be_visible()
+        expect(p.get_by_text("No jobs yet")).to_be_visible()
+        expect(p.get_by_role("button", name="Sign out")).to_be_hidden()
+        expect(p.get_by_role("heading", name="Sign in to alignd")).to_have_count(0)
+        opened.finish(tmp_path / "no-key.png")
+
+
 CANDIDATES = [
     {"prompt": "Name a colour.", "responses": ["Red.", "A chair.", "Blue, like the sky."]},
     {"prompt": "2+2?", "responses": ["4", "It is 4."]},
