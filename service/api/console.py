@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import PurePosixPath
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
@@ -70,9 +71,9 @@ class ConsoleFiles:
         # Only files of a known type are assets: the HTML pages are served at their own URLs, and the
         # licence texts and VERSIONS.md stay in the package, not on the wire.
         self.assets = {
-            path: Asset(body, CONTENT_TYPES[suffix])
+            path: Asset(body, CONTENT_TYPES[PurePosixPath(path).suffix])
             for path, body in files.items()
-            if (suffix := "." + path.rsplit(".", 1)[-1] if "." in path else "") in CONTENT_TYPES
+            if PurePosixPath(path).suffix in CONTENT_TYPES
         }
         self.console_page = self._page(files, "console/index.html")
         self.label_page = self._page(files, "label/index.html")
