@@ -43,6 +43,7 @@ def require_or_skip(reason: str) -> NoReturn:
 # checks run in `make test-slow` instead (marked slow here, in one place, with why); each leaves a shorter test
 # of the same path in `make test`. Durations: serial, on the quiet 2-core VM.
 SLOW_IN_MAKE_TEST: dict[str, str] = {
+    "tests/unit/test_gpu_check.py::test_cpu_smoke_runs_every_part": "35 s; the GPU check's plumbing on CPU",
     "tests/service/test_live_streams.py::test_streams_follow_a_real_job": (
         "22 s; the row-written stream tests on SQLite and PostgreSQL stay"
     ),

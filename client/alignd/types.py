@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 Timestamp = int | float
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "paused"]
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -117,6 +117,8 @@ class Job(AlignObject):
     """Why the job ended as it did when the status alone does not say (``stopped_by_monitor``)."""
     monitors: list[MonitorAlert] = Field(default_factory=list)
     """The reward-hacking monitors that fired during PPO."""
+    pause_requested: bool = False
+    """A pause was asked for; the job is still running until its next step (then ``paused``)."""
     created_at: Timestamp | None = None
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None

@@ -63,7 +63,7 @@ def _snapshot(row: JobRow) -> tuple[Any, ...]:
     """The fields whose change the stream reports (started_at and finished_at move with the status)."""
     monitors = json.dumps(row.monitors or [], sort_keys=True, default=str)
     return (row.status, row.stage, row.progress, row.round, row.status_reason, row.error_code,
-            row.error_message, monitors)  # fmt: skip
+            row.error_message, monitors, row.pause_requested)  # fmt: skip
 
 
 @dataclass

@@ -6,6 +6,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from contract.protocol import ProgressWriter, TrainingSpec
@@ -21,9 +22,11 @@ class CancelToken:
     The parent decides that the job is cancelled; the child only stops and exits 143 (128 + SIGTERM).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pause_flag: Path | None = None) -> None:
         self._requested = False
         self._deferred = 0
+        # The runner leaves this file before the SIGTERM of a pause (contract.protocol.PAUSE_FLAG_FILE).
+        self._pause_flag = pause_flag
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -40,6 +43,11 @@ class CancelToken:
     @property
     def requested(self) -> bool:
         return self._requested
+
+    @property
+    def pausing(self) -> bool:
+        """A stop was asked for by a pause: the loop saves a checkpoint of the finished step before stopping."""
+        return self._requested and self._pause_flag is not None and self._pause_flag.exists()
 
     def check(self) -> None:
         if self._requested:

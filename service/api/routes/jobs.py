@@ -1,4 +1,4 @@
-"""Jobs: submit, list, inspect, cancel; events (JSON or live SSE) and metrics (JSON or CSV)."""
+"""Jobs: submit, list, inspect, cancel, pause and resume; events (JSON or live SSE) and metrics (JSON or CSV)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,14 @@ from service.api.schemas import (
 from service.api.uploads import require_content_type
 from service.core.errors import ConflictError, NotFoundError, ValidationFailed
 from service.core.jobs import JobStatus
-from service.db.jobs import request_cancel
+from service.db.jobs import request_cancel, request_pause, resume
 from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, JobEventRow, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# The largest seq the tables hold (an Integer column: int4 on PostgreSQL); a larger cursor is a 422, not a
+# DataError from the database.
+MAX_SEQ = 2**31 - 1
 
 
 @router.post(
@@ -157,6 +160,50 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
     if JobStatus(job.status).is_terminal:
         raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
     request_cancel(session, job)
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobPublic,
+    operation_id="pauseJob",
+    summary="Pause a job (a queued one at once; a running one at its next step, after saving a checkpoint)",
+    description="A running job keeps `status: running` with `pause_requested: true` until its training process "
+    "has saved a checkpoint and stopped (seconds: one optimizer step), then becomes `paused`. A paused job holds "
+    "no worker and keeps its checkpoints; `resume` queues it to continue from the newest. Pausing a paused job, "
+    "or one whose pause is pending, changes nothing. Training before the first step (loading the model) is not "
+    "kept: the job resumes from its newest checkpoint, or from the start.",
+    responses=error_responses(404, 409),
+)
+def pause_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    if JobStatus(job.status).is_terminal:
+        raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
+    if job.cancel_requested:
+        raise ConflictError(f"Job {job_id} is being cancelled.", code="job_cancelling")
+    request_pause(session, job)
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    operation_id="resumeJob",
+    summary="Resume a paused job (queued again, it continues from its newest checkpoint)",
+    description="Also withdraws a pause that has not taken effect yet (the job keeps running). A job that is "
+    "neither paused nor pausing answers 409 `job_not_paused`.",
+    responses=error_responses(404, 409),
+)
+def resume_job(job_id: str, session: SessionDep, queue: QueueDep, tenant: TenantDep) -> JobPublic:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    pausing = job.status == JobStatus.running and job.pause_requested
+    if job.status != JobStatus.paused and not pausing:
+        raise ConflictError(
+            f"Job {job_id} is '{job.status}', not paused; only a paused job (or one pausing) can be resumed.",
+            code="job_not_paused",
+        )
+    if resume(session, job):
+        enqueue(queue, job)
     return JobPublic.of(job)
 
 
@@ -268,7 +315,7 @@ def list_metrics(
     name: Annotated[str | None, Query(description="Only this metric.")] = None,
     after: Annotated[
         int | None,
-        Query(ge=0, le=2**63 - 1, description="Only points whose seq is greater (a point's seq, to resume)."),
+        Query(ge=0, le=MAX_SEQ, description="Only points whose seq is greater (a point's seq, to resume)."),
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> ListResponse[MetricPublic] | Response:
@@ -293,7 +340,7 @@ def list_metrics(
 
 def _metric_seq(value: str) -> int:
     """A metrics stream's Last-Event-ID: the seq of the last point the client received."""
-    if not value.isascii() or not value.isdigit() or len(value) > 18:
+    if not value.isascii() or not value.isdigit() or len(value) > 10 or int(value) > MAX_SEQ:
         raise ValidationFailed(
             f"Last-Event-ID must be a metric point's seq (a non-negative integer), not '{value[:40]}'.",
             code="invalid_last_event_id",
