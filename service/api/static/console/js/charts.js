@@ -112,7 +112,10 @@ export class LineChart {
   setData(data) {
     this.data = data;
     const points = data.slice(1).reduce((n, y) => n + y.filter((v) => v !== null).length, 0);
-    this.count.textContent = points + (points === 1 ? " point" : " points");
+    // The newest value in words too: what a screen reader (or a glance) wants from a live chart.
+    const last = data.length === 2 ? data[1].findLast((v) => v !== null && v !== undefined) : undefined;
+    this.count.textContent =
+      points + (points === 1 ? " point" : " points") + (last !== undefined ? ", last " + Number(last.toPrecision(4)) : "");
     this.figure.dataset.points = String(points);
     this.plot.setData(this.plotData());
   }

@@ -133,7 +133,8 @@ function specSection(job) {
 function cancelControl(job, onCancelled) {
   const error = errorBox(null);
   const confirmButton = h("button", { type: "button", class: "danger", text: "Yes, cancel the job" });
-  const keep = h("button", { type: "button", text: "Keep it running" });
+  // The safe choice has the focus when the dialog opens: Enter or Escape right away cancels nothing.
+  const keep = h("button", { type: "button", text: "Keep it running", autofocus: true });
   const dialog = h(
     "dialog",
     { "aria-labelledby": "cancel-title" },
