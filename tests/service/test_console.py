@@ -539,9 +539,15 @@ def test_feedback_datasets_and_models(world: World, page: Page, tmp_path: Path) 
 def test_try_it_asks_two_models(world: World, page: Page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
+    run_a = world.finished(world.runs["run-a"])["id"]
+    with world.client() as client:
+        artifacts = client.get(f"/v1/jobs/{run_a}/artifacts").json()["data"]
+    adapter = next(a["id"] for a in artifacts if a["kind"] == "adapter")
     p = page.page
     page.sign_in("#/try")
     expect(p.get_by_label("Base model")).to_have_value(world.model)
+    # A /v1 job's adapter faces the base: POST /openai/v1/chat/completions takes its art_ id as the model.
+    p.get_by_label("Aligned model").select_option(label=f"run-a · {adapter}")
     p.get_by_role("textbox", name="Prompt", exact=True).fill("What colour is the sky?")
     p.get_by_label("Max tokens").fill("6")
     p.get_by_role("button", name="Ask both").click()
@@ -550,4 +556,12 @@ def test_try_it_asks_two_models(world: World, page: Page, tmp_path: Path) -> Non
         region = p.get_by_role("region", name=side)
         expect(region.get_by_role("status")).to_contain_text("tokens, finish:", timeout=90_000)
     expect(p.get_by_role("button", name="Ask both")).to_be_enabled()
+    with world.client() as client:
+        chats = [
+            j for j in client.get("/v1/jobs", params={"limit": 100}).json()["data"] if j["method"] == "chat"
+        ]
+    assert {(j["init_adapter"], j["status"]) for j in chats[:2]} == {
+        (None, "succeeded"),
+        (adapter, "succeeded"),
+    }
     page.finish(tmp_path / "try-it.png")
