@@ -298,8 +298,12 @@ def test_pause_resume_and_cancel_a_running_job(world: World, page: Page, tmp_pat
         stored = len(client.get(f"/v1/jobs/{job_id}/metrics", params={"name": "loss"}).json()["data"])
     # Paused, the chart holds every point the job wrote, and gains none.
     expect(p.locator('figure[data-chart="sft · loss"]')).to_have_attribute("data-points", str(stored))
-    time.sleep(1.5)
+    ran_for = state.locator("dl > div").filter(has=p.locator("dt", has_text="Ran for")).locator("dd")
+    ran = ran_for.inner_text()
+    # A poll (every 1.5 s) redraws the facts at least 1 s after the ones read: a running clock would move.
+    time.sleep(2.5)
     assert _points(p, "sft · loss") == stored
+    assert ran_for.inner_text() == ran  # its clock stopped at the pause
     p.screenshot(path=str(tmp_path / "paused.png"), full_page=True)
     # The job list's status filter knows paused: the long run alone (run-a and run-b have succeeded).
     p.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()

@@ -30,7 +30,26 @@ export function seriesKey(point) {
   return point.stage ? point.stage + " · " + point.name : point.name;
 }
 
-function facts(job) {
+// From its (first) start until it ended, or now, less the time it spent paused: from each pause to its
+// resume, or to now while it is paused.
+function ranFor(job, events) {
+  if (!job.started_at) return "-";
+  const end = job.finished_at || Date.now() / 1000;
+  let paused = 0;
+  let since = null;
+  for (const event of events) {
+    const marker = pauseMarker(event);
+    if (marker === "paused" && since === null) since = Math.max(event.created_at, job.started_at);
+    else if (marker === "resumed" && since !== null) {
+      paused += Math.max(0, event.created_at - since); // a queued job's pause, before it started: none
+      since = null;
+    }
+  }
+  if (since !== null) paused += Math.max(0, end - since);
+  return duration(Math.max(0, end - job.started_at - paused));
+}
+
+function facts(job, events) {
   const items = [
     ["Status", jobStatusBadge(job)],
     ["Method", job.method],
@@ -40,7 +59,7 @@ function facts(job) {
     ["Created", when(job.created_at)],
     ["Started", when(job.started_at)],
     ["Finished", when(job.finished_at)],
-    ["Ran for", job.started_at ? duration((job.finished_at || Date.now() / 1000) - job.started_at) : "-"],
+    ["Ran for", ranFor(job, events)],
     ["Seed", job.seed],
   ];
   if (job.status_reason) items.push(["Why", job.status_reason]);
@@ -406,7 +425,7 @@ export async function renderJob(root, signal, jobId) {
     const changed = next.status !== job.status || next.stage !== job.stage;
     job = next;
     title.textContent = job.name || job.id;
-    clear(headFacts, facts(job));
+    clear(headFacts, facts(job, events));
     clear(timelineBox, timeline(job, events));
     clear(monitorsBox, monitorsTable(job));
     if (changed) artifacts.load();
@@ -439,6 +458,7 @@ export async function renderJob(root, signal, jobId) {
     charts.element,
     eventsLog(signal, jobId, (all) => {
       events = all;
+      clear(headFacts, facts(job, events)); // "Ran for" leaves out the pauses the events tell of
       clear(timelineBox, timeline(job, events));
     }),
     panel("Monitors", monitorsBox),
