@@ -221,6 +221,38 @@ function pauseControl(job, onChanged, error) {
   return [button, say ? h("span", { class: "muted small", role: "status", text: say }) : null];
 }
 
+// The page head's links and buttons, in three boxes redrawn apart and only when what they offer changes, not
+// on every poll: neither the keyboard focus nor an open cancel dialog is thrown away, and a redrawn pause
+// button takes the focus back (`refocus`: it was just used, and a disabled button may have lost the focus).
+function jobActions() {
+  const linksBox = h("div", { class: "row" });
+  const pauseBox = h("div", { class: "row" });
+  const cancelBox = h("div");
+  const error = errorBox(null);
+  let drawnStatus = null;
+  let drawnPause = null;
+  const draw = (job, update, refocus) => {
+    const pauseState = TERMINAL.has(job.status) ? "none" : job.status + ":" + Boolean(job.pause_requested);
+    if (pauseState !== drawnPause) {
+      drawnPause = pauseState;
+      const focused = refocus || pauseBox.contains(document.activeElement);
+      clear(pauseBox, pauseState === "none" ? null : pauseControl(job, update, error));
+      if (focused) pauseBox.querySelector("button")?.focus();
+    }
+    if (job.status === drawnStatus) return;
+    drawnStatus = job.status;
+    const links = [];
+    if ((job.method === "evaluate" || job.method === "rlhf") && job.status === "succeeded") {
+      links.push(h("a", { class: "button", href: "#/evals/" + encodeURIComponent(job.id), text: "Evaluation results" }));
+    }
+    links.push(h("a", { class: "button", href: "#/compare?jobs=" + encodeURIComponent(job.id), text: "Compare with…" }));
+    clear(linksBox, links);
+    if (TERMINAL.has(job.status)) clear(cancelBox);
+    else if (!cancelBox.firstChild) clear(cancelBox, cancelControl(job, update));
+  };
+  return { element: h("div", { class: "row" }, linksBox, pauseBox, cancelBox), error, draw };
+}
+
 class MetricCharts {
   constructor(signal) {
     this.points = new Map(); // series key -> {x: [], y: []}
@@ -405,22 +437,13 @@ export async function renderJob(root, signal, jobId) {
   }
   let events = [];
   const headFacts = h("div");
-  const actions = h("div", { class: "row" });
   const title = h("h1");
   const timelineBox = h("div");
   const monitorsBox = h("div");
   const artifacts = artifactsSection(jobId, signal);
   const charts = new MetricCharts(signal);
 
-  // Three boxes, redrawn apart: an open cancel dialog survives a pause's redraw of the pause button.
-  const linksBox = h("div", { class: "row" });
-  const pauseBox = h("div", { class: "row" });
-  const cancelBox = h("div");
-  const actionError = errorBox(null);
-  actions.append(linksBox, pauseBox, cancelBox);
-  let drawnStatus = null;
-  let drawnPause = null;
-  // `refocus`: the pause button was just used (a disabled button may have lost the focus while it waited).
+  const actions = jobActions();
   const update = (next, refocus = false) => {
     const changed = next.status !== job.status || next.stage !== job.stage;
     job = next;
@@ -429,30 +452,12 @@ export async function renderJob(root, signal, jobId) {
     clear(timelineBox, timeline(job, events));
     clear(monitorsBox, monitorsTable(job));
     if (changed) artifacts.load();
-    // The buttons are redrawn when what they offer changes, not on every poll, so that neither the keyboard
-    // focus nor an open confirm dialog is thrown away; a redrawn pause button takes the focus back.
-    const pauseState = TERMINAL.has(job.status) ? "none" : job.status + ":" + Boolean(job.pause_requested);
-    if (pauseState !== drawnPause) {
-      drawnPause = pauseState;
-      const focused = refocus || pauseBox.contains(document.activeElement);
-      clear(pauseBox, pauseState === "none" ? null : pauseControl(job, update, actionError));
-      if (focused) pauseBox.querySelector("button")?.focus();
-    }
-    if (job.status === drawnStatus) return;
-    drawnStatus = job.status;
-    const links = [];
-    if ((job.method === "evaluate" || job.method === "rlhf") && job.status === "succeeded") {
-      links.push(h("a", { class: "button", href: "#/evals/" + encodeURIComponent(job.id), text: "Evaluation results" }));
-    }
-    links.push(h("a", { class: "button", href: "#/compare?jobs=" + encodeURIComponent(job.id), text: "Compare with…" }));
-    clear(linksBox, links);
-    if (TERMINAL.has(job.status)) clear(cancelBox);
-    else if (!cancelBox.firstChild) clear(cancelBox, cancelControl(job, update));
+    actions.draw(job, update, refocus);
   };
 
   root.append(
-    h("div", { class: "page-head" }, h("div", null, title, h("div", { class: "muted mono small", text: job.id })), actions),
-    actionError,
+    h("div", { class: "page-head" }, h("div", null, title, h("div", { class: "muted mono small", text: job.id })), actions.element),
+    actions.error,
     h("section", { class: "panel", "aria-label": "Job state" }, headFacts),
     panel("Stages", timelineBox),
     charts.element,
