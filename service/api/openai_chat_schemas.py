@@ -90,7 +90,8 @@ class OpenAIChatCompletionCreate(InputModel):
     model: str = Field(
         min_length=1,
         max_length=512,
-        description="A base model's id (model_...) or name, or a fine-tuned model's ft:... name.",
+        description="A base model's id (model_...) or name, a fine-tuned model's ft:... name, or (an alignd "
+        "extension) the id of one of the tenant's adapter artifacts (art_...), sampled on its base model.",
     )
     messages: list[OpenAIChatMessage] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(

@@ -199,6 +199,33 @@ def model_named(session: Session, tenant: str, model: str) -> NamedModel | None:
     return NamedModel(row.id, row.name, None) if row is not None else None
 
 
+def chat_model_named(session: Session, tenant: str, model: str) -> NamedModel | None:
+    """What a chat completion's ``model`` names: besides model_named's, an alignd extension, the id of one of
+    the tenant's adapter artifacts (``art_...``, of any /v1 job), sampled on the base it was trained on. An
+    artifact of another kind is a 400 (it names no model); another tenant's is None, as an unknown name."""
+    if model.startswith("art_"):
+        artifact = find_owned(session, ArtifactRow, model, tenant)
+        if artifact is not None:
+            if artifact.kind != "adapter":
+                message = f"artifact '{model}' is a '{artifact.kind}', not an adapter"
+                raise ValidationFailed(
+                    f"model: {message}.",
+                    code="wrong_artifact_kind",
+                    details=[{"field": "model", "code": "wrong_artifact_kind", "message": message}],
+                )
+            return NamedModel(_adapter_base(session, artifact), model, artifact.id)
+    return model_named(session, tenant, model)
+
+
+def _adapter_base(session: Session, artifact: ArtifactRow) -> str:
+    """The base model an adapter was trained on: its metadata says (workers/training/loop.py), else its job."""
+    base = (artifact.meta or {}).get("base_model")
+    if isinstance(base, str) and base:
+        return base
+    job = find_owned(session, JobRow, artifact.job_id, artifact.tenant)
+    return job.base_model if job is not None else ""
+
+
 def fine_tuned(session: Session, tenant: str, name: str) -> OpenAIJobRow | None:
     return session.exec(
         select(OpenAIJobRow).where(OpenAIJobRow.tenant == tenant, OpenAIJobRow.fine_tuned_model == name)

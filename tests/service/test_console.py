@@ -75,6 +75,7 @@ class World:
     prompts: str
     runs: dict[str, str]
     evaluation: list[str] = field(default_factory=list)
+    long: list[str] = field(default_factory=list)
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
@@ -84,6 +85,14 @@ class World:
             done = wait_for(client, job, TERMINAL, timeout=timeout)
             assert done["status"] == "succeeded", client.get(f"/v1/jobs/{job}/events").json()
             return done
+
+    def long_run(self) -> str:
+        """A job that runs until cancelled (1000 epochs): watched, then paused, resumed and cancelled."""
+        if not self.long:
+            with self.client() as client:
+                body = _sft(self.model, self.sft, "long-run", epochs=1000)
+                self.long.append(client.post("/v1/jobs", json=body).json()["id"])
+        return self.long[0]
 
     def start_evaluation(self) -> str:
         """An evaluate job of the base and run-a's adapter (started once, by the first test that needs it)."""
@@ -211,7 +220,7 @@ def _wait_points(page: Any, chart: str, more_than: int, timeout: float = 30) -> 
     return points
 
 
-def test_sign_in_watch_a_running_job_and_cancel_it(world: World, page: Page, tmp_path: Path) -> None:
+def test_sign_in_and_watch_a_running_job(world: World, page: Page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     p = page.page
@@ -221,14 +230,12 @@ def test_sign_in_watch_a_running_job_and_cancel_it(world: World, page: Page, tmp
     assert p.evaluate("sessionStorage.getItem('alignd.apiKey')") == KEY
     expect(p.get_by_role("link", name="run-a")).to_be_visible()
     # The list is live: a job submitted now shows up without a reload, and its row moves to running.
-    with world.client() as client:
-        body = _sft(world.model, world.sft, "long-run", epochs=1000)
-        long_run = client.post("/v1/jobs", json=body).json()["id"]
+    world.long_run()
     row = p.get_by_role("row").filter(has=p.get_by_role("link", name="long-run"))
     expect(row).to_be_visible()
     expect(row.get_by_text("running")).to_be_visible(timeout=120_000)
 
-    # run-a (submitted first) is done by now: its evaluation runs while this test watches and cancels.
+    # run-a (submitted first) is done by now: its evaluation runs while this test watches the long run.
     world.start_evaluation()
     p.get_by_role("link", name="long-run").click()
     expect(p.get_by_role("heading", name="long-run", level=1)).to_be_visible()
@@ -246,17 +253,94 @@ def test_sign_in_watch_a_running_job_and_cancel_it(world: World, page: Page, tmp
     assert _points(p, "sft · loss") >= seen
     if os.environ.get("ALIGND_CONSOLE_SCREENSHOT"):
         p.screenshot(path=os.environ["ALIGND_CONSOLE_SCREENSHOT"])
-    p.screenshot(path=str(tmp_path / "running.png"), full_page=True)
+    page.finish(tmp_path / "running.png")
+
+
+# What the job's state region showed, every time it changed: "pausing…" lasts from the pause's answer until
+# the next poll finds the job paused (a second or so), too short to be sure to catch by polling from here.
+RECORD_STATE = """() => {
+  const region = document.querySelector('[aria-label="Job state"]');
+  window.stateSeen = [region.textContent];
+  new MutationObserver(() => window.stateSeen.push(region.textContent))
+    .observe(region, { childList: true, subtree: true, characterData: true });
+}"""
+
+
+def test_pause_resume_and_cancel_a_running_job(world: World, page: Page, tmp_path: Path) -> None:
+    """The long run (still running after the first test) paused from its page: "pausing…" while the pause is
+    pending, then paused with its chart still; resumed with the keyboard, it runs again; then cancelled."""
+    from playwright.sync_api import expect
+
+    job_id = world.long_run()
+    p = page.page
+    page.sign_in(f"#/jobs/{job_id}")
+    state = p.get_by_role("region", name="Job state")
+    expect(state.get_by_text("running")).to_be_visible(timeout=120_000)
+    # A step done first: a pause keeps the steps from the newest checkpoint, and saves one of its own.
+    _wait_points(p, "sft · loss", 0, timeout=120)
+    p.evaluate(RECORD_STATE)
+    with p.expect_response(f"**/v1/jobs/{job_id}/pause") as answer:
+        p.get_by_role("button", name="Pause job").click()
+    assert answer.value.status == 200 and answer.value.json()["pause_requested"] is True
+    expect(state.get_by_text("paused", exact=True)).to_be_visible(timeout=60_000)
+    seen = p.evaluate("window.stateSeen")
+    assert any("runningpausing…" in text for text in seen), seen
+    resume = p.get_by_role("button", name="Resume job")
+    expect(resume).to_be_focused()  # the redrawn button kept the keyboard focus
+    events = p.get_by_role("log", name="Events log")
+    expect(events).to_contain_text("Pause requested")
+    expect(events).to_contain_text("Job paused; resume continues from its newest checkpoint.")
+    timeline = p.get_by_role("list", name="Stage timeline")
+    expect(timeline.locator("li strong")).to_have_text(["queued", "sft", "paused"])
+    with world.client() as client:
+        paused = client.get(f"/v1/jobs/{job_id}").json()
+        assert (paused["status"], paused["pause_requested"]) == ("paused", False)
+        stored = len(client.get(f"/v1/jobs/{job_id}/metrics", params={"name": "loss"}).json()["data"])
+    # Paused, the chart holds every point the job wrote, and gains none.
+    expect(p.locator('figure[data-chart="sft · loss"]')).to_have_attribute("data-points", str(stored))
+    ran_for = state.locator("dl > div").filter(has=p.locator("dt", has_text="Ran for")).locator("dd")
+    ran = ran_for.inner_text()
+    # A poll (every 1.5 s) redraws the facts at least 1 s after the ones read: a running clock would move.
+    time.sleep(2.5)
+    assert _points(p, "sft · loss") == stored
+    assert ran_for.inner_text() == ran  # its clock stopped at the pause
+    p.screenshot(path=str(tmp_path / "paused.png"), full_page=True)
+    # The job list's status filter knows paused: the long run alone (run-a and run-b have succeeded).
+    p.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
+    p.get_by_label("Status").select_option("paused")
+    jobs = p.get_by_role("table", name="Jobs (paused)")
+    expect(jobs.get_by_role("row").filter(has=p.get_by_role("link", name="long-run"))).to_contain_text(
+        "paused"
+    )
+    expect(jobs.get_by_role("link", name="run-a")).to_have_count(0)
+    p.go_back()
+    p.go_back()
+
+    # Enter on the Resume button resumes: queued, then running again from the checkpoint.
+    p.get_by_role("button", name="Resume job").focus()
+    with p.expect_response(f"**/v1/jobs/{job_id}/resume") as answer:
+        p.keyboard.press("Enter")
+    assert answer.value.status == 200
+    expect(state.get_by_text("running")).to_be_visible(timeout=60_000)
+    expect(events).to_contain_text("Job resumed: queued to continue from its newest checkpoint.")
+    expect(timeline.locator("li strong")).to_have_text(["queued", "sft", "paused", "resumed"])
+    expect(p.get_by_role("button", name="Pause job")).to_be_visible()
+    # The worker's word that it goes on from the pause's checkpoint (test_pause_resume.py checks the steps;
+    # the new training process's points come after its torch import, which this test does not wait for).
+    expect(events).to_contain_text("Resuming from checkpoint")
+    with world.client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    p.screenshot(path=str(tmp_path / "resumed.png"), full_page=True)
 
     p.get_by_role("button", name="Cancel job").click()
     dialog = p.get_by_role("dialog")
     expect(dialog).to_be_visible()
     dialog.get_by_role("button", name="Yes, cancel the job").click()
-    state = p.get_by_role("region", name="Job state")
     expect(state.get_by_text("cancelled")).to_be_visible(timeout=60_000)
     expect(p.get_by_role("button", name="Cancel job")).to_have_count(0)
+    expect(p.get_by_role("button", name="Pause job")).to_have_count(0)
     with world.client() as client:
-        assert client.get(f"/v1/jobs/{long_run}").json()["status"] == "cancelled"
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
     page.finish(tmp_path / "cancelled.png")
 
 
@@ -459,9 +543,15 @@ def test_feedback_datasets_and_models(world: World, page: Page, tmp_path: Path) 
 def test_try_it_asks_two_models(world: World, page: Page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
+    run_a = world.finished(world.runs["run-a"])["id"]
+    with world.client() as client:
+        artifacts = client.get(f"/v1/jobs/{run_a}/artifacts").json()["data"]
+    adapter = next(a["id"] for a in artifacts if a["kind"] == "adapter")
     p = page.page
     page.sign_in("#/try")
     expect(p.get_by_label("Base model")).to_have_value(world.model)
+    # A /v1 job's adapter faces the base: POST /openai/v1/chat/completions takes its art_ id as the model.
+    p.get_by_label("Aligned model").select_option(label=f"run-a · {adapter}")
     p.get_by_role("textbox", name="Prompt", exact=True).fill("What colour is the sky?")
     p.get_by_label("Max tokens").fill("6")
     p.get_by_role("button", name="Ask both").click()
@@ -470,4 +560,12 @@ def test_try_it_asks_two_models(world: World, page: Page, tmp_path: Path) -> Non
         region = p.get_by_role("region", name=side)
         expect(region.get_by_role("status")).to_contain_text("tokens, finish:", timeout=90_000)
     expect(p.get_by_role("button", name="Ask both")).to_be_enabled()
+    with world.client() as client:
+        chats = [
+            j for j in client.get("/v1/jobs", params={"limit": 100}).json()["data"] if j["method"] == "chat"
+        ]
+    assert {(j["init_adapter"], j["status"]) for j in chats[:2]} == {
+        (None, "succeeded"),
+        (adapter, "succeeded"),
+    }
     page.finish(tmp_path / "try-it.png")

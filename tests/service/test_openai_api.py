@@ -493,16 +493,31 @@ def test_a_fine_tuned_model_answers_streamed_and_not_with_the_same_text(
     assert job["init_adapter"] == adapter  # sampled from the base with the fine-tuned adapter on it
     assert f"sampling from the base with adapter {adapter}" in [event["message"] for event in events]
 
-    stream = client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True})
+    # Streamed, and named by alignd's extension: the adapter artifact's id (any /v1 job's adapter; this facade
+    # job is a /v1 job too) is a model, sampled on the base it was trained on, so the text is the same.
+    stream = client.chat.completions.create(
+        **{**asked, "model": adapter}, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert {chunk.id for chunk in chunks} == {chunks[0].id} != answer.id  # a second job
-    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert all(chunk.object == "chat.completion.chunk" and chunk.model == adapter for chunk in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(pieces) == text
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [answer.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage  # include_usage: the last chunk
+    chat_job = httpx.get(f"{facade.base_url}/v1/jobs/{chunks[0].id}", headers=headers).json()
+    assert (chat_job["base_model"], chat_job["init_adapter"]) == (facade.model_id, adapter)
+    # An artifact that is no adapter names no model (400); another tenant's adapter is not found (404).
+    artifacts = httpx.get(f"{facade.base_url}/v1/jobs/{supervised[0]}/artifacts", headers=headers).json()
+    card = next(a["id"] for a in artifacts["data"] if a["kind"] == "model_card")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**{**asked, "model": card})
+    assert (refused.value.code, refused.value.param) == ("wrong_artifact_kind", "model")
+    with pytest.raises(openai.NotFoundError) as missing:
+        facade.client("tenant-b").chat.completions.create(**{**asked, "model": adapter})
+    assert missing.value.code == "model_not_found"
 
 
 def test_chat_completions_refuse_what_alignd_cannot_serve_in_openais_shape(facade: Facade) -> None:

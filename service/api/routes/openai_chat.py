@@ -68,7 +68,7 @@ def _submit(ctx: AppContext, tenant: str, body: OpenAIChatCompletionCreate) -> C
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in refused)
         raise ValidationFailed(f"Invalid request: {summary}", code=refused[0]["code"], details=refused)
     with Session(ctx.engine, expire_on_commit=False) as session:
-        named = db.model_named(session, tenant, body.model)
+        named = db.chat_model_named(session, tenant, body.model)
         if named is None:
             raise NotFoundError(
                 f"The model '{body.model}' does not exist or you do not have access to it.",

@@ -70,6 +70,13 @@ export function statusBadge(status) {
   return h("span", { class: "badge " + status, text: status });
 }
 
+// A job's status badge, and "pausing…" beside it while a pause is asked for and the job still runs (it
+// becomes `paused` once its training process has saved a checkpoint at the next step).
+export function jobStatusBadge(job) {
+  if (!job.pause_requested) return statusBadge(job.status);
+  return h("span", { class: "row tight" }, statusBadge(job.status), h("span", { class: "badge pausing", text: "pausing…" }));
+}
+
 export function levelBadge(level) {
   return h("span", { class: "badge " + level, text: level });
 }

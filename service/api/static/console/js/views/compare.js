@@ -1,7 +1,7 @@
 // #/compare?jobs=a,b,...: 2 to 5 jobs, one metric overlaid (x = step), live while any of them runs.
 import { getJSON } from "../api.js";
 import { LineChart, align, smoothingControl } from "../charts.js";
-import { TERMINAL, age, clear, errorBox, field, h, jobLink, number, panel, routeParams, showError, sortableTable, statusBadge } from "../ui.js";
+import { TERMINAL, age, clear, errorBox, field, h, jobLink, jobStatusBadge, number, panel, routeParams, showError, sortableTable } from "../ui.js";
 import { seriesKey } from "./job.js";
 
 const MIN_JOBS = 2;
@@ -56,7 +56,7 @@ function picker(root, signal, chosen) {
             },
             { key: "id", label: "Job", sortable: false, render: (job) => jobLink(job) },
             { key: "method", label: "Method", sortable: false, value: (job) => job.method },
-            { key: "status", label: "Status", sortable: false, render: (job) => statusBadge(job.status) },
+            { key: "status", label: "Status", sortable: false, render: (job) => jobStatusBadge(job) },
             { key: "age", label: "Age", sortable: false, value: (job) => age(job.created_at) },
           ],
         }),
@@ -90,7 +90,7 @@ function summary(runs, key) {
     onSort: () => {},
     columns: [
       { key: "job", label: "Job", sortable: false, render: (r) => jobLink(r.run.job) },
-      { key: "status", label: "Status", sortable: false, render: (r) => statusBadge(r.run.job.status) },
+      { key: "status", label: "Status", sortable: false, render: (r) => jobStatusBadge(r.run.job) },
       { key: "n", label: "Points", numeric: true, sortable: false, value: (r) => r.n },
       { key: "last", label: "Last", numeric: true, sortable: false, value: (r) => number(r.last) },
       { key: "min", label: "Min", numeric: true, sortable: false, value: (r) => number(r.min) },

@@ -1,10 +1,11 @@
 // #/jobs/<id>: one job: its state, stage timeline, live metric charts, events, monitors, settings, artifacts
-// (downloads checked against their sha256) and cancel.
+// (downloads checked against their sha256), pause, resume and cancel.
 import { follow, getJSON, postJSON } from "../api.js";
 import { LineChart, smoothingControl } from "../charts.js";
 import { downloadArtifact } from "../download.js";
 import {
   TERMINAL,
+  busy,
   bytes,
   clear,
   duration,
@@ -12,13 +13,13 @@ import {
   every,
   field,
   h,
+  jobStatusBadge,
   levelBadge,
   panel,
   progressBar,
   settingsTable,
   showError,
   sortableTable,
-  statusBadge,
   when,
 } from "../ui.js";
 
@@ -29,9 +30,28 @@ export function seriesKey(point) {
   return point.stage ? point.stage + " · " + point.name : point.name;
 }
 
-function facts(job) {
+// From its (first) start until it ended, or now, less the time it spent paused: from each pause to its
+// resume, or to now while it is paused.
+function ranFor(job, events) {
+  if (!job.started_at) return "-";
+  const end = job.finished_at || Date.now() / 1000;
+  let paused = 0;
+  let since = null;
+  for (const event of events) {
+    const marker = pauseMarker(event);
+    if (marker === "paused" && since === null) since = Math.max(event.created_at, job.started_at);
+    else if (marker === "resumed" && since !== null) {
+      paused += Math.max(0, event.created_at - since); // a queued job's pause, before it started: none
+      since = null;
+    }
+  }
+  if (since !== null) paused += Math.max(0, end - since);
+  return duration(Math.max(0, end - job.started_at - paused));
+}
+
+function facts(job, events) {
   const items = [
-    ["Status", statusBadge(job.status)],
+    ["Status", jobStatusBadge(job)],
     ["Method", job.method],
     ["Stage", job.stage || "-"],
     ["Progress", progressBar(job.progress, "job progress")],
@@ -39,7 +59,7 @@ function facts(job) {
     ["Created", when(job.created_at)],
     ["Started", when(job.started_at)],
     ["Finished", when(job.finished_at)],
-    ["Ran for", job.started_at ? duration((job.finished_at || Date.now() / 1000) - job.started_at) : "-"],
+    ["Ran for", ranFor(job, events)],
     ["Seed", job.seed],
   ];
   if (job.status_reason) items.push(["Why", job.status_reason]);
@@ -50,40 +70,57 @@ function facts(job) {
   );
 }
 
-// The stages in the order the events first name them; an rlhf job's stages still to come are listed as
-// pending (sft -> reward_model -> its rl_method).
+// The job's pause and resume moments, from the events the server writes then (service/db/jobs.py
+// request_pause and resume, workers/lease.py pause): an event has a message, not a kind.
+function pauseMarker(event) {
+  if (event.message.startsWith("Job paused")) return "paused";
+  if (event.message.startsWith("Job resumed")) return "resumed";
+  return null;
+}
+
+function stageState(job, stages, names, index) {
+  if (!stages.get(names[index])) return "pending";
+  const later = names.slice(index + 1).some((n) => stages.get(n));
+  if (later || job.status === "succeeded") return "done";
+  if (TERMINAL.has(job.status)) return job.status === "failed" || stages.get(names[index]).error ? "failed" : "done";
+  return job.status === "paused" ? "paused" : "current";
+}
+
+// The stages in the order the events first name them, with each pause and resume where it happened; an rlhf
+// job's stages still to come are listed as pending (sft -> reward_model -> its rl_method).
 function timeline(job, events) {
   const stages = new Map();
-  for (const event of events) {
-    if (!event.stage) continue;
-    const entry = stages.get(event.stage) || { first: event.created_at, last: event.created_at, error: false };
-    entry.last = event.created_at;
+  const markers = [];
+  events.forEach((event, order) => {
+    const marker = pauseMarker(event);
+    if (marker) markers.push({ marker, order, at: event.created_at });
+    if (!event.stage) return;
+    const entry = stages.get(event.stage) || { first: event.created_at, order, error: false };
     entry.error = entry.error || event.level === "error";
     stages.set(event.stage, entry);
-  }
-  if (job.stage && !stages.has(job.stage)) stages.set(job.stage, { first: job.started_at, last: null, error: false });
+  });
+  if (job.stage && !stages.has(job.stage)) stages.set(job.stage, { first: job.started_at, order: events.length, error: false });
   const planned = job.method === "rlhf" ? ["sft", "reward_model", job.hyperparameters?.rl_method || "ppo"] : [];
   for (const stage of planned) if (!stages.has(stage)) stages.set(stage, null);
   const names = [...stages.keys()];
-  const items = [h("li", { class: "done" }, h("strong", { text: "queued" }), h("span", { class: "when", text: when(job.created_at) }))];
-  names.forEach((name, index) => {
+  const steps = names.map((name, index) => {
     const entry = stages.get(name);
-    let state = "pending";
-    if (entry) {
-      const later = names.slice(index + 1).some((n) => stages.get(n));
-      if (later || (TERMINAL.has(job.status) && job.status === "succeeded")) state = "done";
-      else if (TERMINAL.has(job.status)) state = job.status === "failed" || entry.error ? "failed" : "done";
-      else state = "current";
-    }
-    items.push(
-      h(
-        "li",
-        { class: state, "aria-current": state === "current" ? "step" : undefined },
-        h("strong", { text: name }),
-        h("span", { class: "when", text: entry ? when(entry.first) + (state === "current" ? " · running" : "") : "pending" }),
-      ),
+    const state = stageState(job, stages, names, index);
+    const note = { current: " · running", paused: " · paused" }[state] || "";
+    const item = h(
+      "li",
+      { class: state, "aria-current": state === "current" || state === "paused" ? "step" : undefined },
+      h("strong", { text: name }),
+      h("span", { class: "when", text: entry ? when(entry.first) + note : "pending" }),
     );
+    return { item, order: entry ? entry.order : events.length + 1 + index };
   });
+  for (const { marker, order, at } of markers) {
+    steps.push({ item: h("li", { class: marker }, h("strong", { text: marker }), h("span", { class: "when", text: when(at) })), order });
+  }
+  steps.sort((a, b) => a.order - b.order);
+  const items = [h("li", { class: "done" }, h("strong", { text: "queued" }), h("span", { class: "when", text: when(job.created_at) }))];
+  items.push(...steps.map((step) => step.item));
   if (TERMINAL.has(job.status)) {
     items.push(h("li", { class: job.status === "succeeded" ? "done" : "failed" }, h("strong", { text: job.status }), h("span", { class: "when", text: when(job.finished_at) })));
   }
@@ -157,6 +194,63 @@ function cancelControl(job, onCancelled) {
   });
   const open = h("button", { type: "button", class: "danger", text: "Cancel job", onclick: () => dialog.showModal() });
   return h("div", null, open, dialog);
+}
+
+// Pause (queued or running) and resume (paused, or a pause still pending), with a line saying what the job
+// does meanwhile. No confirm step: either is undone by the other, nothing is lost but the step in flight.
+// `onChanged` gets the job the API answered with; an error (409 job_cancelling, ...) goes to `error`.
+function pauseControl(job, onChanged, error) {
+  const pausing = job.status === "running" && job.pause_requested;
+  const canResume = job.status === "paused" || pausing;
+  const say = {
+    paused: "Paused: it holds no worker; Resume continues from its newest checkpoint.",
+    pausing: "Pausing: training stops after its next step, once a checkpoint is saved. Resume withdraws the pause.",
+  }[pausing ? "pausing" : job.status];
+  const button = h("button", {
+    type: "button",
+    text: canResume ? "Resume job" : "Pause job",
+    title: canResume ? undefined : "Stops at the next step after saving a checkpoint, and frees its worker",
+    "data-action": "pause",
+  });
+  button.addEventListener("click", () =>
+    busy(button, error, async () => {
+      const action = canResume ? "/resume" : "/pause";
+      onChanged(await postJSON("/v1/jobs/" + encodeURIComponent(job.id) + action), true);
+    }),
+  );
+  return [button, say ? h("span", { class: "muted small", role: "status", text: say }) : null];
+}
+
+// The page head's links and buttons, in three boxes redrawn apart and only when what they offer changes, not
+// on every poll: neither the keyboard focus nor an open cancel dialog is thrown away, and a redrawn pause
+// button takes the focus back (`refocus`: it was just used, and a disabled button may have lost the focus).
+function jobActions() {
+  const linksBox = h("div", { class: "row" });
+  const pauseBox = h("div", { class: "row" });
+  const cancelBox = h("div");
+  const error = errorBox(null);
+  let drawnStatus = null;
+  let drawnPause = null;
+  const draw = (job, update, refocus) => {
+    const pauseState = TERMINAL.has(job.status) ? "none" : job.status + ":" + Boolean(job.pause_requested);
+    if (pauseState !== drawnPause) {
+      drawnPause = pauseState;
+      const focused = refocus || pauseBox.contains(document.activeElement);
+      clear(pauseBox, pauseState === "none" ? null : pauseControl(job, update, error));
+      if (focused) pauseBox.querySelector("button")?.focus();
+    }
+    if (job.status === drawnStatus) return;
+    drawnStatus = job.status;
+    const links = [];
+    if ((job.method === "evaluate" || job.method === "rlhf") && job.status === "succeeded") {
+      links.push(h("a", { class: "button", href: "#/evals/" + encodeURIComponent(job.id), text: "Evaluation results" }));
+    }
+    links.push(h("a", { class: "button", href: "#/compare?jobs=" + encodeURIComponent(job.id), text: "Compare with…" }));
+    clear(linksBox, links);
+    if (TERMINAL.has(job.status)) clear(cancelBox);
+    else if (!cancelBox.firstChild) clear(cancelBox, cancelControl(job, update));
+  };
+  return { element: h("div", { class: "row" }, linksBox, pauseBox, cancelBox), error, draw };
 }
 
 class MetricCharts {
@@ -343,41 +437,33 @@ export async function renderJob(root, signal, jobId) {
   }
   let events = [];
   const headFacts = h("div");
-  const actions = h("div", { class: "row" });
   const title = h("h1");
   const timelineBox = h("div");
   const monitorsBox = h("div");
   const artifacts = artifactsSection(jobId, signal);
   const charts = new MetricCharts(signal);
 
-  let drawnStatus = null;
-  const update = (next) => {
+  const actions = jobActions();
+  const update = (next, refocus = false) => {
     const changed = next.status !== job.status || next.stage !== job.stage;
     job = next;
     title.textContent = job.name || job.id;
-    clear(headFacts, facts(job));
+    clear(headFacts, facts(job, events));
     clear(timelineBox, timeline(job, events));
     clear(monitorsBox, monitorsTable(job));
     if (changed) artifacts.load();
-    // The buttons depend on the status only: redrawn when it changes, not on every poll, so that neither
-    // the keyboard focus nor an open confirm dialog is thrown away.
-    if (job.status === drawnStatus) return;
-    drawnStatus = job.status;
-    const links = [];
-    if ((job.method === "evaluate" || job.method === "rlhf") && job.status === "succeeded") {
-      links.push(h("a", { class: "button", href: "#/evals/" + encodeURIComponent(job.id), text: "Evaluation results" }));
-    }
-    links.push(h("a", { class: "button", href: "#/compare?jobs=" + encodeURIComponent(job.id), text: "Compare with…" }));
-    clear(actions, links, TERMINAL.has(job.status) ? null : cancelControl(job, update));
+    actions.draw(job, update, refocus);
   };
 
   root.append(
-    h("div", { class: "page-head" }, h("div", null, title, h("div", { class: "muted mono small", text: job.id })), actions),
+    h("div", { class: "page-head" }, h("div", null, title, h("div", { class: "muted mono small", text: job.id })), actions.element),
+    actions.error,
     h("section", { class: "panel", "aria-label": "Job state" }, headFacts),
     panel("Stages", timelineBox),
     charts.element,
     eventsLog(signal, jobId, (all) => {
       events = all;
+      clear(headFacts, facts(job, events)); // "Ran for" leaves out the pauses the events tell of
       clear(timelineBox, timeline(job, events));
     }),
     panel("Monitors", monitorsBox),

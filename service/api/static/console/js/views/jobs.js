@@ -1,8 +1,8 @@
 // #/jobs: the job list, live over GET /v1/jobs as server-sent events (the page, then every change).
 import { follow } from "../api.js";
-import { age, clear, errorBox, field, h, jobLink, keepFocus, progressBar, routeParams, showError, sortableTable, statusBadge } from "../ui.js";
+import { age, clear, errorBox, field, h, jobLink, jobStatusBadge, keepFocus, progressBar, routeParams, showError, sortableTable } from "../ui.js";
 
-export const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
+export const STATUSES = ["queued", "running", "paused", "succeeded", "failed", "cancelled"];
 export const METHODS = ["sft", "reward_model", "dpo", "ppo", "grpo", "rloo", "rlhf", "generate", "evaluate", "chat"];
 const LIMIT = 100;
 
@@ -50,7 +50,7 @@ export function renderJobs(root, signal) {
         empty: "No jobs yet: submit one with POST /v1/jobs, the SDK or the CLI.",
         columns: [
           { key: "id", label: "Job", value: (j) => j.name || j.id, render: (j) => [jobLink(j), j.name ? h("div", { class: "muted small mono", text: j.id }) : null] },
-          { key: "status", label: "Status", value: (j) => j.status, render: (j) => statusBadge(j.status) },
+          { key: "status", label: "Status", value: (j) => j.status, render: (j) => jobStatusBadge(j) },
           { key: "method", label: "Method", value: (j) => j.method },
           { key: "stage", label: "Stage", value: (j) => j.stage },
           { key: "progress", label: "Progress", value: (j) => j.progress, render: (j) => progressBar(j.progress, "progress of " + j.id) },

@@ -1,15 +1,45 @@
-// #/try: one prompt to two models through POST /openai/v1/chat/completions (a base model, and a fine-tuned
-// ft:... model or another base), answers side by side. Each request runs as a small job: seconds.
+// #/try: one prompt to two models through POST /openai/v1/chat/completions, answers side by side: a base
+// model, a fine-tuned ft:... model of /openai/v1, or the adapter (art_...) of a succeeded /v1 job, which the
+// endpoint samples on the base it was trained on. Each request runs as a small job: seconds.
 import { getJSON, listAll, postJSON } from "../api.js";
 import { errorBox, field, h, panel, showError } from "../ui.js";
 
+const GROUPS = [
+  ["base", "Base models"],
+  ["fine-tuned", "Fine-tuned (/openai/v1)"],
+  ["adapter", "Adapters of /v1 jobs"],
+];
+
 function modelSelect(models, preferred) {
-  const control = h(
-    "select",
-    null,
-    models.map((m) => h("option", { value: m.id, text: m.label, selected: m.id === preferred })),
-  );
-  return control;
+  const option = (m) => h("option", { value: m.id, text: m.label, selected: m.id === preferred });
+  const groups = GROUPS.map(([kind, label]) => [label, models.filter((m) => m.kind === kind)]).filter(([, list]) => list.length);
+  return h("select", null, groups.map(([label, list]) => h("optgroup", { label }, list.map(option))));
+}
+
+// What the endpoint serves: GET /openai/v1/models (base models, ft: names), and the adapters of the tenant's
+// succeeded jobs (an rlhf job has one per policy stage), newest first.
+async function servedModels(signal) {
+  const [listed, bases, jobs, artifacts] = await Promise.all([
+    getJSON("/openai/v1/models", { signal }),
+    listAll("/v1/models", { signal }),
+    listAll("/v1/jobs", { signal, params: { status: "succeeded" } }),
+    listAll("/v1/artifacts", { signal }),
+  ]);
+  const names = new Map(bases.map((m) => [m.id, m.name]));
+  const models = listed.data.map((m) => ({
+    id: m.id,
+    label: names.has(m.id) ? names.get(m.id) + " (" + m.id + ")" : m.id,
+    kind: m.id.startsWith("ft:") ? "fine-tuned" : "base",
+    created: m.created,
+  }));
+  const succeeded = new Map(jobs.map((job) => [job.id, job]));
+  for (const artifact of artifacts) {
+    const job = succeeded.get(artifact.job);
+    if (artifact.kind !== "adapter" || !job) continue;
+    const stage = artifact.stage && artifact.stage !== job.method ? " (" + artifact.stage + ")" : "";
+    models.push({ id: artifact.id, label: (job.name || job.id) + stage + " · " + artifact.id, kind: "adapter", created: artifact.created_at });
+  }
+  return models;
 }
 
 function side(title, models, preferred) {
@@ -48,9 +78,7 @@ export async function renderTry(root, signal) {
   root.append(h("div", { class: "page-head" }, h("h1", { text: "Try it" })), error);
   let models;
   try {
-    const [listed, bases] = await Promise.all([getJSON("/openai/v1/models", { signal }), listAll("/v1/models", { signal })]);
-    const names = new Map(bases.map((m) => [m.id, m.name]));
-    models = listed.data.map((m) => ({ id: m.id, label: names.has(m.id) ? names.get(m.id) + " (" + m.id + ")" : m.id, fineTuned: m.id.startsWith("ft:") }));
+    models = await servedModels(signal);
   } catch (failure) {
     showError(error, failure);
     return;
@@ -59,8 +87,9 @@ export async function renderTry(root, signal) {
     root.append(panel("No models", h("p", { text: "Upload a base model first (#/models)." })));
     return;
   }
-  const base = models.find((m) => !m.fineTuned) || models[0];
-  const tuned = [...models].reverse().find((m) => m.fineTuned) || base;
+  const base = models.find((m) => m.kind === "base") || models[0];
+  // The newest fine-tuned model or adapter faces the base at first.
+  const tuned = models.filter((m) => m.kind !== "base").sort((a, b) => b.created - a.created)[0] || base;
   const left = side("Base", models, base.id);
   const right = side("Aligned", models, tuned.id);
   const system = h("input", { type: "text", placeholder: "optional" });
@@ -75,7 +104,7 @@ export async function renderTry(root, signal) {
     field("Prompt", prompt),
     h("div", { class: "row" }, field("Max tokens", maxTokens), field("Temperature", temperature)),
     send,
-    h("p", { class: "muted small", text: "Each answer runs as a small chat job on a worker: expect seconds, more while it trains something else. Fine-tuned models are the ft:… names of jobs made through /openai/v1/fine_tuning." }),
+    h("p", { class: "muted small", text: "Each answer runs as a small chat job on a worker: expect seconds, more while it trains something else. An adapter (art_…) of a /v1 job, or an ft:… model of /openai/v1/fine_tuning, answers on the base model it was trained on." }),
   );
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
