@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
 from contract.protocol import ProgressWriter, TrainingSpec
+from workers.training.distributed import Dist
 from workers.training.errors import Cancelled
 
 
@@ -24,6 +25,8 @@ class CancelToken:
     def __init__(self) -> None:
         self._requested = False
         self._deferred = 0
+        # Under torchrun: combines every rank's flag (Dist.any), so all ranks stop after the same step.
+        self.sync: Callable[[bool], bool] | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -42,7 +45,11 @@ class CancelToken:
         return self._requested
 
     def check(self) -> None:
-        if self._requested:
+        """Raise Cancelled if a stop was asked for (under torchrun: on any rank; every rank must call it at the
+        same points, which the loop's step boundaries are)."""
+        requested = self._requested if self.sync is None else self.sync(self._requested)
+        if requested:
+            self._requested = True
             raise Cancelled()
 
     @contextmanager
@@ -60,3 +67,5 @@ class RunContext:
     spec: TrainingSpec
     progress: ProgressWriter
     cancel: CancelToken = field(default_factory=CancelToken)
+    # This process's rank under torchrun (workers/training/distributed.py); a world of one otherwise.
+    dist: Dist = field(default_factory=Dist)
