@@ -12,9 +12,11 @@ differ from one process's, and the curves would only agree in distribution.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,8 @@ import httpx
 import pytest
 
 from tests.conftest import API_KEYS, UvicornThread, make_settings
-from tests.service.helpers import assert_error, upload_dataset, upload_model, wait_for
+from tests.helpers.tiny_model import tiny_preference_jsonl
+from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
 
 RELATIVE_TOLERANCE = 1e-4
 
@@ -114,3 +117,138 @@ def test_two_process_sft_matches_one_process_loss_curve(
     # Rank 0 alone writes: one adapter, one model card, one final checkpoint line per job.
     kinds = sorted(a["kind"] for a in client.get(f"/v1/jobs/{two}/artifacts").json()["data"])
     assert kinds == ["adapter", "model_card"], kinds
+
+
+PROMPTS = jsonl([{"prompt": f"What colour is the {thing}?"} for thing in ("apple", "sky", "grass", "snow")])
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def _reward_body(model: str, dataset: str, processes: int) -> dict[str, Any]:
+    return {
+        "method": "reward_model",
+        "base_model": model,
+        "datasets": {"preference": dataset},
+        "lora": LORA,
+        "resources": {"processes": processes},
+        "hyperparameters": {
+            "max_steps": 5,
+            "batch_size": 8,
+            "max_length": 64,
+            "learning_rate": 5e-3,
+            "eval_fraction": 0.2,
+            "logging_steps": 1,
+            "eval_steps": 5,
+        },
+        "seed": 0,
+    }
+
+
+def test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads_with_peft(
+    client: httpx.Client, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    preference = upload_dataset(client, tiny_preference_jsonl(tmp_path / "p.jsonl", n=40), "preference")
+    dataset = preference.json()["id"]
+    one = _submit(client, _reward_body(model, dataset, 1))
+    two = _submit(client, _reward_body(model, dataset, 2))
+    for job_id in (one, two):
+        job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+        assert job["status"] == "succeeded", _events(client, job_id)
+    _assert_same_curve(_series(client, one, "loss"), _series(client, two, "loss"))
+    # The held-out evaluation is split across the ranks and added up: the same figures.
+    for name in ("eval_accuracy", "eval_loss"):
+        assert _series(client, two, name) == pytest.approx(_series(client, one, name), rel=RELATIVE_TOLERANCE)
+    artifacts = client.get(f"/v1/jobs/{two}/artifacts").json()["data"]
+    reward_model = next(a["id"] for a in artifacts if a["kind"] == "reward_model")
+
+    prompts = upload_dataset(client, PROMPTS, "prompts").json()["id"]
+    ppo = _submit(
+        client,
+        {
+            "method": "ppo",
+            "base_model": model,
+            "datasets": {"prompts": prompts},
+            "reward_model": reward_model,
+            "lora": LORA,
+            "resources": {"processes": 2},
+            "hyperparameters": {
+                "steps": 3,
+                "batch_size": 4,
+                "mini_batch_size": 2,
+                "ppo_epochs": 1,
+                "max_new_tokens": 6,
+                "max_length": 64,
+                "learning_rate": 3e-3,
+                "allow_weak_reward_model": True,
+            },
+            "seed": 0,
+        },
+    )
+    job = wait_for(client, ppo, {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert job["status"] == "succeeded", _events(client, ppo)
+    assert sorted(_series(client, ppo, "reward_mean")) == [1, 2, 3]
+    adapter = next(a for a in client.get(f"/v1/jobs/{ppo}/artifacts").json()["data"] if a["kind"] == "adapter")
+    folder = _download_adapter(client, adapter["id"], tmp_path / "ppo-adapter")
+    _load_with_plain_peft(tiny_model_dir, folder)
+
+
+def _download_adapter(client: httpx.Client, artifact_id: str, folder: Path) -> Path:
+    response = client.get(f"/v1/artifacts/{artifact_id}/content")
+    assert response.status_code == 200, response.text
+    folder.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
+        archive.extractall(folder, filter="data")
+    return folder
+
+
+def _load_with_plain_peft(base_dir: Path, adapter_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # trained: B starts at zero
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_killed_rank_fails_the_attempt_and_the_job_resumes_from_its_checkpoint(
+    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path
+) -> None:
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    dataset = upload_dataset(client, sft_jsonl, "sft").json()["id"]
+    job_id = _submit(
+        client,
+        _sft_body(model, dataset, 2, epochs=100, max_steps=40, checkpoint_steps=10, logging_steps=5),
+    )
+    # Wait for the ranks' pids and the first stored checkpoint, then SIGKILL rank 1 (the OOM killer's way).
+    rank1 = checkpoint_step = None
+    deadline = time.monotonic() + 120
+    while rank1 is None or checkpoint_step is None:
+        assert time.monotonic() < deadline, _events(client, job_id)
+        for event in _events(client, job_id):
+            pids = re.search(r"rank pids (\d+), (\d+)", event["message"])
+            if pids:
+                rank1 = int(pids.group(2))
+            stored = re.search(r"Stored checkpoint artifact \S+ \(\d+ bytes\) at step (\d+)", event["message"])
+            if stored and checkpoint_step is None:
+                checkpoint_step = int(stored.group(1))
+        time.sleep(0.2)
+    os.kill(rank1, signal.SIGKILL)
+
+    job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+    messages = [event["message"] for event in _events(client, job_id)]
+    assert job["status"] == "succeeded", messages
+    assert any(f"training rank 1 (pid {rank1}) was killed by SIGKILL" in m for m in messages), messages
+    assert any("killed by a signal to one of its ranks" in m for m in messages), messages
+    resumed = [m for m in messages if m.startswith("Resuming from checkpoint")]
+    assert len(resumed) == 1, messages
+    assert sum("torchrun with 2 processes" in m for m in messages) == 2
+    resume_step = int(re.search(r"step (\d+)", resumed[0]).group(1))  # type: ignore[union-attr]
+    assert resume_step >= checkpoint_step >= 10 and resume_step % 10 == 0
+    # One loss point per logging window 5..40, in order: the second attempt went on after resume_step.
+    steps = sorted(_series(client, job_id, "loss"))
+    assert steps == list(range(5, 41, 5)), steps
