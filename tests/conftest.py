@@ -43,6 +43,12 @@ def require_or_skip(reason: str) -> NoReturn:
 # checks run in `make test-slow` instead (marked slow here, in one place, with why); each leaves a shorter test
 # of the same path in `make test`. Durations: serial, on the quiet 2-core VM.
 SLOW_IN_MAKE_TEST: dict[str, str] = {
+    "tests/service/test_scale_out.py::test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads"
+    "_with_peft": "84 s of five torch processes at once; the 2-process SFT curve test stays",
+    "tests/service/test_scale_out.py::test_killed_rank_fails_the_attempt_and_the_job_resumes_from_its_checkpoint": (
+        "40 s, two torchrun attempts; test_sigkilled_child_resumes_from_its_checkpoint and the SFT curve test stay"
+    ),
+    "tests/service/test_scale_out.py::test_cancel_stops_every_rank": "16 s; the SFT curve test stays",
     "tests/faults/test_kills.py::test_kills_lose_and_duplicate_nothing": "60 s; make faults runs it at full size",
     "tests/faults/test_outages.py::test_postgres_crash_mid_run_is_503_then_recovers": "31 s; make faults too",
     "tests/faults/test_outages.py::test_s3_down_during_artifact_upload_is_retried": "25 s; make faults too",

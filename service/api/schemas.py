@@ -10,7 +10,7 @@ from sqlalchemy.engine import Row
 from contract.evaluation import evaluation_of
 from contract.inputs import InputModel
 from contract.methods import Method
-from contract.resources import Resources, resources_of, without_resources
+from contract.resources import MAX_PROCESSES, Resources, resources_of, without_resources
 from service.core.feedback import ItemRatings
 from service.core.feedback_sets import Progress
 from service.core.jobs import JobStatus
@@ -119,11 +119,13 @@ class JobDatasets(InputModel):
 class ResourcesCreate(InputModel):
     processes: int | None = Field(
         None,
+        ge=1,
+        le=MAX_PROCESSES,
         description="Training processes on one worker (one GPU each on a GPU worker); default 1. With N > 1 the "
         "job runs through torchrun (torch.distributed.run), data parallel: batch_size stays the examples of "
         "one optimizer step across all processes (docs/scale-out.md).",
     )
-    strategy: str | None = Field(
+    strategy: Literal["ddp", "fsdp"] | None = Field(
         None, description="'ddp' (default). 'fsdp' is refused with 422 strategy_not_supported for now."
     )
 

@@ -49,7 +49,11 @@ def client(tmp_path: Path) -> Iterator[httpx.Client]:
     # Two jobs at once (the 1- and 2-process runs of a comparison) and a fast reconciler (a killed attempt is
     # queued again within half a second).
     settings = make_settings(
-        tmp_path / "alignd", worker_concurrency=2, reconcile_interval_seconds=0.5, job_max_tries=3
+        tmp_path / "alignd",
+        worker_concurrency=2,
+        worker_processes=3,
+        reconcile_interval_seconds=0.5,
+        job_max_tries=3,
     )
     yield from _client(settings)
 
@@ -89,7 +93,7 @@ def _sft_body(model: str, dataset: str, processes: int, **hyperparameters: Any) 
         "resources": {"processes": processes},
         "hyperparameters": {
             "epochs": 10,
-            "max_steps": 6,
+            "max_steps": 4,
             "batch_size": 4,
             "learning_rate": 5e-3,
             "max_length": 48,
@@ -187,7 +191,9 @@ def test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads
     job = wait_for(client, ppo, {"succeeded", "failed", "cancelled"}, timeout=240)
     assert job["status"] == "succeeded", _events(client, ppo)
     assert sorted(_series(client, ppo, "reward_mean")) == [1, 2, 3]
-    adapter = next(a for a in client.get(f"/v1/jobs/{ppo}/artifacts").json()["data"] if a["kind"] == "adapter")
+    adapter = next(
+        a for a in client.get(f"/v1/jobs/{ppo}/artifacts").json()["data"] if a["kind"] == "adapter"
+    )
     folder = _download_adapter(client, adapter["id"], tmp_path / "ppo-adapter")
     _load_with_plain_peft(tiny_model_dir, folder)
 
@@ -233,7 +239,9 @@ def test_killed_rank_fails_the_attempt_and_the_job_resumes_from_its_checkpoint(
             pids = re.search(r"rank pids (\d+), (\d+)", event["message"])
             if pids:
                 rank1 = int(pids.group(2))
-            stored = re.search(r"Stored checkpoint artifact \S+ \(\d+ bytes\) at step (\d+)", event["message"])
+            stored = re.search(
+                r"Stored checkpoint artifact \S+ \(\d+ bytes\) at step (\d+)", event["message"]
+            )
             if stored and checkpoint_step is None:
                 checkpoint_step = int(stored.group(1))
         time.sleep(0.2)
@@ -252,3 +260,115 @@ def test_killed_rank_fails_the_attempt_and_the_job_resumes_from_its_checkpoint(
     # One loss point per logging window 5..40, in order: the second attempt went on after resume_step.
     steps = sorted(_series(client, job_id, "loss"))
     assert steps == list(range(5, 41, 5)), steps
+
+
+def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from alignd_server.embedded import create_app
+
+    settings = make_settings(tmp_path / "alignd", pool_max_processes=4)
+    with TestClient(
+        create_app(settings), headers={"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
+    ) as http:
+        model = upload_model(http, tiny_model_dir).json()["id"]  # type: ignore[arg-type]
+        sft = upload_dataset(http, jsonl([{"prompt": "a", "completion": "b"}]), "sft").json()["id"]  # type: ignore[arg-type]
+        prompts = upload_dataset(http, PROMPTS, "prompts").json()["id"]  # type: ignore[arg-type]
+        pair = {"prompt": "a", "chosen": "b", "rejected": "c"}
+        preference = upload_dataset(http, jsonl([pair]), "preference").json()["id"]  # type: ignore[arg-type]
+        body = _sft_body(model, sft, 2)
+
+        def refused(resources: dict[str, Any], code: str, **changes: Any) -> dict[str, Any]:
+            response = http.post("/v1/jobs", json={**body, **changes, "resources": resources})
+            error = assert_error(response, 422, code)  # type: ignore[arg-type]
+            assert error["details"], error
+            return error
+
+        for resources in (
+            {"processes": 0},
+            {"processes": 65},
+            {"processes": 2, "gpus": 1},
+            {"strategy": "zero"},
+        ):
+            field = refused(resources, "invalid_request")["details"][0]["field"]
+            assert field.startswith("resources."), field
+        error = refused({"processes": 2, "strategy": "fsdp"}, "strategy_not_supported")
+        assert (
+            error["details"][0]["field"] == "resources.strategy" and "not supported yet" in error["message"]
+        )
+        error = refused({"processes": 8}, "insufficient_capacity")
+        assert "ALIGND_POOL_MAX_PROCESSES" in error["message"] and "has 4" in error["message"]
+        error = refused(
+            {"processes": 2}, "processes_not_supported", method="dpo", datasets={"preference": preference}
+        )
+        assert error["details"][-1]["field"] == "resources.processes"
+        ppo = {"method": "ppo", "datasets": {"prompts": prompts}, "reward_model": None}
+        ppo["hyperparameters"] = {"batch_size": 6, "mini_batch_size": 3}
+        codes = {d["code"] for d in refused({"processes": 4}, "missing_reward_model", **ppo)["details"]}
+        assert "uneven_split" in codes, codes
+        # Accepted: the default, and processes within the pool; the job answers its resources.
+        accepted = http.post("/v1/jobs", json={**body, "resources": {"processes": 4}})
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["resources"] == {"processes": 4, "strategy": "ddp"}
+        assert "resources" not in accepted.json()["hyperparameters"]
+        plain = http.post("/v1/jobs", json={k: v for k, v in body.items() if k != "resources"}).json()
+        assert plain["resources"] == {"processes": 1, "strategy": "ddp"}
+
+
+def test_a_job_larger_than_the_worker_waits_with_an_event(
+    tmp_path: Path, tiny_model_dir: Path, sft_jsonl: Path
+) -> None:
+    # No pool capacity configured: accepted; this worker has 1 process, so the job waits, queued, and says so.
+    settings = make_settings(tmp_path / "alignd", worker_processes=1, reconcile_interval_seconds=0.3)
+    for http in _client(settings):
+        model = upload_model(http, tiny_model_dir).json()["id"]
+        dataset = upload_dataset(http, sft_jsonl, "sft").json()["id"]
+        job_id = _submit(http, _sft_body(model, dataset, 2))
+        deadline = time.monotonic() + 30
+        while not any(e["message"].startswith("waiting_for_capacity") for e in _events(http, job_id)):
+            assert time.monotonic() < deadline, _events(http, job_id)
+            time.sleep(0.1)
+        time.sleep(1.5)  # several reconciler passes hand it out again: still queued, and said once
+        events = [e for e in _events(http, job_id) if e["message"].startswith("waiting_for_capacity")]
+        assert len(events) == 1 and events[0]["level"] == "warning", events
+        assert "needs 2 training processes" in events[0]["message"] and "has 1" in events[0]["message"]
+        assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        assert http.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+        assert wait_for(http, job_id, {"cancelled"}, timeout=30)["status"] == "cancelled"
+
+
+def _rank_pids(client: httpx.Client, job_id: str, timeout: float = 120) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        for event in _events(client, job_id):
+            pids = re.search(r"rank pids (\d+), (\d+)", event["message"])
+            if pids:
+                return [int(pids.group(1)), int(pids.group(2))]
+        assert time.monotonic() < deadline, _events(client, job_id)
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie left for its parent to reap counts as gone.
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+        return stat.read().split(") ")[-1][0] != "Z"
+
+
+def test_cancel_stops_every_rank(client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path) -> None:
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    dataset = upload_dataset(client, sft_jsonl, "sft").json()["id"]
+    job_id = _submit(client, _sft_body(model, dataset, 2, epochs=100, max_steps=10_000))
+    pids = _rank_pids(client, job_id)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+    assert wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=60)["status"] == "cancelled"
+    # The ranks stopped together at a step boundary (the collective cancel check), not by SIGKILL.
+    messages = [event["message"] for event in _events(client, job_id)]
+    assert "received SIGTERM; stopped before finishing" in messages, messages
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, [pid for pid in pids if _alive(pid)]
+        time.sleep(0.1)
