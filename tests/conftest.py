@@ -49,6 +49,9 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "40 s, two torchrun attempts; test_sigkilled_child_resumes_from_its_checkpoint and the SFT curve test stay"
     ),
     "tests/service/test_scale_out.py::test_cancel_stops_every_rank": "16 s; the SFT curve test stays",
+    "tests/service/test_scale_out.py::test_two_process_dpo_matches_one_process_loss_curve": (
+        "30 s, two jobs; the SFT curve test runs the same shared loop"
+    ),
     "tests/faults/test_kills.py::test_kills_lose_and_duplicate_nothing": "60 s; make faults runs it at full size",
     "tests/faults/test_outages.py::test_postgres_crash_mid_run_is_503_then_recovers": "31 s; make faults too",
     "tests/faults/test_outages.py::test_s3_down_during_artifact_upload_is_retried": "25 s; make faults too",

@@ -109,7 +109,8 @@ class JobRunner:
     # ------------------------------------------------------------------ the run
 
     def run(self, job_id: str, *, resume: bool = True) -> JobStatus | None:
-        """Run a queued job to a final state. Returns the final status, or None if the job was not ours.
+        """Run a queued job to a final state. Returns the final status, or None if the job was not ours or
+        does not fit in this worker's free capacity (it stays queued with a ``waiting_for_capacity`` event).
 
         ``resume``: continue from the job's newest usable checkpoint (see ``workers/resume.py``) when an
         earlier attempt left one; False starts over (its checkpoints are replaced as the new run writes its

@@ -145,7 +145,7 @@ class JobCreate(InputModel):
     resources: ResourcesCreate | None = Field(
         None,
         description="What the job asks of a worker: {processes: N, strategy: 'ddp'}. processes > 1: sft, "
-        "reward_model and ppo.",
+        "reward_model, dpo and ppo.",
     )
     hyperparameters: dict[str, Any] | None = Field(
         None,

@@ -198,6 +198,27 @@ def test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads
     _load_with_plain_peft(tiny_model_dir, folder)
 
 
+def test_two_process_dpo_matches_one_process_loss_curve(
+    client: httpx.Client, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    preference = upload_dataset(client, tiny_preference_jsonl(tmp_path / "p.jsonl", n=24), "preference")
+    body = {
+        "method": "dpo",
+        "base_model": model,
+        "datasets": {"preference": preference.json()["id"]},
+        "lora": LORA,
+        "hyperparameters": {"max_steps": 4, "batch_size": 6, "max_length": 64, "learning_rate": 5e-3},
+        "seed": 0,
+    }
+    one = _submit(client, {**body, "resources": {"processes": 1}})
+    two = _submit(client, {**body, "resources": {"processes": 2}})
+    for job_id in (one, two):
+        job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+        assert job["status"] == "succeeded", _events(client, job_id)
+    _assert_same_curve(_series(client, one, "loss"), _series(client, two, "loss"))
+
+
 def _download_adapter(client: httpx.Client, artifact_id: str, folder: Path) -> Path:
     response = client.get(f"/v1/artifacts/{artifact_id}/content")
     assert response.status_code == 200, response.text
@@ -274,8 +295,6 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
         model = upload_model(http, tiny_model_dir).json()["id"]  # type: ignore[arg-type]
         sft = upload_dataset(http, jsonl([{"prompt": "a", "completion": "b"}]), "sft").json()["id"]  # type: ignore[arg-type]
         prompts = upload_dataset(http, PROMPTS, "prompts").json()["id"]  # type: ignore[arg-type]
-        pair = {"prompt": "a", "chosen": "b", "rejected": "c"}
-        preference = upload_dataset(http, jsonl([pair]), "preference").json()["id"]  # type: ignore[arg-type]
         body = _sft_body(model, sft, 2)
 
         def refused(resources: dict[str, Any], code: str, **changes: Any) -> dict[str, Any]:
@@ -299,7 +318,7 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
         error = refused({"processes": 8}, "insufficient_capacity")
         assert "ALIGND_POOL_MAX_PROCESSES" in error["message"] and "has 4" in error["message"]
         error = refused(
-            {"processes": 2}, "processes_not_supported", method="dpo", datasets={"preference": preference}
+            {"processes": 2}, "processes_not_supported", method="grpo", datasets={"prompts": prompts}
         )
         assert error["details"][-1]["field"] == "resources.processes"
         ppo = {"method": "ppo", "datasets": {"prompts": prompts}, "reward_model": None}
