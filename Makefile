@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint openapi clean chromium
+.PHONY: install demo test test-slow lint openapi clean chromium gpu-check
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -163,6 +163,10 @@ bench-api: $(STAMP) wrk
 
 bench-api-quick: $(STAMP) wrk
 	$(PY) bench/api_speed.py --quick
+
+# The GPU check (bench/gpu_check.sh): installs its own .venv-gpu; on a machine without CUDA it stops, saying so.
+gpu-check:
+	bench/gpu_check.sh
 
 bench-quick: bench-ppo-quick bench-grpo-quick bench-sft-quick bench-validation-quick bench-api-quick
 

@@ -1,4 +1,4 @@
-"""``alignd-server serve | worker | migrate | keys``: the server's command line.
+"""``alignd-server serve | worker | migrate | keys | trainjob``: the server's command line.
 
 It starts the service and the workers alike (``serve`` runs embedded mode's in-process runner, ``worker``
 the arq worker), so it lives in the composition root, not in ``service``, which never imports the workers.
@@ -11,7 +11,7 @@ import ipaddress
 import sys
 from urllib.parse import urlparse
 
-from alignd_server import keys
+from alignd_server import keys, trainjob
 from service.settings import Settings
 
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     migrate_parser = commands.add_parser("migrate", help="Apply database migrations and exit.")
     migrate_parser.set_defaults(func=migrate_command)
     keys.add_parser(commands)
+    trainjob.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

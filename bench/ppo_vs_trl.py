@@ -199,6 +199,17 @@ def main() -> None:
             "measured": ratios["episodes_per_s_alignd_over_trl"],
             "met": ratios["episodes_per_s_alignd_over_trl"] >= 1.5,
         },
+        # The scale-out issue (#20) raised both bars.
+        {
+            "target": "peak memory <= 0.40x TRL (#20)",
+            "measured": ratios["peak_rss_alignd_over_trl"],
+            "met": ratios["peak_rss_alignd_over_trl"] <= 0.40,
+        },
+        {
+            "target": "episodes/s >= 2.0x TRL (#20)",
+            "measured": ratios["episodes_per_s_alignd_over_trl"],
+            "met": ratios["episodes_per_s_alignd_over_trl"] >= 2.0,
+        },
     ]
     name = args.name or ("ppo_vs_trl" if args.model == "smollm2" else "ppo_vs_trl_tiny")
     settings = {k: v for k, v in cfg.items() if k not in ("model", "reward_model", "prompts", "output_dir")}

@@ -23,6 +23,8 @@ from contract.methods import Method
 EVAL_ARTIFACT_KIND = "eval"
 EVALUATION_FILE = "evaluation.json"
 PER_PROMPT_FILE = "per_prompt.csv"
+# Per prompt (by prompt_index), what each grader with a reference template compared answers with on its item.
+REFERENCES_FILE = "references.json"
 STAGE = "evaluate"
 # Candidate and grader names go into metric names (eval/<candidate>/<grader>/win_rate), which hold 64
 # characters: 24 + 24 keeps the longest within it.
@@ -208,6 +210,40 @@ class EvaluationResult(BaseModel):
         description="The eval artifact holding per_prompt.csv (every prompt, answer and score). Null inside "
         "the artifact's own evaluation.json, whose id is given when it is stored.",
     )
+
+
+class PromptAnswer(BaseModel):
+    """One candidate's answer to a prompt (one of ``num_samples``), with every grader's score."""
+
+    candidate: str
+    sample: int = Field(description="0 .. num_samples - 1.")
+    answer: str
+    finish_reason: str = Field(description="'stop' (ended with EOS) or 'length' (cut at max_new_tokens).")
+    tokens: int = Field(description="Answer length in tokens, the EOS included.")
+    log_ratio_to_base: float = Field(
+        description="sum over answer tokens of log p_candidate - log p_base (0 for the base itself)."
+    )
+    scores: dict[str, float] = Field(description="{grader name: score}, one entry per grader.")
+    grader_errors: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="Why a grader could not score this answer ({grader, code, message}; it scored 0).",
+    )
+
+
+class PromptResult(BaseModel):
+    """One prompt of an evaluation: its answers side by side, candidates in the evaluation's order."""
+
+    object: str = "evaluation.prompt"
+    index: int = Field(description="The prompt's position in the evaluation (0-based): the list's cursor.")
+    line: int = Field(description="Its line in the prompts dataset (1-based).")
+    prompt: str | list[dict[str, Any]] = Field(description="The prompt text, or its chat messages.")
+    references: dict[str, str] | None = Field(
+        None,
+        description="{grader: the reference it compared answers with on this item} for graders with a "
+        "reference template (string_check, text_similarity, numeric); null for evaluations stored before "
+        "references were recorded.",
+    )
+    answers: list[PromptAnswer]
 
 
 def metric_name(candidate: str, grader: str, statistic: str) -> str:

@@ -40,6 +40,7 @@ from contract.graders import (
     ScoreModelGrader,
     StringCheckGrader,
     TextSimilarityGrader,
+    leaves,
     parse_template,
     template_refs,
 )
@@ -420,3 +421,24 @@ def grade(
             "details": details,
         },
     )
+
+
+def references(grader: Any, item: Mapping[str, Any]) -> dict[str, str]:
+    """What each grader inside ``grader`` compares answers with on this item: ``{dotted path: rendered
+    reference}`` for the kinds with a ``reference`` template (string_check, text_similarity, numeric).
+
+    A reference that reads the sample, or an item field the item lacks, is left out (there is no single
+    reference to show: the grader's error says why it scored 0)."""
+    out: dict[str, str] = {}
+    context = _Context(sample=Sample(output_text=""), item=item, scorer=None)
+    for path, leaf in leaves(grader):
+        template = getattr(leaf, "reference", None)
+        if not isinstance(template, str):
+            continue
+        if any(ref.namespace != "item" for ref in template_refs(template)):
+            continue
+        try:
+            out[path] = render(template, context)
+        except GradingError:
+            continue
+    return out

@@ -109,6 +109,14 @@ class SFTHyperparameters(OptimizerHyperparameters):
     completion_only_loss: bool = Field(
         True, description="Train on completion/assistant tokens only (prompt tokens are masked)."
     )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="With a 'validation' dataset: its loss and token accuracy (eval_loss, "
+        "eval_mean_token_accuracy) every this many optimizer steps and at the end; default: ten times over the "
+        "run. Ignored without one.",
+    )
 
 
 class RewardModelHyperparameters(OptimizerHyperparameters):

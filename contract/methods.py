@@ -49,6 +49,9 @@ REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
     Method.chat: (),
 }
 
+# Datasets a method may take besides the required ones (role -> the kind it must be).
+OPTIONAL_DATASETS: dict[Method, dict[str, str]] = {Method.sft: {"validation": "sft"}}
+
 RLHF_STAGES: tuple[Method, ...] = (Method.sft, Method.reward_model, Method.ppo)
 # The online methods rlhf may run as its last stage (``rl_method`` in its hyperparameters; ppo by default).
 RL_METHODS: tuple[Method, ...] = (Method.ppo, Method.grpo, Method.rloo)

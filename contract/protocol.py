@@ -46,6 +46,9 @@ ArtifactKind = Literal["adapter", "reward_model", "model_card", "checkpoint", "e
 
 # Written last into a checkpoint folder (workers/training/checkpoint.py): a folder without it is incomplete.
 CHECKPOINT_META_FILE = "checkpoint.json"
+# Left by the runner next to the spec file before it sends SIGTERM for a pause (not a cancel): the child then
+# saves a checkpoint of the step it finished before it exits, so a resume loses no step.
+PAUSE_FLAG_FILE = "pause-requested"
 
 
 class _Spec(BaseModel):

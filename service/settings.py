@@ -131,6 +131,15 @@ class Settings(BaseSettings):
         None, description="Python executable for the training child; default the server's own."
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads in the training child.")
+    kubeflow_template: Path | None = Field(
+        None,
+        description="The Kubeflow TrainJob template `alignd-server trainjob` renders a multi-node job's manifest "
+        "from (the chart's ConfigMap, mounted in the worker pods when kubeflow.enabled). Rendering only: nothing "
+        "submits the manifest (docs/deploy.md).",
+    )
+    kubeflow_image: str | None = Field(
+        None, description="The training image a rendered TrainJob's nodes run (the chart: the worker image)."
+    )
     log_level: str = Field("INFO")
     log_json: bool = Field(False, description="One JSON object per log line (production).")
 

@@ -52,6 +52,10 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
     "tests/service/test_scale_out.py::test_two_process_dpo_matches_one_process_loss_curve": (
         "30 s, two jobs; the SFT curve test runs the same shared loop"
     ),
+    "tests/unit/test_gpu_check.py::test_cpu_smoke_runs_every_part": "35 s; the GPU check's plumbing on CPU",
+    "tests/service/test_live_streams.py::test_streams_follow_a_real_job": (
+        "22 s; the row-written stream tests on SQLite and PostgreSQL stay"
+    ),
     "tests/faults/test_kills.py::test_kills_lose_and_duplicate_nothing": "60 s; make faults runs it at full size",
     "tests/faults/test_outages.py::test_postgres_crash_mid_run_is_503_then_recovers": "31 s; make faults too",
     "tests/faults/test_outages.py::test_s3_down_during_artifact_upload_is_retried": "25 s; make faults too",

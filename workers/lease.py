@@ -46,6 +46,7 @@ class Lease:
     owner: str
     # Set by the lease keeper thread (see keep_lease), read by the relay loop.
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    pause_requested: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
 
 
@@ -113,11 +114,14 @@ def fenced_job(engine: Engine, lease: Lease) -> JobRow:
 
 
 def heartbeat(engine: Engine, lease: Lease, *, lease_seconds: float) -> bool:
-    """Extend the lease; returns whether a cancel was requested. Raises LeaseLost."""
+    """Extend the lease; returns whether a cancel was requested (and sets ``lease.pause_requested`` when a
+    pause was). Raises LeaseLost."""
     with session_scope(engine) as session:
         job = fenced(session, lease)
         job.lease_expires_at = time.time() + lease_seconds
         session.add(job)
+        if job.pause_requested:
+            lease.pause_requested.set()
         return job.cancel_requested
 
 
@@ -255,6 +259,28 @@ def end(engine: Engine, lease: Lease, status: JobStatus, *, error: tuple[str, st
         session.add(
             JobEventRow(job_id=lease.job_id, created_at=now(), level=level, stage=job.stage, message=text)
         )
+
+
+def pause(engine: Engine, lease: Lease) -> JobStatus:
+    """The child stopped for a pause: the job becomes `paused` (no lease, checkpoints kept). If the pause was
+    withdrawn (resume) while the child was stopping, the job goes back to the queue instead and continues."""
+    with session_scope(engine) as session:
+        job = fenced(session, lease)
+        status = JobStatus.paused if job.pause_requested else JobStatus.queued
+        job.status = transition(job.status, status)
+        job.pause_requested = False
+        job.lease_owner = None
+        job.lease_expires_at = None
+        session.add(job)
+        text = (
+            "Job paused; resume continues from its newest checkpoint."
+            if status is JobStatus.paused
+            else "Pause withdrawn while the training process was stopping: queued again to continue."
+        )
+        session.add(
+            JobEventRow(job_id=lease.job_id, created_at=now(), level="info", stage=job.stage, message=text)
+        )
+        return status
 
 
 def release(engine: Engine, lease: Lease, reason: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from contract.protocol import TrainingSpec
+from contract.protocol import PAUSE_FLAG_FILE, TrainingSpec
 from contract.resources import EXIT_RANK_LOST, resources_of
 from service.core.jobs import JobStatus
 from service.db.tables import JobRow
@@ -227,6 +227,7 @@ class JobRunner:
                     abort=lambda: self._aborts.get(lease.job_id),
                     stopping=self._stopping,
                     cancel_grace_seconds=self.settings.cancel_grace_seconds,
+                    mark_pause=lambda: (attempt_dir / PAUSE_FLAG_FILE).touch(),
                 ),
             )
         finally:
@@ -239,9 +240,12 @@ class JobRunner:
             self._aborts.pop(lease.job_id, None)
             self.finish(lease, JobStatus.failed, error=end.abort)
             return JobStatus.failed
-        if end.cancelled:
+        if end.cancelled or (end.paused and lease.cancel_requested.is_set()):
             self.finish(lease, JobStatus.cancelled)
             return JobStatus.cancelled
+        # Exit 0: it finished before it read the signal (it succeeds below); an error line: it failed anyway.
+        if end.paused and end.returncode != 0 and end.error is None:
+            return leases.pause(self.engine, lease)
         if self._stopping.is_set():
             self.release(lease, "Worker shutting down; the job will run again.")
             return JobStatus.queued

@@ -153,6 +153,7 @@ class ChildExit:
     error: Error | None  # the last error line the child printed
     abort: Error | None  # the runner's abort of this job, if one was asked for
     cancelled: bool  # a cancel was requested and the child was told to stop
+    paused: bool = False  # a pause (and no cancel or abort) was requested and the child was told to stop
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ class StopRequests:
     abort: Callable[[], Error | None]  # the runner's abort of this job (e.g. the arq job timeout)
     stopping: threading.Event  # the worker is shutting down
     cancel_grace_seconds: float
+    # Called before the child is told to stop for a pause: leaves the flag the child reads to save a
+    # checkpoint before it exits (contract.protocol.PAUSE_FLAG_FILE next to its spec).
+    mark_pause: Callable[[], None] = lambda: None
 
 
 def _lines_of(child: subprocess.Popen[str], name: str) -> queue.Queue[str | None]:
@@ -195,6 +199,7 @@ def relay(
     error: Error | None = None
     abort_error: Error | None = None
     cancel_sent_at: float | None = None
+    pause_sent_at: float | None = None
     stop_sent = False
     eof = False
     while not eof:
@@ -220,6 +225,11 @@ def relay(
             announce("Cancel requested: stopping the training process.", "warning")
             signal_group(child, signal.SIGTERM)
             cancel_sent_at = time.monotonic()
+        if lease.pause_requested.is_set() and cancel_sent_at is None:
+            stops.mark_pause()
+            announce("Pause requested: stopping the training process after a checkpoint.", "info")
+            signal_group(child, signal.SIGTERM)
+            cancel_sent_at = pause_sent_at = time.monotonic()
         if stops.stopping.is_set() and not stop_sent:
             signal_group(child, signal.SIGTERM)
             stop_sent = True
@@ -232,7 +242,8 @@ def relay(
         returncode=returncode,
         error=error,
         abort=abort_error,
-        cancelled=cancel_sent_at is not None and abort_error is None,
+        cancelled=cancel_sent_at is not None and abort_error is None and pause_sent_at is None,
+        paused=pause_sent_at is not None and abort_error is None,
     )
 
 

@@ -39,6 +39,7 @@ from alignd.types import (
     Artifact,
     Dataset,
     Evaluation,
+    EvaluationPrompt,
     FeedbackItem,
     FeedbackLabel,
     FeedbackRatings,
@@ -51,6 +52,7 @@ from alignd.types import (
     Metric,
     MetricList,
     Model,
+    PromptAnswer,
 )
 
 __all__ = [
@@ -69,6 +71,7 @@ __all__ = [
     "ConflictError",
     "Dataset",
     "Evaluation",
+    "EvaluationPrompt",
     "FeedbackItem",
     "FeedbackLabel",
     "FeedbackRatings",
@@ -87,6 +90,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "PromptAnswer",
     "RateLimitError",
     "ServerError",
     "ServiceUnavailableError",

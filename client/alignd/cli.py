@@ -382,6 +382,16 @@ def cmd_jobs_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> in
     return EXIT_OK
 
 
+def cmd_jobs_pause(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    _show_one(client.jobs.pause(args.id), args, out)
+    return EXIT_OK
+
+
+def cmd_jobs_resume(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    _show_one(client.jobs.resume(args.id), args, out)
+    return EXIT_OK
+
+
 def cmd_jobs_wait(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return _wait(client, args.id, args, out)
 
@@ -539,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list_options(p)
     leaf(jobs, "get", cmd_jobs_get, "show a job").add_argument("id")
     leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a job").add_argument("id")
+    leaf(jobs, "pause", cmd_jobs_pause, "pause a job (at its next step, after a checkpoint)").add_argument(
+        "id"
+    )
+    leaf(jobs, "resume", cmd_jobs_resume, "resume a paused job from its newest checkpoint").add_argument("id")
     p = leaf(jobs, "wait", cmd_jobs_wait, "wait for a job to finish, with live progress")
     p.add_argument("id")
     _add_wait_options(p)

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 Timestamp = int | float
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "paused"]
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -119,6 +119,8 @@ class Job(AlignObject):
     """Why the job ended as it did when the status alone does not say (``stopped_by_monitor``)."""
     monitors: list[MonitorAlert] = Field(default_factory=list)
     """The reward-hacking monitors that fired during PPO."""
+    pause_requested: bool = False
+    """A pause was asked for; the job is still running until its next step (then ``paused``)."""
     created_at: Timestamp | None = None
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
@@ -153,6 +155,8 @@ class JobEvent(AlignObject):
 
 
 class Metric(AlignObject):
+    seq: int | None = None
+    """The point's position in the job's log (increasing); ``?after=<seq>`` resumes after it."""
     stage: str | None = None
     step: int | float | None = None
     name: str
@@ -323,6 +327,31 @@ def _aligned(rows: list[list[str]]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
     )
+
+
+class PromptAnswer(AlignObject):
+    """One candidate's answer to one prompt (one of ``num_samples``) with every grader's score."""
+
+    candidate: str
+    sample: int = 0
+    answer: str
+    finish_reason: str | None = None
+    tokens: int | None = None
+    log_ratio_to_base: float | None = None
+    scores: dict[str, float] = Field(default_factory=dict)
+    grader_errors: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class EvaluationPrompt(AlignObject):
+    """``GET /v1/jobs/{id}/evaluation/prompts``: one prompt, its candidates' answers side by side."""
+
+    object: str = "evaluation.prompt"
+    index: int
+    line: int | None = None
+    prompt: str | list[dict[str, Any]]
+    references: dict[str, str] | None = None
+    """What each reference-taking grader compared the answers with on this prompt's item."""
+    answers: list[PromptAnswer] = Field(default_factory=list)
 
 
 class Evaluation(AlignObject):

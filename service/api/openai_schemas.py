@@ -272,8 +272,12 @@ class OpenAIFineTuningJob(BaseModel):
     organization_id: str = Field(description="The tenant.")
     result_files: list[str] = Field(default_factory=list, description="Always empty (docs/openai.md).")
     seed: int
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
-    trained_tokens: int | None = Field(None, description="Not counted by alignd: always null.")
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+    trained_tokens: int | None = Field(
+        None,
+        description="supervised jobs, once succeeded: the non-pad tokens of every training example the job "
+        "consumed (each epoch counts again); null for dpo and reinforcement jobs and before the end.",
+    )
     training_file: str
     validation_file: str | None
     estimated_finish: int | None = None

@@ -114,6 +114,11 @@ class JobDatasets(InputModel):
         description="Dataset id of kind 'preference' (chosen/rejected) or 'ranking' (expanded to pairs).",
     )
     prompts: str | None = Field(None, description="Dataset id of kind 'prompts' (for PPO rollouts).")
+    validation: str | None = Field(
+        None,
+        description="sft only: a held-out dataset of kind 'sft'; its loss and token accuracy are logged as "
+        "eval_loss and eval_mean_token_accuracy (hyperparameters.eval_steps).",
+    )
 
 
 class ResourcesCreate(InputModel):
@@ -232,6 +237,11 @@ class JobPublic(BaseModel):
     monitors: list[MonitorAlert] = Field(
         default_factory=list, description="The reward-hacking monitors that fired during PPO, oldest first."
     )
+    pause_requested: bool = Field(
+        False,
+        description="A pause was asked for and the job is still running: it becomes 'paused' once its training "
+        "process has saved a checkpoint and stopped.",
+    )
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -263,6 +273,7 @@ class JobPublic(BaseModel):
             error=error,
             status_reason=row.status_reason,
             monitors=[MonitorAlert.model_validate(entry) for entry in row.monitors or []],
+            pause_requested=bool(row.pause_requested) and row.status == JobStatus.running,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,
@@ -299,6 +310,10 @@ def parse_event_id(value: str | None) -> int:
 
 
 class MetricPublic(BaseModel):
+    seq: int = Field(
+        description="The point's position in the job's log: increases with every point logged, so '?after=<seq>' "
+        "(or an SSE Last-Event-ID) resumes after it."
+    )
     stage: str | None
     step: int
     name: str

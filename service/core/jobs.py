@@ -24,6 +24,8 @@ class JobStatus(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    # Stopped on request with its checkpoints kept; `resume` queues it again to continue from the newest.
+    paused = "paused"
 
     @property
     def is_terminal(self) -> bool:
@@ -32,12 +34,14 @@ class JobStatus(StrEnum):
 
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
-# A job only moves forward; `running -> queued` is the reconciler handing a dead worker's job to another.
+# A job only moves forward; `running -> queued` is the reconciler handing a dead worker's job to another,
+# `paused -> queued` a resume.
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed}),
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled, JobStatus.failed, JobStatus.paused}),
     JobStatus.running: frozenset(
-        {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.queued}
+        {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.queued, JobStatus.paused}
     ),
+    JobStatus.paused: frozenset({JobStatus.queued, JobStatus.cancelled}),
     JobStatus.succeeded: frozenset(),
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),

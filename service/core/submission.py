@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from contract import reward_gate
 from contract.hyperparameters import ppo_eval_block
-from contract.methods import AVAILABLE_METHODS, REQUIRED_DATASETS, Method
+from contract.methods import AVAILABLE_METHODS, OPTIONAL_DATASETS, REQUIRED_DATASETS, Method
 from contract.resources import DISTRIBUTED_METHODS, RESOURCES_KEY, Resources
 from service.core.errors import ValidationFailed
 from service.core.evaluation import check_evaluation, missing_item_problems
@@ -107,8 +107,9 @@ def resolve_job(
                     "message": f"method '{method.value}' needs a '{role}' dataset",
                 }
             )
+    optional = OPTIONAL_DATASETS.get(method, {})
     for role, dataset_id in given.items():
-        if role not in needed:
+        if role not in needed and role not in optional:
             problems.append(
                 {
                     "field": f"datasets.{role}",
@@ -126,8 +127,8 @@ def resolve_job(
                     "message": f"no dataset '{dataset_id}'",
                 }
             )
-        elif info.kind not in ROLE_KINDS.get(role, frozenset({role})):
-            expected = " or ".join(f"'{k}'" for k in sorted(ROLE_KINDS.get(role, {role})))
+        elif info.kind not in (kinds := ROLE_KINDS.get(role, frozenset({optional.get(role, role)}))):
+            expected = " or ".join(f"'{k}'" for k in sorted(kinds))
             problems.append(
                 {
                     "field": f"datasets.{role}",

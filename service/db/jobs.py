@@ -61,13 +61,17 @@ def resource_lookup(session: Session, tenant: str) -> Lookup:
 def request_cancel(session: Session, job: JobRow) -> None:
     """Cancel an unfinished job and commit: a queued one at once, a running one by flagging it (the runner
     that holds the lease stops the child: SIGTERM, then SIGKILL). The caller checked it is unfinished."""
-    # Queued: cancel outright (compare-and-set, in case a worker takes it this instant).
-    result = session.execute(
-        status_change(job.id, JobStatus.queued, JobStatus.cancelled).values(
-            cancel_requested=True, finished_at=now()
-        )
+    # Queued or paused: cancel outright (compare-and-set, in case a worker takes it this instant).
+    cancelled = any(
+        session.execute(
+            status_change(job.id, waiting, JobStatus.cancelled).values(
+                cancel_requested=True, finished_at=now()
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        == 1
+        for waiting in (JobStatus.queued, JobStatus.paused)
     )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
+    if cancelled:
         session.add(JobEventRow(job_id=job.id, created_at=now(), level="info", message="Job cancelled."))
     else:
         session.execute(update(JobRow).where(col(JobRow.id) == job.id).values(cancel_requested=True))
@@ -78,3 +82,55 @@ def request_cancel(session: Session, job: JobRow) -> None:
         )
     session.commit()
     session.refresh(job)
+
+
+def _event(job: JobRow, message: str) -> JobEventRow:
+    return JobEventRow(job_id=job.id, created_at=now(), level="info", message=message, stage=job.stage)
+
+
+def request_pause(session: Session, job: JobRow) -> None:
+    """Pause an unfinished job and commit: a queued one at once, a running one by flagging it (the runner
+    stops its child at the next step boundary, a checkpoint first, and marks it paused). A paused job, or a
+    running one already flagged, is left as it is: pausing twice is one pause."""
+    # Queued: paused outright. The generation (lease token) moves on so that a resume enqueues an entry of
+    # its own: a queue that remembers the old entry (arq keeps results) would drop a second one of the same id.
+    result = session.execute(
+        status_change(job.id, JobStatus.queued, JobStatus.paused).values(
+            pause_requested=False, lease_token=col(JobRow.lease_token) + 1
+        )
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        session.add(_event(job, "Job paused before it started."))
+    elif job.status == JobStatus.running and not job.pause_requested:
+        flagged = session.execute(
+            update(JobRow)
+            .where(col(JobRow.id) == job.id, col(JobRow.status) == JobStatus.running.value)
+            .values(pause_requested=True)
+        )
+        if flagged.rowcount == 1:  # type: ignore[attr-defined]
+            session.add(
+                _event(job, "Pause requested: training stops at the next step, after saving a checkpoint.")
+            )
+    session.commit()
+    session.refresh(job)
+
+
+def resume(session: Session, job: JobRow) -> bool:
+    """Resume a paused job (back to `queued`; it continues from its newest checkpoint) or withdraw a pause
+    the runner has not acted on yet, and commit. Returns whether the job needs enqueueing."""
+    result = session.execute(
+        status_change(job.id, JobStatus.paused, JobStatus.queued).values(pause_requested=False)
+    )
+    requeued = result.rowcount == 1  # type: ignore[attr-defined]
+    if requeued:
+        session.add(_event(job, "Job resumed: queued to continue from its newest checkpoint."))
+    elif job.status == JobStatus.running and job.pause_requested:
+        session.execute(
+            update(JobRow)
+            .where(col(JobRow.id) == job.id, col(JobRow.status) == JobStatus.running.value)
+            .values(pause_requested=False)
+        )
+        session.add(_event(job, "Pause withdrawn before it took effect."))
+    session.commit()
+    session.refresh(job)
+    return requeued

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from alignd import validation
 from sqlalchemy import select as sa_select
@@ -194,7 +194,7 @@ def model_named(session: Session, tenant: str, model: str) -> NamedModel | None:
         adapter = adapters(session, [job.id]).get(job.id) if job else None
         if job is None or job.status != JobStatus.succeeded or adapter is None:
             return None
-        return NamedModel(job.base_model, model.split(":")[1], adapter)
+        return NamedModel(job.base_model, model.split(":")[1], adapter.id)
     row = base_model(session, tenant, model)
     return NamedModel(row.id, row.name, None) if row is not None else None
 
@@ -205,16 +205,25 @@ def fine_tuned(session: Session, tenant: str, name: str) -> OpenAIJobRow | None:
     ).first()
 
 
-def adapters(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
-    """Each job's newest adapter artifact id (a succeeded sft, dpo or grpo job has exactly one)."""
+class AdapterInfo(NamedTuple):
+    id: str
+    trained_tokens: int | None  # from the adapter's final metrics, where the method counts them (sft)
+
+
+def adapters(session: Session, job_ids: Sequence[str]) -> dict[str, AdapterInfo]:
+    """Each job's newest adapter artifact (a succeeded sft, dpo or grpo job has exactly one)."""
     if not job_ids:
         return {}
     rows = session.exec(
-        select(ArtifactRow.job_id, ArtifactRow.id)
+        select(ArtifactRow.job_id, ArtifactRow.id, ArtifactRow.meta)
         .where(col(ArtifactRow.job_id).in_(list(job_ids)), ArtifactRow.kind == "adapter")
         .order_by(col(ArtifactRow.seq))
     ).all()
-    return {job_id: artifact_id for job_id, artifact_id in rows}
+    out = {}
+    for job_id, artifact_id, meta in rows:
+        tokens = ((meta or {}).get("metrics") or {}).get("trained_tokens")
+        out[job_id] = AdapterInfo(artifact_id, int(tokens) if isinstance(tokens, int | float) else None)
+    return out
 
 
 def succeeded_fine_tunes(session: Session, tenant: str) -> list[tuple[OpenAIJobRow, JobRow]]:

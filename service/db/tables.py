@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, Text
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, Text, false
 from sqlmodel import Field, SQLModel
 
 
@@ -81,6 +81,9 @@ class JobRow(SQLModel, table=True):
     finished_at: int | None = None
     # Cancellation is a flag on the row, so it works whichever process runs the job.
     cancel_requested: bool = False
+    # Pause, likewise: the runner stops the child at its next step boundary (a checkpoint first) and the job
+    # becomes `paused`; a resume clears it.
+    pause_requested: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     # Lease: the runner that owns the job, its fencing token, and when the lease lapses.
     lease_owner: str | None = Field(default=None, max_length=128)
     lease_token: int = 0

@@ -73,6 +73,18 @@ def test_evals_create_retrieve_and_table(live_server: Any, tmp_path: Path) -> No
             client.evals.retrieve(job.id)  # queued or running: no evaluation yet
         client.jobs.wait(job.id, timeout=240, poll_interval=0.5)
         evaluation = client.evals.retrieve(job.id)
+        rows = client.evals.prompts(job.id)
+        metrics = client.jobs.metrics(job.id)
+        assert [m.seq for m in client.jobs.metrics(job.id, after=metrics[0].seq)] == [
+            m.seq for m in metrics[1:]
+        ]
+    assert [p.index for p in rows] == list(range(len(PROMPTS)))
+    assert all([a.candidate for a in p.answers] == ["base", "again"] for p in rows)
+    assert all(
+        set(a.scores) == {"yes", "names_it"} and a.answer == p.answers[0].answer
+        for p in rows
+        for a in p.answers
+    )
     assert evaluation.baseline == "base" and evaluation.num_prompts == len(PROMPTS)
     again = evaluation.candidate("again").graders["yes"]
     assert again.win_rate == 0.5 and again.win_rate_ci_low == 0.5 == again.win_rate_ci_high

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "alignd"
 GPU_VALUES = CHART / "ci" / "gpu-production-values.yaml"
 POOLS_VALUES = CHART / "ci" / "worker-pools-values.yaml"
+MULTI_NODE_VALUES = CHART / "ci" / "multi-node-values.yaml"
 FETCH_TOOLS = REPO / "helm" / "fetch-tools.sh"
 TOOLS_BIN = REPO / ".tools" / "bin"
 

@@ -15,6 +15,7 @@ from tests.deploy.deploy_support import (
     CHART,
     FETCH_TOOLS,
     GPU_VALUES,
+    MULTI_NODE_VALUES,
     POOLS_VALUES,
     REPO,
     TOOLS_BIN,
@@ -71,7 +72,9 @@ def walk_strings(node):
 
 
 @pytest.mark.parametrize(
-    "values", [None, GPU_VALUES, POOLS_VALUES], ids=["default", "gpu-production", "worker-pools"]
+    "values",
+    [None, GPU_VALUES, POOLS_VALUES, MULTI_NODE_VALUES],
+    ids=["default", "gpu-production", "worker-pools", "multi-node"],
 )
 def test_helm_lint_strict(tools, values):
     args = ["lint", str(CHART), "--strict"] + (["-f", str(values)] if values else [])
@@ -130,12 +133,12 @@ def test_template_fails_on_inconsistent_values(tools, sets, message):
     assert message in proc.stderr
 
 
-def test_chart_metadata_and_one_object_per_template(default_render, gpu_render):
+def test_chart_metadata_and_one_object_per_template(default_render, gpu_render, helm_template):
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["apiVersion"] == "v2"
     assert chart["appVersion"]
     assert (CHART / "templates" / "NOTES.txt").is_file()
-    for r in (default_render, gpu_render):
+    for r in (default_render, gpu_render, helm_template(values=[MULTI_NODE_VALUES])):
         sources = re.findall(r"^# Source: (\S+)$", r.text, flags=re.M)
         assert len(sources) == len(r.objects)
         assert len(sources) == len(set(sources)), "a template renders more than one object"
@@ -774,6 +777,7 @@ def test_manifests_validate_against_kubernetes_schemas(
         gpu_render,
         helm_template(sets=SECRET_SETS),
         helm_template(values=[POOLS_VALUES]),
+        helm_template(values=[MULTI_NODE_VALUES]),
     ]
     checked = 0
     for r in renders:

@@ -143,9 +143,11 @@ def _check_not_ready(client: httpx.Client, model: str, prompts: str) -> None:
     """While the SFT job runs (one job at a time), an evaluate job waits queued: its evaluation is a 409."""
     waiting = client.post("/v1/jobs", json=_evaluate(model, prompts, _evaluation([{"name": "base"}]))).json()
     assert waiting["evaluation"]["baseline"] == "base" and waiting["hyperparameters"] == {}
-    assert_error(client.get(f"/v1/jobs/{waiting['id']}/evaluation"), 409, "evaluation_not_ready")
+    for path in ("evaluation", "evaluation/prompts"):
+        assert_error(client.get(f"/v1/jobs/{waiting['id']}/{path}"), 409, "evaluation_not_ready")
     client.post(f"/v1/jobs/{waiting['id']}/cancel")
-    assert_error(client.get(f"/v1/jobs/{waiting['id']}/evaluation"), 409, "evaluation_unavailable")
+    for path in ("evaluation", "evaluation/prompts"):
+        assert_error(client.get(f"/v1/jobs/{waiting['id']}/{path}"), 409, "evaluation_unavailable")
 
 
 def _check_result(result: dict[str, Any], metrics: dict[str, float], files: dict[str, bytes]) -> None:
@@ -181,6 +183,36 @@ def _check_result(result: dict[str, Any], metrics: dict[str, float], files: dict
         assert all((WORD in row["answer"]) == (row["ahoy"] == "1") for row in rows)
 
 
+def _check_prompts(client: httpx.Client, job: str, files: dict[str, bytes]) -> None:
+    """GET .../evaluation/prompts is per_prompt.csv as JSON, a prompt's answers together, with references."""
+    url = f"/v1/jobs/{job}/evaluation/prompts"
+    body = client.get(url).json()
+    prompts = body["data"]
+    assert body["has_more"] is False and [p["index"] for p in prompts] == list(range(len(HELD_OUT)))
+    table = list(csv.DictReader(io.StringIO(files["per_prompt.csv"].decode())))
+    for prompt in prompts:
+        assert prompt["prompt"] == HELD_OUT[prompt["index"]] and prompt["line"] == prompt["index"] + 1
+        thing = prompt["prompt"].split("the ")[1].split(" ")[0].rstrip("?.")
+        assert prompt["references"] == {"ahoy": WORD, "names_it": thing}  # names_it's {{item.thing}} rendered
+        assert [a["candidate"] for a in prompt["answers"]] == ["base", "sft", "base_again"]
+        rows = [row for row in table if row["prompt_index"] == str(prompt["index"])]
+        for answer, row in zip(prompt["answers"], rows, strict=True):
+            assert answer["answer"] == row["answer"] and answer["tokens"] == int(row["tokens"])
+            assert answer["scores"] == {"ahoy": float(row["ahoy"]), "names_it": float(row["names_it"])}
+            assert answer["finish_reason"] in ("stop", "length") and answer["grader_errors"] == []
+    page = client.get(url, params={"limit": 5}).json()
+    assert [p["index"] for p in page["data"]] == [0, 1, 2, 3, 4] and page["has_more"] is True
+    rest = client.get(url, params={"after": 4, "limit": 1000}).json()
+    assert rest["data"] == prompts[5:] and rest["has_more"] is False
+    assert client.get(url, params={"after": len(HELD_OUT)}).json() == {
+        "object": "list",
+        "data": [],
+        "has_more": False,
+    }
+    for params in ({"limit": 0}, {"limit": 1001}, {"after": -1}, {"after": "x"}):
+        assert_error(client.get(url, params=params), 422, "invalid_request")
+
+
 def test_evaluate_job_over_rest(live_server: LiveServer) -> None:
     """The plumbing, on a 1-step adapter: 409 until the evaluation exists, 404 for a job that is no
     evaluation, the adapter's model card refused as a candidate, the result, metrics and artifact, and tenants
@@ -192,12 +224,14 @@ def test_evaluate_job_over_rest(live_server: LiveServer) -> None:
         _check_not_ready(client, model, prompts)
         artifacts = _artifacts_of(client, sft_job)
         assert_error(client.get(f"/v1/jobs/{sft_job}/evaluation"), 404, "evaluation_not_found")
+        assert_error(client.get(f"/v1/jobs/{sft_job}/evaluation/prompts"), 404, "evaluation_not_found")
         wrong_kind = _evaluation([{"name": "base"}, {"name": "sft", "adapter": artifacts["model_card"]}])
         error = assert_error(
             client.post("/v1/jobs", json=_evaluate(model, prompts, wrong_kind)), 422, "wrong_artifact_kind"
         )
         assert error["details"][0]["field"] == "evaluation.candidates[1].adapter"
         job, result, metrics, files = _run_evaluation(client, model, prompts, artifacts["adapter"])
+        _check_prompts(client, job, files)
     _check_result(result, metrics, files)
 
     with live_server.client(api_key=live_server.other_api_key) as other:
@@ -210,6 +244,7 @@ def test_evaluate_job_over_rest(live_server: LiveServer) -> None:
         )
         assert error["details"][0]["field"] == "evaluation.candidates[1].adapter"
         assert_error(other.get(f"/v1/jobs/{job}/evaluation"), 404, "job_not_found")
+        assert_error(other.get(f"/v1/jobs/{job}/evaluation/prompts"), 404, "job_not_found")
 
 
 # 52-70 s on the shared 2-core machine (load 4-7): past the default suite's budget, so `make test-slow`.

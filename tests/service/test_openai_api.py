@@ -96,8 +96,9 @@ def supervised(facade: Facade, tmp_path_factory: pytest.TempPathFactory) -> tupl
     assert 'OpenAI(base_url="http://127.0.0.1:8000/openai/v1", api_key="key-a")' in script
     (folder / "finetune.py").write_text(script.replace("http://127.0.0.1:8000", facade.base_url))
     (folder / "train.jsonl").write_bytes(_chat())
+    (folder / "valid.jsonl").write_bytes(_chat(6))
     done = subprocess.run(
-        [sys.executable, "finetune.py", "train.jsonl", "tiny"],
+        [sys.executable, "finetune.py", "train.jsonl", "tiny", "valid.jsonl"],
         cwd=folder,
         capture_output=True,
         text=True,
@@ -118,7 +119,8 @@ def test_the_documented_script_fine_tunes_and_the_job_is_an_alignd_job(
     job = client.fine_tuning.jobs.retrieve(job_id)
     assert job.model == "tiny" and job.hyperparameters.n_epochs == 1 and job.hyperparameters.batch_size == 8
     assert job.method is not None and job.method.type == "supervised"
-    assert job.hyperparameters.learning_rate_multiplier == 1.0 and job.trained_tokens is None
+    assert job.hyperparameters.learning_rate_multiplier == 1.0
+    assert job.trained_tokens is not None and job.trained_tokens > 16 * 8  # 16 examples, one epoch
     links = job.to_dict()["alignd"]
     assert links["method"] == "sft" and links["adapter_url"] == f"/v1/artifacts/{links['adapter']}/content"
 
@@ -134,6 +136,13 @@ def test_the_documented_script_fine_tunes_and_the_job_is_an_alignd_job(
     final = checkpoints[0]
     assert (final.id, final.fine_tuned_model_checkpoint) == (links["adapter"], job.fine_tuned_model)
     assert final.step_number == 2 and final.metrics.train_loss is not None and final.metrics.train_loss > 0
+    # The validation file is sft's held-out set: scored whole (valid_* == full_valid_*) at steps 1 and 2.
+    metrics = final.metrics
+    assert metrics.valid_loss is not None and metrics.valid_loss > 0
+    assert metrics.full_valid_loss == metrics.valid_loss
+    assert metrics.valid_mean_token_accuracy is not None and 0 <= metrics.valid_mean_token_accuracy <= 1
+    assert metrics.train_mean_token_accuracy is not None and 0 <= metrics.train_mean_token_accuracy <= 1
+    assert f"2 {metrics.train_loss} {metrics.valid_loss} {job.fine_tuned_model}" in output
 
     models = {model.id for model in client.models.list()}
     assert {facade.model_id, job.fine_tuned_model} <= models
@@ -142,6 +151,7 @@ def test_the_documented_script_fine_tunes_and_the_job_is_an_alignd_job(
     headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
     alignd_job = httpx.get(f"{facade.base_url}/v1/jobs/{job_id}", headers=headers).json()
     assert alignd_job["method"] == "sft" and alignd_job["hyperparameters"]["epochs"] == 1
+    assert set(alignd_job["datasets"]) == {"sft", "validation"}
     developer = alignd_job["datasets"]["sft"]
     dataset = httpx.get(f"{facade.base_url}/v1/datasets/{developer}", headers=headers).json()
     assert dataset["kind"] == "sft" and dataset["num_records"] == 16
@@ -299,8 +309,9 @@ def test_a_dpo_job_continues_from_the_fine_tuned_model(facade: Facade, supervise
 
 
 def _cancel_a_queued_job(client: OpenAI, facade: Facade) -> None:
-    """While a job runs (one job at a time in this server), another waits queued: cancelled at once. Pause and
-    resume are refused in OpenAI's shape, and the ignored fields said so in warning events."""
+    """While a job runs (one job at a time in this server), another waits queued: paused at once, resumed,
+    then cancelled at once; resuming a job that is not paused is refused in OpenAI's shape, and the ignored
+    fields said so in warning events. (A running job's pause and resume: tests/service/test_pause_resume.py.)"""
     job = client.fine_tuning.jobs.create(
         model=facade.model_id,
         training_file=_upload(client, _chat(4)),
@@ -309,10 +320,12 @@ def _cancel_a_queued_job(client: OpenAI, facade: Facade) -> None:
     )
     assert job.status == "queued" and job.hyperparameters.n_epochs == 3  # "auto"
     jobs = client.fine_tuning.jobs
-    for action, code in ((jobs.pause, "pause_not_supported"), (jobs.resume, "resume_not_supported")):
-        with pytest.raises(openai.BadRequestError) as refused:
-            action(job.id)
-        assert refused.value.code == code
+    with pytest.raises(openai.ConflictError) as refused:
+        jobs.resume(job.id)
+    assert refused.value.code == "job_not_paused"
+    assert jobs.pause(job.id).status == "paused"
+    assert jobs.retrieve(job.id).status == "paused"
+    assert jobs.resume(job.id).status == "queued"
     cancelled = jobs.cancel(job.id)
     assert (cancelled.status, cancelled.fine_tuned_model, cancelled.metadata) == (
         "cancelled",

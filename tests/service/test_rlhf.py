@@ -121,6 +121,11 @@ def _check_final_evaluation(client: httpx.Client, job_id: str, artifacts: list[d
     assert any(m.startswith("final evaluation: base, sft and ppo answer") for m in events), events
     summary = next(m for m in events if m.startswith("final evaluation on 3 held-out prompts"))
     assert "sft: says_colour" in summary and "ppo: says_colour" in summary and summary.count("wins") == 2
+    prompts = client.get(f"/v1/jobs/{job_id}/evaluation/prompts").json()["data"]
+    assert [p["index"] for p in prompts] == [0, 1, 2]
+    for prompt in prompts:
+        assert [a["candidate"] for a in prompt["answers"]] == ["base", "sft", "ppo"]
+        assert all(set(a["scores"]) == {"says_colour"} for a in prompt["answers"])
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
     assert "eval/ppo/says_colour/win_rate" in {m["name"] for m in metrics if m["stage"] == "evaluate"}
 

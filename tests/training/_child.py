@@ -24,6 +24,7 @@ def write_spec(
     method: str = "sft",
     seed: int = 0,
     init_adapter: Path | None = None,
+    validation: Path | None = None,
 ) -> Path:
     """A TrainingSpec as the runner writes it: hyperparameters and LoRA resolved by the service's models.
 
@@ -57,6 +58,15 @@ def write_spec(
     }
     if init_adapter is not None:
         spec["init_adapter"] = {"id": "adapter_init", "path": str(init_adapter)}
+    if validation is not None:  # sft's optional held-out set
+        spec["datasets"]["validation"] = {  # type: ignore[index]
+            "id": "ds_tiny_validation",
+            "name": "tiny-colours-held-out",
+            "kind": "sft",
+            "sha256": hashlib.sha256(validation.read_bytes()).hexdigest(),
+            "num_records": sum(1 for line in validation.read_text().splitlines() if line.strip()),
+            "path": str(validation),
+        }
     path = folder / "spec.json"
     path.write_text(json.dumps(spec), encoding="utf-8")
     return path

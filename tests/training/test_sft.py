@@ -23,7 +23,7 @@ from tests.training._child import REPO_ROOT, child_env, run_child, write_spec
 from workers.training import data
 from workers.training.sft import token_loss_sum
 
-METRICS = {"loss", "learning_rate", "grad_norm", "tokens_per_second", "epoch"}
+METRICS = {"loss", "learning_rate", "grad_norm", "tokens_per_second", "mean_token_accuracy", "epoch"}
 # Measured with seed 0: loss 6.98 -> ~0.7 over 30 steps; the bar leaves room for BLAS differences.
 TRAIN_HP = {
     "epochs": 10,
@@ -51,9 +51,15 @@ def _completion_loss(model: torch.nn.Module, tokenizer: object, dataset: Path) -
 def sft_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
     work = tmp_path_factory.mktemp("sft-run")
     dataset = tiny_sft_jsonl(work / "train.jsonl", n=64, seed=0)
+    held_out = tiny_sft_jsonl(work / "held_out.jsonl", n=16, seed=1)
     base_sha = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
     spec = write_spec(
-        work, model_dir=tiny_model_dir, dataset=dataset, hyperparameters=TRAIN_HP, lora=TRAIN_LORA
+        work,
+        model_dir=tiny_model_dir,
+        dataset=dataset,
+        hyperparameters=TRAIN_HP,
+        lora=TRAIN_LORA,
+        validation=held_out,
     )
     started = time.perf_counter()
     run = run_child(spec)
@@ -83,6 +89,8 @@ def test_protocol_lines_and_metrics(sft_run: tuple[Path, Path, object]) -> None:
         assert m["values"]["grad_norm"] > 0
     losses = [m["values"]["loss"] for m in metrics]
     assert losses[-1] < 0.5 * losses[0], losses
+    accuracies = [m["values"]["mean_token_accuracy"] for m in metrics]
+    assert all(0 <= a <= 1 for a in accuracies) and accuracies[-1] > accuracies[0] + 0.2, accuracies
     # Warm-up (3 steps) ramps the lr up to its peak, the linear schedule then takes it down.
     lrs = [m["values"]["learning_rate"] for m in metrics]
     assert lrs[0] < lrs[2] < lrs[3] == pytest.approx(5e-3)
@@ -90,6 +98,31 @@ def test_protocol_lines_and_metrics(sft_run: tuple[Path, Path, object]) -> None:
     assert metrics[-1]["values"]["epoch"] == pytest.approx(30 / 8)
     progress = [m["progress"] for m in messages if m["type"] == "progress"]
     assert progress == sorted(progress) and progress[0] == 0.0 and progress[-1] == 1.0
+
+
+def test_held_out_loss_and_token_accuracy(sft_run: tuple[Path, Path, object]) -> None:
+    # No eval_steps: ten evaluations over the 30 steps (every 3rd) on the held-out set, the last at step 30.
+    _, _, run = sft_run
+    evals = [m for m in run.of_type("metric") if "eval_loss" in m["values"]]  # type: ignore[attr-defined]
+    assert [m["step"] for m in evals] == list(range(3, 31, 3)), evals
+    first, last = evals[0]["values"], evals[-1]["values"]
+    assert last["eval_loss"] < 0.6 * first["eval_loss"], (first, last)
+    assert 0 <= first["eval_mean_token_accuracy"] < last["eval_mean_token_accuracy"] <= 1
+    adapter = next(m for m in run.of_type("artifact") if m["kind"] == "adapter")  # type: ignore[attr-defined]
+    assert adapter["metadata"]["metrics"]["eval_loss"] == last["eval_loss"]
+    assert adapter["metadata"]["datasets"]["validation"]["id"] == "ds_tiny_validation"
+
+
+def test_token_accuracy_counts_argmax_hits_on_labelled_positions_only() -> None:
+    from workers.training.sft import correct_tokens
+
+    logits = torch.full((1, 4, 5), -1.0)
+    for position, token in enumerate([2, 3, 1, 4]):
+        logits[0, position, token] = 1.0  # position p predicts token p+1
+    labels = torch.tensor([[9, 2, 0, data.IGNORE_INDEX]])  # predicted 2 (hit), 3 vs 0 (miss), masked
+    assert correct_tokens(logits, labels) == 1
+    kept = logits[0, :2]  # the 2-D path: the kept positions, already aligned with their labels
+    assert correct_tokens(kept, torch.tensor([2, 0])) == 1
 
 
 def test_artifacts_and_model_card(sft_run: tuple[Path, Path, object]) -> None:

@@ -20,7 +20,7 @@ from contract.graders import (
     parse_grader,
     parse_template,
 )
-from contract.grading import GradeResult, grade, missing_item_fields
+from contract.grading import GradeResult, grade, missing_item_fields, references
 
 OUT = "{{sample.output_text}}"
 
@@ -681,3 +681,16 @@ def test_odd_values_are_refused_cleanly_and_never_break_grading() -> None:
                         result = grade(grader, sample, item)
                         assert math.isfinite(result.reward)
                         assert "internal_error" not in error_codes(result), result.metadata
+
+
+def test_references_are_rendered_on_the_item_per_leaf() -> None:
+    item = {"answer": "sitting", "n": 3}
+    assert references(parse_grader(multi("exact")), item) == {"g.exact": "sitting", "g.fuzzy": "sitting"}
+    numeric = check(type="numeric", input=OUT, reference="{{item.n}} items")
+    assert references(parse_grader(numeric), item) == {"g": "3 items"}
+    # No reference kind, one reading the sample, one whose item field is missing: nothing to show.
+    assert references(parse_grader(check(type="length", max=3)), item) == {}
+    echo = check(type="string_check", input=OUT, reference="{{sample.output_text}}", operation="eq")
+    assert references(parse_grader(echo), item) == {}
+    missing = check(type="string_check", input=OUT, reference="{{item.gone}}", operation="eq")
+    assert references(parse_grader(missing), item) == {}

@@ -17,12 +17,13 @@ from service.db.jobs import status_change
 from service.db.session import make_engine, migrate, session_scope
 from service.db.tables import JobRow
 
-Q, R, S, F, C = (
+Q, R, S, F, C, P = (
     JobStatus.queued,
     JobStatus.running,
     JobStatus.succeeded,
     JobStatus.failed,
     JobStatus.cancelled,
+    JobStatus.paused,
 )
 
 
@@ -38,7 +39,7 @@ def test_a_queued_job_cannot_finish_successfully_without_running() -> None:
         transition(Q, S)
 
 
-@pytest.mark.parametrize("status", [Q, R])
+@pytest.mark.parametrize("status", [Q, R, P])
 def test_a_status_is_never_written_over_itself(status: JobStatus) -> None:
     # Queued -> queued would reset a lease nobody took; running -> running would steal a live one.
     with pytest.raises(IllegalTransition):
@@ -47,7 +48,7 @@ def test_a_status_is_never_written_over_itself(status: JobStatus) -> None:
 
 def test_unknown_current_status_is_refused() -> None:
     with pytest.raises(ValueError):
-        transition("paused", R)
+        transition("suspended", R)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,9 @@ def test_unknown_current_status_is_refused() -> None:
         [Q, C],  # cancelled before a worker took it
         [Q, R, C],  # cancelled while running
         [Q, F],  # failed before it ran (its inputs are gone)
+        [Q, R, P, Q, R, S],  # paused while running, resumed, finished
+        [Q, P, Q, R, S],  # paused before a worker took it
+        [Q, R, P, C],  # cancelled while paused
     ],
 )
 def test_legitimate_lifecycles_pass(lifecycle: list[JobStatus]) -> None:
@@ -94,6 +98,13 @@ def test_status_change_moves_a_real_row_through_its_lifecycle(engine: Engine) ->
         with session_scope(engine) as session:
             assert session.execute(status_change(job_id, current, new)).rowcount == 1  # type: ignore[attr-defined]
         assert _status(engine, job_id) == new.value
+
+
+@pytest.mark.parametrize("new", [R, S, F])
+def test_a_paused_job_only_resumes_to_the_queue_or_is_cancelled(new: JobStatus) -> None:
+    # A worker never takes a paused job (acquire asks for `queued`), and it cannot end without running.
+    with pytest.raises(IllegalTransition):
+        transition(P, new)
 
 
 def test_status_change_refuses_an_illegal_move_before_touching_the_row(engine: Engine) -> None:

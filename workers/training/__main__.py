@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from contract.protocol import ProgressWriter, TrainingSpec
+    from contract.protocol import PAUSE_FLAG_FILE, ProgressWriter, TrainingSpec
     from workers.training import distributed
     from workers.training.context import CancelToken, RunContext
     from workers.training.distributed import SINGLE
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.error("usage: python -m workers.training /path/spec.json", code=INVALID_SPEC)
         return EXIT_USAGE
 
-    cancel = CancelToken()
+    cancel = CancelToken(pause_flag=Path(args[0]).with_name(PAUSE_FLAG_FILE))
     cancel.install()
     stage = "setup"
     dist = SINGLE

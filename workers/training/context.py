@@ -6,6 +6,7 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from contract.protocol import ProgressWriter, TrainingSpec
@@ -22,11 +23,13 @@ class CancelToken:
     The parent decides that the job is cancelled; the child only stops and exits 143 (128 + SIGTERM).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pause_flag: Path | None = None) -> None:
         self._requested = False
         self._deferred = 0
         # Under torchrun: combines every rank's flag (Dist.any), so all ranks stop after the same step.
         self.sync: Callable[[bool], bool] | None = None
+        # The runner leaves this file before the SIGTERM of a pause (contract.protocol.PAUSE_FLAG_FILE).
+        self._pause_flag = pause_flag
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -43,6 +46,16 @@ class CancelToken:
     @property
     def requested(self) -> bool:
         return self._requested
+
+    @property
+    def pausing(self) -> bool:
+        """A stop was asked for by a pause: the loop saves a checkpoint of the finished step before stopping.
+
+        Under torchrun it is decided on every rank's flag (a collective, read at the same point by every
+        rank), so rank 0 saves the pause's checkpoint even when another rank saw the SIGTERM first."""
+        requested = self._requested if self.sync is None else self.sync(self._requested)
+        self._requested = requested
+        return requested and self._pause_flag is not None and self._pause_flag.exists()
 
     def check(self) -> None:
         """Raise Cancelled if a stop was asked for (under torchrun: on any rank; every rank must call it at the

@@ -17,7 +17,8 @@
    candidate's paired win-rate against the baseline with its interval.
 
 Output: an ``eval`` artifact (``evaluation.json``, ``per_prompt.csv``: one row per prompt, candidate and
-sample, with the answer, its length, finish reason, log-ratio to the base, each grader's score and errors),
+sample, with the answer, its length, finish reason, log-ratio to the base, each grader's score and errors;
+``references.json``: per prompt, what each grader with a reference template compared the answers with),
 whose metadata carries the evaluation, and metrics ``eval/<candidate>/<grader>/mean`` and ``.../win_rate``.
 """
 
@@ -34,11 +35,12 @@ from typing import Any
 import torch
 from alignd import validation
 
-from contract import statistics
+from contract import grading, statistics
 from contract.evaluation import (
     EVAL_ARTIFACT_KIND,
     EVALUATION_FILE,
     PER_PROMPT_FILE,
+    REFERENCES_FILE,
     STAGE,
     CandidateResult,
     EvaluationResult,
@@ -289,6 +291,18 @@ def write_per_prompt(
                     )
 
 
+def write_references(path: Path, spec: EvaluationSpec, rows: list[PromptRow]) -> None:
+    """Per prompt (in prompt_index order), each reference-taking grader's reference rendered on its item, so
+    a reader sees what the answers were compared with without the dataset at hand."""
+    table: list[dict[str, str]] = []
+    for row in rows:
+        merged: dict[str, str] = {}
+        for grader in spec.graders:
+            merged.update(grading.references(grader, row.record))
+        table.append(merged)
+    path.write_text(json.dumps(table, ensure_ascii=False), encoding="utf-8")
+
+
 def _load(ctx: RunContext, spec: EvaluationSpec, local_adapters: Mapping[str, str]) -> SharedModels:
     refs = model_refs(spec)
     wanted = {ref: kind for _, ref, kind in refs if ref.startswith("art_") or ref in local_adapters}
@@ -409,6 +423,7 @@ def _publish(
         json.dumps({**document, "per_prompt_artifact": None}, indent=2), encoding="utf-8"
     )
     write_per_prompt(folder / PER_PROMPT_FILE, spec, rows, answers, scores, errors)
+    write_references(folder / REFERENCES_FILE, spec, rows)
     ctx.progress.progress(1.0, stage=STAGE)
     ctx.progress.artifact(
         str(folder),

@@ -488,6 +488,13 @@ class Trainer(ABC, Generic[H, B]):
                 # A checkpoint mid-way through a logging window drops that window's partial sums on resume:
                 # the weights are exact, the first metric point after a resume covers fewer steps.
                 ckpt.maybe_save(step, epoch=epoch, position=position, extra=self.checkpoint_extra())
+                if cancel.pausing and ckpt.enabled:
+                    # A pause keeps every finished step; a cancel or a worker shutdown does not wait for one.
+                    ckpt.save(step, epoch=epoch, position=position, extra=self.checkpoint_extra())
+                    self.progress.event(
+                        f"Stopping for the pause after step {step}, checkpoint saved.", stage=self.stage
+                    )
+                cancel.check()
             train_seconds = time.perf_counter() - train_start
             cancel.check()
             ckpt.save(step, epoch=epoch, position=position, extra=self.checkpoint_extra(), final=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from contract.hyperparameters import SFTHyperparameters
-from workers.training import data, loop, lora
+from workers.training import checkpoint, data, loop, lora
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, NO_TRAINABLE_EXAMPLES, TrainingError
 from workers.training.modelcard import DatasetCardEntry
@@ -48,10 +49,20 @@ def _logits_mask_supported(model: torch.nn.Module) -> bool:
     return module is not None and callable(getattr(module, "slice_logits_to_keep", None))
 
 
-def completion_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def correct_tokens(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many next-token predictions (argmax) equal their label, over positions whose label is not
+    IGNORE_INDEX: ``mean_token_accuracy``'s numerator (TRL's and OpenAI's metric of the same name)."""
+    if logits.dim() == 2:  # already the kept positions, aligned with ``labels``
+        return int((logits.argmax(-1) == labels).sum())
+    shifted_labels = labels[:, 1:]
+    predicted = logits[:, :-1, :].argmax(-1)
+    return int(((predicted == shifted_labels) & (shifted_labels != data.IGNORE_INDEX)).sum())
+
+
+def completion_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """:func:`token_loss_sum` computed with the LM head and log-softmax only at the positions that predict a
     label (completion tokens), not at prompt and pad positions: the same loss and gradients, less work and
-    memory (on SmolLM2-135M the head is about a fifth of the step's FLOPs)."""
+    memory (on SmolLM2-135M the head is about a fifth of the step's FLOPs). Also the correct predictions."""
     labels = inputs["labels"]
     if _logits_mask_supported(model):
         keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -60,9 +71,11 @@ def completion_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor])
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep
         ).logits
         if logits.dim() == 2:  # (kept positions, vocab)
-            return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
+            kept_labels = labels[:, 1:][keep[:, :-1]]
+            loss = F.cross_entropy(logits.float(), kept_labels, reduction="sum")
+            return loss, correct_tokens(logits.detach(), kept_labels)
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    return token_loss_sum(logits, labels)
+    return token_loss_sum(logits, labels), correct_tokens(logits.detach(), labels)
 
 
 class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
@@ -78,9 +91,11 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
         self.dataset_ref = dataset_ref
         # Data first: a bad dataset fails in a second, before the (slow) model load.
         self._read_examples()
+        self._read_validation()
         self._load_model()
         self.lengths = [example.length for example in self.examples]
         self.plan(len(self.examples))
+        self.eval_every = self.hp.eval_steps or max(1, self.total // 10)
 
     def _read_examples(self) -> None:
         hp, progress, dataset_ref = self.hp, self.progress, self.dataset_ref
@@ -119,6 +134,33 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
             pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.collate = data.SFTCollator(int(pad_token_id))
 
+    def _read_validation(self) -> None:
+        """The optional held-out set (role ``validation``, kind sft), tokenised by the training set's rules."""
+        self.validation: list[data.SFTExample] = []
+        self.last_eval: dict[str, float] = {}
+        ref = self.spec.datasets.get("validation")
+        if ref is None:
+            return
+        hp = self.hp
+        self.validation_sha256 = loop.local_sha256(self.progress, ref, stage=STAGE)
+        self.validation, stats = data.tokenize_sft(
+            self.tokenizer,
+            data.read_sft_records(ref.path),
+            max_length=hp.max_length,
+            completion_only_loss=hp.completion_only_loss,
+        )
+        if not self.validation:
+            raise TrainingError(
+                NO_TRAINABLE_EXAMPLES,
+                f"validation dataset {ref.name}: no example has a completion token left",
+            )
+        self.validation_ref, self.validation_stats = ref, stats
+        self.progress.event(
+            f"validation dataset {ref.name}: {stats.examples} examples, {stats.trainable_tokens} completion "
+            f"tokens; evaluated every {hp.eval_steps or 'tenth of the run'} steps and at the end",
+            stage=STAGE,
+        )
+
     def _load_model(self) -> None:
         spec = self.spec
         self.device = lora.pick_device()
@@ -143,7 +185,55 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
 
     def compute_loss(self, micro: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = {k: v.to(self.device) for k, v in self.collate([self.examples[i] for i in micro]).items()}
-        return completion_loss_sum(self.model, inputs), {"inputs": int(inputs["attention_mask"].sum())}
+        loss, correct = completion_loss_sum(self.model, inputs)
+        return loss, {"inputs": int(inputs["attention_mask"].sum()), "correct": correct}
+
+    def train_step(self, step: int, batch: list[int]) -> None:
+        # Counted on the whole step's batch (every rank has it), not on this rank's share of it.
+        self.trained_tokens += sum(self.examples[i].length for i in batch)
+        super().train_step(step, batch)
+
+    def on_eval(self, step: int) -> dict[str, float]:
+        if self.validation and (step % self.eval_every == 0 or step == self.total):
+            self.last_eval = self.run_eval()
+            return self.last_eval
+        return {}
+
+    @torch.no_grad()
+    def run_eval(self) -> dict[str, float]:
+        """Loss and token accuracy over every held-out example, per completion token (dropout off)."""
+        self.model.eval()
+        loss_sum, correct, tokens = 0.0, 0, 0
+        try:
+            # Under torchrun each rank scores its share of the held-out examples; the sums are added below.
+            order = self.ctx.dist.shard(
+                sorted(range(len(self.validation)), key=lambda i: self.validation[i].length)
+            )
+            for start in range(0, len(order), self.hp.batch_size):
+                batch = [self.validation[i] for i in order[start : start + self.hp.batch_size]]
+                inputs = {k: v.to(self.device) for k, v in self.collate(batch).items()}
+                batch_loss, batch_correct = completion_loss_sum(self.model, inputs)
+                loss_sum += float(batch_loss)
+                correct += batch_correct
+                tokens += sum(example.num_trainable for example in batch)
+        finally:
+            self.model.train()
+        sums = self.ctx.dist.sum_values({"loss": loss_sum, "correct": correct, "tokens": tokens})
+        return {
+            "eval_loss": sums["loss"] / sums["tokens"],
+            "eval_mean_token_accuracy": sums["correct"] / sums["tokens"],
+        }
+
+    def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
+        super().on_start(resumed)
+        # The newest evaluation and the token count travel in the checkpoint: the final metrics read them.
+        self.trained_tokens = int(resumed.extra.get("trained_tokens", 0)) if resumed is not None else 0
+        if resumed is not None:
+            self.last_eval = dict(resumed.extra.get("last_eval", {}))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        extra = {"last_eval": self.last_eval, "trained_tokens": self.trained_tokens}
+        return {**super().checkpoint_extra(), **extra}
 
     def log_values(
         self, window: loop.MetricWindow, *, learning_rate: float, epoch: float
@@ -155,6 +245,8 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
             "grad_norm": window.grad_norm(),
             # every non-pad input token (prompt included) per wall-clock second
             "tokens_per_second": window.per_second("inputs"),
+            # argmax predictions equal to the label, over the window's completion tokens
+            "mean_token_accuracy": window.mean("correct"),
             "epoch": epoch,
         }
 
@@ -163,6 +255,10 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
         return {
             "loss": history[-1]["loss"],
             "first_loss": history[0]["loss"],
+            "mean_token_accuracy": history[-1]["mean_token_accuracy"],
+            # non-pad input tokens of every example consumed, each epoch again (OpenAI's trained_tokens)
+            "trained_tokens": float(self.trained_tokens),
+            **self.last_eval,
             **self.run_metrics(steps, train_seconds),
         }
 
@@ -176,13 +272,28 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
             num_records=self.stats.records,
             num_examples=self.stats.examples,
         )
+        entries = [entry]
+        if self.validation:
+            ref, stats = self.validation_ref, self.validation_stats
+            entries.append(
+                DatasetCardEntry(
+                    role="validation",
+                    name=ref.name,
+                    id=ref.id,
+                    sha256=self.validation_sha256,
+                    num_records=stats.records,
+                    num_examples=stats.examples,
+                )
+            )
         card = self.model_card(
             title=f"{spec.base_model.name} + LoRA (SFT)",
-            datasets=[entry],
+            datasets=entries,
             lora=self.policy_lora(self.model),
             metrics=metrics,
         )
         datasets = {"sft": {"id": dataset_ref.id, "sha256": self.dataset_sha256}}
+        if self.validation:
+            datasets["validation"] = {"id": self.validation_ref.id, "sha256": self.validation_sha256}
         return self.publish(self.model, self.tokenizer, card, metrics, datasets=datasets)
 
     def summary(self, metrics: dict[str, float], steps: int, train_seconds: float) -> str:

@@ -10,7 +10,9 @@ import httpx
 
 from alignd._base import Body, Headers, Query, RequestExtras, path_id
 from alignd.resources._resource import AsyncResource, SyncResource
-from alignd.types import Evaluation, Job
+from alignd.types import Evaluation, EvaluationPrompt, Job
+
+PROMPTS_PAGE = 1000
 
 
 def evaluation_spec(
@@ -89,6 +91,29 @@ class Evals(SyncResource):
         response = self._client._get(f"/v1/jobs/{path_id(job_id)}/evaluation", extras=extras)
         return self._client._parse(response, Evaluation)
 
+    def prompts(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> list[EvaluationPrompt]:
+        """Every prompt of the evaluation in order, each with its candidates' answers and scores side by side
+        (pages are followed); the same 409 / 404 as :meth:`retrieve`."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        out: list[EvaluationPrompt] = []
+        while True:
+            params = {"limit": PROMPTS_PAGE, "after": out[-1].index if out else None}
+            response = self._client._get(
+                f"/v1/jobs/{path_id(job_id)}/evaluation/prompts", params=params, extras=extras
+            )
+            page, has_more = self._client._parse_list(response, EvaluationPrompt)
+            out += page
+            if not has_more or not page:
+                return out
+
 
 class AsyncEvals(AsyncResource):
     async def create(
@@ -135,3 +160,24 @@ class AsyncEvals(AsyncResource):
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/evaluation", extras=extras)
         return self._client._parse(response, Evaluation)
+
+    async def prompts(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> list[EvaluationPrompt]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        out: list[EvaluationPrompt] = []
+        while True:
+            params = {"limit": PROMPTS_PAGE, "after": out[-1].index if out else None}
+            response = await self._client._get(
+                f"/v1/jobs/{path_id(job_id)}/evaluation/prompts", params=params, extras=extras
+            )
+            page, has_more = self._client._parse_list(response, EvaluationPrompt)
+            out += page
+            if not has_more or not page:
+                return out

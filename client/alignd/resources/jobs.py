@@ -160,6 +160,38 @@ class Jobs(SyncResource):
             self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel", extras=extras), Job
         )
 
+    def pause(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
+        """Pause a job: a queued one at once; a running one stops at its next step after a checkpoint
+        (``pause_requested`` until then, then ``paused``). ConflictError (409) once it has finished."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        return self._client._parse(
+            self._client._post(f"/v1/jobs/{path_id(job_id)}/pause", extras=extras), Job
+        )
+
+    def resume(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
+        """Resume a paused job from its newest checkpoint (or withdraw a pending pause); ConflictError
+        (409, ``job_not_paused``) for a job that is neither paused nor pausing."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        return self._client._parse(
+            self._client._post(f"/v1/jobs/{path_id(job_id)}/resume", extras=extras), Job
+        )
+
     def events(
         self,
         job_id: str,
@@ -187,14 +219,18 @@ class Jobs(SyncResource):
         self,
         job_id: str,
         *,
+        after: int | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> MetricList:
-        """Every metric row so far; ``.as_dict()`` -> ``{name: {"step": [...], "value": [...]}}``."""
+        """Every metric row so far (``after``: only those whose ``seq`` is greater, to poll for new ones);
+        ``.as_dict()`` -> ``{name: {"step": [...], "value": [...]}}``."""
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        response = self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics", extras=extras)
+        response = self._client._get(
+            f"/v1/jobs/{path_id(job_id)}/metrics", params={"after": after}, extras=extras
+        )
         return _metrics_from(self._client._parse_list, response)
 
     def metrics_csv(
@@ -295,6 +331,7 @@ class Jobs(SyncResource):
         request_timeout: float | httpx.Timeout | None = None,
     ) -> Job:
         """Poll until the job is ``succeeded`` (returned), ``failed`` or ``cancelled`` (JobFailedError).
+        A ``paused`` job is not finished: the wait goes on until it is resumed and ends (or ``timeout``).
 
         ``progress=True`` draws one live line on stderr: stage, progress, latest loss/reward.
         ``timeout`` (seconds) is the whole wait: past it JobWaitTimeoutError is raised and the job keeps
@@ -413,6 +450,32 @@ class AsyncJobs(AsyncResource):
         response = await self._client._post(f"/v1/jobs/{path_id(job_id)}/cancel", extras=extras)
         return self._client._parse(response, Job)
 
+    async def pause(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._post(f"/v1/jobs/{path_id(job_id)}/pause", extras=extras)
+        return self._client._parse(response, Job)
+
+    async def resume(
+        self,
+        job_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Job:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._post(f"/v1/jobs/{path_id(job_id)}/resume", extras=extras)
+        return self._client._parse(response, Job)
+
     async def events(
         self,
         job_id: str,
@@ -439,13 +502,16 @@ class AsyncJobs(AsyncResource):
         self,
         job_id: str,
         *,
+        after: int | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> MetricList:
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        response = await self._client._get(f"/v1/jobs/{path_id(job_id)}/metrics", extras=extras)
+        response = await self._client._get(
+            f"/v1/jobs/{path_id(job_id)}/metrics", params={"after": after}, extras=extras
+        )
         return _metrics_from(self._client._parse_list, response)
 
     async def metrics_csv(

@@ -1,4 +1,4 @@
-"""Jobs: submit, list, inspect, cancel; events (JSON or live SSE) and metrics (JSON or CSV)."""
+"""Jobs: submit, list, inspect, cancel, pause and resume; events (JSON or live SSE) and metrics (JSON or CSV)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,31 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
 
-from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult
+from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult, PromptResult
 from contract.methods import Method
 from service.api.deps import (
     ContextDep,
     PageDep,
     QueueDep,
     SessionDep,
+    StoreDep,
     TenantDep,
     authenticate,
     get_context_of,
     read_owned,
 )
 from service.api.errors import error_responses
+from service.api.evaluation_prompts import prompt_results
+from service.api.job_streams import (
+    SSE_HEADERS,
+    SSE_KEEPALIVE_SECONDS,
+    SSE_POLL_SECONDS,
+    JobFilter,
+    metric_points,
+    metrics_after,
+    stream_jobs,
+    stream_metrics,
+)
 from service.api.job_submission import enqueue, new_job_row
 from service.api.schemas import (
     EventPublic,
@@ -38,14 +50,11 @@ from service.api.schemas import (
 from service.api.uploads import require_content_type
 from service.core.errors import ConflictError, NotFoundError, ValidationFailed
 from service.core.jobs import JobStatus
-from service.db.jobs import request_cancel
+from service.db.jobs import request_cancel, request_pause, resume
 from service.db.repository import get_owned, list_owned
-from service.db.tables import ArtifactRow, JobEventRow, JobMetricRow, JobRow
+from service.db.tables import ArtifactRow, JobEventRow, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-SSE_POLL_SECONDS = 0.5
-SSE_KEEPALIVE_SECONDS = 15.0
 
 
 @router.post(
@@ -76,10 +85,23 @@ def create_job(
     "",
     response_model=ListResponse[JobPublic],
     operation_id="listJobs",
-    summary="List jobs",
-    responses=error_responses(),
+    summary="List jobs, newest first; with Accept: text/event-stream the list, then every job created or changed, "
+    "live",
+    responses={
+        **error_responses(),
+        200: {
+            "description": "A page of jobs, or an SSE stream when asked for text/event-stream: first `event: job` "
+            "per job of the page (newest first, up to `limit`; `data` is the job as GET /v1/jobs/{id} gives "
+            "it), then `event: job` for every job of the tenant matching the filters that is created or whose "
+            "status, stage, progress, round, status_reason, error or monitors change (a job leaving the "
+            "`status` filter is sent once more with its new status); `: keep-alive` comments while idle.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
 )
 def list_jobs(
+    request: Request,
+    ctx: ContextDep,
     session: SessionDep,
     tenant: TenantDep,
     page: PageDep,
@@ -87,11 +109,21 @@ def list_jobs(
     round: Annotated[
         int | None, Query(ge=0, le=1_000_000, description="Only jobs of this feedback round.")
     ] = None,
-) -> ListResponse[JobPublic]:
+) -> ListResponse[JobPublic] | StreamingResponse:
+    if _wants_stream(request):
+        return StreamingResponse(
+            stream_jobs(ctx, JobFilter(tenant=tenant, status=status, round=round), page, request),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
     rows, has_more = list_owned(
         session, JobRow, page, tenant, status=status.value if status is not None else None, round=round
     )
     return ListResponse(data=[JobPublic.of(row) for row in rows], has_more=has_more)
+
+
+def _wants_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
 
 
 @router.get(
@@ -123,6 +155,50 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
     if JobStatus(job.status).is_terminal:
         raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
     request_cancel(session, job)
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobPublic,
+    operation_id="pauseJob",
+    summary="Pause a job (a queued one at once; a running one at its next step, after saving a checkpoint)",
+    description="A running job keeps `status: running` with `pause_requested: true` until its training process "
+    "has saved a checkpoint and stopped (seconds: one optimizer step), then becomes `paused`. A paused job holds "
+    "no worker and keeps its checkpoints; `resume` queues it to continue from the newest. Pausing a paused job, "
+    "or one whose pause is pending, changes nothing. Training before the first step (loading the model) is not "
+    "kept: the job resumes from its newest checkpoint, or from the start.",
+    responses=error_responses(404, 409),
+)
+def pause_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    if JobStatus(job.status).is_terminal:
+        raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
+    if job.cancel_requested:
+        raise ConflictError(f"Job {job_id} is being cancelled.", code="job_cancelling")
+    request_pause(session, job)
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    operation_id="resumeJob",
+    summary="Resume a paused job (queued again, it continues from its newest checkpoint)",
+    description="Also withdraws a pause that has not taken effect yet (the job keeps running). A job that is "
+    "neither paused nor pausing answers 409 `job_not_paused`.",
+    responses=error_responses(404, 409),
+)
+def resume_job(job_id: str, session: SessionDep, queue: QueueDep, tenant: TenantDep) -> JobPublic:
+    job = get_owned(session, JobRow, job_id, tenant, "job")
+    pausing = job.status == JobStatus.running and job.pause_requested
+    if job.status != JobStatus.paused and not pausing:
+        raise ConflictError(
+            f"Job {job_id} is '{job.status}', not paused; only a paused job (or one pausing) can be resumed.",
+            code="job_not_paused",
+        )
+    if resume(session, job):
+        enqueue(queue, job)
     return JobPublic.of(job)
 
 
@@ -208,25 +284,45 @@ def _poll(ctx: ContextDep, job_id: str, after_seq: int) -> tuple[list[JobEventRo
     "/{job_id}/metrics",
     response_model=ListResponse[MetricPublic],
     operation_id="listJobMetrics",
-    summary="Training metrics, in the order they were logged (?format=csv for CSV)",
+    summary="Training metrics, in the order they were logged (?format=csv for CSV); with Accept: "
+    "text/event-stream they stream live until the job ends",
     responses={
-        **error_responses(404),
-        200: {"description": "Metric points.", "content": {"text/csv": {"schema": {"type": "string"}}}},
+        **error_responses(404, 422),
+        200: {
+            "description": "Metric points; or CSV; or an SSE stream when asked for text/event-stream: "
+            '`event: metrics` with `id: <seq of the batch\'s last point>` and `data: {"data": [point, ...]}` '
+            "as points are written (resumed after `Last-Event-ID` or `?after=`), then `event: end` with "
+            '`data: {"status": "<the job\'s status>"}` once the job has ended and every point was sent.',
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        },
     },
 )
 def list_metrics(
     job_id: str,
+    request: Request,
+    ctx: ContextDep,
     session: SessionDep,
     tenant: TenantDep,
     format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv.")] = "json",
     name: Annotated[str | None, Query(description="Only this metric.")] = None,
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=2**63 - 1, description="Only points whose seq is greater (a point's seq, to resume)."),
+    ] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> ListResponse[MetricPublic] | Response:
     get_owned(session, JobRow, job_id, tenant, "job")
-    statement = select(JobMetricRow).where(JobMetricRow.job_id == job_id)
-    if name is not None:
-        statement = statement.where(JobMetricRow.name == name)
-    rows = session.exec(statement.order_by(col(JobMetricRow.seq))).all()
-    points = [MetricPublic(stage=row.stage, step=row.step, name=row.name, value=row.value) for row in rows]
+    resume = _metric_seq(last_event_id) if last_event_id else after
+    if _wants_stream(request):
+        return StreamingResponse(
+            stream_metrics(ctx, job_id, resume or 0, name, request),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    points = metric_points(metrics_after(session, job_id, after=resume, name=name))
     if format == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -235,6 +331,17 @@ def list_metrics(
             writer.writerow([point.stage or "", point.step, point.name, repr(point.value)])
         return Response(content=buffer.getvalue(), media_type="text/csv")
     return ListResponse(data=points, has_more=False)
+
+
+def _metric_seq(value: str) -> int:
+    """A metrics stream's Last-Event-ID: the seq of the last point the client received."""
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise ValidationFailed(
+            f"Last-Event-ID must be a metric point's seq (a non-negative integer), not '{value[:40]}'.",
+            code="invalid_last_event_id",
+            details=[{"field": "Last-Event-ID", "code": "invalid_last_event_id", "message": value[:40]}],
+        )
+    return int(value)
 
 
 @router.get(
@@ -247,6 +354,36 @@ def list_metrics(
     responses=error_responses(404, 409),
 )
 def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> EvaluationResult:
+    artifact = _evaluation_artifact(session, job_id, tenant)
+    result = EvaluationResult.model_validate(artifact.meta["evaluation"])
+    return result.model_copy(update={"per_prompt_artifact": artifact.id})
+
+
+@router.get(
+    "/{job_id}/evaluation/prompts",
+    response_model=ListResponse[PromptResult],
+    operation_id="listJobEvaluationPrompts",
+    summary="An evaluation's prompts, in order: per prompt its answers from every candidate side by side, each "
+    "grader's score and the references the graders compared with (the eval artifact's per_prompt.csv as JSON)",
+    responses=error_responses(404, 409, 422),
+)
+def list_evaluation_prompts(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Prompts per page (1..1000).")] = 100,
+    after: Annotated[
+        int | None, Query(ge=0, le=2**31, description="Return prompts after this index (cursor).")
+    ] = None,
+) -> ListResponse[PromptResult]:
+    artifact = _evaluation_artifact(session, job_id, tenant)
+    rows = [row for row in prompt_results(store, artifact) if after is None or row.index > after]
+    return ListResponse(data=rows[:limit], has_more=len(rows) > limit)
+
+
+def _evaluation_artifact(session: Session, job_id: str, tenant: str) -> ArtifactRow:
+    """The job's eval artifact, or the 404 / 409 that says why there is none (yet)."""
     job = get_owned(session, JobRow, job_id, tenant, "job")
     if job.method not in (Method.evaluate, Method.rlhf):
         raise NotFoundError(
@@ -270,5 +407,4 @@ def get_evaluation(job_id: str, session: SessionDep, tenant: TenantDep) -> Evalu
             if not JobStatus(job.status).is_terminal
             else "evaluation_unavailable",
         )
-    result = EvaluationResult.model_validate(artifact.meta["evaluation"])
-    return result.model_copy(update={"per_prompt_artifact": artifact.id})
+    return artifact

@@ -8,8 +8,7 @@ line is a 400 naming it), maps the method (service/core/openai_jobs.py) and subm
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from sqlmodel import Session
@@ -30,14 +29,14 @@ from service.api.openai_schemas import (
 )
 from service.api.schemas import JobCreate, JobDatasets, event_id, parse_event_id
 from service.api.uploads import require_content_type
-from service.core.errors import AlignError, ConflictError, ValidationFailed
+from service.core.errors import ConflictError, ValidationFailed
 from service.core.ids import now
 from service.core.jobs import JobStatus
 from service.core.openai_files import DATASET_KINDS, FileFormat
 from service.core.openai_graders import job_grader
 from service.core.openai_jobs import fine_tuned_model_name, in_openai_terms, resolve_method
 from service.db import openai as db
-from service.db.jobs import request_cancel
+from service.db.jobs import request_cancel, request_pause, resume
 from service.db.repository import find_owned
 from service.db.tables import JobEventRow, JobRow, OpenAIFileRow, OpenAIJobRow
 
@@ -113,7 +112,7 @@ def _warnings(body: OpenAIFineTuningJobCreate, fmt: FileFormat, notes: dict[str,
             "last one: alignd trains on the last assistant message of each line only (OpenAI trains on every "
             "assistant message without weight 0)."
         )
-    if body.validation_file is not None:
+    if body.validation_file is not None and fmt is not FileFormat.supervised:
         warnings.append(
             f"validation_file {body.validation_file} was checked but is not used: alignd's "
             f"{fmt.value} training has no held-out loss yet (checkpoints report no valid_loss)."
@@ -123,7 +122,7 @@ def _warnings(body: OpenAIFineTuningJobCreate, fmt: FileFormat, notes: dict[str,
     return warnings
 
 
-def _public(facade: OpenAIJobRow, job: JobRow, adapter: str | None) -> OpenAIFineTuningJob:
+def _public(facade: OpenAIJobRow, job: JobRow, adapter: db.AdapterInfo | None) -> OpenAIFineTuningJob:
     status = JobStatus(job.status)
     error = None
     if status is JobStatus.failed:
@@ -143,6 +142,7 @@ def _public(facade: OpenAIJobRow, job: JobRow, adapter: str | None) -> OpenAIFin
         organization_id=job.tenant,
         seed=job.seed,
         status=status.value,
+        trained_tokens=adapter.trained_tokens if adapter is not None else None,
         training_file=facade.training_file,
         validation_file=facade.validation_file,
         metadata=facade.meta,
@@ -150,8 +150,8 @@ def _public(facade: OpenAIJobRow, job: JobRow, adapter: str | None) -> OpenAIFin
         alignd=OpenAIAligndLinks(
             job=job.id,
             method=job.method,
-            adapter=adapter,
-            adapter_url=f"/v1/artifacts/{adapter}/content" if adapter else None,
+            adapter=adapter.id if adapter else None,
+            adapter_url=f"/v1/artifacts/{adapter.id}/content" if adapter else None,
         ),
     )
 
@@ -176,8 +176,11 @@ def create_fine_tuning_job(
     )
     store, data_dir = ctx.store, ctx.settings.data_dir
     dataset, notes = db.file_dataset(session, store, training, fmt, param="training_file", data_dir=data_dir)
+    held_out = None
     if validation is not None:
-        db.file_dataset(session, store, validation, fmt, param="validation_file", data_dir=data_dir)
+        held_out, _ = db.file_dataset(
+            session, store, validation, fmt, param="validation_file", data_dir=data_dir
+        )
     warnings = [*mapped.warnings, *_warnings(body, fmt, notes)]
     hyperparameters = mapped.for_records(dataset.num_records)
     block: dict[str, Any] = {"hyperparameters": mapped.openai}
@@ -189,7 +192,11 @@ def create_fine_tuning_job(
     request = JobCreate(
         method=mapped.method,
         base_model=source.base_id,
-        datasets=JobDatasets(**{DATASET_KINDS[fmt]: dataset.id}),
+        datasets=JobDatasets(
+            **{DATASET_KINDS[fmt]: dataset.id},
+            # supervised: the validation file is sft's held-out set (valid_loss, valid_mean_token_accuracy)
+            **({"validation": held_out.id} if held_out is not None and fmt is FileFormat.supervised else {}),
+        ),
         init_adapter=source.adapter,
         hyperparameters=hyperparameters,
         seed=body.seed,
@@ -278,31 +285,44 @@ def cancel_fine_tuning_job(
     return _public(facade, job, None)
 
 
-def _not_supported(action: str) -> Callable[[str, SessionDep, TenantDep], NoReturn]:
-    """The route for an OpenAI job action alignd has no counterpart for: 404 for a job that is not the
-    tenant's (as for every other action), else 400 ``<action>_not_supported`` in OpenAI's error shape."""
+@router.post(
+    "/{fine_tuning_job_id}/pause",
+    response_model=OpenAIFineTuningJob,
+    operation_id="openaiPauseFineTuningJob",
+    summary="Pause a fine-tuning job (alignd's pause: a running job stops at its next step after a checkpoint)",
+    responses=openai_error_responses(404, 409),
+)
+def pause_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep
+) -> OpenAIFineTuningJob:
+    facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
+    if JobStatus(job.status).is_terminal:
+        raise ConflictError(f"Job {job.id} already finished with status '{job.status}'.", code="job_finished")
+    if job.cancel_requested:
+        raise ConflictError(f"Job {job.id} is being cancelled.", code="job_cancelling")
+    request_pause(session, job)
+    return _public(facade, job, None)
 
-    def refuse(fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep) -> NoReturn:
-        db.facade_job(session, tenant, fine_tuning_job_id)
-        raise AlignError(
-            f"alignd cannot {action} a job: it has no paused state. Cancel it instead (a job whose worker "
-            "died is retried by alignd itself, from its newest checkpoint when it has one).",
-            code=f"{action}_not_supported",
+
+@router.post(
+    "/{fine_tuning_job_id}/resume",
+    response_model=OpenAIFineTuningJob,
+    operation_id="openaiResumeFineTuningJob",
+    summary="Resume a paused fine-tuning job from its newest checkpoint",
+    responses=openai_error_responses(404, 409),
+)
+def resume_fine_tuning_job(
+    fine_tuning_job_id: str, session: SessionDep, queue: QueueDep, tenant: TenantDep
+) -> OpenAIFineTuningJob:
+    facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
+    if job.status != JobStatus.paused and not (job.status == JobStatus.running and job.pause_requested):
+        raise ConflictError(
+            f"Job {job.id} is '{job.status}', not paused; only a paused job can be resumed.",
+            code="job_not_paused",
         )
-
-    return refuse
-
-
-for _action in ("pause", "resume"):
-    router.add_api_route(
-        f"/{{fine_tuning_job_id}}/{_action}",
-        _not_supported(_action),
-        methods=["POST"],
-        response_model=None,
-        operation_id=f"openai{_action.capitalize()}FineTuningJob",
-        summary="Not supported: alignd has no paused state (400)",
-        responses=openai_error_responses(404),
-    )
+    if resume(session, job):
+        enqueue(queue, job)
+    return _public(facade, job, None)
 
 
 @router.get(
@@ -351,6 +371,7 @@ def list_fine_tuning_checkpoints(
     facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
     artifacts, has_more = db.checkpoint_artifacts(session, tenant, job.id, Page(limit=limit, after=after))
     losses = db.metric_series(session, job.id, "loss")
+    series = {name: db.metric_series(session, job.id, name) for name in _CHECKPOINT_SERIES}
     data = []
     for artifact in artifacts:
         step = db.artifact_step(artifact) or (max(losses) if losses else 0)
@@ -363,8 +384,33 @@ def list_fine_tuning_checkpoints(
                     facade.fine_tuned_model if final else f"{facade.fine_tuned_model}:ckpt-step-{step}"
                 ),
                 fine_tuning_job_id=job.id,
-                metrics=OpenAICheckpointMetrics(step=step, train_loss=losses.get(step)),
+                metrics=_checkpoint_metrics(step, losses, series),
                 step_number=step,
             )
         )
     return OpenAIList[OpenAIFineTuningJobCheckpoint].page(data, has_more)
+
+
+# alignd's metric -> OpenAI's checkpoint metric. The held-out evaluation runs every eval_steps, so a checkpoint
+# reports the newest one at or before its step; alignd scores the whole validation file every time, which is
+# what OpenAI calls full_valid_*: valid_* (OpenAI's sampled batch) carry the same values.
+_CHECKPOINT_SERIES = {
+    "mean_token_accuracy": ("train_mean_token_accuracy",),
+    "eval_loss": ("valid_loss", "full_valid_loss"),
+    "eval_mean_token_accuracy": ("valid_mean_token_accuracy", "full_valid_mean_token_accuracy"),
+}
+
+
+def _checkpoint_metrics(
+    step: int, losses: dict[int, float], series: dict[str, dict[int, float]]
+) -> OpenAICheckpointMetrics:
+    values: dict[str, float | None] = {}
+    for name, fields in _CHECKPOINT_SERIES.items():
+        points = series[name]
+        if name.startswith("eval_"):
+            earlier = [s for s in points if s <= step]
+            value = points[max(earlier)] if earlier else None
+        else:
+            value = points.get(step)
+        values.update(dict.fromkeys(fields, value))
+    return OpenAICheckpointMetrics(step=step, train_loss=losses.get(step), **values)
