@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Training processes this worker (or embedded server) runs at once, summed over its jobs "
-        "(resources.processes each); unset: its CPU count. A job needing more than is free waits, queued, "
+        "(resources.processes each); unset: its CPU count, at least ALIGND_WORKER_CONCURRENCY. A job needing more than is free waits, queued, "
         "with a waiting_for_capacity event. Ignored when ALIGND_WORKER_GPUS is set.",
     )
     worker_gpus: int = Field(
