@@ -49,6 +49,12 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "62-68 s, two torchrun attempts; test_sigkilled_child_resumes_from_its_checkpoint and the SFT curve test stay"
     ),
     "tests/service/test_scale_out.py::test_cancel_stops_every_rank": "16 s; the SFT curve test stays",
+    "tests/service/test_scale_out.py::test_pause_and_resume_a_two_process_job": (
+        "41 s, two torchrun attempts; test_pause_keeps_every_step_and_resume_continues_from_it stays"
+    ),
+    "tests/training/test_distributed.py::test_a_one_process_checkpoint_resumes_on_two_processes_with_the_same_losses": (
+        "28 s, two children; the 2-process SFT curve test over REST stays"
+    ),
     "tests/service/test_scale_out.py::test_two_process_dpo_matches_one_process_loss_curve": (
         "30 s, two jobs; the SFT curve test runs the same shared loop"
     ),

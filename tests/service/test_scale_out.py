@@ -393,3 +393,31 @@ def test_cancel_stops_every_rank(client: httpx.Client, tiny_model_dir: Path, sft
     while any(_alive(pid) for pid in pids):
         assert time.monotonic() < deadline, [pid for pid in pids if _alive(pid)]
         time.sleep(0.1)
+
+
+def test_pause_and_resume_a_two_process_job(
+    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path
+) -> None:
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    dataset = upload_dataset(client, sft_jsonl, "sft").json()["id"]
+    steps = 60
+    job_id = _submit(client, _sft_body(model, dataset, 2, epochs=100, max_steps=steps, checkpoint_steps=1000))
+    deadline = time.monotonic() + 120
+    while len(_series(client, job_id, "loss")) < 3:
+        assert time.monotonic() < deadline, _events(client, job_id)
+        time.sleep(0.2)
+    assert client.post(f"/v1/jobs/{job_id}/pause").status_code == 200
+    paused = wait_for(client, job_id, {"paused", "succeeded", "failed", "cancelled"}, timeout=60)
+    assert paused["status"] == "paused", _events(client, job_id)
+    # The pause decision is collective: rank 0 saved the checkpoint of the step every rank finished.
+    stopped = [e["message"] for e in _events(client, job_id) if "Stopping for the pause" in e["message"]]
+    assert len(stopped) == 1, _events(client, job_id)
+    pause_step = int(re.search(r"after step (\d+)", stopped[0]).group(1))  # type: ignore[union-attr]
+    assert client.post(f"/v1/jobs/{job_id}/resume").status_code == 200
+    done = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert done["status"] == "succeeded", _events(client, job_id)
+    # Every step once: the second attempt went on at pause_step + 1 on 2 processes again.
+    assert sorted(_series(client, job_id, "loss")) == list(range(1, steps + 1))
+    assert any(
+        f"step {pause_step}" in e["message"] for e in _events(client, job_id) if "Resuming" in e["message"]
+    )
