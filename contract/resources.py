@@ -26,7 +26,9 @@ RESOURCES_KEY = "resources"
 MAX_PROCESSES = 64
 
 # Methods whose trainers run data-parallel today; the others refuse processes > 1 at submission (422).
-DISTRIBUTED_METHODS: frozenset[Method] = frozenset({Method.sft, Method.reward_model, Method.dpo, Method.ppo})
+DISTRIBUTED_METHODS: frozenset[Method] = frozenset(
+    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.grpo, Method.rloo, Method.rlhf}
+)
 
 # Exit status of the launcher (workers/training/launch.py) when a rank was killed by a signal nobody on our
 # side sent (OOM killer, an operator's kill -9): a crash, retried from the newest checkpoint like a killed

@@ -49,6 +49,12 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "62-68 s, two torchrun attempts; test_sigkilled_child_resumes_from_its_checkpoint and the SFT curve test stay"
     ),
     "tests/service/test_scale_out.py::test_cancel_stops_every_rank": "16 s; the SFT curve test stays",
+    "tests/service/test_scale_out.py::test_two_process_rlhf_runs_every_stage_on_two_processes": (
+        "three stages on two processes; test_rlhf_end_to_end and the 2-process SFT curve test stay"
+    ),
+    "tests/service/test_scale_out.py::test_two_process_grpo_and_rloo_jobs_succeed_and_load_with_peft": (
+        "four torch processes at once; the grpo and rloo API tests stay"
+    ),
     "tests/service/test_scale_out.py::test_pause_and_resume_a_two_process_job": (
         "41 s, two torchrun attempts; test_pause_keeps_every_step_and_resume_continues_from_it stays"
     ),

@@ -150,7 +150,7 @@ class JobCreate(InputModel):
     resources: ResourcesCreate | None = Field(
         None,
         description="What the job asks of a worker: {processes: N, strategy: 'ddp'}. processes > 1: sft, "
-        "reward_model, dpo and ppo.",
+        "reward_model, dpo, ppo, grpo, rloo and rlhf.",
     )
     hyperparameters: dict[str, Any] | None = Field(
         None,

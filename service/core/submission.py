@@ -289,9 +289,40 @@ def resolve_resources(
                 "(ALIGND_POOL_MAX_PROCESSES)",
             }
         )
-    if n > 1 and method is Method.ppo and hyperparameters:
-        problems.extend(_ppo_split_problems(hyperparameters, n))
+    if n > 1 and hyperparameters:
+        problems.extend(_split_problems(method, hyperparameters, n))
     return resources, problems
+
+
+def _split_problems(
+    method: Method, hyperparameters: Mapping[str, Any], processes: int, *, prefix: str = "hyperparameters"
+) -> list[dict[str, Any]]:
+    """What an online method's batch needs to run on ``processes`` (rlhf: its last stage's)."""
+    if method is Method.rlhf:
+        stage = Method(str(hyperparameters.get("rl_method", Method.ppo.value)))
+        return _split_problems(
+            stage, hyperparameters[stage.value], processes, prefix=f"{prefix}.{stage.value}"
+        )
+    if method is Method.ppo:
+        return _ppo_split_problems(hyperparameters, processes, prefix=prefix)
+    if method in (Method.grpo, Method.rloo):
+        return _uneven("batch_size", int(hyperparameters["batch_size"]), processes, prefix=prefix)
+    return []
+
+
+def _uneven(name: str, value: int, processes: int, *, prefix: str) -> list[dict[str, Any]]:
+    """An online method's batch that does not split evenly: each process takes an equal share (the same
+    number of answers, minibatches and optimizer steps)."""
+    if value % processes == 0:
+        return []
+    return [
+        {
+            "field": f"{prefix}.{name}",
+            "code": "uneven_split",
+            "message": f"{name} is {value}: with {processes} processes it must be a multiple of {processes} "
+            "(each process takes an equal share)",
+        }
+    ]
 
 
 def _resource_details(exc: ValidationError) -> list[dict[str, Any]]:
@@ -303,28 +334,22 @@ def _resource_details(exc: ValidationError) -> list[dict[str, Any]]:
     return details
 
 
-def _ppo_split_problems(hyperparameters: Mapping[str, Any], processes: int) -> list[dict[str, Any]]:
+def _ppo_split_problems(
+    hyperparameters: Mapping[str, Any], processes: int, *, prefix: str
+) -> list[dict[str, Any]]:
     """PPO with N processes: each samples and trains on an equal share of every rollout and minibatch, so
     both must split evenly (every process takes the same number of optimizer steps)."""
     rollout_size = int(hyperparameters.get("rollout_batch_size") or hyperparameters["batch_size"])
     mini_batch = min(int(hyperparameters.get("mini_batch_size") or rollout_size), rollout_size)
-    problems = []
-    for name, value in (("rollout_batch_size", rollout_size), ("mini_batch_size", mini_batch)):
-        if value % processes:
-            problems.append(
-                {
-                    "field": f"hyperparameters.{name}",
-                    "code": "uneven_split",
-                    "message": f"{name} is {value}: with {processes} processes it must be a multiple of "
-                    f"{processes} (each process takes an equal share)",
-                }
-            )
+    problems = _uneven("rollout_batch_size", rollout_size, processes, prefix=prefix)
+    problems += _uneven("mini_batch_size", mini_batch, processes, prefix=prefix)
     if hyperparameters.get("eval") is not None:
         problems.append(
             {
-                "field": "hyperparameters.eval",
+                "field": f"{prefix}.eval",
                 "code": "processes_not_supported",
-                "message": "ppo's held-out eval block runs in one process for now: drop it or use processes=1",
+                "message": "ppo's held-out eval block (and rlhf's final evaluation on it) runs in one process "
+                "for now: drop it or use processes=1",
             }
         )
     return problems

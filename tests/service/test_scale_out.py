@@ -317,12 +317,14 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
         )
         error = refused({"processes": 8}, "insufficient_capacity")
         assert "ALIGND_POOL_MAX_PROCESSES" in error["message"] and "has 4" in error["message"]
-        # grpo without graders: both problems are named, the processes one under its field.
-        grpo = {"method": "grpo", "datasets": {"prompts": prompts}, "hyperparameters": {}}
-        details = refused({"processes": 2}, "missing_reward", **grpo)["details"]
-        assert {"field": "resources.processes", "code": "processes_not_supported"}.items() <= details[
-            -1
-        ].items()
+        error = refused(
+            {"processes": 2},
+            "processes_not_supported",
+            method="generate",
+            datasets={"prompts": prompts},
+            hyperparameters={},
+        )
+        assert error["details"][-1]["field"] == "resources.processes"
         ppo = {"method": "ppo", "datasets": {"prompts": prompts}, "reward_model": None}
         ppo["hyperparameters"] = {"batch_size": 6, "mini_batch_size": 3}
         codes = {d["code"] for d in refused({"processes": 4}, "missing_reward_model", **ppo)["details"]}
@@ -421,3 +423,71 @@ def test_pause_and_resume_a_two_process_job(
     assert any(
         f"step {pause_step}" in e["message"] for e in _events(client, job_id) if "Resuming" in e["message"]
     )
+
+
+def test_two_process_grpo_and_rloo_jobs_succeed_and_load_with_peft(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from tests.service.test_grpo_api import SERIES, _job, _prompts
+
+    settings = make_settings(tmp_path / "alignd", worker_concurrency=2, worker_processes=4)
+    for http in _client(settings):
+        model = upload_model(http, tiny_model_dir).json()["id"]
+        prompts = upload_dataset(http, _prompts(), "prompts").json()["id"]
+        jobs = {
+            method: _submit(http, {**_job(model, prompts, method=method), "resources": {"processes": 2}})
+            for method in ("grpo", "rloo")
+        }
+        for method, job_id in jobs.items():
+            job = wait_for(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=300)
+            assert job["status"] == "succeeded", (method, _events(http, job_id))
+            names = {p["name"] for p in http.get(f"/v1/jobs/{job_id}/metrics").json()["data"]}
+            assert SERIES - {"kl"} <= names, (method, SERIES - names)
+            rewards = _series(http, job_id, "reward_mean")
+            assert sorted(rewards) == [1, 2, 3] and all(0.0 <= r <= 1.5 for r in rewards.values()), rewards
+            artifacts = http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+            adapter = next(a for a in artifacts if a["kind"] == "adapter")
+            folder = _download_adapter(http, adapter["id"], tmp_path / f"{method}-adapter")
+            _load_with_plain_peft(tiny_model_dir, folder)
+        # 3 prompts per update do not split over 2 processes.
+        body = {**_job(model, prompts, batch_size=3), "resources": {"processes": 2}}
+        assert_error(http.post("/v1/jobs", json=body), 422, "uneven_split")  # type: ignore[arg-type]
+
+
+def test_two_process_rlhf_runs_every_stage_on_two_processes(
+    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path, tmp_path: Path
+) -> None:
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    preference = tiny_preference_jsonl(tmp_path / "p.jsonl", n=32)
+    datasets = {
+        "sft": upload_dataset(client, sft_jsonl, "sft").json()["id"],
+        "preference": upload_dataset(client, preference, "preference").json()["id"],
+        "prompts": upload_dataset(client, PROMPTS, "prompts").json()["id"],
+    }
+    ppo = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6}
+    body = {
+        "method": "rlhf",
+        "base_model": model,
+        "datasets": datasets,
+        "lora": LORA,
+        "resources": {"processes": 2},
+        "hyperparameters": {
+            "sft": {"max_steps": 3, "batch_size": 4, "max_length": 48},
+            "reward_model": {"max_steps": 3, "batch_size": 8, "max_length": 64, "min_eval_accuracy": 0.0},
+            "ppo": {**ppo, "max_length": 64},
+        },
+        "seed": 0,
+    }
+    uneven = {**body, "hyperparameters": {**body["hyperparameters"], "ppo": {**ppo, "mini_batch_size": 3}}}
+    error = assert_error(client.post("/v1/jobs", json=uneven), 422, "uneven_split")  # type: ignore[arg-type]
+    assert error["details"][0]["field"] == "hyperparameters.ppo.mini_batch_size", error
+    job_id = _submit(client, body)
+    job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=400)
+    assert job["status"] == "succeeded", _events(client, job_id)
+    messages = [e["message"] for e in _events(client, job_id)]
+    # Each stage ran data parallel: its losses are reported by rank 0 once, stage by stage.
+    assert sum(m.startswith("data parallel over 2 processes") for m in messages) == 1, messages
+    stages = {p["stage"] for p in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]}
+    assert {"sft", "reward_model", "ppo"} <= stages, stages
+    kinds = sorted(a["kind"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"])
+    assert kinds.count("adapter") == 2 and kinds.count("reward_model") == 1, kinds

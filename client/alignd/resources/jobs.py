@@ -93,8 +93,8 @@ class Jobs(SyncResource):
         dpo; ``prompts`` (+ ``reward_model``, an artifact id) for ppo; all three for rlhf.
         ``init_reward_model`` (a reward_model artifact) continues one (reward_model, rlhf); ``round`` tags
         the job with a feedback round. ``evaluation``: the ``evaluate`` method's spec (``client.evals.create``
-        builds it). ``resources``: ``{"processes": N}`` trains on N processes of one worker (sft,
-        reward_model, dpo, ppo; docs/scale-out.md).
+        builds it). ``resources``: ``{"processes": N}`` trains on N processes of one worker (every
+        training method; docs/scale-out.md).
         """
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = job_body(
