@@ -11,8 +11,8 @@ argument parser and ``run``), from a process that:
   :data:`~contract.resources.EXIT_RANK_LOST` with an ``event`` line, so the runner retries the attempt from
   the newest checkpoint as it does for a killed single-process child; a rank that failed (exit 1 after its
   ``error`` line, printed by rank 0 or in the log) exits 1;
-- exits 143 when SIGTERM stopped it (a cancel): torchrun passes SIGTERM on to every rank, which stop at the
-  same step boundary (the cancel check is collective, see ``distributed.py``).
+- exits 143 when SIGTERM stopped it (a cancel, a pause): torchrun passes SIGTERM on to every rank, which stop
+  at the same step boundary (the cancel check is collective, see ``distributed.py``).
 
 Rank 0 alone writes protocol lines to the inherited stdout; the other ranks write theirs to the log.
 """
@@ -88,23 +88,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _failed(progress: ProgressWriter, exc: object) -> int:
+    """The exit status for ranks that failed while this launcher was not asked to stop.
+
+    A rank killed by a signal makes the attempt a crash (EXIT_RANK_LOST, retried from the newest checkpoint)
+    even when the others failed first on their broken collectives, or were stopped by torchrun (SIGTERM):
+    SIGTERM from us would have reached this process first, as a SignalException, not here.
+    """
     failures = getattr(exc, "failures", {}) or {}
     killed = {rank: failure for rank, failure in failures.items() if failure.exitcode < 0}
     if killed:
-        rank, failure = sorted(killed.items())[0]
-        signal_name = _signal_name(-failure.exitcode)
+        # The rank that was killed, not one torchrun stopped after it: a signal other than SIGTERM first.
+        rank, failure = min(killed.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[0]))
         progress.event(
-            f"training rank {rank} (pid {failure.pid}) was killed by {signal_name}; the other ranks were stopped",
+            f"training rank {rank} (pid {failure.pid}) was killed by {_signal_name(-failure.exitcode)}; the "
+            "other ranks were stopped",
             stage=STAGE,
             level="error",
         )
-        if signal_name == "SIGTERM":
-            return EXIT_CANCELLED
         return EXIT_RANK_LOST
     codes = sorted({failure.exitcode for failure in failures.values()})
     print(f"alignd launcher: ranks failed with exit codes {codes}", file=sys.stderr, flush=True)
-    if EXIT_CANCELLED in codes and len(codes) == 1:
-        return EXIT_CANCELLED
     return EXIT_FAILED
 
 
