@@ -91,7 +91,7 @@ def _as_rank(
     if dist.is_main:
         progress.event(
             f"data parallel over {dist.world_size} processes ({dist.backend}; rank pids "
-            f"{', '.join(map(str, pids))}): each takes its share of every batch, gradients summed across "
+            f"{', '.join(map(str, pids))}): each takes its share of every batch, gradients all-reduced across "
             "processes",
             stage=spec.method,
         )
