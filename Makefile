@@ -26,23 +26,26 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-# The labeling-page test drives Debian's chromium; `playwright install` cannot download browsers here.
+# The browser tests (labeling page, web console) drive Debian's chromium; `playwright install` cannot download
+# browsers here.
 # Under CI=true a missing chromium stops the run, as the test itself would (tests/conftest.require_or_skip).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| { if [ "$$CI" = true ]; then echo "chromium unavailable and CI=true: install it (apt-get install -y chromium)" >&2; exit 1; fi; \
-		echo "chromium unavailable: the labeling-page browser test will skip"; }
+		echo "chromium unavailable: the browser tests (labeling page, console) will skip"; }
 
 # In TEST_WORKERS processes (pytest-xdist): many tests wait on servers, child processes and sleeps, so three
 # workers keep the two cores busy (a serial run used about 1.2). TEST_WORKERS=0 runs in this process.
+# --dist loadgroup: tests marked xdist_group("name") run in one worker (tests/service/test_console.py shares one
+# server and one browser between its tests); every other test is dealt out as with the default `load`.
 TEST_WORKERS ?= 3
 test: $(STAMP) chromium
-	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Only the tests marked slow (left out of `make test` by pyproject's addopts): the long learning, fault and
 # end-to-end checks, @pytest.mark.slow or listed in tests/conftest.py's SLOW_IN_MAKE_TEST with why.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

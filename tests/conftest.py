@@ -108,6 +108,9 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "10 s of a third training child; the facade's supervised and reinforcement jobs, its dpo file checks and "
         "tests/unit/test_openai_mapping.py stay"
     ),
+    "tests/service/test_console.py::test_try_it_asks_two_models": (
+        "20-30 s of two chat jobs; the console's other browser tests stay"
+    ),
     "tests/service/test_api_keys.py::test_cli_key_authenticates_is_listed_without_its_secret_and_revoked_at_once"
     "[sqlite]": "8 s; the PostgreSQL run stays",
 }

@@ -20,12 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.methods import Method
 from service import __version__
-from service.api import label_page
 from service.api.auth import Authenticate, DatabaseKeys, is_protected
+from service.api.console import ConsoleFiles, ConsoleHeaders, console_router
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
 from service.api.idempotency import Idempotency
 from service.api.input_policy import InputPolicy
+from service.api.label_page import label_router
 from service.api.openai_errors import OpenAIErrors
 from service.api.routes import (
     artifacts,
@@ -200,7 +201,6 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         artifacts.router,
         feedback_sets.router,
         graders.router,
-        label_page.router,
         # The OpenAI-compatible facade (docs/openai.md): its own prefix, never clashing with /v1.
         openai_jobs.router,
         openai_files.router,
@@ -209,6 +209,10 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         openai_chat.router,
     ):
         app.include_router(router)
+    # The web console and the labeling page: files read once here, named by their content hash.
+    static = ConsoleFiles()
+    app.include_router(console_router(static))
+    app.include_router(label_router(static))
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
@@ -228,4 +232,5 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
     app.add_middleware(Authenticate, tenant_keys=settings.tenant_keys())
     app.add_middleware(RequestContext, metrics=metrics)
     app.add_middleware(OpenAIErrors)
+    app.add_middleware(ConsoleHeaders)
     return app

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 # Where the tenant lives in the ASGI scope's per-request state (``request.state.tenant``).
 TENANT_STATE_KEY = "tenant"
 # Paths whose requests need a key: alignd's API and its OpenAI-compatible facade (the same keys and tenants).
-# Everything else is public: /healthz, /readyz, /metrics, the OpenAPI document and docs pages, and the
-# labeling page's HTML (its script sends the key on its /v1 calls).
+# Everything else is public: /healthz, /readyz, /metrics, the OpenAPI document and docs pages, and the web
+# console's and labeling page's files and /ui/config.json (their scripts send the key on their /v1 calls).
 PROTECTED_PREFIXES = ("/v1/", "/openai/v1/")
 # While the database holds no key, how often a request asks it again (a key made meanwhile is enforced from
 # then on); once it holds one, it is never asked again, since keys are revoked, never deleted.

@@ -63,7 +63,7 @@ def _snapshot(row: JobRow) -> tuple[Any, ...]:
     """The fields whose change the stream reports (started_at and finished_at move with the status)."""
     monitors = json.dumps(row.monitors or [], sort_keys=True, default=str)
     return (row.status, row.stage, row.progress, row.round, row.status_reason, row.error_code,
-            row.error_message, monitors)  # fmt: skip
+            row.error_message, monitors, row.pause_requested)  # fmt: skip
 
 
 @dataclass
@@ -95,20 +95,20 @@ class _JobWatch:
         return out
 
 
-def _first_page(ctx: AppContext, where: JobFilter, page: Page) -> tuple[list[JobRow], _JobWatch]:
+def first_page(session: Session, where: JobFilter, page: Page) -> tuple[list[JobRow], _JobWatch]:
     """The list as the JSON endpoint gives it, and a watch primed with every row that could change later
-    (so a running job beyond the first page is reported when it changes, not the moment the stream opens)."""
-    with Session(ctx.engine, expire_on_commit=False) as session:
-        statement = select(JobRow).where(JobRow.tenant == where.tenant)
-        if where.round is not None:
-            statement = statement.where(JobRow.round == where.round)
-        # max seq first: a job inserted after it is read is picked up by the first poll, never lost between.
-        max_seq = session.exec(select(func.max(JobRow.seq)).where(JobRow.tenant == where.tenant)).one()
-        status = where.status.value if where.status is not None else None
-        rows, _ = list_owned(session, JobRow, page, where.tenant, status=status, round=where.round)
-        active = list(session.exec(statement.where(col(JobRow.status).in_(ACTIVE_STATUSES))).all())
+    (so a running job beyond the first page is reported when it changes, not the moment the stream opens).
+
+    Read in the request, before the stream starts: a bad cursor is still a 422, not a broken stream."""
+    # max seq first: a job inserted after it is read is picked up by the first poll, never lost between.
+    max_seq = session.exec(select(func.max(JobRow.seq)).where(JobRow.tenant == where.tenant)).one()
+    status = where.status.value if where.status is not None else None
+    rows, _ = list_owned(session, JobRow, page, where.tenant, status=status, round=where.round)
+    active = select(JobRow).where(JobRow.tenant == where.tenant, col(JobRow.status).in_(ACTIVE_STATUSES))
+    if where.round is not None:
+        active = active.where(JobRow.round == where.round)
     watch = _JobWatch(snapshots={}, max_seq=max_seq or 0, active=set())
-    watch.changed([*rows, *active], where)
+    watch.changed([*rows, *session.exec(active).all()], where)
     return rows, watch
 
 
@@ -130,10 +130,12 @@ def _job_event(row: JobRow) -> str:
     return f"event: job\ndata: {JobPublic.of(row).model_dump_json()}\n\n"
 
 
-async def stream_jobs(ctx: AppContext, where: JobFilter, page: Page, request: Request) -> AsyncIterator[str]:
+async def stream_jobs(
+    ctx: AppContext, where: JobFilter, first: tuple[list[JobRow], _JobWatch], request: Request
+) -> AsyncIterator[str]:
     """``event: job`` for each job of the first page (newest first), then for every job created or changed."""
     clock = _Clock()
-    rows, watch = await asyncio.to_thread(_first_page, ctx, where, page)
+    rows, watch = first
     for row in rows:
         yield _job_event(row)
     clock.sent()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -238,4 +239,8 @@ def test_another_tenants_feedback_set_is_404_and_untouched(api: httpx.Client, ca
 def test_label_page_is_served(api: httpx.Client) -> None:
     page = api.get("/label/fbs_anything")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "/v1/feedback-sets/" in page.text and "sessionStorage" in page.text
+    # The page's script is a versioned static file (service/api/static/label/label.js).
+    script = re.search(r'src="(/ui/assets/[^"]+/label/label\.js)"', page.text)
+    assert script is not None, page.text
+    code = api.get(script.group(1)).text
+    assert "/v1/feedback-sets/" in code and "sessionStorage" in code

@@ -57,6 +57,9 @@ def test_rank_two_items_in_the_browser(live_server: LiveServer, tmp_path: Path) 
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
+            errors: list[str] = []  # the page runs under a CSP without inline script or style
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{live_server.base_url}/label/{fbs['id']}")
             page.fill("#annotator", "ada")
             page.fill("#apikey", live_server.api_key)
@@ -93,6 +96,7 @@ def test_rank_two_items_in_the_browser(live_server: LiveServer, tmp_path: Path) 
             expect(page.get_by_test_id("progress")).to_contain_text("2 of 3 items complete")
             page.screenshot(path=str(tmp_path / "done.png"), full_page=True)
             assert page.get_by_test_id("error").inner_text() == ""
+            assert errors == [], errors
         finally:
             browser.close()
     assert (tmp_path / "ranked.png").stat().st_size > 10_000

@@ -190,7 +190,39 @@ def test_job_list_stream_sends_the_page_then_every_change(server: Server) -> Non
             for reader in (everything, only_running, newest, of_b):
                 reader.close()
         assert_error(client.get("/v1/jobs", params={"limit": 0}, headers=SSE), 422, "invalid_request")
+        assert_error(client.get("/v1/jobs", params={"after": "job_nope"}, headers=SSE), 422, "invalid_cursor")
+        assert_error(other.get("/v1/jobs", params={"after": done}, headers=SSE), 422, "invalid_cursor")
         assert_error(client.get("/v1/jobs", params={"status": "nope"}, headers=SSE), 422, "invalid_request")
+
+
+def test_job_list_stream_stops_polling_when_the_client_goes(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The list stream never ends by itself: a client that goes must end its polling (the server runs in this
+    process, so its polls are counted here)."""
+    from service.api import job_streams
+
+    polls: list[float] = []
+    poll = job_streams._poll_jobs
+
+    def counted(*args: Any) -> Any:
+        polls.append(time.monotonic())
+        return poll(*args)
+
+    monkeypatch.setattr(job_streams, "_poll_jobs", counted)
+    _job(server.engine, "tenant-a")
+    with server.client() as client:
+        reader = EventReader(client, "/v1/jobs")
+        reader.jobs(1)
+        deadline = time.monotonic() + 10
+        while len(polls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(polls) >= 2  # polling while the client listens
+        reader.close()
+        time.sleep(2 * job_streams.SSE_POLL_SECONDS + 0.5)  # a poll under way when it went may still finish
+        settled = len(polls)
+        time.sleep(4 * job_streams.SSE_POLL_SECONDS)
+        assert len(polls) == settled, "the stream kept polling after its client went"
 
 
 def test_metrics_stream_resumes_and_ends_after_the_last_point(server: Server) -> None:
@@ -245,9 +277,11 @@ def test_metrics_stream_resumes_and_ends_after_the_last_point(server: Server) ->
 
         assert_error(other.get(f"/v1/jobs/{job}/metrics"), 404, "job_not_found")
         assert_error(other.get(f"/v1/jobs/{job}/metrics", headers=SSE), 404, "job_not_found")
-        for params in ({"after": -1}, {"after": "x"}, {"after": 2**63}):
+        largest = client.get(f"/v1/jobs/{job}/metrics", params={"after": 2**31 - 1})
+        assert largest.status_code == 200 and largest.json()["data"] == []
+        for params in ({"after": -1}, {"after": "x"}, {"after": 2**31}):
             assert_error(client.get(f"/v1/jobs/{job}/metrics", params=params), 422, "invalid_request")
-        for bad in ("evt_3", "-1", "1e3", "9" * 30):
+        for bad in ("evt_3", "-1", "1e3", str(2**31), "9" * 30):
             response = client.get(f"/v1/jobs/{job}/metrics", headers={**SSE, "Last-Event-ID": bad})
             assert_error(response, 422, "invalid_last_event_id")
 
@@ -294,3 +328,41 @@ def test_streams_follow_a_real_job(tmp_path: Path, tiny_model_dir: Path, sft_jso
         assert streamed == client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
         assert {"loss", "learning_rate"} <= {p["name"] for p in streamed}
         wait_for(client, job["id"], {"succeeded"})
+
+
+def test_sdk_stream_metrics_sync_and_async(tmp_path: Path) -> None:
+    """The SDK's jobs.stream_metrics: points written while it reads arrive once each, in order; it ends with
+    the job; ``after`` and ``name`` resume and filter (the async twin the same)."""
+    import asyncio
+
+    import alignd
+
+    from alignd_server.embedded import create_app
+    from service.db.session import make_engine
+
+    settings = make_settings(tmp_path / "alignd")
+    with UvicornThread(create_app(settings)) as running:
+        engine = make_engine(settings.resolved_database_url)
+        job = _job(engine, "tenant-a")
+        _metrics(engine, job, ("loss", 1, 2.0), ("lr", 1, 0.1))
+        got: list[alignd.Metric] = []
+        with alignd.Client(base_url=running.base_url, api_key=API_KEYS["tenant-a"]) as client:
+            reader = threading.Thread(target=lambda: got.extend(client.jobs.stream_metrics(job)), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _metrics(engine, job, ("loss", 2, 1.5), ("lr", 2, 0.05))
+            _update(engine, job, status="succeeded")
+            reader.join(timeout=10)
+            assert not reader.is_alive()
+        assert [(m.name, m.step) for m in got] == [("loss", 1), ("lr", 1), ("loss", 2), ("lr", 2)]
+        seqs = [m.seq for m in got]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4
+
+        async def read_async() -> list[alignd.Metric]:
+            async with alignd.AsyncClient(base_url=running.base_url, api_key=API_KEYS["tenant-a"]) as client:
+                return [m async for m in client.jobs.stream_metrics(job, after=seqs[0], name="loss")]
+
+        assert [(m.name, m.step, m.value) for m in asyncio.run(read_async())] == [("loss", 2, 1.5)]
+        engine.dispose()

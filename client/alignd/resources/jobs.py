@@ -39,18 +39,32 @@ def _event_from_sse(sse: ServerSentEvent) -> JobEvent:
     return JobEvent(id=sse.id, message=sse.data)
 
 
-def _stream_options(job_id: str, last_event_id: str | None, extras: RequestExtras) -> RequestOptions:
+def _stream_options(
+    job_id: str,
+    last_event_id: str | None,
+    extras: RequestExtras,
+    *,
+    feed: str = "events",
+    params: dict[str, Any] | None = None,
+) -> RequestOptions:
     headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
     return RequestOptions(
         "GET",
-        f"/v1/jobs/{path_id(job_id)}/events",
+        f"/v1/jobs/{path_id(job_id)}/{feed}",
+        params=params,
         headers=headers,
         timeout=STREAM_TIMEOUT,
         max_retries=0,
         extras=extras,
     )
+
+
+def _metrics_from_sse(sse: ServerSentEvent) -> list[Metric]:
+    """An ``event: metrics`` batch, ``{"data": [point, ...]}``, as its points."""
+    payload = json.loads(sse.data)
+    return [Metric.model_validate(point) for point in payload.get("data", [])]
 
 
 def _metrics_from(client_parse: Any, response: httpx.Response) -> MetricList:
@@ -309,6 +323,55 @@ class Jobs(SyncResource):
                 if failures > self._client.max_retries:
                     raise APIConnectionError(
                         f"Event stream of {job_id} could not be resumed after {failures} attempts: {exc}"
+                    ) from exc
+                time.sleep(backoff_delay(failures - 1))
+                continue
+            if not reconnect or self.get(job_id, **extras.as_kwargs()).is_terminal:
+                return
+            time.sleep(0.5)
+
+    def stream_metrics(
+        self,
+        job_id: str,
+        *,
+        after: int | None = None,
+        name: str | None = None,
+        reconnect: bool = True,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> Iterator[Metric]:
+        """Yield the job's metric points live over SSE, oldest first, until the job ends and all were sent.
+
+        ``after``: start after the point with this ``seq``; ``name``: only that metric. A dropped connection
+        is resumed after the last point received (its ``seq`` as ``Last-Event-ID``), so none is lost or
+        repeated; retries as :meth:`stream_events` does."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        last = None if after is None else str(after)
+        failures = 0
+        while True:
+            options = _stream_options(job_id, last, extras, feed="metrics", params={"name": name})
+            try:
+                with self._client.stream(options) as response:
+                    failures = 0
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        if sse.event in END_EVENTS:
+                            return
+                        if sse.event == "metrics" and sse.data:
+                            yield from _metrics_from_sse(sse)
+                            last = sse.id or last
+            except (httpx.TransportError, APIConnectionError) as exc:
+                if not reconnect:
+                    raise APIConnectionError(f"Metric stream of {job_id} broke: {exc}") from exc
+                failures += 1
+                if failures > self._client.max_retries:
+                    raise APIConnectionError(
+                        f"Metric stream of {job_id} could not be resumed after {failures} attempts: {exc}"
                     ) from exc
                 time.sleep(backoff_delay(failures - 1))
                 continue
@@ -583,6 +646,51 @@ class AsyncJobs(AsyncResource):
                 if failures > self._client.max_retries:
                     raise APIConnectionError(
                         f"Event stream of {job_id} could not be resumed after {failures} attempts: {exc}"
+                    ) from exc
+                await asyncio.sleep(backoff_delay(failures - 1))
+                continue
+            if not reconnect or (await self.get(job_id, **extras.as_kwargs())).is_terminal:
+                return
+            await asyncio.sleep(0.5)
+
+    async def stream_metrics(
+        self,
+        job_id: str,
+        *,
+        after: int | None = None,
+        name: str | None = None,
+        reconnect: bool = True,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> AsyncIterator[Metric]:
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        last = None if after is None else str(after)
+        failures = 0
+        while True:
+            options = _stream_options(job_id, last, extras, feed="metrics", params={"name": name})
+            try:
+                async with self._client.stream(options) as response:
+                    failures = 0
+                    decoder = SSEDecoder()
+                    async for line in response.aiter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        if sse.event in END_EVENTS:
+                            return
+                        if sse.event == "metrics" and sse.data:
+                            for point in _metrics_from_sse(sse):
+                                yield point
+                            last = sse.id or last
+            except (httpx.TransportError, APIConnectionError) as exc:
+                if not reconnect:
+                    raise APIConnectionError(f"Metric stream of {job_id} broke: {exc}") from exc
+                failures += 1
+                if failures > self._client.max_retries:
+                    raise APIConnectionError(
+                        f"Metric stream of {job_id} could not be resumed after {failures} attempts: {exc}"
                     ) from exc
                 await asyncio.sleep(backoff_delay(failures - 1))
                 continue

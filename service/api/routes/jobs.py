@@ -33,6 +33,7 @@ from service.api.job_streams import (
     SSE_KEEPALIVE_SECONDS,
     SSE_POLL_SECONDS,
     JobFilter,
+    first_page,
     metric_points,
     metrics_after,
     stream_jobs,
@@ -55,6 +56,9 @@ from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, JobEventRow, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# The largest seq the tables hold (an Integer column: int4 on PostgreSQL); a larger cursor is a 422, not a
+# DataError from the database.
+MAX_SEQ = 2**31 - 1
 
 
 @router.post(
@@ -111,8 +115,9 @@ def list_jobs(
     ] = None,
 ) -> ListResponse[JobPublic] | StreamingResponse:
     if _wants_stream(request):
+        where = JobFilter(tenant=tenant, status=status, round=round)
         return StreamingResponse(
-            stream_jobs(ctx, JobFilter(tenant=tenant, status=status, round=round), page, request),
+            stream_jobs(ctx, where, first_page(session, where, page), request),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
@@ -310,7 +315,7 @@ def list_metrics(
     name: Annotated[str | None, Query(description="Only this metric.")] = None,
     after: Annotated[
         int | None,
-        Query(ge=0, le=2**63 - 1, description="Only points whose seq is greater (a point's seq, to resume)."),
+        Query(ge=0, le=MAX_SEQ, description="Only points whose seq is greater (a point's seq, to resume)."),
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> ListResponse[MetricPublic] | Response:
@@ -335,7 +340,7 @@ def list_metrics(
 
 def _metric_seq(value: str) -> int:
     """A metrics stream's Last-Event-ID: the seq of the last point the client received."""
-    if not value.isascii() or not value.isdigit() or len(value) > 18:
+    if not value.isascii() or not value.isdigit() or len(value) > 10 or int(value) > MAX_SEQ:
         raise ValidationFailed(
             f"Last-Event-ID must be a metric point's seq (a non-negative integer), not '{value[:40]}'.",
             code="invalid_last_event_id",
