@@ -82,10 +82,8 @@ def _as_rank(
     spec: TrainingSpec, progress: ProgressWriter, proto: IO[str], dist: Dist, cancel: CancelToken
 ) -> tuple[TrainingSpec, ProgressWriter]:
     """One rank's view of the job under torchrun: rank 0 keeps the protocol stream, checkpoints and outputs;
-    another rank writes its lines to the log, no checkpoints, and its outputs to a private folder that the
-    runner never reads. The cancel check becomes collective."""
-    from contract.protocol import ProgressWriter
-
+    another rank (whose ``progress`` already writes to the log) writes no checkpoints and its outputs to a
+    private folder that the runner never reads. The cancel check becomes collective."""
     cancel.sync = dist.any
     pids = dist.gather(os.getpid())
     if dist.is_main:
@@ -99,7 +97,7 @@ def _as_rank(
     proto.close()
     private = os.path.join(spec.output_dir, f".rank{dist.rank}")
     os.makedirs(private, exist_ok=True)
-    return spec.model_copy(update={"output_dir": private, "checkpoint_dir": None}), ProgressWriter(sys.stderr)
+    return spec.model_copy(update={"output_dir": private, "checkpoint_dir": None}), progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     progress = ProgressWriter(proto)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        # Under torchrun rank 0 alone writes the protocol stream (distributed.py), from the first line on,
+        # errors included; another rank's lines go to the log.
+        progress = ProgressWriter(sys.stderr)
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         progress.error("usage: python -m workers.training /path/spec.json", code=INVALID_SPEC)

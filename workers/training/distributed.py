@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as torch_dist
 
+from workers.training.errors import INVALID_SPEC, TrainingError
+
 T = TypeVar("T")
 
 
@@ -158,6 +160,15 @@ def from_environment(environ: Mapping[str, str] | None = None) -> Dist:
     rank, local_rank = int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            # nccl needs a GPU per rank; two ranks on one device fail later with an obscure nccl error.
+            raise TrainingError(
+                INVALID_SPEC,
+                f"{env.get('LOCAL_WORLD_SIZE', world_size)} processes need as many GPUs, CUDA sees {visible}: "
+                "set ALIGND_WORKER_GPUS on this worker (each process then gets its own GPU) or ask for fewer "
+                "processes",
+            )
         torch.cuda.set_device(local_rank)
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend)
