@@ -165,6 +165,14 @@ class DPOHyperparameters(OptimizerHyperparameters):
         0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label-noise rate."
     )
     max_prompt_length: int = Field(256, ge=1, description="Token budget for the prompt part of each pair.")
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="With a 'validation' dataset (preference pairs): its DPO loss, reward accuracy and margin "
+        "(eval_loss, eval_accuracy, eval_margin) every this many optimizer steps and at the end; default: ten "
+        "times over the run. Ignored without one.",
+    )
     # With an init adapter (the SFT policy) the literature's reference is that SFT policy, not the bare base;
     # the worker loads it a second time as a frozen adapter on the same base, so it costs no second model.
     reference_model: Literal["init_adapter", "base"] = Field(

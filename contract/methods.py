@@ -50,7 +50,10 @@ REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
 }
 
 # Datasets a method may take besides the required ones (role -> the kind it must be).
-OPTIONAL_DATASETS: dict[Method, dict[str, str]] = {Method.sft: {"validation": "sft"}}
+OPTIONAL_DATASETS: dict[Method, dict[str, str]] = {
+    Method.sft: {"validation": "sft"},
+    Method.dpo: {"validation": "preference"},
+}
 
 RLHF_STAGES: tuple[Method, ...] = (Method.sft, Method.reward_model, Method.ppo)
 # The online methods rlhf may run as its last stage (``rl_method`` in its hyperparameters; ppo by default).

@@ -116,8 +116,9 @@ class JobDatasets(InputModel):
     prompts: str | None = Field(None, description="Dataset id of kind 'prompts' (for PPO rollouts).")
     validation: str | None = Field(
         None,
-        description="sft only: a held-out dataset of kind 'sft'; its loss and token accuracy are logged as "
-        "eval_loss and eval_mean_token_accuracy (hyperparameters.eval_steps).",
+        description="sft and dpo: a held-out dataset (kind 'sft' for sft, 'preference' for dpo), scored every "
+        "hyperparameters.eval_steps: eval_loss and eval_mean_token_accuracy (sft), eval_loss, eval_accuracy and "
+        "eval_margin (dpo).",
     )
 
 

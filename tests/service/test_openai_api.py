@@ -293,11 +293,16 @@ def test_a_dpo_job_continues_from_the_fine_tuned_model(facade: Facade, supervise
     job = client.fine_tuning.jobs.create(
         model=str(fine_tuned),
         training_file=_upload(client, jsonl(rows)),
+        validation_file=_upload(client, jsonl(rows[:3])),
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 6}}},
         seed=7,
     )
     done = _wait(client, job.id)
     assert done.status == "succeeded", list(client.fine_tuning.jobs.list_events(job.id, limit=50))
+    # The validation file is the dpo job's held-out pairs: valid_loss at the checkpoint, no token accuracy.
+    metrics = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].metrics
+    assert metrics.valid_loss is not None and metrics.valid_loss == metrics.full_valid_loss
+    assert metrics.valid_mean_token_accuracy is None
     assert done.fine_tuned_model == f"ft:tiny::{job.id}" and done.seed == 7
     headers = {"Authorization": f"Bearer {API_KEYS['tenant-a']}"}
     alignd_job = httpx.get(f"{facade.base_url}/v1/jobs/{job.id}", headers=headers).json()

@@ -58,11 +58,11 @@ def write_spec(
     }
     if init_adapter is not None:
         spec["init_adapter"] = {"id": "adapter_init", "path": str(init_adapter)}
-    if validation is not None:  # sft's optional held-out set
+    if validation is not None:  # the optional held-out set (sft or dpo), of the training set's kind
         spec["datasets"]["validation"] = {  # type: ignore[index]
             "id": "ds_tiny_validation",
             "name": "tiny-colours-held-out",
-            "kind": "sft",
+            "kind": role,
             "sha256": hashlib.sha256(validation.read_bytes()).hexdigest(),
             "num_records": sum(1 for line in validation.read_text().splitlines() if line.strip()),
             "path": str(validation),

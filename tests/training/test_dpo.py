@@ -40,9 +40,16 @@ DPO_LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 def dpo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ChildRun]:
     work = tmp_path_factory.mktemp("dpo-run")
     dataset = tiny_preference_jsonl(work / "pref.jsonl", n=64, seed=0, messages=True)
+    held_out = tiny_preference_jsonl(work / "held_out.jsonl", n=16, seed=1, messages=True)
     base_sha = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
     spec = write_spec(
-        work, model_dir=tiny_model_dir, dataset=dataset, method="dpo", hyperparameters=DPO_HP, lora=DPO_LORA
+        work,
+        model_dir=tiny_model_dir,
+        dataset=dataset,
+        method="dpo",
+        hyperparameters=DPO_HP,
+        lora=DPO_LORA,
+        validation=held_out,
     )
     started = time.perf_counter()
     run = run_child(spec)
@@ -55,7 +62,7 @@ def dpo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 def test_margin_and_accuracy_rise(dpo_run: tuple[Path, ChildRun]) -> None:
     _, run = dpo_run
     assert not run.of_type("error")
-    metrics = run.of_type("metric")
+    metrics = [m for m in run.of_type("metric") if "loss" in m["values"]]  # the held-out points aside
     assert [m["step"] for m in metrics] == [5, 10, 15, 20, 25, 30]
     assert all(m["stage"] == "dpo" and set(m["values"]) >= METRICS for m in metrics)
     first, last = metrics[0]["values"], metrics[-1]["values"]
@@ -69,6 +76,22 @@ def test_margin_and_accuracy_rise(dpo_run: tuple[Path, ChildRun]) -> None:
     for m in metrics:
         v = m["values"]
         assert v["margin"] == pytest.approx(v["rewards_chosen"] - v["rewards_rejected"], abs=1e-6)
+
+
+def test_held_out_pairs_are_scored_and_learned(dpo_run: tuple[Path, ChildRun]) -> None:
+    # No eval_steps: ten evaluations over the 30 steps; before any step the policy is the reference (ln 2).
+    _, run = dpo_run
+    evals = [m for m in run.of_type("metric") if "eval_loss" in m["values"]]
+    assert [m["step"] for m in evals] == list(range(3, 31, 3)), evals
+    first, last = evals[0]["values"], evals[-1]["values"]
+    assert last["eval_loss"] < first["eval_loss"] < math.log(2) + 1e-3
+    # The tiny pairs are easy: held-out accuracy can be 1.0 after 3 steps already; the margin keeps growing.
+    assert last["eval_accuracy"] >= max(first["eval_accuracy"], 0.9)
+    assert last["eval_margin"] > first["eval_margin"] + 0.5
+    assert last["eval_margin"] == pytest.approx(last["eval_rewards_chosen"] - last["eval_rewards_rejected"])
+    adapter = next(m for m in run.of_type("artifact") if m["kind"] == "adapter")
+    assert adapter["metadata"]["metrics"]["eval_accuracy"] == last["eval_accuracy"]
+    assert adapter["metadata"]["datasets"]["validation"]["id"] == "ds_tiny_validation"
 
 
 def test_adapter_loads_with_peft_and_prefers_chosen_on_new_pairs(

@@ -105,7 +105,7 @@ def _make_chromium(tmp_path: Path, ci: str | None) -> subprocess.CompletedProces
 def test_make_chromium_only_warns_outside_ci(tmp_path: Path) -> None:
     proc = _make_chromium(tmp_path, ci=None)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "the labeling-page browser test will skip" in proc.stdout
+    assert "the browser tests (labeling page, console) will skip" in proc.stdout
 
 
 def test_make_chromium_fails_under_ci(tmp_path: Path) -> None:

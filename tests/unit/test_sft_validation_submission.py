@@ -1,4 +1,4 @@
-"""sft's optional ``validation`` dataset at submission: accepted when it is an sft dataset of the tenant,
+"""sft's and dpo's optional ``validation`` dataset at submission: accepted when it is an sft dataset of the tenant,
 refused with the field named otherwise, and not a role any other method takes."""
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def test_an_sft_held_out_set_is_taken() -> None:
     [
         (Method.sft, {"sft": "ds_sft", "validation": "ds_pref"}, "wrong_dataset_kind"),
         (Method.sft, {"sft": "ds_sft", "validation": "ds_someone_elses"}, "unknown_dataset"),
-        (Method.dpo, {"preference": "ds_pref", "validation": "ds_held_out"}, "unexpected_dataset"),
+        (Method.reward_model, {"preference": "ds_pref", "validation": "ds_pref"}, "unexpected_dataset"),
+        (Method.dpo, {"preference": "ds_pref", "validation": "ds_held_out"}, "wrong_dataset_kind"),
     ],
 )
 def test_a_wrong_held_out_set_names_the_field(
@@ -60,5 +61,5 @@ def test_a_wrong_held_out_set_names_the_field(
 ) -> None:
     detail = refusal(method, datasets)
     assert (detail["field"], detail["code"]) == ("datasets.validation", code)
-    if code == "wrong_dataset_kind":
-        assert "expected 'sft'" in detail["message"]
+    if code == "wrong_dataset_kind":  # the training set's kind: sft for sft, preference for dpo
+        assert ("expected 'sft'" if method is Method.sft else "expected 'preference'") in detail["message"]

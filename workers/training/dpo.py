@@ -18,12 +18,14 @@ The reference log-probs are computed once, before training, in eval mode (no LoR
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
 from contract.hyperparameters import DPOHyperparameters
-from workers.training import data, loop, lora, preference
+from workers.training import checkpoint, data, loop, lora, preference
 from workers.training.context import RunContext
 
 STAGE = "dpo"
@@ -112,13 +114,27 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
             ctx, stage=STAGE, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length
         )
         self.pairs, self.pad_token_id = self.prepared.pairs, self.prepared.pad_token_id
+        self.validation = preference.prepare_validation_pairs(
+            ctx, self.prepared, stage=STAGE, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length
+        )
         self._load_model()
         # Reads the frozen reference (never the policy) and draws no random numbers, so it can run before the
         # checkpoint's RNG states are restored.
         self.ref_chosen, self.ref_rejected = reference_logps(
             self.model, self.reference, self.pairs, self.pad_token_id, self.device, batch_size=hp.batch_size
         )
+        self.last_eval: dict[str, float] = {}
+        if self.validation is not None:
+            self.val_ref_chosen, self.val_ref_rejected = reference_logps(
+                self.model,
+                self.reference,
+                self.validation.pairs,
+                self.pad_token_id,
+                self.device,
+                batch_size=hp.batch_size,
+            )
         self.plan(len(self.pairs))
+        self.eval_every = hp.eval_steps or max(1, self.total // 10)
 
     def _load_model(self) -> None:
         spec = self.spec
@@ -168,6 +184,57 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
             "correct": float((reward_c > reward_r).sum()),
         }
 
+    def on_eval(self, step: int) -> dict[str, float]:
+        if self.validation is not None and (step % self.eval_every == 0 or step == self.total):
+            self.last_eval = self.run_eval()
+            return self.last_eval
+        return {}
+
+    @torch.no_grad()
+    def run_eval(self) -> dict[str, float]:
+        """The DPO loss, reward accuracy and margin over every held-out pair (dropout off), per pair."""
+        assert self.validation is not None
+        pairs, hp = self.validation.pairs, self.hp
+        sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
+        self.model.eval()
+        try:
+            for chunk in preference.iter_chunks(list(range(len(pairs))), hp.batch_size):
+                policy_c, policy_r = pair_logps(
+                    self.model, [pairs[i] for i in chunk], self.pad_token_id, self.device
+                )
+                index = torch.tensor(chunk, device=self.device)
+                loss, reward_c, reward_r = dpo_loss(
+                    policy_c,
+                    policy_r,
+                    self.val_ref_chosen[index],
+                    self.val_ref_rejected[index],
+                    beta=hp.beta,
+                    label_smoothing=hp.label_smoothing,
+                )
+                sums["loss"] += float(loss.sum())
+                sums["correct"] += float((reward_c > reward_r).sum())
+                sums["margin"] += float((reward_c - reward_r).sum())
+                sums["chosen"] += float(reward_c.sum())
+                sums["rejected"] += float(reward_r.sum())
+        finally:
+            self.model.train()
+        n = len(pairs)
+        return {
+            "eval_loss": sums["loss"] / n,
+            "eval_accuracy": sums["correct"] / n,
+            "eval_margin": sums["margin"] / n,
+            "eval_rewards_chosen": sums["chosen"] / n,
+            "eval_rewards_rejected": sums["rejected"] / n,
+        }
+
+    def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
+        super().on_start(resumed)
+        if resumed is not None:  # the newest evaluation travels in the checkpoint: the final metrics read it
+            self.last_eval = dict(resumed.extra.get("last_eval", {}))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {**super().checkpoint_extra(), "last_eval": self.last_eval}
+
     def log_values(
         self, window: loop.MetricWindow, *, learning_rate: float, epoch: float
     ) -> dict[str, float]:
@@ -190,20 +257,26 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
             **{k: last[k] for k in ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")},
             "first_loss": history[0]["loss"],
             "first_margin": history[0]["margin"],
+            **self.last_eval,
             **self.run_metrics(steps, train_seconds),
         }
 
     def save_outputs(self, metrics: dict[str, float]) -> loop.Outputs:
         card = self.model_card(
             title=f"{self.spec.base_model.name} + LoRA (DPO)",
-            datasets=[self.prepared.card_entry()],
+            datasets=[self.prepared.card_entry()]
+            + ([self.validation.card_entry()] if self.validation is not None else []),
             lora=self.policy_lora(self.model),
             metrics=metrics,
             notes=f"\n## DPO reference\n\nThe reference policy was {self.reference_text}.\n",
         )
-        return self.publish(
-            self.model, self.prepared.tokenizer, card, metrics, datasets=self.prepared.dataset_metadata()
-        )
+        datasets = self.prepared.dataset_metadata()
+        if self.validation is not None:
+            datasets["validation"] = {
+                "id": self.validation.dataset_ref.id,
+                "sha256": self.validation.dataset_sha256,
+            }
+        return self.publish(self.model, self.prepared.tokenizer, card, metrics, datasets=datasets)
 
     def summary(self, metrics: dict[str, float], steps: int, train_seconds: float) -> str:
         moved = f"margin {metrics['first_margin']:.4f} -> {metrics['margin']:.4f}, accuracy {metrics['accuracy']:.3f}"

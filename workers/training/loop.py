@@ -274,12 +274,15 @@ class StepLogger:
         # The rlhf pipeline maps each stage's 0..1 into the job's bar (pipeline.StageWriter).
         self.progress.progress(fraction, stage=self.stage)
 
-    def log(self, step: int, values: Mapping[str, float], *, emit: bool = True) -> None:
-        """Keep ``values`` as the point of ``step``; with ``emit``, send the metric line and the progress."""
+    def log(self, step: int, values: Mapping[str, float], *, emit: bool = True, keep: bool = True) -> None:
+        """Keep ``values`` as the point of ``step``; with ``emit``, send the metric line and the progress.
+        ``keep=False``: send it without keeping it (a held-out evaluation between training points: the history
+        holds the training points the final metrics are read from)."""
         if emit:
             self.progress.metric(stage=self.stage, step=step, values=dict(values))
             self.report(step / self.total)
-        self.history.append({"step": float(step), **values})
+        if keep:
+            self.history.append({"step": float(step), **values})
 
     def state(self) -> dict[str, Any]:
         history = self.history
@@ -767,12 +770,13 @@ class DatasetTrainer(Trainer[OH, list[int]]):
         )
         window.end_step(step_loss, weight, grad_norm)
         values: dict[str, float] = {}
-        if self.logger.due(step):
+        due = self.logger.due(step)
+        if due:
             values = self.log_values(window, learning_rate=learning_rate, epoch=step / self.steps_per_epoch)
             window.reset()
         values.update(self.on_eval(step))
         if values:
-            self.logger.log(step, values)
+            self.logger.log(step, values, keep=due)
 
     def on_end(self) -> None:
         self.model.eval()

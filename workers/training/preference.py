@@ -92,6 +92,52 @@ def prepare_pairs(
     return PreparedPairs(dataset_ref, sha256, tokenizer, pairs, stats, int(pad))
 
 
+VALIDATION_ROLE = "validation"
+
+
+@dataclass
+class ValidationPairs:
+    dataset_ref: DatasetRef
+    dataset_sha256: str
+    pairs: list[data.PreferenceExample]
+    stats: data.PreferenceStats
+
+    def card_entry(self) -> DatasetCardEntry:
+        return DatasetCardEntry(
+            role=VALIDATION_ROLE,
+            name=self.dataset_ref.name,
+            id=self.dataset_ref.id,
+            sha256=self.dataset_sha256,
+            num_records=self.stats.records,
+            num_examples=self.stats.pairs,
+        )
+
+
+def prepare_validation_pairs(
+    ctx: RunContext, prepared: PreparedPairs, *, stage: str, max_length: int, max_prompt_length: int | None
+) -> ValidationPairs | None:
+    """The optional held-out pairs (role ``validation``), tokenised by the training pairs' rules; None when
+    the job has none."""
+    ref = ctx.spec.datasets.get(VALIDATION_ROLE)
+    if ref is None:
+        return None
+    sha256 = loop.local_sha256(ctx.progress, ref, stage=stage)
+    pairs, stats = data.tokenize_preference(
+        prepared.tokenizer,
+        data.read_preference_records(ref.path),
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
+    if not pairs:
+        raise TrainingError(
+            NO_TRAINABLE_EXAMPLES, f"validation dataset {ref.name}: no pair has response tokens left"
+        )
+    ctx.progress.event(
+        f"validation dataset {ref.name}: {stats.pairs} held-out pairs ({stats.dropped} dropped)", stage=stage
+    )
+    return ValidationPairs(ref, sha256, pairs, stats)
+
+
 def epoch_batches(
     pairs: list[data.PreferenceExample], batch_size: int, *, seed: int, epoch: int
 ) -> list[list[int]]:

@@ -103,6 +103,9 @@ def _file(session: Session, tenant: str, file_id: str, param: str) -> OpenAIFile
     return row
 
 
+_HELD_OUT_FORMATS = (FileFormat.supervised, FileFormat.dpo)
+
+
 def _warnings(body: OpenAIFineTuningJobCreate, fmt: FileFormat, notes: dict[str, int]) -> list[str]:
     """What the job was asked for that alignd does differently, said once in its events."""
     warnings = []
@@ -112,7 +115,7 @@ def _warnings(body: OpenAIFineTuningJobCreate, fmt: FileFormat, notes: dict[str,
             "last one: alignd trains on the last assistant message of each line only (OpenAI trains on every "
             "assistant message without weight 0)."
         )
-    if body.validation_file is not None and fmt is not FileFormat.supervised:
+    if body.validation_file is not None and fmt is FileFormat.reinforcement:
         warnings.append(
             f"validation_file {body.validation_file} was checked but is not used: alignd's "
             f"{fmt.value} training has no held-out loss yet (checkpoints report no valid_loss)."
@@ -194,8 +197,9 @@ def create_fine_tuning_job(
         base_model=source.base_id,
         datasets=JobDatasets(
             **{DATASET_KINDS[fmt]: dataset.id},
-            # supervised: the validation file is sft's held-out set (valid_loss, valid_mean_token_accuracy)
-            **({"validation": held_out.id} if held_out is not None and fmt is FileFormat.supervised else {}),
+            # supervised and dpo: the validation file is the job's held-out set (valid_loss, and for sft
+            # valid_mean_token_accuracy); reinforcement checks it only (a warning event says so)
+            **({"validation": held_out.id} if held_out is not None and fmt in _HELD_OUT_FORMATS else {}),
         ),
         init_adapter=source.adapter,
         hyperparameters=hyperparameters,
