@@ -61,7 +61,7 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
     "tests/training/test_distributed.py::test_a_one_process_checkpoint_resumes_on_two_processes_with_the_same_losses": (
         "28 s, two children; the 2-process SFT curve test over REST stays"
     ),
-    "tests/service/test_scale_out.py::test_two_process_dpo_matches_one_process_loss_curve": (
+    "tests/service/test_scale_out.py::test_two_process_dpo_matches_one_process_loss_and_held_out_curves": (
         "30 s, two jobs; the SFT curve test runs the same shared loop"
     ),
     "tests/unit/test_gpu_check.py::test_cpu_smoke_runs_every_part": "35 s; the GPU check's plumbing on CPU",

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import API_KEYS, UvicornThread, make_settings
-from tests.helpers.tiny_model import tiny_preference_jsonl
+from tests.helpers.tiny_model import tiny_preference_jsonl, tiny_sft_jsonl
 from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
 
 RELATIVE_TOLERANCE = 1e-4
@@ -105,12 +105,16 @@ def _sft_body(model: str, dataset: str, processes: int, **hyperparameters: Any) 
 
 
 def test_two_process_sft_matches_one_process_loss_curve(
-    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path
+    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path, tmp_path: Path
 ) -> None:
     model = upload_model(client, tiny_model_dir).json()["id"]
     dataset = upload_dataset(client, sft_jsonl, "sft").json()["id"]
-    one = _submit(client, _sft_body(model, dataset, 1))
-    two = _submit(client, _sft_body(model, dataset, 2))
+    held_out = tiny_sft_jsonl(tmp_path / "v.jsonl", n=5, seed=1)  # 5: the ranks' shares differ
+    validation = upload_dataset(client, held_out, "sft").json()["id"]
+    bodies = [_sft_body(model, dataset, n) for n in (1, 2)]
+    for body in bodies:
+        body["datasets"]["validation"] = validation
+    one, two = (_submit(client, body) for body in bodies)
     for job_id in (one, two):
         job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
         assert job["status"] == "succeeded", _events(client, job_id)
@@ -118,6 +122,9 @@ def test_two_process_sft_matches_one_process_loss_curve(
     messages = " | ".join(event["message"] for event in _events(client, two))
     assert "torchrun with 2 processes" in messages and "data parallel over 2 processes (gloo" in messages
     _assert_same_curve(_series(client, one, "loss"), _series(client, two, "loss"))
+    # The held-out examples are split across the ranks and their sums added: the same figures.
+    assert _series(client, one, "eval_loss")
+    assert _series(client, two, "eval_loss") == pytest.approx(_series(client, one, "eval_loss"), rel=1e-4)
     # Rank 0 alone writes: one adapter, one model card, one final checkpoint line per job.
     kinds = sorted(a["kind"] for a in client.get(f"/v1/jobs/{two}/artifacts").json()["data"])
     assert kinds == ["adapter", "model_card"], kinds
@@ -198,15 +205,17 @@ def test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads
     _load_with_plain_peft(tiny_model_dir, folder)
 
 
-def test_two_process_dpo_matches_one_process_loss_curve(
+def test_two_process_dpo_matches_one_process_loss_and_held_out_curves(
     client: httpx.Client, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     model = upload_model(client, tiny_model_dir).json()["id"]
     preference = upload_dataset(client, tiny_preference_jsonl(tmp_path / "p.jsonl", n=24), "preference")
+    held_out = tiny_preference_jsonl(tmp_path / "v.jsonl", n=7, offset=40)  # 7: the ranks' shares differ
+    validation = upload_dataset(client, held_out, "preference").json()["id"]
     body = {
         "method": "dpo",
         "base_model": model,
-        "datasets": {"preference": preference.json()["id"]},
+        "datasets": {"preference": preference.json()["id"], "validation": validation},
         "lora": LORA,
         "hyperparameters": {"max_steps": 4, "batch_size": 6, "max_length": 64, "learning_rate": 5e-3},
         "seed": 0,
@@ -217,6 +226,10 @@ def test_two_process_dpo_matches_one_process_loss_curve(
         job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
         assert job["status"] == "succeeded", _events(client, job_id)
     _assert_same_curve(_series(client, one, "loss"), _series(client, two, "loss"))
+    # The held-out pairs are split across the ranks and their sums added: the same figures.
+    for name in ("eval_loss", "eval_accuracy"):
+        assert _series(client, one, name), name
+        assert _series(client, two, name) == pytest.approx(_series(client, one, name), rel=RELATIVE_TOLERANCE)
 
 
 def _download_adapter(client: httpx.Client, artifact_id: str, folder: Path) -> Path:
