@@ -40,6 +40,7 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.evaluation import EvaluationSpec
+from contract.resources import Resources
 
 ArtifactKind = Literal["adapter", "reward_model", "model_card", "checkpoint", "eval"]
 
@@ -104,6 +105,10 @@ class TrainingSpec(_Spec):
     lora: dict[str, Any] = Field(description="Resolved contract.hyperparameters.LoraSettings.")
     hyperparameters: dict[str, Any] = Field(description="Resolved hyperparameters of the method.")
     seed: int
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="Processes of the job (contract/resources.py): N > 1 runs the child under torchrun.",
+    )
     output_dir: str = Field(description="Empty folder the child writes artifacts under.")
     checkpoint_dir: str | None = Field(None, description="Where the child writes checkpoints (None: none).")
     resume_from: ResumeRef | None = Field(

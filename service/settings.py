@@ -65,6 +65,25 @@ class Settings(BaseSettings):
         description="Comma-separated methods an `alignd-server worker` serves (e.g. 'sft,dpo'); unset: all. "
         "Each method has its own arq queue (alignd:queue:<method>), so a pool only ever sees its methods.",
     )
+    worker_processes: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes this worker (or embedded server) runs at once, summed over its jobs "
+        "(resources.processes each); unset: its CPU count, at least ALIGND_WORKER_CONCURRENCY. A job needing more than is free waits, queued, "
+        "with a waiting_for_capacity event. Ignored when ALIGND_WORKER_GPUS is set.",
+    )
+    worker_gpus: int = Field(
+        0,
+        ge=0,
+        description="GPUs of this worker: each job process takes one (CUDA_VISIBLE_DEVICES set per job, nccl "
+        "between its processes); 0: CPU processes counted by ALIGND_WORKER_PROCESSES.",
+    )
+    pool_max_processes: int | None = Field(
+        None,
+        ge=1,
+        description="The most processes the largest worker of the pool has: POST /v1/jobs refuses a job asking "
+        "for more (422 insufficient_capacity). Unset: such a job is accepted and waits for a worker that fits.",
+    )
     worker_metrics_port: int = Field(
         9100, ge=0, le=65535, description="Prometheus /metrics port of `alignd-server worker`; 0 disables it."
     )

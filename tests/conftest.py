@@ -43,6 +43,27 @@ def require_or_skip(reason: str) -> NoReturn:
 # checks run in `make test-slow` instead (marked slow here, in one place, with why); each leaves a shorter test
 # of the same path in `make test`. Durations: serial, on the quiet 2-core VM.
 SLOW_IN_MAKE_TEST: dict[str, str] = {
+    "tests/service/test_scale_out.py::test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads"
+    "_with_peft": "84-104 s of five torch processes at once; the 2-process SFT curve test stays",
+    "tests/service/test_scale_out.py::test_killed_rank_fails_the_attempt_and_the_job_resumes_from_its_checkpoint": (
+        "62-68 s, two torchrun attempts; test_sigkilled_child_resumes_from_its_checkpoint and the SFT curve test stay"
+    ),
+    "tests/service/test_scale_out.py::test_cancel_stops_every_rank": "16 s; the SFT curve test stays",
+    "tests/service/test_scale_out.py::test_two_process_rlhf_runs_every_stage_on_two_processes": (
+        "three stages on two processes; test_rlhf_end_to_end and the 2-process SFT curve test stay"
+    ),
+    "tests/service/test_scale_out.py::test_two_process_grpo_and_rloo_jobs_succeed_and_load_with_peft": (
+        "four torch processes at once; the grpo and rloo API tests stay"
+    ),
+    "tests/service/test_scale_out.py::test_pause_and_resume_a_two_process_job": (
+        "41 s, two torchrun attempts; test_pause_keeps_every_step_and_resume_continues_from_it stays"
+    ),
+    "tests/training/test_distributed.py::test_a_one_process_checkpoint_resumes_on_two_processes_with_the_same_losses": (
+        "28 s, two children; the 2-process SFT curve test over REST stays"
+    ),
+    "tests/service/test_scale_out.py::test_two_process_dpo_matches_one_process_loss_and_held_out_curves": (
+        "30 s, two jobs; the SFT curve test runs the same shared loop"
+    ),
     "tests/unit/test_gpu_check.py::test_cpu_smoke_runs_every_part": "35 s; the GPU check's plumbing on CPU",
     "tests/service/test_live_streams.py::test_streams_follow_a_real_job": (
         "22 s; the row-written stream tests on SQLite and PostgreSQL stay"

@@ -20,6 +20,7 @@ from contract.evaluation import EvaluationSpec, evaluation_of, model_refs
 from contract.graders import leaves
 from contract.hyperparameters import PPO_EVAL_ROLE, PPOEvalSettings, ppo_eval_block
 from contract.protocol import AdapterRef, BaseModelRef, DatasetRef, ResumeRef, TrainingSpec
+from contract.resources import Resources, resources_of, without_resources
 from service.core import ranking
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, DatasetRow, JobRow, ModelRow
@@ -234,8 +235,9 @@ def write_spec(
         reward_model=inputs.adapters["reward_model"],
         lora=job.lora,
         # An evaluate job's hyperparameters column holds its evaluation spec, handed over on its own.
-        hyperparameters={} if inputs.evaluation is not None else job.hyperparameters,
+        hyperparameters={} if inputs.evaluation is not None else without_resources(job.hyperparameters),
         seed=job.seed,
+        resources=resources_of(job.hyperparameters) if inputs.evaluation is None else Resources(),
         output_dir=str(output_dir),
         checkpoint_dir=str(checkpoint_dir),
         resume_from=resume_from,

@@ -75,6 +75,30 @@ def acquire(engine: Engine, job_id: str, *, owner: str, lease_seconds: float) ->
     return Lease(job_id=job_id, token=token, owner=owner)
 
 
+def queued_hyperparameters(engine: Engine, job_id: str) -> dict[str, Any] | None:
+    """A queued job's hyperparameters column (its resources are there), None when it is not queued."""
+    with session_scope(engine) as session:
+        job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
+        if job is None or job.status != JobStatus.queued:
+            return None
+        return dict(job.hyperparameters or {})
+
+
+def note_waiting(engine: Engine, job_id: str, message: str, *, prefix: str) -> None:
+    """Add ``message`` to a queued job that waits (no lease: the job is not taken), unless its newest event
+    already starts with ``prefix``: a job passed over again and again says so once."""
+    with session_scope(engine) as session:
+        job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
+        if job is None or job.status != JobStatus.queued:
+            return
+        newest = session.exec(
+            select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(col(JobEventRow.seq).desc())
+        ).first()
+        if newest is not None and newest.message.startswith(prefix):
+            return
+        session.add(JobEventRow(job_id=job_id, created_at=now(), level="warning", message=message))
+
+
 def fenced(session: Any, lease: Lease) -> JobRow:
     """The job's row, locked, if ``lease`` still holds it; raises LeaseLost otherwise."""
     job = session.exec(select(JobRow).where(JobRow.id == lease.job_id).with_for_update()).first()

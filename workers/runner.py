@@ -24,12 +24,14 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from contract.protocol import PAUSE_FLAG_FILE, TrainingSpec
+from contract.resources import EXIT_RANK_LOST, resources_of
 from service.core.jobs import JobStatus
 from service.db.tables import JobRow
 from service.settings import Settings
 from service.storage import ArtifactStore
 from workers import lease as leases
 from workers import outputs, supervise
+from workers.capacity import WAITING_FOR_CAPACITY, Capacity, Reservation
 from workers.inputs import InputCache, InputMissing, fetch_inputs, write_spec
 from workers.lease import Lease, LeaseLost
 from workers.resume import start_point
@@ -50,6 +52,9 @@ class JobRunner:
         # job id -> error: jobs to stop and fail (the arq worker's job_timeout), read at each heartbeat.
         self._aborts: dict[str, tuple[str, str]] = {}
         self._inputs = InputCache(settings.data_dir / "cache")
+        # Training processes (or GPUs) this worker runs at once over its jobs; job id -> what it holds.
+        self.capacity = Capacity.from_settings(settings)
+        self._reservations: dict[str, Reservation] = {}
         # Called with (job_id, metric name, value) for every metric the child reports (worker /metrics).
         self.on_metric: Callable[[str, str, float], None] | None = None
 
@@ -104,16 +109,35 @@ class JobRunner:
     # ------------------------------------------------------------------ the run
 
     def run(self, job_id: str, *, resume: bool = True) -> JobStatus | None:
-        """Run a queued job to a final state. Returns the final status, or None if the job was not ours.
+        """Run a queued job to a final state. Returns the final status, or None if the job was not ours or
+        does not fit in this worker's free capacity (it stays queued with a ``waiting_for_capacity`` event).
 
         ``resume``: continue from the job's newest usable checkpoint (see ``workers/resume.py``) when an
         earlier attempt left one; False starts over (its checkpoints are replaced as the new run writes its
         own). Returns ``queued`` when the job was handed back to run again (worker stopping, or a crashed
         child with tries left); the caller (or the reconciler) enqueues it.
         """
+        hyperparameters = leases.queued_hyperparameters(self.engine, job_id)
+        if hyperparameters is None:
+            return None
+        processes = resources_of(hyperparameters).processes
+        reservation = self.capacity.reserve(processes)
+        if reservation is None:
+            # Not taken: it stays queued and the reconciler hands it out again (here or to a larger worker).
+            message = self.capacity.waiting_message(processes, self.worker_id)
+            leases.note_waiting(self.engine, job_id, message, prefix=WAITING_FOR_CAPACITY)
+            log.info("job %s: %s", job_id, message)
+            return None
+        try:
+            return self._run_reserved(job_id, reservation, resume=resume)
+        finally:
+            self.capacity.release(reservation)
+
+    def _run_reserved(self, job_id: str, reservation: Reservation, *, resume: bool) -> JobStatus | None:
         lease = self.acquire(job_id)
         if lease is None:
             return None
+        self._reservations[job_id] = reservation
         keeper_stop = threading.Event()
         keeper = threading.Thread(
             target=leases.keep_lease,
@@ -129,6 +153,7 @@ class JobRunner:
             log.warning("lease on %s lost; leaving the job to its new owner", job_id)
             return None
         finally:
+            self._reservations.pop(job_id, None)
             keeper_stop.set()
             keeper.join()
 
@@ -176,14 +201,23 @@ class JobRunner:
 
     def _supervise(self, lease: Lease, spec: TrainingSpec, attempt_dir: Path) -> JobStatus | None:
         log_path = attempt_dir / "child.log"
+        reservation = self._reservations.get(lease.job_id)
         child = self._children.spawn(
-            supervise.child_command(self.settings, attempt_dir / "spec.json"),
-            env=supervise.child_env(self.settings),
+            supervise.child_command(
+                self.settings, attempt_dir / "spec.json", processes=spec.resources.processes
+            ),
+            env={**supervise.child_env(self.settings), **(reservation.child_env() if reservation else {})},
             cwd=attempt_dir,
             log_path=log_path,
         )
         try:
-            self.add_event(lease, f"Training process started (pid {child.pid}).")
+            self.add_event(
+                lease,
+                f"Training process started (pid {child.pid})."
+                if spec.resources.processes == 1
+                else f"Training launcher started (pid {child.pid}): torchrun with "
+                f"{spec.resources.processes} processes.",
+            )
             end = supervise.relay(
                 child,
                 lease,
@@ -224,10 +258,16 @@ class JobRunner:
             self.finish(lease, JobStatus.succeeded)
             return JobStatus.succeeded
         error = end.error
-        if error is None and end.returncode < 0:
-            # Killed by a signal nobody here sent (the OOM killer, an operator, a node problem): a crash, not
-            # a verdict on the job. Run it again, resuming from its newest checkpoint, while tries are left.
-            name = supervise.signal_name(-end.returncode)
+        if end.returncode == EXIT_RANK_LOST or (error is None and end.returncode < 0):
+            # Killed by a signal nobody here sent (the OOM killer, an operator, a node problem), or one rank of
+            # a torchrun job was (the launcher's exit 75; the other ranks then fail on their collectives and
+            # may print an error line): a crash, not a verdict on the job. Run it again, resuming from its
+            # newest checkpoint, while tries are left.
+            name = (
+                "a signal to one of its ranks"
+                if end.returncode == EXIT_RANK_LOST
+                else supervise.signal_name(-end.returncode)
+            )
             attempts = leases.attempts(self.engine, lease)
             if attempts < self.settings.job_max_tries:
                 self.release(

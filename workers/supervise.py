@@ -34,8 +34,11 @@ from workers.training.lifeline import LIFELINE_FD_ENV, SUPERVISOR_PID_ENV
 Error = tuple[str, str]  # (code, message)
 
 
-def child_command(settings: Settings, spec_path: Path) -> list[str]:
+def child_command(settings: Settings, spec_path: Path, *, processes: int = 1) -> list[str]:
+    """One process, or the torchrun launcher (workers/training/launch.py) for ``processes`` > 1."""
     python = settings.training_python or sys.executable
+    if processes > 1:
+        return [python, "-m", "workers.training.launch", str(processes), str(spec_path)]
     return [python, "-m", "workers.training", str(spec_path)]
 
 

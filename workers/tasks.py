@@ -144,7 +144,10 @@ class WorkerState:
             log.info("job delivered")
             status = runner.run(job_id)
             if status is None:
-                log.info("job not queued any more (taken elsewhere, finished or cancelled); skipped")
+                log.info(
+                    "job not taken: not queued any more (taken elsewhere, finished or cancelled) or waiting "
+                    "for capacity; skipped"
+                )
                 return None
             elapsed = time.monotonic() - started
             log.info("job ended: %s after %.1f s", status.value, elapsed)

@@ -330,6 +330,7 @@ def job_body(
     seed: int | None,
     name: str | None,
     evaluation: Mapping[str, Any] | None = None,
+    resources: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``POST /v1/jobs`` body (the server's JobCreate): the fields given, none sent as null."""
     body: dict[str, Any] = {"method": method, "base_model": base_model, "datasets": dict(datasets or {})}
@@ -343,6 +344,7 @@ def job_body(
         "seed": seed,
         "name": name,
         "evaluation": dict(evaluation) if evaluation is not None else None,
+        "resources": dict(resources) if resources is not None else None,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     return body

@@ -110,6 +110,8 @@ class Job(AlignObject):
     evaluation: dict[str, Any] | None = None
     """``evaluate`` jobs: the evaluation spec as the server resolved it."""
     lora: dict[str, Any] | None = None
+    resources: dict[str, Any] = Field(default_factory=dict)
+    """``{"processes": N, "strategy": "ddp"}``: the processes the job trains on."""
     seed: int | None = None
     progress: float | None = None
     error: JobError | None = None

@@ -57,6 +57,8 @@ def new_job_row(ctx: AppContext, session: Session, tenant: str, body: JobCreate)
         init_reward_model=body.init_reward_model,
         evaluation=body.evaluation,
         dataset_rows=lambda dataset_id: dataset_rows(ctx.store, dataset_id),
+        resources=body.resources.model_dump(exclude_none=True) if body.resources else None,
+        pool_max_processes=ctx.settings.pool_max_processes,
     )
     job = JobRow(
         id=new_id("job"),
@@ -71,7 +73,7 @@ def new_job_row(ctx: AppContext, session: Session, tenant: str, body: JobCreate)
         init_reward_model=resolved.init_reward_model,
         round=body.round,
         hyperparameters=(
-            resolved.hyperparameters
+            resolved.stored_hyperparameters()
             if resolved.evaluation is None
             else stored_hyperparameters(resolved.evaluation)
         ),

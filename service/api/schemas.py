@@ -10,6 +10,7 @@ from sqlalchemy.engine import Row
 from contract.evaluation import evaluation_of
 from contract.inputs import InputModel
 from contract.methods import Method
+from contract.resources import MAX_PROCESSES, Resources, resources_of, without_resources
 from service.core.feedback import ItemRatings
 from service.core.feedback_sets import Progress
 from service.core.jobs import JobStatus
@@ -121,6 +122,20 @@ class JobDatasets(InputModel):
     )
 
 
+class ResourcesCreate(InputModel):
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PROCESSES,
+        description="Training processes on one worker (one GPU each on a GPU worker); default 1. With N > 1 the "
+        "job runs through torchrun (torch.distributed.run), data parallel: batch_size stays the examples of "
+        "one optimizer step across all processes (docs/scale-out.md).",
+    )
+    strategy: Literal["ddp", "fsdp"] | None = Field(
+        None, description="'ddp' (default). 'fsdp' is refused with 422 strategy_not_supported for now."
+    )
+
+
 class JobCreate(InputModel):
     method: Method = Field(strict=False)  # strict mode wants the member; the value is a string
     base_model: str = Field(description="Model id (model_...).")
@@ -133,6 +148,11 @@ class JobCreate(InputModel):
     )
     round: int | None = Field(None, ge=0, le=1_000_000, description="Feedback round this job belongs to.")
     lora: LoraCreate | None = None
+    resources: ResourcesCreate | None = Field(
+        None,
+        description="What the job asks of a worker: {processes: N, strategy: 'ddp'}. processes > 1: sft, "
+        "reward_model, dpo, ppo, grpo, rloo and rlhf.",
+    )
     hyperparameters: dict[str, Any] | None = Field(
         None,
         description="Per-method knobs; for rlhf keyed by stage: {rl_method: ppo|grpo|rloo, final_evaluation: "
@@ -201,6 +221,9 @@ class JobPublic(BaseModel):
     round: int | None = None
     hyperparameters: dict[str, Any]
     lora: dict[str, Any]
+    resources: Resources = Field(
+        default_factory=Resources, description="The processes (and strategy) the job runs with."
+    )
     seed: int
     evaluation: dict[str, Any] | None = Field(
         None, description="method 'evaluate': the evaluation spec as resolved (every default filled in)."
@@ -242,8 +265,9 @@ class JobPublic(BaseModel):
             init_reward_model=row.init_reward_model,
             round=row.round,
             # An evaluate job keeps its spec in the hyperparameters column (contract/evaluation.py).
-            hyperparameters={} if evaluation is not None else row.hyperparameters,
+            hyperparameters={} if evaluation is not None else without_resources(row.hyperparameters),
             lora=row.lora,
+            resources=resources_of(row.hyperparameters) if evaluation is None else Resources(),
             seed=row.seed,
             evaluation=evaluation,
             progress=row.progress,

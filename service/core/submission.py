@@ -12,9 +12,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from contract import reward_gate
 from contract.hyperparameters import ppo_eval_block
 from contract.methods import AVAILABLE_METHODS, OPTIONAL_DATASETS, REQUIRED_DATASETS, Method
+from contract.resources import DISTRIBUTED_METHODS, RESOURCES_KEY, Resources
 from service.core.errors import ValidationFailed
 from service.core.evaluation import check_evaluation, missing_item_problems
 from service.core.jobs import resolve_hyperparameters, resolve_lora
@@ -54,6 +57,13 @@ class ResolvedJob:
     seed: int
     init_reward_model: str | None = None
     evaluation: dict[str, Any] | None = None
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+    def stored_hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters column: the method's, with non-default resources under ``resources``."""
+        if self.resources.is_default:
+            return self.hyperparameters
+        return {**self.hyperparameters, RESOURCES_KEY: self.resources.model_dump()}
 
 
 def resolve_job(
@@ -70,6 +80,8 @@ def resolve_job(
     init_reward_model: str | None = None,
     evaluation: Any = None,
     dataset_rows: DatasetRows | None = None,
+    resources: Mapping[str, Any] | None = None,
+    pool_max_processes: int | None = None,
 ) -> ResolvedJob:
     if method not in AVAILABLE_METHODS:
         available = ", ".join(sorted(m.value for m in AVAILABLE_METHODS))
@@ -210,6 +222,11 @@ def resolve_job(
                 )
             )
 
+    resolved_resources, found = resolve_resources(
+        method, resources, resolved_hparams, pool_max_processes=pool_max_processes
+    )
+    problems.extend(found)
+
     if problems:
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
         # The first problem's code on top (e.g. 'wrong_dataset_kind'); every problem in details.
@@ -225,7 +242,117 @@ def resolve_job(
         seed=seed if seed is not None else secrets.randbelow(2**31),
         init_reward_model=init_reward_model,
         evaluation=resolved_evaluation,
+        resources=resolved_resources,
     )
+
+
+def resolve_resources(
+    method: Method,
+    raw: Mapping[str, Any] | None,
+    hyperparameters: Mapping[str, Any],
+    *,
+    pool_max_processes: int | None,
+) -> tuple[Resources, list[dict[str, Any]]]:
+    """The job's ``resources`` (contract/resources.py) and what is wrong with them: a method that does not
+    run data-parallel yet, ``fsdp`` (not implemented), more processes than the pool's largest worker has
+    (``ALIGND_POOL_MAX_PROCESSES``), a PPO batch that does not split evenly across the processes."""
+    try:
+        resources = Resources.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        return Resources(), _resource_details(exc)
+    problems: list[dict[str, Any]] = []
+    if resources.strategy == "fsdp":
+        problems.append(
+            {
+                "field": "resources.strategy",
+                "code": "strategy_not_supported",
+                "message": "strategy 'fsdp' is not supported yet; use 'ddp' (LoRA weights and optimizer "
+                "replicated in every process)",
+            }
+        )
+    n = resources.processes
+    if n > 1 and method not in DISTRIBUTED_METHODS:
+        methods = ", ".join(sorted(m.value for m in DISTRIBUTED_METHODS))
+        problems.append(
+            {
+                "field": "resources.processes",
+                "code": "processes_not_supported",
+                "message": f"method '{method.value}' runs in one process for now (processes > 1: {methods})",
+            }
+        )
+    if pool_max_processes is not None and n > pool_max_processes:
+        problems.append(
+            {
+                "field": "resources.processes",
+                "code": "insufficient_capacity",
+                "message": f"{n} processes asked; the largest worker of this pool has {pool_max_processes} "
+                "(ALIGND_POOL_MAX_PROCESSES)",
+            }
+        )
+    if n > 1 and hyperparameters:
+        problems.extend(_split_problems(method, hyperparameters, n))
+    return resources, problems
+
+
+def _split_problems(
+    method: Method, hyperparameters: Mapping[str, Any], processes: int, *, prefix: str = "hyperparameters"
+) -> list[dict[str, Any]]:
+    """What an online method's batch needs to run on ``processes`` (rlhf: its last stage's)."""
+    if method is Method.rlhf:
+        stage = Method(str(hyperparameters.get("rl_method", Method.ppo.value)))
+        return _split_problems(
+            stage, hyperparameters[stage.value], processes, prefix=f"{prefix}.{stage.value}"
+        )
+    if method is Method.ppo:
+        return _ppo_split_problems(hyperparameters, processes, prefix=prefix)
+    if method in (Method.grpo, Method.rloo):
+        return _uneven("batch_size", int(hyperparameters["batch_size"]), processes, prefix=prefix)
+    return []
+
+
+def _uneven(name: str, value: int, processes: int, *, prefix: str) -> list[dict[str, Any]]:
+    """An online method's batch that does not split evenly: each process takes an equal share (the same
+    number of answers, minibatches and optimizer steps)."""
+    if value % processes == 0:
+        return []
+    return [
+        {
+            "field": f"{prefix}.{name}",
+            "code": "uneven_split",
+            "message": f"{name} is {value}: with {processes} processes it must be a multiple of {processes} "
+            "(each process takes an equal share)",
+        }
+    ]
+
+
+def _resource_details(exc: ValidationError) -> list[dict[str, Any]]:
+    details = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in ("resources", *err["loc"]))
+        code = "unknown_field" if err["type"] == "extra_forbidden" else "invalid_value"
+        details.append({"field": loc, "code": code, "message": err["msg"]})
+    return details
+
+
+def _ppo_split_problems(
+    hyperparameters: Mapping[str, Any], processes: int, *, prefix: str
+) -> list[dict[str, Any]]:
+    """PPO with N processes: each samples and trains on an equal share of every rollout and minibatch, so
+    both must split evenly (every process takes the same number of optimizer steps)."""
+    rollout_size = int(hyperparameters.get("rollout_batch_size") or hyperparameters["batch_size"])
+    mini_batch = min(int(hyperparameters.get("mini_batch_size") or rollout_size), rollout_size)
+    problems = _uneven("rollout_batch_size", rollout_size, processes, prefix=prefix)
+    problems += _uneven("mini_batch_size", mini_batch, processes, prefix=prefix)
+    if hyperparameters.get("eval") is not None:
+        problems.append(
+            {
+                "field": f"{prefix}.eval",
+                "code": "processes_not_supported",
+                "message": "ppo's held-out eval block (and rlhf's final evaluation on it) runs in one process "
+                "for now: drop it or use processes=1",
+            }
+        )
+    return problems
 
 
 def _reward_model_gate(

@@ -11,7 +11,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from contract.protocol import ProgressWriter, TrainingSpec
+    from workers.training.context import CancelToken
+    from workers.training.distributed import Dist
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -73,6 +78,28 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
+def _as_rank(
+    spec: TrainingSpec, progress: ProgressWriter, proto: IO[str], dist: Dist, cancel: CancelToken
+) -> tuple[TrainingSpec, ProgressWriter]:
+    """One rank's view of the job under torchrun: rank 0 keeps the protocol stream, checkpoints and outputs;
+    another rank (whose ``progress`` already writes to the log) writes no checkpoints and its outputs to a
+    private folder that the runner never reads. The cancel check becomes collective."""
+    cancel.sync = dist.any
+    pids = dist.gather(os.getpid())
+    if dist.is_main:
+        progress.event(
+            f"data parallel over {dist.world_size} processes ({dist.backend}; rank pids "
+            f"{', '.join(map(str, pids))}): each takes its share of every batch, gradients all-reduced across "
+            "processes",
+            stage=spec.method,
+        )
+        return spec, progress
+    proto.close()
+    private = os.path.join(spec.output_dir, f".rank{dist.rank}")
+    os.makedirs(private, exist_ok=True)
+    return spec.model_copy(update={"output_dir": private, "checkpoint_dir": None}), progress
+
+
 def main(argv: list[str] | None = None) -> int:
     from workers.training.lifeline import EXIT_SUPERVISOR_LOST, bind_to_supervisor
 
@@ -89,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from contract.protocol import PAUSE_FLAG_FILE, ProgressWriter, TrainingSpec
+    from workers.training import distributed
     from workers.training.context import CancelToken, RunContext
+    from workers.training.distributed import SINGLE
     from workers.training.errors import (
         INTERNAL_ERROR,
         INVALID_SPEC,
@@ -99,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     progress = ProgressWriter(proto)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        # Under torchrun rank 0 alone writes the protocol stream (distributed.py), from the first line on,
+        # errors included; another rank's lines go to the log.
+        progress = ProgressWriter(sys.stderr)
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         progress.error("usage: python -m workers.training /path/spec.json", code=INVALID_SPEC)
@@ -107,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     cancel = CancelToken(pause_flag=Path(args[0]).with_name(PAUSE_FLAG_FILE))
     cancel.install()
     stage = "setup"
+    dist = SINGLE
     try:
         try:
             spec = TrainingSpec.read(args[0])
@@ -116,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         warning = _configure_threads()
         if warning:
             progress.event(warning, stage=stage, level="warning")
+        dist = distributed.from_environment()
+        if dist.enabled:
+            spec, progress = _as_rank(spec, progress, proto, dist, cancel)
+        # The same seed on every rank: the replicas' adapters start equal; each rank's data is its share.
         seed_everything(spec.seed)
 
         from workers.training.registry import get_trainer
 
         trainer = get_trainer(spec.method)
-        trainer(RunContext(spec=spec, progress=progress, cancel=cancel))
+        trainer(RunContext(spec=spec, progress=progress, cancel=cancel, dist=dist))
     except Cancelled:
         progress.event("received SIGTERM; stopped before finishing", stage=stage, level="warning")
         return EXIT_CANCELLED
@@ -136,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.error(f"{type(exc).__name__}: {exc}", code=INTERNAL_ERROR)
         return EXIT_FAILED
     finally:
+        distributed.shutdown(dist)
         sys.stderr.flush()
     return EXIT_OK
 

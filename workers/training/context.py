@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from contract.protocol import ProgressWriter, TrainingSpec
+from workers.training.distributed import Dist
 from workers.training.errors import Cancelled
 
 
@@ -25,6 +26,8 @@ class CancelToken:
     def __init__(self, pause_flag: Path | None = None) -> None:
         self._requested = False
         self._deferred = 0
+        # Under torchrun: combines every rank's flag (Dist.any), so all ranks stop after the same step.
+        self.sync: Callable[[bool], bool] | None = None
         # The runner leaves this file before the SIGTERM of a pause (contract.protocol.PAUSE_FLAG_FILE).
         self._pause_flag = pause_flag
 
@@ -46,11 +49,20 @@ class CancelToken:
 
     @property
     def pausing(self) -> bool:
-        """A stop was asked for by a pause: the loop saves a checkpoint of the finished step before stopping."""
-        return self._requested and self._pause_flag is not None and self._pause_flag.exists()
+        """A stop was asked for by a pause: the loop saves a checkpoint of the finished step before stopping.
+
+        Under torchrun it is decided on every rank's flag (a collective, read at the same point by every
+        rank), so rank 0 saves the pause's checkpoint even when another rank saw the SIGTERM first."""
+        requested = self._requested if self.sync is None else self.sync(self._requested)
+        self._requested = requested
+        return requested and self._pause_flag is not None and self._pause_flag.exists()
 
     def check(self) -> None:
-        if self._requested:
+        """Raise Cancelled if a stop was asked for (under torchrun: on any rank; every rank must call it at the
+        same points, which the loop's step boundaries are)."""
+        requested = self._requested if self.sync is None else self.sync(self._requested)
+        if requested:
+            self._requested = True
             raise Cancelled()
 
     @contextmanager
@@ -68,3 +80,5 @@ class RunContext:
     spec: TrainingSpec
     progress: ProgressWriter
     cancel: CancelToken = field(default_factory=CancelToken)
+    # This process's rank under torchrun (workers/training/distributed.py); a world of one otherwise.
+    dist: Dist = field(default_factory=Dist)

@@ -263,7 +263,10 @@ def length_bucketed_batches(
 
 
 def split_micro_batches(batch: Sequence[int], accumulation_steps: int) -> list[list[int]]:
-    """Split one optimizer step's examples into at most ``accumulation_steps`` micro-batches."""
+    """Split one optimizer step's examples into at most ``accumulation_steps`` micro-batches (none for none:
+    a rank's share of a small last batch may be empty)."""
+    if not batch:
+        return []
     size = math.ceil(len(batch) / accumulation_steps)
     return [list(batch[i : i + size]) for i in range(0, len(batch), size)]
 

@@ -198,7 +198,9 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
         sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
         self.model.eval()
         try:
-            for chunk in preference.iter_chunks(list(range(len(pairs))), hp.batch_size):
+            # Under torchrun each rank scores its share of the held-out pairs; the sums are added below.
+            share = self.ctx.dist.shard(list(range(len(pairs))))
+            for chunk in preference.iter_chunks(share, hp.batch_size):
                 policy_c, policy_r = pair_logps(
                     self.model, [pairs[i] for i in chunk], self.pad_token_id, self.device
                 )
@@ -218,6 +220,7 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
                 sums["rejected"] += float(reward_r.sum())
         finally:
             self.model.train()
+        sums = self.ctx.dist.sum_values(sums)
         n = len(pairs)
         return {
             "eval_loss": sums["loss"] / n,

@@ -46,6 +46,7 @@ from contract.hyperparameters import (
     GroupHyperparameters,
 )
 from workers.training import data, lora, rollout
+from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import (
     MODEL_LOAD_FAILED,
     TRAINING_DIVERGED,
@@ -347,11 +348,15 @@ class GroupTrainer:
         eos_token_id: int,
         pad_token_id: int,
         generator: torch.Generator,
+        dist: Dist = SINGLE,
     ) -> None:
         if pad_token_id == eos_token_id:
             raise ValueError("the pad token must differ from EOS")
         self.models = models
         self.rewards = rewards
+        # Under torchrun each rank samples whole groups for its share of the prompts (group advantages stay
+        # exact); each rank's loss is its share of the whole batch's, so the gradients are summed.
+        self.dist = dist
         self.hp = hp
         self.tokenizer = tokenizer
         self.stop = rollout.StopStrings(tokenizer, hp.stop) if hp.stop else None
@@ -484,7 +489,8 @@ class GroupTrainer:
         hp = self.hp
         mask = batch.response_mask
         micro = self._micro_batches(batch)
-        totals = {"total_rows": mask.size(0), "total_tokens": int(mask.sum()), "micro_batches": len(micro)}
+        local = {"total_rows": mask.size(0), "total_tokens": int(mask.sum()), "micro_batches": len(micro)}
+        totals = {key: int(value) for key, value in self.dist.sum_values(local).items()}
         learned = Learned(entropy=torch.zeros_like(mask, dtype=torch.float32))
         for iteration in range(hp.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -516,6 +522,11 @@ class GroupTrainer:
                 deviation = max(
                     deviation, float((losses.ratio[valid] - 1).abs().max()) if valid.any() else 0.0
                 )
+            if self.dist.enabled:
+                self.dist.reduce_gradients(self.models.trainable)
+                summed = self.dist.sum_values({"loss": loss_sum, "clipped": clipped})
+                loss_sum, clipped = summed["loss"], summed["clipped"]
+                deviation = max(self.dist.gather(deviation))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.models.trainable, hp.max_grad_norm))
             if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
                 raise TrainingError(
@@ -570,6 +581,13 @@ class GroupTrainer:
             "update_seconds": seconds,
             "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
         }
+        if self.dist.enabled:
+            # Equal shares of whole groups: the ranks' means average to the batch's; loss, clip ratio and grad
+            # norm are already the batch's (the same on every rank); throughput and grader errors add up.
+            combined = self.dist.mean_values(metrics)
+            for key in ("episodes_per_second", "reward_errors"):
+                combined[key] = combined[key] * self.dist.world_size
+            metrics = combined
         return metrics
 
 

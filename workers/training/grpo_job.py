@@ -27,6 +27,7 @@ from contract.hyperparameters import (
 from contract.protocol import DatasetRef, TrainingSpec
 from workers.training import checkpoint, data, loop, lora, rollout
 from workers.training.context import RunContext
+from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import INVALID_SPEC, TrainingError
 from workers.training.grpo import (
     REWARD_ADAPTER,
@@ -58,10 +59,17 @@ class GroupSession:
     dataset_sha256: str
     total_updates: int
     prompt_order: loop.IndexCycle
+    seed: int = 0
 
-    def step(self) -> StepResult:
-        """One update on the next prompts (what the job's train_step does, without the logging)."""
-        indices = self.prompt_order()
+    def step(self, *, dist: Dist = SINGLE, update: int = 0) -> StepResult:
+        """One update on the next prompts (what the job's train_step does, without the logging).
+
+        Under torchrun every rank draws the same prompts and samples the groups of its share, from a sampling
+        stream of (seed, update, rank) alone: distinct across ranks, the same again on a resumed attempt."""
+        indices = dist.shard(self.prompt_order())
+        if dist.enabled:
+            seed = ((self.seed * 1_000_003 + update) * 4099 + dist.rank) % 2**63
+            self.trainer.generator.manual_seed(seed)
         return self.trainer.step([self.prompts[i] for i in indices], [self.rows[i] for i in indices])
 
 
@@ -183,6 +191,7 @@ def build_session(
         eos_token_id=eos,
         pad_token_id=pad,
         generator=torch.Generator(device="cpu").manual_seed(spec.seed),
+        dist=ctx.dist,
     )
     return GroupSession(
         method=method,
@@ -195,6 +204,7 @@ def build_session(
         dataset_sha256=data.sha256_file(dataset_ref.path),
         total_updates=total_updates,
         prompt_order=loop.IndexCycle(len(prompts), hp.batch_size, seed=spec.seed),
+        seed=spec.seed,
     )
 
 
@@ -240,7 +250,7 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
         return {**super().checkpoint_extra(), "prompt_order": self.session.prompt_order.state()}
 
     def train_step(self, step: int, batch: None) -> None:
-        result = self.session.step()
+        result = self.session.step(dist=self.ctx.dist, update=step)
         # Every update's metrics stay in the history; the metric line goes out every logging_steps.
         self.logger.log(step, result.metrics, emit=self.logger.due(step))
 

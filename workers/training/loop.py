@@ -692,6 +692,7 @@ class DatasetTrainer(Trainer[OH, list[int]]):
             model.config.use_cache = False
         self.params = lora.trainable_parameters(model)
         self.n_trainable, n_total = lora.count_parameters(model)
+        self.ctx.dist.broadcast_parameters(self.params)  # replicas start equal (they do with one seed)
         return n_total
 
     def plan(self, n_items: int) -> None:
@@ -740,16 +741,25 @@ class DatasetTrainer(Trainer[OH, list[int]]):
         self.model.train()  # LoRA dropout on; the frozen base has its own dropout settings
 
     def train_step(self, step: int, batch: list[int]) -> None:
-        hp, window = self.hp, self.window
+        hp, window, dist = self.hp, self.window, self.ctx.dist
+        # The whole step's weight, from the full batch (every rank draws the same one).
         weight = self.batch_weight(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in data.split_micro_batches(batch, hp.gradient_accumulation_steps):
+        step_sums: dict[str, float] = {"loss": 0.0}
+        # This rank's share of the step (all of it in one process): distributed.py explains the split.
+        for micro in data.split_micro_batches(dist.shard(batch), hp.gradient_accumulation_steps):
             loss, sums = self.compute_loss(micro)
-            # Divided by the whole step's weight, so accumulation gives exactly the big batch's gradient.
+            # Divided by the whole step's weight, so accumulation (and the ranks' sum) gives exactly the big
+            # batch's gradient.
             (loss / weight).backward()
-            step_loss += float(loss.detach())
-            window.add(sums)
+            step_sums["loss"] += float(loss.detach())
+            for key, value in sums.items():
+                step_sums[key] = step_sums.get(key, 0.0) + value
+        if dist.enabled:
+            dist.reduce_gradients(self.params)
+            step_sums = dist.sum_values(step_sums)
+        step_loss = step_sums.pop("loss")
+        window.add(step_sums)
         grad_norm, learning_rate = optimizer_step(
             self.params,
             self.optimizer,

@@ -302,7 +302,7 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
         # resumed attempt that skips them trains exactly as the uninterrupted run did.
         seed_everything(spec.seed)
         stage_spec = _stage_spec(spec, "sft", hyperparameters["sft"], init_adapter=spec.init_adapter)
-        sft = train_sft(RunContext(spec=stage_spec, progress=writer("sft"), cancel=cancel))
+        sft = train_sft(RunContext(spec=stage_spec, progress=writer("sft"), cancel=cancel, dist=ctx.dist))
         sft_adapter = AdapterRef(id=f"{spec.job_id}/sft", path=str(sft.adapter_dir))
         result.stages_run.append("sft")
         result.metrics["sft"] = dict(sft.metrics)
@@ -314,7 +314,9 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
     if start <= 1:
         seed_everything(spec.seed)
         stage_spec = _stage_spec(spec, "reward_model", reward_hp)
-        rm = train_reward_model(RunContext(spec=stage_spec, progress=writer("reward_model"), cancel=cancel))
+        rm = train_reward_model(
+            RunContext(spec=stage_spec, progress=writer("reward_model"), cancel=cancel, dist=ctx.dist)
+        )
         reward_model = AdapterRef(id=f"{spec.job_id}/reward_model", path=str(rm.reward_model_dir))
         result.stages_run.append("reward_model")
         result.metrics["reward_model"] = dict(rm.metrics)
@@ -403,7 +405,7 @@ def _rl_stage(
     stage_spec = _stage_spec(
         ctx.spec, stage, hyperparameters[stage], init_adapter=sft_adapter, reward_model=reward_model
     )
-    trained = train(RunContext(spec=stage_spec, progress=writer(stage), cancel=ctx.cancel))
+    trained = train(RunContext(spec=stage_spec, progress=writer(stage), cancel=ctx.cancel, dist=ctx.dist))
     result.stages_run.append(stage)
     result.metrics[stage] = dict(trained.metrics)
     result.outputs[stage] = str(trained.adapter_dir)

@@ -47,6 +47,7 @@ from safetensors.torch import load_file
 
 from contract.hyperparameters import PPOHyperparameters
 from workers.training import lora, rollout
+from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import (
     INVALID_ADAPTER,
     INVALID_SPEC,
@@ -403,6 +404,7 @@ class PPOTrainer:
         pad_token_id: int,
         generator: torch.Generator,
         stop: rollout.StopStrings | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         if pad_token_id == eos_token_id:
             raise ValueError("the pad token must differ from EOS")
@@ -416,6 +418,10 @@ class PPOTrainer:
         self.generator = generator
         rollout_size = hp.rollout_batch_size or hp.batch_size
         self.mini_batch_size = min(hp.mini_batch_size or rollout_size, rollout_size)
+        # Under torchrun each rank samples and trains on its share of every rollout and minibatch (the API
+        # checks both split evenly); whitening, the KL controller and the metrics are over all ranks.
+        self.dist = dist
+        self.mini_batch_size //= dist.world_size
         # Adam with eps 1e-5 (TRL's and the usual PPO setting): the default 1e-8 makes early steps on tiny
         # gradients needlessly large. No weight decay: LoRA B starts at 0 and decay would only pull it back.
         self.optimizer = torch.optim.Adam(models.trainable_parameters, lr=hp.learning_rate, eps=1e-5)
@@ -503,11 +509,11 @@ class PPOTrainer:
         last = response_mask.sum(dim=1) - 1  # index of the EOS, or of the last token when there is none
         token_rewards[torch.arange(batch, device=self.device), last] += rewards_seq
         if hp.whiten_rewards:
-            token_rewards = rollout.masked_whiten(token_rewards, response_mask, shift_mean=False)
+            token_rewards = self._whiten(token_rewards, response_mask, shift_mean=False)
         advantages, returns = rollout.compute_gae(
             token_rewards, values, response_mask, gamma=hp.gamma, lam=hp.lam
         )
-        advantages = rollout.masked_whiten(advantages, response_mask)
+        advantages = self._whiten(advantages, response_mask)
         return Rollout(
             prompt_ids=prompt_ids,
             responses=responses,
@@ -527,6 +533,36 @@ class PPOTrainer:
             first_order=first_order,
             generation_seconds=generation_seconds,
         )
+
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+        """:func:`rollout.masked_whiten` over the whole rollout: this rank's rows and, under torchrun, every
+        other rank's (mean and unbiased variance from all-reduced sums)."""
+        if not self.dist.enabled:
+            return rollout.masked_whiten(values, mask, shift_mean=shift_mean)
+        maskf = mask.to(values.dtype)
+        first = self.dist.sum_tensor(torch.stack([(values * maskf).sum(), maskf.sum()]))
+        count = first[1].clamp(min=1)
+        mean = first[0] / count
+        squares = self.dist.sum_tensor(((values - mean) ** 2 * maskf).sum())
+        var = squares / count
+        if first[1] > 1:
+            var = var * first[1] / (first[1] - 1)
+        whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+        if not shift_mean:
+            whitened = whitened + mean
+        return whitened * maskf
+
+    def _global_metrics(self, metrics: dict[str, float], ro: Rollout) -> dict[str, float]:
+        """Under torchrun: every rank's update metrics averaged (equal shares of the rollout), throughput
+        added, the reward's spread over the whole rollout."""
+        n = self.dist.world_size
+        summed = self.dist.sum_values({**metrics, "reward_sq_mean": float((ro.rewards**2).mean())})
+        combined = {key: value / n for key, value in summed.items()}
+        combined["episodes_per_second"] = summed["episodes_per_second"]
+        combined["reward_std"] = math.sqrt(
+            max(0.0, combined.pop("reward_sq_mean") - combined["reward_mean"] ** 2)
+        )
+        return combined
 
     def _minibatch_backward(
         self, ro: Rollout, rows: torch.Tensor
@@ -581,6 +617,8 @@ class PPOTrainer:
             for index, rows in enumerate(_chunks(order.to(self.device), self.mini_batch_size)):
                 self.optimizer.zero_grad(set_to_none=True)
                 pg, vf_loss, vf_clipfrac = self._minibatch_backward(ro, rows)
+                # Each rank's loss is a mean over its share: the gradients are averaged, as DDP does.
+                self.dist.reduce_gradients(params, mean=True)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
                 if not math.isfinite(grad_norm) or not math.isfinite(float(pg.loss.detach())):
                     raise TrainingError(
@@ -621,9 +659,11 @@ class PPOTrainer:
             return sum(getattr(m, attr) for m in minibatches) / n
 
         kl = float(ro.kl.sum(dim=1).mean())
+        if self.dist.enabled:  # the controller adapts to the whole rollout's KL, the same on every rank
+            kl = self.dist.mean_values({"kl": kl})["kl"]
         kl_coef = self.kl_controller.coef  # the coefficient this update's rewards were penalised with
         # Then adapted to this update's KL, for the next rollout.
-        self.kl_controller.update(kl, ro.responses.size(0))
+        self.kl_controller.update(kl, ro.responses.size(0) * self.dist.world_size)
         metrics = {
             "reward_mean": float(ro.rewards.mean()),
             "reward_std": float(ro.rewards.std(unbiased=False)),
@@ -647,6 +687,8 @@ class PPOTrainer:
             "update_seconds": seconds,
             "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
         }
+        if self.dist.enabled:
+            metrics = self._global_metrics(metrics, ro)
         return UpdateResult(metrics=metrics, minibatches=minibatches, rollout=ro)
 
 

@@ -248,6 +248,7 @@ def build_session(
         pad_token_id=pad_token_id,
         generator=generator,
         stop=rollout.StopStrings(tokenizer, hp.stop) if hp.stop else None,
+        dist=ctx.dist,
     )
     return PPOSession(
         hp=hp,
@@ -345,12 +346,20 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
         }
 
     def train_step(self, step: int, batch: None) -> None:
-        result = self.session.trainer.step(self.session.next_prompts())
+        dist, trainer = self.ctx.dist, self.session.trainer
+        # Every rank draws the same prompts (one seeded order) and samples its share of them.
+        prompts = dist.shard(self.session.next_prompts())
+        if dist.enabled:
+            # Each rank its own sampling stream, a function of (seed, update, rank) alone: distinct across
+            # ranks, and the same again when a resumed attempt (on any number of ranks) redoes this update.
+            trainer.generator.manual_seed(((self.spec.seed * 1_000_003 + step) * 4099 + dist.rank) % 2**63)
+        result = trainer.step(prompts)
         if self.first_minibatch is None:
             self.first_minibatch = result.minibatches[0]
         if self.on_update is not None:
             self.on_update(step, result)
-        lengths = result.rollout.response_mask.sum(dim=1).tolist()
+        # The monitors see every rank's answers, so each rank decides the same (a stop included).
+        lengths = [n for part in dist.gather(result.rollout.response_mask.sum(dim=1).tolist()) for n in part]
         values = dict(result.metrics)
         evaluated = self.held_out is not None and self.held_out.due(step, self.total)
         if evaluated:

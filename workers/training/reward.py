@@ -163,10 +163,21 @@ class RewardTrainer(loop.DatasetTrainer[RewardModelHyperparameters]):
         )
 
     def run_eval(self) -> dict[str, float]:
-        hp = self.hp
-        return evaluate(
-            self.model, self.eval_pairs, self.pad_token_id, self.device, batch_size=hp.batch_size, hp=hp
+        hp, dist = self.hp, self.ctx.dist
+        if not dist.enabled:
+            return evaluate(
+                self.model, self.eval_pairs, self.pad_token_id, self.device, batch_size=hp.batch_size, hp=hp
+            )
+        # Each rank scores its share of the held-out pairs; the means are of all of them.
+        share = dist.shard(self.eval_pairs)
+        local = (
+            evaluate(self.model, share, self.pad_token_id, self.device, batch_size=hp.batch_size, hp=hp)
+            if share
+            else {}
         )
+        sums = dist.sum_values({key: value * len(share) for key, value in local.items()} | {"n": len(share)})
+        n = sums.pop("n")
+        return {key: sums[key] / n for key in ("eval_accuracy", "eval_margin", "eval_loss")}
 
     def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
         if resumed is not None:

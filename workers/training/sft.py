@@ -186,9 +186,12 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
     def compute_loss(self, micro: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = {k: v.to(self.device) for k, v in self.collate([self.examples[i] for i in micro]).items()}
         loss, correct = completion_loss_sum(self.model, inputs)
-        tokens = int(inputs["attention_mask"].sum())
-        self.trained_tokens += tokens
-        return loss, {"inputs": tokens, "correct": correct}
+        return loss, {"inputs": int(inputs["attention_mask"].sum()), "correct": correct}
+
+    def train_step(self, step: int, batch: list[int]) -> None:
+        # Counted on the whole step's batch (every rank has it), not on this rank's share of it.
+        self.trained_tokens += sum(self.examples[i].length for i in batch)
+        super().train_step(step, batch)
 
     def on_eval(self, step: int) -> dict[str, float]:
         if self.validation and (step % self.eval_every == 0 or step == self.total):
@@ -202,7 +205,10 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
         self.model.eval()
         loss_sum, correct, tokens = 0.0, 0, 0
         try:
-            order = sorted(range(len(self.validation)), key=lambda i: self.validation[i].length)
+            # Under torchrun each rank scores its share of the held-out examples; the sums are added below.
+            order = self.ctx.dist.shard(
+                sorted(range(len(self.validation)), key=lambda i: self.validation[i].length)
+            )
             for start in range(0, len(order), self.hp.batch_size):
                 batch = [self.validation[i] for i in order[start : start + self.hp.batch_size]]
                 inputs = {k: v.to(self.device) for k, v in self.collate(batch).items()}
@@ -212,7 +218,11 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
                 tokens += sum(example.num_trainable for example in batch)
         finally:
             self.model.train()
-        return {"eval_loss": loss_sum / tokens, "eval_mean_token_accuracy": correct / tokens}
+        sums = self.ctx.dist.sum_values({"loss": loss_sum, "correct": correct, "tokens": tokens})
+        return {
+            "eval_loss": sums["loss"] / sums["tokens"],
+            "eval_mean_token_accuracy": sums["correct"] / sums["tokens"],
+        }
 
     def on_start(self, resumed: checkpoint.ResumeState | None) -> None:
         super().on_start(resumed)

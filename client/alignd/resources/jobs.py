@@ -94,6 +94,7 @@ class Jobs(SyncResource):
         seed: int | None = None,
         name: str | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
@@ -106,7 +107,8 @@ class Jobs(SyncResource):
         dpo; ``prompts`` (+ ``reward_model``, an artifact id) for ppo; all three for rlhf.
         ``init_reward_model`` (a reward_model artifact) continues one (reward_model, rlhf); ``round`` tags
         the job with a feedback round. ``evaluation``: the ``evaluate`` method's spec (``client.evals.create``
-        builds it).
+        builds it). ``resources``: ``{"processes": N}`` trains on N processes of one worker (every
+        training method; docs/scale-out.md).
         """
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = job_body(
@@ -122,6 +124,7 @@ class Jobs(SyncResource):
             seed=seed,
             name=name,
             evaluation=evaluation,
+            resources=resources,
         )
         response = self._client._post("/v1/jobs", json=body, idempotency_key=idempotency_key, extras=extras)
         return self._client._parse(response, Job)
@@ -438,6 +441,7 @@ class AsyncJobs(AsyncResource):
         seed: int | None = None,
         name: str | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
@@ -458,6 +462,7 @@ class AsyncJobs(AsyncResource):
             seed=seed,
             name=name,
             evaluation=evaluation,
+            resources=resources,
         )
         response = await self._client._post(
             "/v1/jobs", json=body, idempotency_key=idempotency_key, extras=extras

@@ -1,0 +1,67 @@
+"""What a job asks of a worker: ``resources: {"processes": N, "strategy": "ddp"}`` (torch-free, shared).
+
+``processes`` is the number of training processes of one job on one node: on a CPU worker, processes (gloo);
+on a GPU worker (``ALIGND_WORKER_GPUS`` > 0), one GPU each (nccl). With N > 1 the runner starts the child
+through ``torch.distributed.run`` (torchrun) with ``--nproc_per_node=N``; every process holds a replica of the
+trainable (LoRA) parameters and computes on its share of each step's batch, gradients summed across processes
+before the optimizer step (data parallel). ``batch_size`` keeps its meaning: the examples (pairs, rollout
+prompts) of one optimizer step across all processes, so a job's loss curve does not depend on N (up to float
+reduction order) and a checkpoint resumes on any N.
+
+The stored form: a job's ``resources`` travels inside its hyperparameters JSON under :data:`RESOURCES_KEY`
+(no database column; only when it differs from the default), and the runner hands it to the child as
+``TrainingSpec.resources``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contract.methods import Method
+
+RESOURCES_KEY = "resources"
+MAX_PROCESSES = 64
+
+# Methods whose trainers run data-parallel today; the others refuse processes > 1 at submission (422).
+DISTRIBUTED_METHODS: frozenset[Method] = frozenset(
+    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.grpo, Method.rloo, Method.rlhf}
+)
+
+# Exit status of the launcher (workers/training/launch.py) when a rank was killed by a signal nobody on our
+# side sent (OOM killer, an operator's kill -9): a crash, retried from the newest checkpoint like a killed
+# single-process child. EX_TEMPFAIL from sysexits.h.
+EXIT_RANK_LOST = 75
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    processes: int = Field(
+        1,
+        ge=1,
+        le=MAX_PROCESSES,
+        description="Training processes for this job on one worker (GPUs on a GPU worker); 1: no torchrun.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the trainable (LoRA) weights and optimizer, gradients summed "
+        "across processes each step. fsdp is refused (422 strategy_not_supported): not implemented yet.",
+    )
+
+    @property
+    def is_default(self) -> bool:
+        return self.processes == 1 and self.strategy == "ddp"
+
+
+def resources_of(hyperparameters: Mapping[str, Any] | None) -> Resources:
+    """A stored job's resources (the default when its hyperparameters carry none)."""
+    raw = (hyperparameters or {}).get(RESOURCES_KEY)
+    return Resources.model_validate(raw) if isinstance(raw, Mapping) else Resources()
+
+
+def without_resources(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's own hyperparameters, the stored resources taken out."""
+    return {key: value for key, value in hyperparameters.items() if key != RESOURCES_KEY}
