@@ -99,6 +99,7 @@ def test_pause_keeps_every_step_and_resume_continues_from_it(
     pause_step = int(re.search(r"step (\d+)", stopped[0]).group(1))  # type: ignore[union-attr]
     assert 5 <= pause_step < STEPS
     assert "Job paused; resume continues from its newest checkpoint." in messages
+    assert "stopped for the pause" in messages and not any("received SIGTERM" in m for m in messages)
     kinds = [a["kind"] for a in client.get(f"/v1/jobs/{running}/artifacts").json()["data"]]
     assert "checkpoint" in kinds, kinds
 

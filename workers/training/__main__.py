@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = get_trainer(spec.method)
         trainer(RunContext(spec=spec, progress=progress, cancel=cancel, dist=dist))
     except Cancelled:
-        progress.event("received SIGTERM; stopped before finishing", stage=stage, level="warning")
+        if cancel.pause_flagged:  # asked by a pause: the loop saved its checkpoint first; nothing went wrong
+            progress.event("stopped for the pause", stage=stage)
+        else:
+            progress.event("received SIGTERM; stopped before finishing", stage=stage, level="warning")
         return EXIT_CANCELLED
     except TrainingError as exc:
         progress.error(exc.message, code=exc.code)

@@ -48,6 +48,11 @@ class CancelToken:
         return self._requested
 
     @property
+    def pause_flagged(self) -> bool:
+        """The runner left the pause flag: this rank's own view, no collective (safe on any code path)."""
+        return self._pause_flag is not None and self._pause_flag.exists()
+
+    @property
     def pausing(self) -> bool:
         """A stop was asked for by a pause: the loop saves a checkpoint of the finished step before stopping.
 
