@@ -163,6 +163,8 @@ def test_the_documented_script_fine_tunes_and_the_job_is_an_alignd_job(
 def test_files_upload_list_retrieve_content_delete(facade: Facade) -> None:
     client = facade.client()
     data = _chat(2)
+    # An older file of its own: the list below has a second page whichever tests ran before in this worker.
+    older = client.files.create(file=("older.jsonl", _chat(1)), purpose="fine-tune")
     created = client.files.create(file=("two.jsonl", data), purpose="fine-tune")
     assert (created.object, created.bytes, created.filename, created.purpose) == (
         "file",
@@ -173,7 +175,8 @@ def test_files_upload_list_retrieve_content_delete(facade: Facade) -> None:
     assert client.files.retrieve(created.id).id == created.id
     assert client.files.content(created.id).content == data
     listed = client.files.list(limit=1)
-    assert listed.data[0].id == created.id and listed.has_more  # newest first; others exist
+    assert listed.data[0].id == created.id and listed.has_more  # newest first; the older one exists
+    assert client.files.list(limit=1, after=created.id).data[0].id == older.id
     assert created.id in {f.id for f in client.files.list(order="asc")}
     deleted = client.files.delete(created.id)
     assert (deleted.id, deleted.deleted) == (created.id, True)
