@@ -10,7 +10,7 @@ from sqlalchemy.engine import Row
 from contract.evaluation import evaluation_of
 from contract.inputs import InputModel
 from contract.methods import Method
-from service.core.feedback import ItemRatings
+from service.core.feedback import ItemRatings, uncertainty_margin
 from service.core.feedback_sets import Progress
 from service.core.jobs import JobStatus
 from service.db.tables import (
@@ -605,6 +605,13 @@ class ItemRatingsPublic(BaseModel):
     kendalls_w: float | None = Field(description="Kendall's W of the item's full rankings/scores.")
     order: list[str] = Field(description="Response ids, best first (Bradley-Terry, then Elo).")
     responses: list[ResponseRatingPublic]
+    rewards: list[float] | None = Field(
+        None, description="The current reward model's reward per response (candidates-file order), if scored."
+    )
+    margin: float | None = Field(
+        None, description="Smallest gap between two of those rewards: the uncertainty ordering's key."
+    )
+    gold: list[int] | None = Field(None, description="The known answer of a gold item (indices best first).")
 
     @classmethod
     def of(cls, item: FeedbackItemRow, ratings: ItemRatings) -> ItemRatingsPublic:
@@ -614,6 +621,9 @@ class ItemRatingsPublic(BaseModel):
             num_comparisons=ratings.num_comparisons,
             agreement=ratings.agreement,
             kendalls_w=ratings.kendalls_w,
+            rewards=item.rewards,
+            margin=uncertainty_margin(item.rewards) if item.rewards else None,
+            gold=item.gold,
             order=[item.response_ids[i] for i in ratings.order()],
             responses=[
                 ResponseRatingPublic(

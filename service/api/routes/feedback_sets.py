@@ -384,20 +384,21 @@ def get_ratings(
         progress=FeedbackProgress.of(progress),
         agreement=AgreementPublic.model_validate(rules.agreement(people.values()), from_attributes=True),
         judges=[
-            JudgeAgreementPublic(
-                annotator=who,
-                with_majority=found.with_majority.rate,
-                majority_comparisons=found.with_majority.total,
-                with_people={
-                    other: tally.rate
-                    for other, tally in sorted(found.with_each.items())
-                    if not fb.is_judge(other)
-                },
-            )
-            for who, found in sorted(agreement.items())
-            if fb.is_judge(who)
+            _judge_agreement(who, agreement.get(who, fb.AnnotatorAgreement()))
+            for who in sorted({label.annotator for label in labels if fb.is_judge(label.annotator)})
         ],
         items=[ItemRatingsPublic.of(item, ratings[item.id]) for item in items],
+    )
+
+
+def _judge_agreement(who: str, found: fb.AnnotatorAgreement) -> JudgeAgreementPublic:
+    return JudgeAgreementPublic(
+        annotator=who,
+        with_majority=found.with_majority.rate,
+        majority_comparisons=found.with_majority.total,
+        with_people={
+            other: tally.rate for other, tally in sorted(found.with_each.items()) if not fb.is_judge(other)
+        },
     )
 
 
