@@ -264,7 +264,9 @@ def _write_rewards(api: httpx.Client, set_id: str, rewards: dict[int, list[float
 
 
 def test_uncertainty_serves_smallest_margins_first_and_gold_flags(api: httpx.Client) -> None:
-    rows = [{"prompt": f"p{i}", "responses": [f"short {i}", f"a longer answer {i}"]} for i in range(6)]
+    rows: list[dict[str, Any]] = [
+        {"prompt": f"p{i}", "responses": [f"short {i}", f"a longer answer {i}"]} for i in range(6)
+    ]
     rows[5]["gold"] = 1  # the longer answer is the known best
     candidates = upload_dataset(api, jsonl(rows), "candidates").json()["id"]
     fbs = _set(api, candidates, annotations_per_item=2, gold_every=3, guidelines="Prefer *longer* answers.")
