@@ -48,7 +48,7 @@ from bench.common import WORK, machine_stamp, write_results
 GOOD, BAD = ("good", "yes"), ("bad", "no")
 FILLER = ("big", "small", "long", "short", "first", "last", "maybe", "hello")
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-RM_HP = {"epochs": 3, "batch_size": 8, "learning_rate": 5e-3, "max_length": 48, "eval_fraction": 0.0}
+RM_HP = {"epochs": 10, "batch_size": 8, "learning_rate": 1e-2, "max_length": 48, "eval_fraction": 0.0}
 KEY = "bench-key"
 JUDGED = 60  # held-out items the judge labels (two questions per item; the tiny judge is slow to read)
 

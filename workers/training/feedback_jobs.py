@@ -32,7 +32,7 @@ from contract.hyperparameters import (
 from workers.training import lora
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_DATASET, INVALID_SPEC, TrainingError
-from workers.training.scoring import SharedModels, first_number, judge_answer, load_shared_models, reward_of
+from workers.training.scoring import SharedModels, first_number, judge_answer, load_shared_models, rewards_of
 
 ROLE = "candidates"
 JUDGE_SYSTEM = (
@@ -82,7 +82,7 @@ def _publish(ctx: RunContext, kind: Any, result: dict[str, Any]) -> None:
 
 def run_score(ctx: RunContext) -> dict[str, Any]:
     """Every response's reward under the job's reward model, item by item."""
-    ScoreHyperparameters.model_validate(ctx.spec.hyperparameters)
+    hp = ScoreHyperparameters.model_validate(ctx.spec.hyperparameters)
     reward = ctx.spec.reward_model
     if reward is None:
         raise TrainingError(INVALID_SPEC, "method score needs a reward_model")
@@ -94,15 +94,17 @@ def run_score(ctx: RunContext) -> dict[str, Any]:
         device=lora.pick_device(),
     )
     rewards: list[list[float]] = []
-    for index, record in enumerate(records):
+    chunk = 32  # items per progress line
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        examples = [(record["prompt"], _text(r)) for record in part for r in record["responses"]]
         with ctx.cancel.deferred():
-            rewards.append(
-                [
-                    round(reward_of(models, reward.id, prompt=record["prompt"], response=_text(r)), 6)
-                    for r in record["responses"]
-                ]
-            )
-        ctx.progress.progress(0.95 * (index + 1) / len(records), stage="score")
+            flat = rewards_of(models, reward.id, examples, max_length=hp.max_length)
+        for record in part:
+            count = len(record["responses"])
+            rewards.append([round(x, 6) for x in flat[:count]])
+            flat = flat[count:]
+        ctx.progress.progress(0.95 * len(rewards) / len(records), stage="score")
     ctx.progress.event(f"scored {len(records)} items with reward model {reward.id}", stage="score")
     result = {"reward_model": reward.id, "rewards": rewards}
     _publish(ctx, ITEM_SCORES_KIND, result)
