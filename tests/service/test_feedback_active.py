@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import LiveServer
-from tests.service.helpers import jsonl, upload_dataset, upload_model, wait_for
+from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 WORDS = ["red", "blue", "green", "sky", "tree", "river", "stone", "cloud"]
@@ -94,6 +94,15 @@ def test_uncertainty_ordering_refresh_and_judge(live_server: LiveServer) -> None
             },
         ).json()
         assert (fbs["ordering"], fbs["scoring"]["in_flight"]["stage"]) == ("uncertainty", "score")
+        with live_server.client(live_server.other_api_key) as other:  # another tenant's reward model: unknown
+            theirs = upload_dataset(other, jsonl(CANDIDATES), "candidates").json()["id"]
+            body = {
+                "name": "x",
+                "candidates": theirs,
+                "ordering": "uncertainty",
+                "reward_model": reward_model,
+            }
+            assert_error(other.post("/v1/feedback-sets", json=body), 422, "unknown_artifact")
         scored = _until(client, fbs["id"], lambda s: s["scoring"]["scored_by"] == reward_model)
         assert scored["events"][-1]["kind"] == "scored", scored["events"]
         items = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()["items"]
@@ -136,6 +145,14 @@ def test_judge_labels_beside_people(live_server: LiveServer) -> None:
         ).json()
         for who in ("ann", "bob"):
             _annotate(client, fbs["id"], who, 4)
+        with live_server.client(live_server.other_api_key) as other:  # another tenant's model judges nothing
+            theirs = upload_dataset(other, jsonl(CANDIDATES[:1]), "candidates").json()["id"]
+            own = other.post("/v1/feedback-sets", json={"name": "b", "candidates": theirs}).json()["id"]
+            judge = {"name": "tiny", "model": model}
+            assert_error(other.post(f"/v1/feedback-sets/{own}/judges", json=judge), 422, "unknown_model")
+            assert_error(
+                other.post(f"/v1/feedback-sets/{fbs['id']}/judges", json=judge), 404, "feedback_set_not_found"
+            )
         # an AI judge (the base model) labels every item in both presentation orders
         added = client.post(f"/v1/feedback-sets/{fbs['id']}/judges", json={"name": "tiny", "model": model})
         assert added.status_code == 202, added.text
