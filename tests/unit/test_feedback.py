@@ -291,3 +291,28 @@ def test_weights_scale_judgements_in_bradley_terry() -> None:
     weighted = fb.rate_item(ids, labels, {"judge:j": 0.25})
     assert equal.responses[0].bradley_terry == pytest.approx(0.0, abs=1e-9)
     assert weighted.responses[0].bradley_terry > 0 and weighted.order() == [0, 1]
+
+
+def test_routing_keeps_from_people_the_items_where_judge_and_reward_model_agree() -> None:
+    from types import SimpleNamespace
+
+    from service.core import feedback_sets as rules
+
+    def item(item_id: str, rewards: list[float] | None) -> Any:
+        return SimpleNamespace(
+            id=item_id, response_ids=[f"{item_id}a", f"{item_id}b"], rewards=rewards, gold=None
+        )
+
+    def judged(item_id: str, winner: str) -> Any:
+        payload = {"a": f"{item_id}a", "b": f"{item_id}b", "winner": winner}
+        return SimpleNamespace(
+            item_id=item_id, annotator="judge:j", kind="pairwise", payload=payload, seconds=None
+        )
+
+    items = [item("x", [1.0, 0.0]), item("y", [0.0, 1.0]), item("z", None), item("w", [0.5, 0.2])]
+    labels = [judged("x", "a"), judged("y", "a"), judged("z", "a")]  # y: the judge disagrees; w: not judged
+    assert rules.judge_agrees_with_reward_model(items, labels) == {"x"}
+    loads = rules.item_loads([i.id for i in items], labels, [])
+    offered = rules.candidates(items, loads, routed_out={"x"})
+    assert [c.item_id for c in offered] == ["y", "z", "w"]
+    assert [c.margin for c in offered] == [pytest.approx(1.0), None, pytest.approx(0.3)]
