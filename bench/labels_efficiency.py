@@ -308,7 +308,19 @@ def main() -> None:
     parser.add_argument("--refresh-every", type=int, default=50)
     parser.add_argument("--checkpoints", default="50,100,200")
     parser.add_argument("--quick", action="store_true", help="1 seed, checkpoints 30,60: a smoke run")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
+    parser.add_argument("--no-judge", action="store_true", help="skip the judge (another part measures it)")
+    parser.add_argument("--results", default=None, help="results name (default labels_efficiency[_quick])")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="combine these results names (parts run side by side, one seed each) into --results",
+    )
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.results or "labels_efficiency")
+        return
     checkpoints = [int(x) for x in args.checkpoints.split(",")]
     if args.quick:
         args.seeds, args.pool, args.heldout, checkpoints = 1, 80, 60, [30, 60]
@@ -325,9 +337,9 @@ def main() -> None:
         model = client.post("/v1/models", data={"name": "tiny"}, files=files).json()["id"]
         heldout_pool = make_pool(args.heldout, random.Random(10_000))
         heldout = (upload(client, heldout_pool, "candidates"), heldout_pool)
-        judge = judge_agreement(client, model, heldout)
+        judge = None if args.no_judge else judge_agreement(client, model, heldout)
         print(f"judge: {judge}", flush=True)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             rng = random.Random(seed)
             pool = make_pool(args.pool + args.warm, rng)
             warm_records = [
@@ -355,35 +367,104 @@ def main() -> None:
                         refresh_every=args.refresh_every,
                     )
                 )
+                # what is done so far survives an interrupted run (a long one on a busy machine)
+                partial = {"machine": stamp, "runs": runs, "judge": judge, "seed": seed}
+                (WORK / f"{args.results or 'labels_efficiency'}.partial.json").write_text(json.dumps(partial))
+    name = args.results or ("labels_efficiency_quick" if args.quick else "labels_efficiency")
+    settings = {
+        "lora": LORA,
+        "reward_model": RM_HP,
+        "warm": args.warm,
+        "pool": args.pool,
+        "heldout": args.heldout,
+        "refresh_every": args.refresh_every,
+        "checkpoints": checkpoints,
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+    }
+    wall_s = time.perf_counter() - started
+    raw = {"machine": stamp, "runs": runs, "judge": judge, "settings": settings, "wall_s": wall_s}
+    (WORK / f"{name}.raw.json").write_text(json.dumps(raw, default=str))  # kept should publishing fail
+    publish(name, stamp, runs, judge, settings, wall_s=wall_s)
+
+
+def publish(
+    name: str,
+    stamp: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    judge: dict[str, Any] | None,
+    settings: dict[str, Any],
+    *,
+    wall_s: float,
+    parts: list[str] | None = None,
+) -> None:
+    checkpoints = settings["checkpoints"]
+    for results in runs.values():  # JSON keys are strings once written; checkpoints are ints here
+        for run in results:
+            run["accuracy"] = {int(k): v for k, v in run["accuracy"].items()}
     rows = _summary(runs, checkpoints)
     target = _target(rows, checkpoints)
-    name = "labels_efficiency_quick" if args.quick else "labels_efficiency"
+    judge_note = (
+        "Judge: not run in this part."
+        if judge is None
+        else f"Judge (tiny base model, both orders): agreement with the hidden rule "
+        f"{judge['agreement_with_hidden_rule']} on the {judge['coverage_share']:.0%} of {judge['items']} items "
+        f"it gave a consistent verdict; {judge['unparsed_pairs']} of {judge['pairs_asked']} pairs had an "
+        f"answer that was not 1 or 2 in one order; share of answers naming the first position "
+        f"{judge['first_position_share']}."
+    )
     notes = [
-        f"Tiny random Llama (hidden 64, 2 layers), LoRA r={LORA['r']}; reward models {RM_HP}; warm start "
-        f"{args.warm} labels (counted in the labels); pool {args.pool} items, held-out {args.heldout} pairs; "
-        f"uncertainty refreshes every {args.refresh_every} labels.",
+        f"Tiny random Llama (hidden 64, 2 layers), LoRA r={settings['lora']['r']}; reward models "
+        f"{settings['reward_model']}; warm start {settings['warm']} labels (counted in the labels); pool "
+        f"{settings['pool']} items per seed, held-out {settings['heldout']} pairs; uncertainty refreshes every "
+        f"{settings['refresh_every']} labels; seeds {settings['seeds']}.",
         f"Target ({target['target']}): {'met' if target['met'] else 'not met'}; random's "
         f"{checkpoints[-1]}-label mean accuracy {target['random_accuracy_at_max_labels']:.3f}, first "
         f"uncertainty checkpoint reaching it: {target['uncertainty_first_checkpoint_reaching_it']}.",
-        f"Judge (tiny base model, both orders): agreement with the hidden rule "
-        f"{judge['agreement_with_hidden_rule']} on the {judge['coverage_share']:.0%} of items it gave a "
-        f"consistent verdict; share of answers naming the first position {judge['first_position_share']}.",
-        f"Wall time {time.perf_counter() - started:.0f} s.",
+        judge_note,
+        f"Wall time {wall_s:.0f} s" + (f" (parts run side by side: {', '.join(parts)})." if parts else "."),
     ]
+    tables = {"Held-out pair accuracy by labels": rows}
+    if judge is not None:
+        tables["Judge"] = [judge]
     write_results(
         name,
         title="Labels efficiency: random vs uncertainty ordering (held-out reward-model pair accuracy)",
         stamp=stamp,
-        tables={"Held-out pair accuracy by labels": rows, "Judge": [judge]},
+        tables=tables,
         data={
             "target": target,
             "runs": runs,
             "judge": judge,
-            "wall_s": round(time.perf_counter() - started, 1),
+            "settings": settings,
+            "wall_s": round(wall_s, 1),
+            "parts": parts,
         },
         notes=notes,
     )
     print("\n".join(notes))
+
+
+def merge(names: list[str], out: str) -> None:
+    """One results file from parts run side by side (each its own seeds; the judge from the part that ran it)."""
+    from bench.common import RESULTS
+
+    parts = [
+        json.loads(
+            (
+                WORK / f"{n}.raw.json" if (WORK / f"{n}.raw.json").exists() else RESULTS / f"{n}.json"
+            ).read_text()
+        )
+        for n in names
+    ]
+    runs: dict[str, list[dict[str, Any]]] = {"random": [], "uncertainty": []}
+    for part in parts:
+        for ordering in runs:
+            runs[ordering] += part["runs"][ordering]
+    judge = next((p["judge"] for p in parts if p["judge"] is not None), None)
+    settings = {**parts[0]["settings"], "seeds": [s for p in parts for s in p["settings"]["seeds"]]}
+    publish(
+        out, parts[0]["machine"], runs, judge, settings, wall_s=max(p["wall_s"] for p in parts), parts=names
+    )
 
 
 if __name__ == "__main__":
