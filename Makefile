@@ -96,7 +96,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
 .PHONY: bench bench-quick bench-install bench-ppo bench-ppo-quick bench-grpo bench-grpo-quick bench-sft \
-	bench-sft-quick bench-validation bench-validation-quick bench-api bench-api-quick wrk
+	bench-sft-quick bench-labels bench-labels-quick bench-validation bench-validation-quick bench-api bench-api-quick wrk
 
 # TRL only here. torch first (CPU wheel, pinned), then TRL 1.9.x (still has trl.experimental.ppo) with
 # transformers/peft pinned to the main venv's versions, then this repo (the same alignd code as .venv).
@@ -149,6 +149,14 @@ bench-sft: $(STAMP) $(BENCH_STAMP)
 
 bench-sft-quick: $(STAMP) $(BENCH_STAMP)
 	$(BENCH_PY) bench/sft_efficiency.py --model tiny --examples 32 --threads 1
+
+# Random vs uncertainty ordering of a feedback set through a real embedded alignd on the tiny model (3 seeds;
+# results in bench/results/labels_efficiency.json + .md). Only the main venv: no TRL involved.
+bench-labels: $(STAMP)
+	$(PY) bench/labels_efficiency.py --seeds 3
+
+bench-labels-quick: $(STAMP)
+	$(PY) bench/labels_efficiency.py --quick
 
 bench-validation: $(STAMP)
 	$(PY) bench/validation_speed.py --sizes 50,200 --repeat 3 --results validation_speed

@@ -664,6 +664,30 @@ class ChatHyperparameters(_Strict):
     )
 
 
+class ScoreHyperparameters(_Strict):
+    """A feedback set's ``score`` job: the job's reward model scores every response of every item."""
+
+    max_length: int = Field(
+        512, ge=8, le=131072, description="Token budget per (prompt, response); longer ones keep their end."
+    )
+
+
+# The artifact kinds a feedback set's jobs write; their metadata carries the result the set reads.
+ITEM_SCORES_KIND = "item_scores"
+JUDGE_LABELS_KIND = "judge_labels"
+
+
+class JudgeHyperparameters(_Strict):
+    """A feedback set's ``judge`` job: a causal LM (the base, or the base with ``init_adapter``) compares
+    every pair of each item's responses in both orders, under the set's guidelines as its rubric."""
+
+    name: str = Field(min_length=1, max_length=64, description="The judge's name; it labels as judge:<name>.")
+    rubric: str = Field("", max_length=20_000, description="The set's guidelines (Markdown).")
+    max_new_tokens: int = Field(8, ge=1, le=256, description="Longest answer the judge gives per question.")
+    max_length: int = Field(1024, ge=16, le=131072, description="Token budget per question (left-cut).")
+    max_items: int | None = Field(None, ge=1, description="Judge only the first this many items.")
+
+
 HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.sft: SFTHyperparameters,
     Method.reward_model: RewardModelHyperparameters,
@@ -673,4 +697,6 @@ HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {
     Method.rloo: RLOOHyperparameters,
     Method.generate: GenerateHyperparameters,
     Method.chat: ChatHyperparameters,
+    Method.score: ScoreHyperparameters,
+    Method.judge: JudgeHyperparameters,
 }

@@ -17,6 +17,10 @@ class Method(StrEnum):
     evaluate = "evaluate"
     # One chat completion (POST /openai/v1/chat/completions): no dataset, no training, a short job.
     chat = "chat"
+    # A feedback set's jobs (service/db/feedback_jobs.py), made only by the set: score its items with a reward
+    # model, or have a judge model label them.
+    score = "score"
+    judge = "judge"
 
 
 # Methods whose training code exists; the others are accepted by the schema and refused with 422.
@@ -32,8 +36,12 @@ AVAILABLE_METHODS: frozenset[Method] = frozenset(
         Method.generate,
         Method.evaluate,
         Method.chat,
+        Method.score,
+        Method.judge,
     }
 )
+# Methods a client cannot submit to POST /v1/jobs: another resource makes them and reads their output.
+INTERNAL_METHODS: frozenset[Method] = frozenset({Method.chat, Method.score, Method.judge})
 
 # Which dataset kinds each method needs (role name == dataset kind).
 REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
@@ -47,6 +55,8 @@ REQUIRED_DATASETS: dict[Method, tuple[str, ...]] = {
     Method.generate: ("prompts",),
     Method.evaluate: ("prompts",),
     Method.chat: (),
+    Method.score: ("candidates",),
+    Method.judge: ("candidates",),
 }
 
 # Datasets a method may take besides the required ones (role -> the kind it must be).

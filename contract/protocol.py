@@ -42,7 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from contract.evaluation import EvaluationSpec
 from contract.resources import Resources
 
-ArtifactKind = Literal["adapter", "reward_model", "model_card", "checkpoint", "eval"]
+ArtifactKind = Literal[
+    "adapter", "reward_model", "model_card", "checkpoint", "eval", "item_scores", "judge_labels"
+]
 
 # Written last into a checkpoint folder (workers/training/checkpoint.py): a folder without it is incomplete.
 CHECKPOINT_META_FILE = "checkpoint.json"

@@ -72,6 +72,9 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
     "tests/faults/test_outages.py::test_postgres_crash_mid_run_is_503_then_recovers": "31 s; make faults too",
     "tests/faults/test_outages.py::test_s3_down_during_artifact_upload_is_retried": "25 s; make faults too",
     "tests/service/test_feedback_round.py::test_feedback_round_over_rest": "31 s; make demo runs a round too",
+    "tests/service/test_feedback_active.py::test_uncertainty_ordering_refresh_and_judge": (
+        "60 s (4 reward/score jobs); test_feedback_sets.py checks the ordering on known margins in make test"
+    ),
     "tests/service/test_production.py::test_redis_restarted_empty_every_accepted_job_still_finishes": (
         "18 s; test_sigkilled_worker_job_finishes_on_a_new_worker_once stays"
     ),

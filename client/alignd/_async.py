@@ -194,6 +194,9 @@ class AsyncClient(BaseClient):
     async def _post(self, path: str, **kw: Any) -> httpx.Response:
         return await self.request(RequestOptions("POST", path, **kw))
 
+    async def _patch(self, path: str, **kw: Any) -> httpx.Response:
+        return await self.request(RequestOptions("PATCH", path, **kw))
+
     async def _delete(self, path: str, **kw: Any) -> httpx.Response:
         return await self.request(RequestOptions("DELETE", path, **kw))
 

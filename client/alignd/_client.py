@@ -194,6 +194,9 @@ class Client(BaseClient):
     def _post(self, path: str, **kw: Any) -> httpx.Response:
         return self.request(RequestOptions("POST", path, **kw))
 
+    def _patch(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request(RequestOptions("PATCH", path, **kw))
+
     def _delete(self, path: str, **kw: Any) -> httpx.Response:
         return self.request(RequestOptions("DELETE", path, **kw))
 

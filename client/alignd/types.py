@@ -221,6 +221,27 @@ class FeedbackSet(AlignObject):
     round: int | None = None
     progress: FeedbackProgress | None = None
     created_at: Timestamp | None = None
+    ordering: str | None = None
+    """"random" or "uncertainty" (smallest reward-model margin first)."""
+    reward_model: str | None = None
+    refresh_every_labels: int | None = None
+    guidelines: str | None = None
+    gold_every: int | None = None
+    gold_failure_threshold: float | None = None
+    routing: str | None = None
+    scoring: dict[str, Any] | None = None
+    """scored_by, scored_job, refreshes, in_flight, last_refresh_labels."""
+    judges: list[dict[str, Any]] = Field(default_factory=list)
+    events: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class FeedbackAnnotators(AlignObject):
+    """Per annotator: items served and why, agreement with the majority, seconds per label, gold items."""
+
+    object: str = "feedback_set.annotators"
+    feedback_set: str | None = None
+    gold_failure_threshold: float | None = None
+    annotators: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class FeedbackResponse(AlignObject):
@@ -239,6 +260,9 @@ class FeedbackItem(AlignObject):
     responses: list[FeedbackResponse] = Field(default_factory=list)
     labelled_by_you: int | None = None
     remaining: int | None = None
+    reason: str | None = None
+    """Why /next chose it: random, overlap, margin, unscored or gold."""
+    margin: float | None = None
 
 
 class FeedbackLabel(AlignObject):
@@ -273,6 +297,9 @@ class ItemRatings(AlignObject):
     kendalls_w: float | None = None
     order: list[str] = Field(default_factory=list)
     responses: list[ResponseRating] = Field(default_factory=list)
+    rewards: list[float] | None = None
+    margin: float | None = None
+    gold: list[int] | None = None
 
 
 class Agreement(AlignObject):

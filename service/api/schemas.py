@@ -11,7 +11,7 @@ from contract.evaluation import evaluation_of
 from contract.inputs import InputModel
 from contract.methods import Method
 from contract.resources import MAX_PROCESSES, Resources, resources_of, without_resources
-from service.core.feedback import ItemRatings
+from service.core.feedback import ItemRatings, uncertainty_margin
 from service.core.feedback_sets import Progress
 from service.core.jobs import JobStatus
 from service.db.tables import (
@@ -356,6 +356,62 @@ class FeedbackSetCreate(InputModel):
     round: int | None = Field(
         None, ge=0, le=1_000_000, description="Feedback round (default: the candidates dataset's round)."
     )
+    ordering: str = Field(
+        "random",
+        max_length=32,
+        description="'random': least-labelled item first (a per-annotator hash breaks ties). 'uncertainty': "
+        "the item the reward model is least sure of first (smallest gap between two of its responses' "
+        "rewards); needs reward_model. Both keep annotations_per_item.",
+    )
+    reward_model: str | None = Field(
+        None, max_length=64, description="reward_model artifact (art_...) whose scores order the items."
+    )
+    refresh_every_labels: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="uncertainty: after this many new labels by people, a reward_model job continues the "
+        "reward model on the labels so far and a score job re-scores the items (docs/feedback.md).",
+    )
+    refresh_hyperparameters: dict[str, Any] | None = Field(
+        None,
+        description="reward_model hyperparameters of a refresh (default: those of the job that trained "
+        "reward_model).",
+    )
+    guidelines: str | None = Field(
+        None,
+        description="Markdown shown on the labeling page and given to judges as their rubric (at most "
+        "20,000 characters).",
+    )
+    gold_every: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="Every gold_every-th item served to an annotator is a gold item (rows of the candidates "
+        "file with a 'gold' field) while they have unseen ones; 0: gold items are never served.",
+    )
+    gold_failure_threshold: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="An annotator failing more than this share of their gold items is flagged.",
+    )
+    routing: str = Field(
+        "all",
+        max_length=32,
+        description="'all', or 'judge_reward_disagree': people are given only the items on which a judge's "
+        "verdicts and the reward model's order disagree (or that either has not judged).",
+    )
+
+
+class FeedbackSetUpdate(InputModel):
+    """Fields of a set that may change while people label it (the rest describe what it was made from)."""
+
+    guidelines: str | None = Field(None, description="Markdown; an empty string clears them.")
+    routing: str | None = Field(None, max_length=32)
+    gold_every: int | None = Field(None, ge=0, le=1000)
+    gold_failure_threshold: float | None = Field(None, ge=0, le=1)
+    refresh_every_labels: int | None = Field(None, ge=1, le=1_000_000)
 
 
 class FeedbackProgress(BaseModel):
@@ -371,6 +427,40 @@ class FeedbackProgress(BaseModel):
         return cls.model_validate(progress, from_attributes=True)
 
 
+class ScoringPublic(BaseModel):
+    scored_by: str | None = Field(description="The reward model whose scores order the items now.")
+    scored_job: str | None = Field(description="The score job that wrote them.")
+    refreshes: int = Field(description="Refreshes done (reward model continued on the labels, re-scored).")
+    in_flight: dict[str, Any] | None = Field(
+        description="The job running now: {job, stage: 'reward_model' | 'score', ...}; None when none."
+    )
+    last_refresh_labels: int = Field(description="Labels by people when the last refresh started.")
+
+
+class JudgePublic(BaseModel):
+    name: str
+    annotator: str = Field(description="judge:<name>, as its labels name it.")
+    model: str
+    job: str
+    status: Literal["running", "done", "failed"]
+    labels: int | None = None
+    asked: int | None = Field(None, description="Pairs asked, each in both orders.")
+    consistent: int | None = Field(None, description="Pairs both orders gave the same verdict: labels.")
+    inconsistent: int | None = Field(
+        None, description="Pairs whose verdict flipped with the order: no label."
+    )
+    unparsed: int | None = Field(None, description="Pairs with an answer that was not 1 or 2: no label.")
+    first_position_share: float | None = Field(None, description="Share of answers naming the first answer.")
+    error: str | None = None
+
+
+class FeedbackEventPublic(BaseModel):
+    at: int
+    kind: str
+    message: str
+    job: str | None = None
+
+
 class FeedbackSetPublic(BaseModel):
     id: str
     object: Literal["feedback_set"] = "feedback_set"
@@ -381,9 +471,22 @@ class FeedbackSetPublic(BaseModel):
     round: int | None
     progress: FeedbackProgress
     created_at: int
+    ordering: str
+    reward_model: str | None
+    refresh_every_labels: int | None
+    guidelines: str | None
+    gold_every: int
+    gold_failure_threshold: float
+    routing: str
+    scoring: ScoringPublic
+    judges: list[JudgePublic]
+    events: list[FeedbackEventPublic] = Field(
+        description="What happened to the set, oldest first (200 kept)."
+    )
 
     @classmethod
     def of(cls, row: FeedbackSetRow, progress: Progress) -> FeedbackSetPublic:
+        state = row.state or {}
         return cls(
             id=row.id,
             name=row.name,
@@ -393,7 +496,75 @@ class FeedbackSetPublic(BaseModel):
             round=row.round,
             progress=FeedbackProgress.of(progress),
             created_at=row.created_at,
+            ordering=row.ordering,
+            reward_model=row.reward_model,
+            refresh_every_labels=row.refresh_every_labels,
+            guidelines=row.guidelines,
+            gold_every=row.gold_every,
+            gold_failure_threshold=row.gold_failure_threshold,
+            routing=row.routing,
+            scoring=ScoringPublic(
+                scored_by=state.get("scored_by"),
+                scored_job=state.get("scored_job"),
+                refreshes=int(state.get("refreshes", 0)),
+                in_flight=state.get("scoring"),
+                last_refresh_labels=int(state.get("last_refresh_labels", 0)),
+            ),
+            judges=[
+                JudgePublic(name=name, annotator=f"judge:{name}", **judge)
+                for name, judge in (state.get("judges") or {}).items()
+            ],
+            events=[
+                FeedbackEventPublic(**{k: e.get(k) for k in ("at", "kind", "message", "job")})
+                for e in row.events or []
+            ],
         )
+
+
+class JudgeCreate(InputModel):
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Labels as judge:<name>.",
+    )
+    model: str = Field(
+        max_length=64,
+        description="The judge: a model id (model_..., the base itself) or an adapter artifact (art_...).",
+    )
+    max_items: int | None = Field(None, ge=1, description="Judge only the first this many items.")
+    max_new_tokens: int = Field(8, ge=1, le=256, description="Longest answer per question.")
+
+
+class AnnotatorPublic(BaseModel):
+    annotator: str
+    judge: bool
+    items_served: int = Field(description="Items /next handed them.")
+    labels: int
+    skips: int
+    reasons: dict[str, int] = Field(
+        description="Why /next chose the items it served them: random, overlap, margin, unscored, gold."
+    )
+    mean_margin: float | None = Field(description="Mean reward-model margin of the items served for it.")
+    agreement_with_majority: float | None = Field(
+        description="Share of their pair verdicts that match the strict majority of the other people."
+    )
+    majority_comparisons: int
+    agreement_with: dict[str, float | None] = Field(description="Agreement with each other annotator.")
+    median_seconds_per_label: float | None = Field(
+        description="From /next handing the item out to the label."
+    )
+    gold_labelled: int
+    gold_failed: int
+    flagged: bool
+    flag_reasons: list[str]
+
+
+class AnnotatorsPublic(BaseModel):
+    object: Literal["feedback_set.annotators"] = "feedback_set.annotators"
+    feedback_set: str
+    gold_failure_threshold: float
+    annotators: list[AnnotatorPublic]
 
 
 class ResponseShown(BaseModel):
@@ -413,6 +584,10 @@ class NextItem(BaseModel):
         description="Items of the set this annotator has not labelled or skipped (an upper bound on what is "
         "left for them: items that reached their annotations are not handed out)."
     )
+    reason: str | None = Field(
+        None, description="Why this item: random, overlap, margin (see margin), unscored or gold."
+    )
+    margin: float | None = Field(None, description="The reward model's margin on it (uncertainty ordering).")
 
 
 class LabelCreate(InputModel):
@@ -470,6 +645,13 @@ class ItemRatingsPublic(BaseModel):
     kendalls_w: float | None = Field(description="Kendall's W of the item's full rankings/scores.")
     order: list[str] = Field(description="Response ids, best first (Bradley-Terry, then Elo).")
     responses: list[ResponseRatingPublic]
+    rewards: list[float] | None = Field(
+        None, description="The current reward model's reward per response (candidates-file order), if scored."
+    )
+    margin: float | None = Field(
+        None, description="Smallest gap between two of those rewards: the uncertainty ordering's key."
+    )
+    gold: list[int] | None = Field(None, description="The known answer of a gold item (indices best first).")
 
     @classmethod
     def of(cls, item: FeedbackItemRow, ratings: ItemRatings) -> ItemRatingsPublic:
@@ -479,6 +661,9 @@ class ItemRatingsPublic(BaseModel):
             num_comparisons=ratings.num_comparisons,
             agreement=ratings.agreement,
             kendalls_w=ratings.kendalls_w,
+            rewards=item.rewards,
+            margin=uncertainty_margin(item.rewards) if item.rewards else None,
+            gold=item.gold,
             order=[item.response_ids[i] for i in ratings.order()],
             responses=[
                 ResponseRatingPublic(
@@ -496,11 +681,18 @@ class ItemRatingsPublic(BaseModel):
 
 class AgreementPublic(BaseModel):
     pairwise: float | None = Field(
-        description="Share of agreeing judgements over every two annotators who judged the same pair."
+        description="Share of agreeing judgements over every two people (judges aside) who judged the same pair."
     )
     overlapping_judgements: int
     kendalls_w: float | None = Field(description="Mean Kendall's W over items with 2+ full labels.")
     items_with_overlap: int
+
+
+class JudgeAgreementPublic(BaseModel):
+    annotator: str = Field(description="judge:<name>.")
+    with_majority: float | None = Field(description="Agreement with the strict majority of the people.")
+    majority_comparisons: int
+    with_people: dict[str, float | None] = Field(description="Agreement with each person, on shared pairs.")
 
 
 class RatingsPublic(BaseModel):
@@ -508,6 +700,9 @@ class RatingsPublic(BaseModel):
     feedback_set: str
     progress: FeedbackProgress
     agreement: AgreementPublic
+    judges: list[JudgeAgreementPublic] = Field(
+        default_factory=list, description="Each judge's agreement, beside the people's (agreement)."
+    )
     items: list[ItemRatingsPublic]
 
 
@@ -522,6 +717,18 @@ class ExportCreate(InputModel):
         "judged on a common pair have no agreement and are left out too when this is set.",
     )
     round: int | None = Field(None, ge=0, le=1_000_000, description="Default: the feedback set's round.")
+    judge_labels: str = Field(
+        "include",
+        max_length=32,
+        description="'include' judges' labels as any annotator's, 'exclude' them, or 'down_weight' them "
+        "(judge_weight).",
+    )
+    judge_weight: float = Field(0.5, ge=0, le=1, description="down_weight: the weight of a judge's verdict.")
+    annotator_weights: str = Field(
+        "equal",
+        max_length=32,
+        description="'equal', or 'agreement': each annotator's verdicts weigh their agreement with the majority.",
+    )
 
 
 class HealthPublic(BaseModel):

@@ -17,7 +17,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import combinations, pairwise
 from typing import Any, Literal
 
 from service.core.errors import ValidationFailed
@@ -53,12 +53,16 @@ def presentation_order(item_id: str, annotator: str, count: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Comparison:
-    """One judgement between two responses of an item: ``winner`` is 1.0 (a better), 0.0 (b better), 0.5 tie."""
+    """One judgement between two responses of an item: ``winner`` is 1.0 (a better), 0.0 (b better), 0.5 tie.
+
+    ``weight`` scales the judgement in Elo and Bradley-Terry (an export that down-weights judges or weights
+    annotators by their agreement); agreement counts every judgement once, whatever its weight."""
 
     a: str
     b: str
     outcome: float
     annotator: str
+    weight: float = 1.0
 
 
 LABEL_CODES = {
@@ -183,7 +187,7 @@ def elo(
     rating = dict.fromkeys(players, initial)
     for c in comparisons:
         expected_a = 1.0 / (1.0 + 10 ** ((rating[c.b] - rating[c.a]) / 400.0))
-        delta = k * (c.outcome - expected_a)
+        delta = k * c.weight * (c.outcome - expected_a)
         rating[c.a] += delta
         rating[c.b] -= delta
     return rating
@@ -212,9 +216,9 @@ def bradley_terry(
     games: dict[tuple[int, int], float] = defaultdict(float)
     for c in comparisons:
         i, j = index[c.a], index[c.b]
-        wins[i] += c.outcome
-        wins[j] += 1.0 - c.outcome
-        games[(i, j) if i < j else (j, i)] += 1.0
+        wins[i] += c.weight * c.outcome
+        wins[j] += c.weight * (1.0 - c.outcome)
+        games[(i, j) if i < j else (j, i)] += c.weight
     strength = [1.0] * n
     for _ in range(iterations):
         denominators = [prior / (s + 1.0) for s in strength]  # the virtual games against strength 1
@@ -353,10 +357,16 @@ class StoredLabel:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
-def rate_item(ids: Sequence[str], labels: Sequence[StoredLabel]) -> ItemRatings:
-    """Ratings and agreement of one item from its labels (in the order they were given)."""
+def rate_item(
+    ids: Sequence[str], labels: Sequence[StoredLabel], weights: Mapping[str, float] | None = None
+) -> ItemRatings:
+    """Ratings and agreement of one item from its labels (in the order they were given).
+
+    ``weights``: annotator -> weight of their judgements in Elo and Bradley-Terry (default 1 each)."""
     comparisons = [
-        c for label in labels for c in label_comparisons(label.kind, label.payload, label.annotator)
+        c if weights is None else Comparison(c.a, c.b, c.outcome, c.annotator, weights.get(c.annotator, 1.0))
+        for label in labels
+        for c in label_comparisons(label.kind, label.payload, label.annotator)
     ]
     elo_ratings = elo(ids, comparisons)
     bt = bradley_terry(ids, comparisons)
@@ -391,7 +401,7 @@ def rate_item(ids: Sequence[str], labels: Sequence[StoredLabel]) -> ItemRatings:
         kendalls_w=kendalls_w(list(latest_full.values())),
         agreeing=agree,
         overlapping=total,
-        decisive=sum(1 for c in comparisons if c.outcome != 0.5),
+        decisive=sum(1 for c in comparisons if c.outcome != 0.5 and c.weight > 0),
     )
 
 
@@ -428,3 +438,170 @@ def choose_item(
         if best is None or candidate < best:
             best = candidate
     return None if best is None else best[2]
+
+
+# --- active ordering
+
+ORDERINGS = ("random", "uncertainty")
+
+
+def uncertainty_margin(rewards: Sequence[float]) -> float:
+    """How unsure a reward model is about an item: the smallest gap between two of its responses' rewards.
+
+    With the rewards sorted, that is the smallest gap between neighbours, i.e. the pair the model can tell
+    apart least (for two responses, ``|r(a) - r(b)|``). A label on that item settles the comparison the
+    model is closest to getting either way, which is where a Bradley-Terry reward model's loss has the
+    steepest gradient (the logistic's slope is largest at a margin of 0)."""
+    ordered = sorted(rewards)
+    return min(b - a for a, b in pairwise(ordered))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An item as /next weighs it: how loaded it is, its reward-model margin (None: unscored), gold or not."""
+
+    item_id: str
+    labels: int
+    margin: float | None = None
+    gold: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The item /next serves and why: ``reason`` is "random" (least-labelled first, an unlabelled item),
+    "overlap" (least-labelled first, an item others labelled: toward its overlap target), "margin" (the
+    smallest reward-model margin; ``margin`` holds it), "unscored" (uncertainty ordering before the first
+    scores arrive: least-labelled first) or "gold" (a gold item mixed in)."""
+
+    item_id: str
+    reason: str
+    margin: float | None = None
+
+
+def _tiebreak(annotator: str, item_id: str) -> bytes:
+    return hashlib.sha256(f"{annotator}\x00{item_id}".encode()).digest()[:8]
+
+
+def choose_next(
+    candidates: Sequence[Candidate],
+    *,
+    annotator: str,
+    seen: set[str],
+    annotations_per_item: int,
+    ordering: str = "random",
+    gold_due: bool = False,
+) -> Choice | None:
+    """The next item for ``annotator`` under ``ordering``, or None when nothing is left for them.
+
+    The overlap target holds in both orderings: an item that has ``annotations_per_item`` annotators (open
+    assignments included) is not served again, and nobody gets an item twice. ``random``: as
+    :func:`choose_item`. ``uncertainty``: the scored item with the smallest margin first (then the
+    least-labelled, then the per-annotator hash), so an item the model is unsure of gets all its annotators
+    before a surer one gets any. Gold items are outside the overlap target (every annotator may get each one)
+    and are served when ``gold_due`` while any is unseen."""
+    fresh = [c for c in candidates if c.item_id not in seen]
+    gold = [c for c in fresh if c.gold]
+    if gold_due and gold:
+        pick = min(gold, key=lambda c: (_tiebreak(annotator, c.item_id), c.item_id))
+        return Choice(pick.item_id, "gold")
+    open_items = [c for c in fresh if not c.gold and c.labels < annotations_per_item]
+    if not open_items:
+        return None
+    scored = [c for c in open_items if c.margin is not None]
+    if ordering == "uncertainty" and scored:
+        pick = min(
+            scored, key=lambda c: (c.margin or 0.0, c.labels, _tiebreak(annotator, c.item_id), c.item_id)
+        )
+        return Choice(pick.item_id, "margin", pick.margin)
+    pick = min(open_items, key=lambda c: (c.labels, _tiebreak(annotator, c.item_id), c.item_id))
+    if ordering == "uncertainty":
+        return Choice(pick.item_id, "unscored")
+    return Choice(pick.item_id, "overlap" if pick.labels else "random")
+
+
+# --- annotator quality
+
+JUDGE_PREFIX = "judge:"
+
+
+def is_judge(annotator: str) -> bool:
+    return annotator.startswith(JUDGE_PREFIX)
+
+
+def oriented(c: Comparison) -> tuple[tuple[str, str], float]:
+    """The comparison's unordered pair and its outcome seen from the pair's first response."""
+    key = pair_key(c.a, c.b)
+    return key, c.outcome if (c.a, c.b) == key else 1.0 - c.outcome
+
+
+@dataclass
+class Tally:
+    agreeing: int = 0
+    total: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.agreeing / self.total if self.total else None
+
+    def add(self, same: bool) -> None:
+        self.total += 1
+        self.agreeing += int(same)
+
+
+@dataclass
+class AnnotatorAgreement:
+    with_majority: Tally = field(default_factory=Tally)
+    """Against the strict majority verdict of the *people* other than this annotator on the same pair."""
+    with_each: dict[str, Tally] = field(default_factory=dict)
+    """Against each other annotator, on the pairs both judged."""
+
+
+def annotator_agreement(
+    verdicts: Mapping[tuple[str, str, str], dict[str, float]],
+) -> dict[str, AnnotatorAgreement]:
+    """Per annotator: agreement with the majority of the people (judges never vote) and with each other one.
+
+    ``verdicts``: (item, response a, response b) -> {annotator: outcome}, one verdict per annotator and pair
+    (their latest). The majority is the most common verdict among the other people on the pair when it is
+    strictly the most common (a 1-1 split has none, and the pair does not count)."""
+    out: dict[str, AnnotatorAgreement] = defaultdict(AnnotatorAgreement)
+    for by_annotator in verdicts.values():
+        for who, verdict in by_annotator.items():
+            mine = out[who]
+            for other, theirs in by_annotator.items():
+                if other != who:
+                    mine.with_each.setdefault(other, Tally()).add(verdict == theirs)
+            votes: dict[float, int] = defaultdict(int)
+            for other, theirs in by_annotator.items():
+                if other != who and not is_judge(other):
+                    votes[theirs] += 1
+            if votes:
+                ranked = sorted(votes.values(), reverse=True)
+                if len(ranked) == 1 or ranked[0] > ranked[1]:
+                    majority = max(votes, key=lambda v: votes[v])
+                    mine.with_majority.add(verdict == majority)
+    return dict(out)
+
+
+def gold_pairs(ids: Sequence[str], gold: Sequence[int]) -> dict[tuple[str, str], float]:
+    """The pairs a gold answer orders (response indices best first; a partial list puts the listed ones,
+    in order, above all others), as ``{pair: outcome of the pair's first response}``."""
+    listed = list(gold)
+    rest = [i for i in range(len(ids)) if i not in listed]
+    out: dict[tuple[str, str], float] = {}
+    for rank, better in enumerate(listed):
+        for worse in listed[rank + 1 :] + rest:
+            key = pair_key(ids[better], ids[worse])
+            out[key] = 1.0 if key[0] == ids[better] else 0.0
+    return out
+
+
+def passes_gold(comparisons: Iterable[Comparison], expected: Mapping[tuple[str, str], float]) -> bool | None:
+    """Whether a label on a gold item agrees with it on more than half the gold-ordered pairs it judges (a
+    tie counts as wrong); None when it judges none of them."""
+    tally = Tally()
+    for c in comparisons:
+        key, outcome = oriented(c)
+        if key in expected:
+            tally.add(outcome == expected[key])
+    return None if not tally.total else tally.agreeing * 2 > tally.total

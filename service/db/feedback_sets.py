@@ -73,8 +73,12 @@ def create(
     annotations_per_item: int,
     round: int | None,
     records: list[dict[str, Any]],
+    options: dict[str, Any] | None = None,
 ) -> FeedbackSetRow:
-    """A new set with one item per record of ``source`` (its ``prompt`` and ``responses``), committed."""
+    """A new set with one item per record of ``source`` (its ``prompt``, ``responses`` and ``gold``), committed.
+
+    ``options``: the set's ordering, reward_model, guidelines, ... (FeedbackSetRow's columns), checked."""
+    golds = [rules.parse_gold(record, line) for line, record in enumerate(records, start=1)]
     row = FeedbackSetRow(
         id=new_id("feedback_set"),
         tenant=tenant,
@@ -84,6 +88,7 @@ def create(
         num_items=len(records),
         round=round if round is not None else source.round,
         created_at=now(),
+        **(options or {}),
     )
     session.add(row)
     for position, record in enumerate(records):
@@ -96,6 +101,7 @@ def create(
                 prompt=record["prompt"],
                 responses=list(record["responses"]),
                 response_ids=fb.response_ids(item_id, len(record["responses"])),
+                gold=golds[position],
             )
         )
     session.commit()
@@ -110,6 +116,16 @@ def delete_set(session: Session, feedback_set: FeedbackSetRow) -> None:
     session.commit()
 
 
+def all_assignments(session: Session, set_id: str) -> list[FeedbackAssignmentRow]:
+    return list(
+        session.exec(
+            select(FeedbackAssignmentRow)
+            .where(FeedbackAssignmentRow.set_id == set_id)
+            .order_by(col(FeedbackAssignmentRow.seq))
+        ).all()
+    )
+
+
 def assignments_of(session: Session, set_id: str, annotator: str) -> list[FeedbackAssignmentRow]:
     return list(
         session.exec(
@@ -120,14 +136,18 @@ def assignments_of(session: Session, set_id: str, annotator: str) -> list[Feedba
     )
 
 
-def serve_next_item(session: Session, feedback_set: FeedbackSetRow, annotator: str) -> FeedbackItemRow | None:
-    """The item ``annotator`` should label next, recorded as handed to them; None when none is left."""
+def serve_next_item(
+    session: Session, feedback_set: FeedbackSetRow, annotator: str
+) -> tuple[FeedbackItemRow, FeedbackAssignmentRow | None] | None:
+    """The item ``annotator`` should label next and its assignment (why it was chosen), recorded as handed to
+    them; None when none is left."""
     mine = assignments_of(session, feedback_set.id, annotator)
-    by_id = {item.id: item for item in items(session, feedback_set.id)}
+    ordered = items(session, feedback_set.id)
+    by_id = {item.id: item for item in ordered}
     # An item handed out and not yet labelled comes back (a reload shows the same item in the same order).
-    open_item = next((a.item_id for a in sorted(mine, key=lambda a: a.served_at) if not a.done), None)
-    if open_item is not None and open_item in by_id:
-        return by_id[open_item]
+    open_one = next((a for a in sorted(mine, key=lambda a: a.served_at) if not a.done), None)
+    if open_one is not None and open_one.item_id in by_id:
+        return by_id[open_one.item_id], open_one
     cutoff = time.time() - rules.ASSIGNMENT_TTL_SECONDS
     set_labels = list(
         session.exec(select(FeedbackLabelRow).where(FeedbackLabelRow.set_id == feedback_set.id))
@@ -141,24 +161,34 @@ def serve_next_item(session: Session, feedback_set: FeedbackSetRow, annotator: s
             )
         )
     )
-    chosen = fb.choose_item(
-        rules.item_loads(by_id, set_labels, held),
+    routed_out: set[str] = set()
+    if feedback_set.routing == "judge_reward_disagree" and not fb.is_judge(annotator):
+        routed_out = rules.judge_agrees_with_reward_model(ordered, set_labels)
+    choice = fb.choose_next(
+        rules.candidates(ordered, rules.item_loads(by_id, set_labels, held), routed_out=routed_out),
         annotator=annotator,
         seen={a.item_id for a in mine},
         annotations_per_item=feedback_set.annotations_per_item,
+        ordering=feedback_set.ordering,
+        gold_due=rules.gold_due(len(mine), feedback_set.gold_every),
     )
-    if chosen is None:
+    if choice is None:
         return None
-    session.add(
-        FeedbackAssignmentRow(
-            set_id=feedback_set.id, item_id=chosen, annotator=annotator, served_at=time.time()
-        )
+    assignment = FeedbackAssignmentRow(
+        set_id=feedback_set.id,
+        item_id=choice.item_id,
+        annotator=annotator,
+        served_at=time.time(),
+        reason=choice.reason,
+        margin=choice.margin,
     )
+    session.add(assignment)
     try:
         session.commit()
     except IntegrityError:  # a concurrent /next for the same annotator took it first: serve that one
         session.rollback()
-    return by_id[chosen]
+        return by_id[choice.item_id], None
+    return by_id[choice.item_id], assignment
 
 
 def get_item(session: Session, feedback_set: FeedbackSetRow, item_id: str) -> FeedbackItemRow:
@@ -193,7 +223,14 @@ def add_label(
     kind: str,
     payload: dict[str, Any],
 ) -> FeedbackLabelRow:
-    """Store an accepted label and mark the item done for its annotator, committed."""
+    """Store an accepted label and mark the item done for its annotator, committed.
+
+    ``seconds`` is the time since /next handed the item out (the first label of an open assignment only)."""
+    assignment = session.exec(
+        select(FeedbackAssignmentRow).where(
+            FeedbackAssignmentRow.item_id == item.id, FeedbackAssignmentRow.annotator == annotator
+        )
+    ).first()
     row = FeedbackLabelRow(
         id=new_id("label"),
         set_id=feedback_set.id,
@@ -202,13 +239,11 @@ def add_label(
         kind=kind,
         payload=payload,
         created_at=now(),
+        seconds=None
+        if assignment is None or assignment.done
+        else round(max(0.0, time.time() - assignment.served_at), 3),
     )
     session.add(row)
-    assignment = session.exec(
-        select(FeedbackAssignmentRow).where(
-            FeedbackAssignmentRow.item_id == item.id, FeedbackAssignmentRow.annotator == annotator
-        )
-    ).first()
     if assignment is None:  # labelled without /next (a script): still never hand it to them again
         assignment = FeedbackAssignmentRow(
             set_id=feedback_set.id, item_id=item.id, annotator=annotator, served_at=time.time()

@@ -145,6 +145,21 @@ class FeedbackSetRow(SQLModel, table=True):
     num_items: int = 0
     round: int | None = Field(default=None)
     created_at: int
+    # Which item /next serves first: "random" (least-labelled first) or "uncertainty" (smallest reward-model
+    # margin first; service/core/feedback.py choose_item).
+    ordering: str = Field(default="random", max_length=16)
+    reward_model: str | None = Field(default=None, max_length=64)
+    refresh_every_labels: int | None = None
+    guidelines: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    gold_failure_threshold: float = 0.25
+    gold_every: int = 5
+    # "all" or "judge_reward_disagree": people get only the items where a judge and the reward model disagree.
+    routing: str = Field(default="all", max_length=32)
+    # The scoring/refresh/judge jobs and their results so far (service/core/feedback_jobs.py), and a bounded
+    # log of what happened to the set; ``version`` is bumped by every write of ``state`` (compare-and-set).
+    state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    events: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    version: int = 0
 
 
 class FeedbackItemRow(SQLModel, table=True):
@@ -161,6 +176,10 @@ class FeedbackItemRow(SQLModel, table=True):
     prompt: Any = Field(sa_column=Column(JSON, nullable=False))
     responses: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     response_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # The current reward model's reward per response (the score job's output), None until scored.
+    rewards: list[float] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # A known answer (the candidates row's ``gold``: response indices best first): a gold item checks people.
+    gold: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class FeedbackAssignmentRow(SQLModel, table=True):
@@ -178,6 +197,9 @@ class FeedbackAssignmentRow(SQLModel, table=True):
     annotator: str = Field(max_length=128)
     served_at: float
     done: bool = False
+    # Why /next chose this item: "random", "overlap", "margin", "unscored" or "gold" (and the margin then).
+    reason: str | None = Field(default=None, max_length=16)
+    margin: float | None = None
 
 
 class FeedbackLabelRow(SQLModel, table=True):
@@ -194,6 +216,8 @@ class FeedbackLabelRow(SQLModel, table=True):
     kind: str = Field(max_length=16)
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: int
+    # Seconds from /next handing the item out to this label (None: labelled without /next, or by a judge).
+    seconds: float | None = None
 
 
 class IdempotencyKeyRow(SQLModel, table=True):

@@ -40,12 +40,29 @@ def test_sdk_feedback_round_and_cli(
         assert [d.id for d in client.datasets.list(round=2)] == [exported.id]
         assert [s.id for s in client.feedback_sets.list(round=2)] == [fbs.id]
         assert client.feedback_sets.get(fbs.id).progress.labels == 2  # type: ignore[union-attr]
+        # the set's newer fields: guidelines, the annotator report, export weighting, judges' refusals
+        updated = client.feedback_sets.update(fbs.id, guidelines="# Be *kind*", gold_every=0)
+        assert (updated.guidelines, updated.gold_every, updated.ordering) == ("# Be *kind*", 0, "random")
+        report = client.feedback_sets.annotators(fbs.id)
+        assert [a["annotator"] for a in report.annotators] == ["sdk"] and report.annotators[0]["labels"] == 2
+        weighted = client.feedback_sets.export(
+            fbs.id, judge_labels="down_weight", annotator_weights="agreement"
+        )
+        assert weighted.kind == "ranking"
+        with pytest.raises(alignd.ValidationError) as info:
+            client.feedback_sets.add_judge(fbs.id, name="j", model="model_nope")
+        assert info.value.code == "unknown_model"
+        with pytest.raises(alignd.ValidationError) as info:
+            client.feedback_sets.create(name="x", candidates=dataset.id, ordering="uncertainty")
+        assert info.value.code == "missing_reward_model"
 
     async def async_side() -> None:
         async with alignd.AsyncClient(base_url=live_server.base_url, api_key=live_server.api_key) as client:
             assert (await client.feedback_sets.get(fbs.id)).id == fbs.id
             assert await client.feedback_sets.next(fbs.id, annotator="sdk") is None
             assert [s.id async for s in client.feedback_sets.list()] == [fbs.id]
+            assert (await client.feedback_sets.update(fbs.id, routing="all")).routing == "all"
+            assert (await client.feedback_sets.annotators(fbs.id)).annotators[0]["annotator"] == "sdk"
 
     asyncio.run(async_side())
 

@@ -244,3 +244,136 @@ def test_label_page_is_served(api: httpx.Client) -> None:
     assert script is not None, page.text
     code = api.get(script.group(1)).text
     assert "/v1/feedback-sets/" in code and "sessionStorage" in code
+
+
+def _write_rewards(api: httpx.Client, set_id: str, rewards: dict[int, list[float]]) -> None:
+    """Known reward-model scores on the items, written as a score job's read-back writes them (position ->
+    rewards), and the set switched to uncertainty ordering (which otherwise needs a trained reward model:
+    tests/service/test_feedback_active.py runs that path)."""
+    from sqlmodel import Session, create_engine, select
+
+    from service.db.tables import FeedbackItemRow, FeedbackSetRow
+
+    engine = create_engine(api.app_settings.resolved_database_url)  # type: ignore[attr-defined]
+    try:
+        with Session(engine) as session:
+            for item in session.exec(select(FeedbackItemRow).where(FeedbackItemRow.set_id == set_id)):
+                item.rewards = rewards[item.position]
+                session.add(item)
+            row = session.exec(select(FeedbackSetRow).where(FeedbackSetRow.id == set_id)).one()
+            row.ordering = "uncertainty"
+            session.add(row)
+            session.commit()
+    finally:
+        engine.dispose()
+
+
+def test_uncertainty_serves_smallest_margins_first_and_gold_flags(api: httpx.Client) -> None:
+    rows: list[dict[str, Any]] = [
+        {"prompt": f"p{i}", "responses": [f"short {i}", f"a longer answer {i}"]} for i in range(6)
+    ]
+    rows[5]["gold"] = 1  # the longer answer is the known best
+    candidates = upload_dataset(api, jsonl(rows), "candidates").json()["id"]
+    fbs = _set(api, candidates, annotations_per_item=2, gold_every=3, guidelines="Prefer *longer* answers.")
+    assert (fbs["ordering"], fbs["guidelines"], fbs["gold_every"]) == (
+        "random",
+        "Prefer *longer* answers.",
+        3,
+    )
+    # uncertainty ordering on known margins (the score job's output, written as its read-back writes it)
+    _write_rewards(
+        api,
+        fbs["id"],
+        {0: [0.0, 0.9], 1: [0.5, 0.45], 2: [1.0, -1.0], 3: [0.2, 0.0], 4: [0.3, 0.31], 5: [0, 0]},
+    )
+    base = f"/v1/feedback-sets/{fbs['id']}"
+    positions = {i["item"]: n for n, i in enumerate(api.get(f"{base}/ratings").json()["items"])}
+    served: dict[str, list[tuple[int, str, float | None]]] = {"ann": [], "bob": []}
+    for annotator in ("ann", "bob", "ann", "bob", "ann", "bob"):
+        item = api.get(f"{base}/next", params={"annotator": annotator}).json()
+        served[annotator].append((positions[item["id"]], item["reason"], item["margin"]))
+        good = [r["id"] for r in sorted(item["responses"], key=lambda r: -len(r["text"]))]
+        ranking = good if annotator == "ann" else good[::-1]  # bob labels carelessly: shortest first
+        assert (
+            api.post(
+                f"{base}/labels", json={"item": item["id"], "annotator": annotator, "ranking": ranking}
+            ).status_code
+            == 201
+        )
+    # margins 0.01 (item 4), 0.05 (item 1), then every third item is the gold one; overlap 2 holds
+    assert [(p, r) for p, r, _ in served["ann"]] == [(4, "margin"), (1, "margin"), (5, "gold")]
+    assert [p for p, _, _ in served["bob"]] == [4, 1, 5]
+    assert served["ann"][0][2] == pytest.approx(0.01)
+    nxt = api.get(f"{base}/next", params={"annotator": "cy"}).json()
+    assert positions[nxt["id"]] == 3 and nxt["reason"] == "margin"  # 4 and 1 have their 2 annotators
+
+    report = {a["annotator"]: a for a in api.get(f"{base}/annotators").json()["annotators"]}
+    assert (
+        report["bob"]["flagged"]
+        and report["bob"]["gold_failed"] == 1
+        and "gold" in report["bob"]["flag_reasons"][0]
+    )
+    assert not report["ann"]["flagged"] and report["ann"]["gold_labelled"] == 1
+    assert report["ann"]["reasons"] == {"margin": 2, "gold": 1} and report["ann"][
+        "mean_margin"
+    ] == pytest.approx(0.03)
+    assert report["ann"]["agreement_with_majority"] == 0.0 and report["ann"]["agreement_with"] == {"bob": 0.0}
+    assert report["cy"]["items_served"] == 1 and report["cy"]["labels"] == 0
+    assert report["ann"]["median_seconds_per_label"] >= 0
+
+    ratings = api.get(f"{base}/ratings").json()
+    assert ratings["agreement"]["pairwise"] == 0.0 and ratings["judges"] == []
+    assert_error(api.post(f"{base}/export", json={"judge_labels": "sometimes"}), 422, "invalid_judge_labels")
+    assert_error(
+        api.post(f"{base}/export", json={"annotator_weights": "vibes"}), 422, "invalid_annotator_weights"
+    )
+    weighted = api.post(f"{base}/export", json={"annotator_weights": "agreement", "judge_labels": "exclude"})
+    assert_error(
+        weighted, 422, "nothing_to_export"
+    )  # both disagree with the only other: weight 0, no preference
+    assert_error(
+        api.post(f"{base}/labels", json={"item": nxt["id"], "annotator": "judge:me", "skip": True}),
+        422,
+        "reserved_annotator",
+    )
+
+
+def test_bad_feedback_set_options_are_422(api: httpx.Client, candidates: str) -> None:
+    def refused(code: str, **extra: Any) -> None:
+        assert_error(
+            api.post("/v1/feedback-sets", json={"name": "x", "candidates": candidates, **extra}), 422, code
+        )
+
+    refused("invalid_ordering", ordering="smart")
+    refused("missing_reward_model", ordering="uncertainty")
+    refused("unknown_artifact", ordering="uncertainty", reward_model="art_nope")
+    refused("invalid_characters", guidelines="a\x00b")  # the input policy, before the rules
+    refused("guidelines_too_long", guidelines="x" * 20_001)
+    refused("invalid_routing", routing="people")
+    refused("unexpected_field", refresh_every_labels=3)
+    refused("invalid_request", gold_failure_threshold=2)
+    gold = upload_dataset(
+        api, jsonl([{"prompt": "p", "responses": ["a", "b"], "gold": [0, 0]}]), "candidates"
+    )
+    assert_error(
+        api.post("/v1/feedback-sets", json={"name": "x", "candidates": gold.json()["id"]}),
+        422,
+        "invalid_gold",
+    )
+    # a model artifact of the wrong kind, and another tenant's reward model, are refused the same way
+    assert api.get("/v1/feedback-sets").json()["data"] == []
+    fbs = _set(api, candidates)
+    base = f"/v1/feedback-sets/{fbs['id']}"
+    assert_error(api.post(f"{base}/judges", json={"name": "j", "model": "model_nope"}), 422, "unknown_model")
+    assert_error(api.post(f"{base}/judges", json={"name": "j", "model": "art_nope"}), 422, "unknown_artifact")
+    assert_error(
+        api.post(f"{base}/judges", json={"name": "bad name", "model": "model_x"}), 422, "invalid_request"
+    )
+    assert_error(api.patch(base, json={"guidelines": "\x00"}), 422, "invalid_characters")
+    assert_error(api.patch(base, json={"routing": "x"}), 422, "invalid_routing")
+    patched = api.patch(base, json={"guidelines": "## Be kind", "routing": "judge_reward_disagree"})
+    assert patched.status_code == 200 and patched.json()["guidelines"] == "## Be kind"
+    assert_error(
+        api.post("/v1/jobs", json={"method": "score", "base_model": "model_x"}), 422, "method_not_available"
+    )
+    assert_error(api.patch(base, json={"guidelines": "x"}, headers=OTHER), 404, "feedback_set_not_found")

@@ -51,7 +51,11 @@ def test_rank_two_items_in_the_browser(live_server: LiveServer, tmp_path: Path) 
 
     with live_server.client() as client:
         dataset = upload_dataset(client, jsonl(CANDIDATES), "candidates").json()["id"]
-        fbs = client.post("/v1/feedback-sets", json={"name": "browser round", "candidates": dataset}).json()
+        guidelines = '# Rank by\n- **helpfulness** first\n<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+        fbs = client.post(
+            "/v1/feedback-sets",
+            json={"name": "browser round", "candidates": dataset, "guidelines": guidelines},
+        ).json()
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -68,6 +72,14 @@ def test_rank_two_items_in_the_browser(live_server: LiveServer, tmp_path: Path) 
             # item 1: rank by clicking, longest answer first (the last one is implied)
             expect(page.get_by_test_id("response").first).to_be_visible()
             expect(page.get_by_test_id("progress")).to_contain_text("0 of 3 items complete")
+            # the set's guidelines, as text: Markdown structure kept, the markup in them never run or parsed
+            shown = page.get_by_test_id("guidelines")
+            expect(shown).to_be_visible()
+            expect(shown.locator("h3")).to_have_text("Rank by")
+            expect(shown.locator("li")).to_have_text("helpfulness first")
+            expect(shown).to_contain_text('<img src=x onerror="window.pwned=1"><script>')
+            assert shown.locator("img, script").count() == 0
+            assert page.evaluate("window.pwned === undefined")
             cards = page.get_by_test_id("response")
             texts = [cards.nth(i).inner_text() for i in range(cards.count())]
             first_prompt = page.get_by_test_id("prompt").inner_text()

@@ -17,7 +17,7 @@ from tests.training._child import run_child, write_spec
 from tests.training.adapters import random_adapter
 from workers.training import data, lora, rollout
 from workers.training.evaluate import _answer_logprobs
-from workers.training.scoring import ChildScorer, SharedModels, load_shared_models
+from workers.training.scoring import ChildScorer, SharedModels, load_shared_models, reward_of, rewards_of
 
 CPU = torch.device("cpu")
 JUDGE_TURNS = [
@@ -126,6 +126,15 @@ def test_a_reward_model_grader_scores_as_its_sequence_classifier(
         model_scorer=scorer,
     )
     assert as_messages.reward == pytest.approx(scores[0])
+    # the score job's batched path (right-padded rows of different lengths) gives the same rewards
+    examples = [
+        ("What colour is the sky?", "Blue."),
+        ("What colour is the sky?", "Green, sir, a lot longer."),
+    ]
+    batched = rewards_of(models, "art_rm", examples, batch_size=2)
+    assert batched == pytest.approx(
+        [reward_of(models, "art_rm", prompt=p, response=r) for p, r in examples], abs=1e-4
+    )
 
 
 @pytest.fixture(scope="module")

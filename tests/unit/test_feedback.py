@@ -219,3 +219,100 @@ def test_choose_item_spreads_simultaneous_annotators() -> None:
     loads = [fb.ItemLoad(f"fbi_{i}", 0) for i in range(20)]
     first = {fb.choose_item(loads, annotator=f"a{n}", seen=set(), annotations_per_item=1) for n in range(10)}
     assert len(first) > 5
+
+
+# --- uncertainty ordering, agreement with the majority, gold items, weights
+
+
+def test_uncertainty_margin_is_the_smallest_gap_between_neighbours() -> None:
+    assert fb.uncertainty_margin([0.3, -0.2]) == pytest.approx(0.5)
+    assert fb.uncertainty_margin([1.0, 0.0, 0.9, -3.0]) == pytest.approx(0.1)
+
+
+def test_choose_next_serves_smallest_margins_first_and_keeps_the_overlap_target() -> None:
+    margins = {"a": 0.9, "b": 0.05, "c": 0.4, "d": 0.01}
+    labels = {k: 0 for k in margins}
+    served: list[tuple[str, str]] = []
+    seen: dict[str, set[str]] = {"x": set(), "y": set(), "z": set()}
+    for annotator in ["x", "y", "z"] * 4:
+        loads = [fb.Candidate(k, labels[k], margins[k]) for k in margins]
+        choice = fb.choose_next(
+            loads, annotator=annotator, seen=seen[annotator], annotations_per_item=2, ordering="uncertainty"
+        )
+        if choice is None:
+            continue
+        assert choice.reason == "margin" and choice.margin == margins[choice.item_id]
+        served.append((annotator, choice.item_id))
+        seen[annotator].add(choice.item_id)
+        labels[choice.item_id] += 1
+    assert [item for _, item in served] == ["d", "d", "b", "b", "c", "c", "a", "a"]
+    assert all(n == 2 for n in labels.values())  # never more than the target
+    # random ordering ignores margins; unscored uncertainty falls back to least-labelled first
+    plain = [fb.Candidate(k, 0, margins[k]) for k in margins]
+    assert fb.choose_next(plain, annotator="x", seen=set(), annotations_per_item=1).reason == "random"  # type: ignore[union-attr]
+    unscored = [fb.Candidate(k, 0) for k in margins]
+    got = fb.choose_next(unscored, annotator="x", seen=set(), annotations_per_item=1, ordering="uncertainty")
+    assert got is not None and got.reason == "unscored"
+
+
+def test_gold_items_are_mixed_in_outside_the_overlap_target() -> None:
+    loads = [fb.Candidate("g", 5, gold=True), fb.Candidate("a", 0)]
+    assert fb.choose_next(
+        loads, annotator="x", seen=set(), annotations_per_item=1, gold_due=True
+    ) == fb.Choice("g", "gold")
+    assert fb.choose_next(loads, annotator="x", seen=set(), annotations_per_item=1).item_id == "a"  # type: ignore[union-attr]
+    assert fb.choose_next(loads, annotator="x", seen={"a"}, annotations_per_item=1) is None
+    expected = fb.gold_pairs(["r0", "r1", "r2"], [2])
+    assert expected == {("r0", "r2"): 0.0, ("r1", "r2"): 0.0}
+    good = fb.label_comparisons("ranking", {"ranking": ["r2", "r0", "r1"]}, "x")
+    bad = fb.label_comparisons("ranking", {"ranking": ["r0", "r1", "r2"]}, "x")
+    assert fb.passes_gold(good, expected) is True and fb.passes_gold(bad, expected) is False
+
+
+def test_agreement_with_the_majority_of_people_judges_do_not_vote() -> None:
+    verdicts = {
+        ("i", "a", "b"): {"p1": 1.0, "p2": 1.0, "p3": 0.0, "judge:j": 1.0},
+        ("i", "a", "c"): {"p1": 1.0, "p2": 0.0, "judge:j": 0.0},  # p1 vs p2: no majority for the judge
+    }
+    found = fb.annotator_agreement(verdicts)
+    assert (found["p3"].with_majority.agreeing, found["p3"].with_majority.total) == (0, 1)
+    assert (found["p1"].with_majority.agreeing, found["p1"].with_majority.total) == (0, 1)  # a b: 1-1 split
+    assert (found["judge:j"].with_majority.agreeing, found["judge:j"].with_majority.total) == (1, 1)
+    assert found["judge:j"].with_each["p2"].rate == 1.0 and found["judge:j"].with_each["p3"].rate == 0.0
+
+
+def test_weights_scale_judgements_in_bradley_terry() -> None:
+    ids = ["a", "b"]
+    labels = [
+        fb.StoredLabel("p", "pairwise", {"a": "a", "b": "b", "winner": "a"}),
+        fb.StoredLabel("judge:j", "pairwise", {"a": "a", "b": "b", "winner": "b"}),
+    ]
+    equal = fb.rate_item(ids, labels)
+    weighted = fb.rate_item(ids, labels, {"judge:j": 0.25})
+    assert equal.responses[0].bradley_terry == pytest.approx(0.0, abs=1e-9)
+    assert weighted.responses[0].bradley_terry > 0 and weighted.order() == [0, 1]
+
+
+def test_routing_keeps_from_people_the_items_where_judge_and_reward_model_agree() -> None:
+    from types import SimpleNamespace
+
+    from service.core import feedback_sets as rules
+
+    def item(item_id: str, rewards: list[float] | None) -> Any:
+        return SimpleNamespace(
+            id=item_id, response_ids=[f"{item_id}a", f"{item_id}b"], rewards=rewards, gold=None
+        )
+
+    def judged(item_id: str, winner: str) -> Any:
+        payload = {"a": f"{item_id}a", "b": f"{item_id}b", "winner": winner}
+        return SimpleNamespace(
+            item_id=item_id, annotator="judge:j", kind="pairwise", payload=payload, seconds=None
+        )
+
+    items = [item("x", [1.0, 0.0]), item("y", [0.0, 1.0]), item("z", None), item("w", [0.5, 0.2])]
+    labels = [judged("x", "a"), judged("y", "a"), judged("z", "a")]  # y: the judge disagrees; w: not judged
+    assert rules.judge_agrees_with_reward_model(items, labels) == {"x"}
+    loads = rules.item_loads([i.id for i in items], labels, [])
+    offered = rules.candidates(items, loads, routed_out={"x"})
+    assert [c.item_id for c in offered] == ["y", "z", "w"]
+    assert [c.margin for c in offered] == [pytest.approx(1.0), None, pytest.approx(0.3)]

@@ -27,6 +27,8 @@ METHODS: dict[str, str] = {
     "rlhf": "workers.training.pipeline:run",
     "evaluate": "workers.training.evaluate:run",
     "chat": "workers.training.chat:run",
+    "score": "workers.training.feedback_jobs:run_score",
+    "judge": "workers.training.feedback_jobs:run_judge",
 }
 
 

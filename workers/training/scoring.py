@@ -141,50 +141,119 @@ class ChildScorer:
         self.base_model_id = base_model_id
         self.seed = seed
 
-    @torch.no_grad()
     def score_reward_model(self, grader: RewardModelGrader, *, prompt: Any, response: str) -> float:
-        name, head = self.models.reward_heads[grader.artifact]
-        ids, _, _ = data.encode_sft_record(self.models.tokenizer, _messages(prompt), response)
-        input_ids = torch.tensor([ids], device=self.models.device)
-        mask = torch.ones_like(input_ids)
-        with lora.use_adapter(self.models.model, name):  # type: ignore[arg-type]
-            hidden = self.models.body()(
+        return reward_of(self.models, grader.artifact, prompt=prompt, response=response)
+
+    def score_judge(self, grader: ScoreModelGrader, messages: list[dict[str, str]]) -> float:
+        params = grader.sampling_params
+        answer = judge_answer(
+            self.models,
+            messages,
+            judge=None if grader.model == self.base_model_id else grader.model,
+            max_new_tokens=(params.max_completions_tokens if params else None) or JUDGE_MAX_TOKENS,
+            temperature=params.temperature if params is not None and params.temperature else 0.0,
+            top_p=(params.top_p if params else None) or 1.0,
+            seed=params.seed if params is not None and params.seed is not None else self.seed,
+        )
+        number = first_number(answer)
+        if number is None:
+            raise ValueError(f"the judge's answer has no number: {answer[:120]!r}")
+        return number
+
+
+@torch.no_grad()
+def reward_of(models: SharedModels, artifact_id: str, *, prompt: Any, response: str) -> float:
+    """The reward model ``artifact_id``'s scalar for ``(prompt, response)``, tokenised as in its training."""
+    name, head = models.reward_heads[artifact_id]
+    ids, _, _ = data.encode_sft_record(models.tokenizer, _messages(prompt), response)
+    input_ids = torch.tensor([ids], device=models.device)
+    mask = torch.ones_like(input_ids)
+    with lora.use_adapter(models.model, name):  # type: ignore[arg-type]
+        hidden = models.body()(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=lora.position_ids_from_mask(mask),
+            use_cache=False,
+        ).last_hidden_state
+    return float(head(hidden[0, -1].float()).item())
+
+
+@torch.no_grad()
+def rewards_of(
+    models: SharedModels,
+    artifact_id: str,
+    examples: list[tuple[Any, str]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> list[float]:
+    """:func:`reward_of` for many ``(prompt, response)`` at once: right-padded batches, each row's reward read
+    at its last real token (causal attention: the padding after it changes nothing), longer rows keeping
+    their end. The same numbers as one at a time, up to float rounding, at a fraction of the calls."""
+    name, head = models.reward_heads[artifact_id]
+    encoded = [data.encode_sft_record(models.tokenizer, _messages(p), r)[0] for p, r in examples]
+    if max_length is not None:
+        encoded = [ids[-max_length:] for ids in encoded]
+    out: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), models.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[i, : len(ids)] = 1
+        input_ids, mask = input_ids.to(models.device), mask.to(models.device)
+        with lora.use_adapter(models.model, name):  # type: ignore[arg-type]
+            hidden = models.body()(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=lora.position_ids_from_mask(mask),
                 use_cache=False,
             ).last_hidden_state
-        return float(head(hidden[0, -1].float()).item())
+        last = hidden[torch.arange(len(rows), device=hidden.device), lora.last_token_index(mask)]
+        out += [float(x) for x in head(last.float()).reshape(-1).tolist()]
+    return out
 
-    @torch.no_grad()
-    def score_judge(self, grader: ScoreModelGrader, messages: list[dict[str, str]]) -> float:
-        turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
-        prompt_ids = rollout.encode_prompt(self.models.tokenizer, turns)
-        params = grader.sampling_params
-        temperature = params.temperature if params is not None and params.temperature else 0.0
-        generator = torch.Generator(device=self.models.device).manual_seed(
-            params.seed if params is not None and params.seed is not None else self.seed
+
+@torch.no_grad()
+def judge_answer(
+    models: SharedModels,
+    messages: list[dict[str, str]],
+    *,
+    judge: str | None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+) -> str:
+    """The judge's answer to ``messages`` (``developer`` turns as ``system``): the base when ``judge`` is
+    None, else the base with that adapter; greedy at temperature 0, else sampled from ``seed``."""
+    turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+    prompt_ids = rollout.encode_prompt(models.tokenizer, turns)
+    if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
+        prompt_ids = prompt_ids[-max_prompt_tokens:]  # the question is at the end; the rubric is cut first
+    generator = torch.Generator(device=models.device).manual_seed(seed)
+    ids, mask = rollout.left_pad([prompt_ids], models.pad_token_id)
+    with models.active(judge):
+        raw = rollout.sample_responses(
+            models.step,
+            ids.to(models.device),
+            mask.to(models.device),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=models.eos_token_id,
+            pad_token_id=models.pad_token_id,
+            generator=generator,
         )
-        ids, mask = rollout.left_pad([prompt_ids], self.models.pad_token_id)
-        judge = None if grader.model == self.base_model_id else grader.model
-        with self.models.active(judge):
-            raw = rollout.sample_responses(
-                self.models.step,
-                ids.to(self.models.device),
-                mask.to(self.models.device),
-                max_new_tokens=(params.max_completions_tokens if params else None) or JUDGE_MAX_TOKENS,
-                temperature=temperature,
-                top_p=(params.top_p if params else None) or 1.0,
-                eos_token_id=self.models.eos_token_id,
-                pad_token_id=self.models.pad_token_id,
-                generator=generator,
-            )
-        tokens, response_mask, _ = rollout.truncate_after_eos(
-            raw, self.models.eos_token_id, self.models.pad_token_id
-        )
-        length = int(response_mask[0].sum())
-        answer = str(self.models.tokenizer.decode(tokens[0, :length].tolist(), skip_special_tokens=True))
-        found = _FIRST_NUMBER.search(answer)
-        if found is None:
-            raise ValueError(f"the judge's answer has no number: {answer[:120]!r}")
-        return float(found.group(0))
+    tokens, response_mask, _ = rollout.truncate_after_eos(raw, models.eos_token_id, models.pad_token_id)
+    length = int(response_mask[0].sum())
+    return str(models.tokenizer.decode(tokens[0, :length].tolist(), skip_special_tokens=True))
+
+
+def first_number(answer: str) -> float | None:
+    """The first number in a judge's answer (how judges answer in alignd), None when there is none."""
+    found = _FIRST_NUMBER.search(answer)
+    return None if found is None else float(found.group(0))

@@ -10,18 +10,34 @@ import httpx
 from alignd._base import Body, Headers, Query, RequestExtras, path_id
 from alignd.pagination import AsyncPaginator, SyncPage
 from alignd.resources._resource import AsyncResource, SyncResource
-from alignd.types import Dataset, FeedbackItem, FeedbackLabel, FeedbackRatings, FeedbackSet
+from alignd.types import (
+    Dataset,
+    FeedbackAnnotators,
+    FeedbackItem,
+    FeedbackLabel,
+    FeedbackRatings,
+    FeedbackSet,
+)
 
 
 def _create_body(
-    name: str, candidates: str, annotations_per_item: int | None, round: int | None
+    name: str,
+    candidates: str,
+    annotations_per_item: int | None,
+    round: int | None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"name": name, "candidates": candidates}
     if annotations_per_item is not None:
         body["annotations_per_item"] = annotations_per_item
     if round is not None:
         body["round"] = round
+    body.update({k: v for k, v in (options or {}).items() if v is not None})
     return body
+
+
+def _options(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _label_body(
@@ -48,9 +64,19 @@ def _label_body(
 
 
 def _export_body(
-    name: str | None, min_labels: int | None, min_agreement: float | None, round: int | None
+    name: str | None,
+    min_labels: int | None,
+    min_agreement: float | None,
+    round: int | None,
+    weighting: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    optional = {"name": name, "min_labels": min_labels, "min_agreement": min_agreement, "round": round}
+    optional = {
+        "name": name,
+        "min_labels": min_labels,
+        "min_agreement": min_agreement,
+        "round": round,
+        **(weighting or {}),
+    }
     return {k: v for k, v in optional.items() if v is not None}
 
 
@@ -69,6 +95,13 @@ class FeedbackSets(SyncResource):
         candidates: str,
         annotations_per_item: int | None = None,
         round: int | None = None,
+        ordering: str | None = None,
+        reward_model: str | None = None,
+        refresh_every_labels: int | None = None,
+        guidelines: str | None = None,
+        gold_every: int | None = None,
+        gold_failure_threshold: float | None = None,
+        routing: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
@@ -76,7 +109,16 @@ class FeedbackSets(SyncResource):
     ) -> FeedbackSet:
         """Put a ``candidates`` dataset up for labelling; each item wants ``annotations_per_item`` labels."""
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        body = _create_body(name, candidates, annotations_per_item, round)
+        options = _options(
+            ordering=ordering,
+            reward_model=reward_model,
+            refresh_every_labels=refresh_every_labels,
+            guidelines=guidelines,
+            gold_every=gold_every,
+            gold_failure_threshold=gold_failure_threshold,
+            routing=routing,
+        )
+        body = _create_body(name, candidates, annotations_per_item, round, options)
         response = self._client._post("/v1/feedback-sets", json=body, extras=extras)
         return self._client._parse(response, FeedbackSet)
 
@@ -187,6 +229,9 @@ class FeedbackSets(SyncResource):
         min_labels: int | None = None,
         min_agreement: float | None = None,
         round: int | None = None,
+        judge_labels: str | None = None,
+        judge_weight: float | None = None,
+        annotator_weights: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
@@ -194,11 +239,79 @@ class FeedbackSets(SyncResource):
     ) -> Dataset:
         """A new ``ranking`` dataset (best response first) of the items that pass the thresholds."""
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        body = _export_body(name, min_labels, min_agreement, round)
+        weighting = _options(
+            judge_labels=judge_labels, judge_weight=judge_weight, annotator_weights=annotator_weights
+        )
+        body = _export_body(name, min_labels, min_agreement, round, weighting)
         response = self._client._post(
             f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body, extras=extras
         )
         return self._client._parse(response, Dataset)
+
+    def update(
+        self,
+        feedback_set_id: str,
+        *,
+        guidelines: str | None = None,
+        routing: str | None = None,
+        gold_every: int | None = None,
+        gold_failure_threshold: float | None = None,
+        refresh_every_labels: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackSet:
+        """Change the set's guidelines, routing, gold-item settings or refresh cadence."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        body = _options(
+            guidelines=guidelines,
+            routing=routing,
+            gold_every=gold_every,
+            gold_failure_threshold=gold_failure_threshold,
+            refresh_every_labels=refresh_every_labels,
+        )
+        response = self._client._patch(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}", json=body, extras=extras
+        )
+        return self._client._parse(response, FeedbackSet)
+
+    def add_judge(
+        self,
+        feedback_set_id: str,
+        *,
+        name: str,
+        model: str,
+        max_items: int | None = None,
+        max_new_tokens: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackSet:
+        """An AI judge (a model id or an adapter artifact) labels the items as ``judge:<name>``, in a job."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        body = {"name": name, "model": model, **_options(max_items=max_items, max_new_tokens=max_new_tokens)}
+        response = self._client._post(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/judges", json=body, extras=extras
+        )
+        return self._client._parse(response, FeedbackSet)
+
+    def annotators(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackAnnotators:
+        """Per annotator: items served and why, agreement with the majority, time per label, gold items."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = self._client._get(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/annotators", extras=extras
+        )
+        return self._client._parse(response, FeedbackAnnotators)
 
 
 class AsyncFeedbackSets(AsyncResource):
@@ -209,13 +322,29 @@ class AsyncFeedbackSets(AsyncResource):
         candidates: str,
         annotations_per_item: int | None = None,
         round: int | None = None,
+        ordering: str | None = None,
+        reward_model: str | None = None,
+        refresh_every_labels: int | None = None,
+        guidelines: str | None = None,
+        gold_every: int | None = None,
+        gold_failure_threshold: float | None = None,
+        routing: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> FeedbackSet:
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        body = _create_body(name, candidates, annotations_per_item, round)
+        options = _options(
+            ordering=ordering,
+            reward_model=reward_model,
+            refresh_every_labels=refresh_every_labels,
+            guidelines=guidelines,
+            gold_every=gold_every,
+            gold_failure_threshold=gold_failure_threshold,
+            routing=routing,
+        )
+        body = _create_body(name, candidates, annotations_per_item, round, options)
         response = await self._client._post("/v1/feedback-sets", json=body, extras=extras)
         return self._client._parse(response, FeedbackSet)
 
@@ -326,17 +455,88 @@ class AsyncFeedbackSets(AsyncResource):
         min_labels: int | None = None,
         min_agreement: float | None = None,
         round: int | None = None,
+        judge_labels: str | None = None,
+        judge_weight: float | None = None,
+        annotator_weights: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
         timeout: float | httpx.Timeout | None = None,
     ) -> Dataset:
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        body = _export_body(name, min_labels, min_agreement, round)
+        weighting = _options(
+            judge_labels=judge_labels, judge_weight=judge_weight, annotator_weights=annotator_weights
+        )
+        body = _export_body(name, min_labels, min_agreement, round, weighting)
         response = await self._client._post(
             f"/v1/feedback-sets/{path_id(feedback_set_id)}/export", json=body, extras=extras
         )
         return self._client._parse(response, Dataset)
+
+    async def update(
+        self,
+        feedback_set_id: str,
+        *,
+        guidelines: str | None = None,
+        routing: str | None = None,
+        gold_every: int | None = None,
+        gold_failure_threshold: float | None = None,
+        refresh_every_labels: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackSet:
+        """Change the set's guidelines, routing, gold-item settings or refresh cadence."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        body = _options(
+            guidelines=guidelines,
+            routing=routing,
+            gold_every=gold_every,
+            gold_failure_threshold=gold_failure_threshold,
+            refresh_every_labels=refresh_every_labels,
+        )
+        response = await self._client._patch(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}", json=body, extras=extras
+        )
+        return self._client._parse(response, FeedbackSet)
+
+    async def add_judge(
+        self,
+        feedback_set_id: str,
+        *,
+        name: str,
+        model: str,
+        max_items: int | None = None,
+        max_new_tokens: int | None = None,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackSet:
+        """An AI judge (a model id or an adapter artifact) labels the items as ``judge:<name>``, in a job."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        body = {"name": name, "model": model, **_options(max_items=max_items, max_new_tokens=max_new_tokens)}
+        response = await self._client._post(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/judges", json=body, extras=extras
+        )
+        return self._client._parse(response, FeedbackSet)
+
+    async def annotators(
+        self,
+        feedback_set_id: str,
+        *,
+        extra_headers: Headers | None = None,
+        extra_query: Query | None = None,
+        extra_body: Body | None = None,
+        timeout: float | httpx.Timeout | None = None,
+    ) -> FeedbackAnnotators:
+        """Per annotator: items served and why, agreement with the majority, time per label, gold items."""
+        extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
+        response = await self._client._get(
+            f"/v1/feedback-sets/{path_id(feedback_set_id)}/annotators", extras=extras
+        )
+        return self._client._parse(response, FeedbackAnnotators)
 
 
 __all__ = ["AsyncFeedbackSets", "FeedbackSets"]

@@ -224,7 +224,7 @@ Every job method the server knows (service.core.jobs.Method; tests/deploy checks
 own arq queue, alignd:queue:<method> (service/queue/arq.py).
 */}}
 {{- define "alignd.allMethods" -}}
-sft,reward_model,dpo,ppo,grpo,rloo,rlhf,generate,evaluate,chat
+sft,reward_model,dpo,ppo,grpo,rloo,rlhf,generate,evaluate,chat,score,judge
 {{- end }}
 
 {{/*

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
 
 from contract.evaluation import EVAL_ARTIFACT_KIND, EvaluationResult, PromptResult
-from contract.methods import Method
+from contract.methods import INTERNAL_METHODS, Method
 from service.api.deps import (
     ContextDep,
     PageDep,
@@ -73,11 +73,16 @@ MAX_SEQ = 2**31 - 1
 def create_job(
     body: JobCreate, ctx: ContextDep, session: SessionDep, queue: QueueDep, tenant: TenantDep
 ) -> JobPublic:
-    if body.method is Method.chat:  # its output is the answer of the request that made it, and no other
+    if body.method in INTERNAL_METHODS:  # its output is read by the resource that made it, and no other
+        where = (
+            "POST /openai/v1/chat/completions, which answers with its output"
+            if body.method is Method.chat
+            else "a feedback set (docs/feedback.md), which reads its output"
+        )
         raise ValidationFailed(
-            "Method 'chat' runs only behind POST /openai/v1/chat/completions, which answers with its output.",
+            f"Method '{body.method.value}' runs only behind {where}.",
             code="method_not_available",
-            details=[{"field": "method", "code": "method_not_available", "message": "chat"}],
+            details=[{"field": "method", "code": "method_not_available", "message": body.method.value}],
         )
     job = new_job_row(ctx, session, tenant, body)
     session.commit()

@@ -36,11 +36,26 @@ async function api(path, options = {}) {
 async function refreshProgress() {
   const set = await api(API);
   $("set-name").textContent = "· " + set.name;
+  renderGuidelines(set.guidelines || "");
   const p = set.progress;
   const mine = item ? item.labelled_by_you : null;
   $("progress").textContent =
     (mine !== null ? "You: " + mine + " labelled · " : "") +
     "Set: " + p.items_complete + " of " + p.items + " items complete, " + p.labels + " labels";
+}
+
+// Markdown as DOM nodes built with textContent only (headings, list items, paragraphs; **bold** shown plain):
+// nothing in the guidelines is ever parsed as HTML, so they cannot inject markup or script.
+function renderGuidelines(markdown) {
+  const box = $("guidelines-text");
+  box.textContent = "";
+  $("guidelines").classList.toggle("hidden", !markdown.trim());
+  for (const line of markdown.split("\n")) {
+    const heading = /^(#{1,6})\s+(.*)$/.exec(line), bullet = /^\s*[-*+]\s+(.*)$/.exec(line);
+    const node = document.createElement(heading ? "h" + Math.min(heading[1].length + 2, 6) : bullet ? "li" : "p");
+    node.textContent = (heading ? heading[2] : bullet ? bullet[1] : line).replace(/\*\*|__|`/g, "");
+    if (node.textContent.trim()) box.append(node);
+  }
 }
 
 function renderPrompt(prompt) {

@@ -1,0 +1,471 @@
+"""Labels that count, measured: does uncertainty ordering teach a reward model as much with fewer labels?
+
+Everything runs through a real alignd (embedded mode, its in-process runner, training children), on the
+tiny random Llama of tests/helpers/tiny_model.py, so it runs from a fresh clone on 2 CPU cores:
+
+1. A pool of generated candidates: each prompt has two responses made of words; a **hidden rule** (the
+   count of "good" and "yes" minus the count of "bad" and "no") decides which is better. A held-out pool
+   of pairs is never labelled.
+2. Per seed, a warm-start reward model is trained on ``--warm`` labelled items (the same for both
+   orderings: uncertainty ordering needs a reward model to start from).
+3. Per seed and ordering, a feedback set over the pool (``ordering`` random, or uncertainty with
+   ``reward_model`` = the warm start and ``refresh_every_labels``); a scripted annotator labels by the
+   hidden rule what /next serves. It waits for each refresh to be read back before labelling on (a person
+   would label on with the older scores; the wait measures the ordering rather than the race).
+4. After 50, 100 and 200 labels (the warm start's included), a reward_model job continues the warm start on
+   the set's labels so far (same hyperparameters for both orderings), and the held-out pool is scored by it
+   (a feedback set with ``reward_model`` set runs the score job): held-out pair accuracy = the share of
+   held-out pairs whose better response gets the higher reward.
+5. A judge (the tiny base model, greedy, both orders) labels the held-out pool; its agreement with the hidden
+   rule is reported (it is a random 2-layer model: a floor, not a claim).
+
+Target: uncertainty reaches random's 200-label accuracy with at most half the labels (100).
+
+    python bench/labels_efficiency.py [--seeds 3] [--pool 300] [--heldout 200] [--quick]
+
+Writes bench/results/labels_efficiency.json + .md (``--quick``: labels_efficiency_quick.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.common import WORK, machine_stamp, write_results
+
+GOOD, BAD = ("good", "yes"), ("bad", "no")
+FILLER = ("big", "small", "long", "short", "first", "last", "maybe", "hello")
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+RM_HP = {"epochs": 10, "batch_size": 8, "learning_rate": 1e-2, "max_length": 48, "eval_fraction": 0.0}
+KEY = "bench-key"
+JUDGED = 60  # held-out items the judge labels (two questions per item; the tiny judge is slow to read)
+
+
+def hidden_score(text: str) -> int:
+    words = text.split()
+    return sum(w in GOOD for w in words) - sum(w in BAD for w in words)
+
+
+def _response(rng: random.Random) -> str:
+    length = rng.randint(3, 7)
+    return " ".join(rng.choice(GOOD + BAD + FILLER + FILLER) for _ in range(length))
+
+
+def make_pool(n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """n prompts with two responses whose hidden scores differ (a tie would teach nothing)."""
+    pool: list[dict[str, Any]] = []
+    while len(pool) < n:
+        a, b = _response(rng), _response(rng)
+        if hidden_score(a) != hidden_score(b):
+            pool.append({"prompt": f"Say something ({len(pool)}).", "responses": [a, b]})
+    return pool
+
+
+class Server:
+    """An embedded alignd on a free port (uvicorn in a thread), with one tenant."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import socket
+
+        import uvicorn
+
+        from alignd_server.embedded import create_app
+        from service.settings import Settings
+
+        settings = Settings(
+            data_dir=data_dir, api_keys=f"bench:{KEY}", torch_threads=2, max_queued_jobs_per_tenant=1000
+        )
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Any:
+        import httpx
+
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def upload(client: Any, records: list[dict[str, Any]], kind: str) -> str:
+    response = client.post("/v1/datasets", data={"kind": kind}, files={"file": ("d.jsonl", _jsonl(records))})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def wait_job(client: Any, job_id: str) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] != "succeeded":
+                events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
+                raise RuntimeError(f"job {job_id} {job['status']}: {job['error']} {events[-3:]}")
+            return job
+        time.sleep(0.3)
+
+
+def reward_model(client: Any, model: str, dataset: str, seed: int, init: str | None = None) -> str:
+    body = {
+        "method": "reward_model",
+        "base_model": model,
+        "datasets": {"preference": dataset},
+        "lora": LORA,
+        "hyperparameters": RM_HP,
+        "seed": seed,
+        **({"init_reward_model": init} if init else {}),
+    }
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = wait_job(client, response.json()["id"])
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    return str(next(a["id"] for a in artifacts if a["kind"] == "reward_model"))
+
+
+def settled(client: Any, set_id: str, done: Any) -> dict[str, Any]:
+    while True:
+        body: dict[str, Any] = client.get(f"/v1/feedback-sets/{set_id}").json()
+        if done(body):
+            return body
+        for event in body["events"]:
+            if event["kind"] in ("scoring_failed", "refresh_failed"):
+                raise RuntimeError(event["message"])
+        time.sleep(0.3)
+
+
+def heldout_accuracy(client: Any, heldout: str, pool: list[dict[str, Any]], artifact: str) -> float:
+    """Score the held-out pool with ``artifact`` (a set's score job) and count the hidden rule's winners."""
+    fbs = client.post(
+        "/v1/feedback-sets",
+        json={"name": "heldout", "candidates": heldout, "ordering": "uncertainty", "reward_model": artifact},
+    ).json()
+    settled(client, fbs["id"], lambda s: s["scoring"]["scored_by"] == artifact)
+    items = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()["items"]
+    correct = 0
+    for item, record in zip(items, pool, strict=True):
+        better = 0 if hidden_score(record["responses"][0]) > hidden_score(record["responses"][1]) else 1
+        correct += int(item["rewards"][better] > item["rewards"][1 - better])
+    client.delete(f"/v1/feedback-sets/{fbs['id']}")
+    return correct / len(items)
+
+
+def label(client: Any, set_id: str, item: dict[str, Any]) -> None:
+    ranking = [r["id"] for r in sorted(item["responses"], key=lambda r: -hidden_score(r["text"]))]
+    response = client.post(
+        f"/v1/feedback-sets/{set_id}/labels",
+        json={"item": item["id"], "annotator": "script", "ranking": ranking},
+    )
+    assert response.status_code == 201, response.text
+
+
+def run_ordering(
+    client: Any,
+    *,
+    model: str,
+    pool_id: str,
+    heldout: tuple[str, list[dict[str, Any]]],
+    warm: str,
+    warm_n: int,
+    ordering: str,
+    seed: int,
+    checkpoints: list[int],
+    refresh_every: int,
+) -> dict[str, Any]:
+    options: dict[str, Any] = {"ordering": ordering, "gold_every": 0}
+    if ordering == "uncertainty":
+        options |= {"reward_model": warm, "refresh_every_labels": refresh_every}
+    fbs = client.post(
+        "/v1/feedback-sets", json={"name": f"{ordering} {seed}", "candidates": pool_id, **options}
+    ).json()
+    set_id = fbs["id"]
+    if ordering == "uncertainty":
+        settled(client, set_id, lambda s: s["scoring"]["scored_by"] == warm)
+    accuracies: dict[int, float] = {}
+    margins: list[float] = []
+    labelled = warm_n
+    started = time.perf_counter()
+    for target in checkpoints:
+        while labelled < target:
+            item = client.get(f"/v1/feedback-sets/{set_id}/next", params={"annotator": "script"}).json()
+            if item.get("margin") is not None:
+                margins.append(item["margin"])
+            label(client, set_id, item)
+            labelled += 1
+            if ordering == "uncertainty":  # a refresh started by this label is read back before the next one
+                settled(client, set_id, lambda s: not s["scoring"]["in_flight"])
+        exported = client.post(f"/v1/feedback-sets/{set_id}/export", json={"judge_labels": "exclude"}).json()
+        artifact = reward_model(client, model, exported["id"], seed, init=warm)
+        accuracies[target] = heldout_accuracy(client, heldout[0], heldout[1], artifact)
+        print(
+            f"  seed {seed} {ordering:11s} {target:4d} labels: held-out accuracy {accuracies[target]:.3f}",
+            flush=True,
+        )
+    final = client.get(f"/v1/feedback-sets/{set_id}").json()
+    return {
+        "accuracy": accuracies,
+        "refreshes": final["scoring"]["refreshes"],
+        "mean_served_margin": statistics.mean(margins) if margins else None,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def judge_agreement(client: Any, model: str, heldout: tuple[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    fbs = client.post(
+        "/v1/feedback-sets",
+        json={
+            "name": "judged",
+            "candidates": heldout[0],
+            "guidelines": "More 'good' and 'yes', fewer 'bad' and 'no'.",
+        },
+    ).json()
+    client.post(
+        f"/v1/feedback-sets/{fbs['id']}/judges", json={"name": "tiny", "model": model, "max_items": JUDGED}
+    )
+    judged = settled(client, fbs["id"], lambda s: s["judges"][0]["status"] != "running")["judges"][0]
+    items = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()["items"]
+    agree = decided = 0
+    for item, record in zip(items[:JUDGED], heldout[1][:JUDGED], strict=True):
+        if item["num_labels"]:
+            better = 0 if hidden_score(record["responses"][0]) > hidden_score(record["responses"][1]) else 1
+            decided += 1
+            agree += int(item["order"][0] == item["responses"][better]["id"])
+    return {
+        "items": JUDGED,
+        "pairs_asked": judged["asked"],
+        "consistent_pairs": judged["consistent"],
+        "inconsistent_pairs": judged["inconsistent"],
+        "unparsed_pairs": judged["unparsed"],
+        "first_position_share": judged["first_position_share"],
+        "agreement_with_hidden_rule": agree / decided if decided else None,
+        "coverage_share": decided / JUDGED,
+    }
+
+
+def _summary(runs: dict[str, list[dict[str, Any]]], checkpoints: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for ordering, results in runs.items():
+        for n in checkpoints:
+            values = [r["accuracy"][n] for r in results]
+            rows.append(
+                {
+                    "ordering": ordering,
+                    "labels": n,
+                    "accuracy_mean": round(statistics.mean(values), 4),
+                    "accuracy_sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                    "accuracy_min": round(min(values), 4),
+                    "accuracy_max": round(max(values), 4),
+                    "seeds": len(values),
+                }
+            )
+    return rows
+
+
+def _target(rows: list[dict[str, Any]], checkpoints: list[int]) -> dict[str, Any]:
+    mean = {(r["ordering"], r["labels"]): r["accuracy_mean"] for r in rows}
+    top = checkpoints[-1]
+    goal = mean[("random", top)]
+    reached = [n for n in checkpoints if mean[("uncertainty", n)] >= goal]
+    first = reached[0] if reached else None
+    return {
+        "random_accuracy_at_max_labels": goal,
+        "uncertainty_first_checkpoint_reaching_it": first,
+        "target": f"uncertainty reaches random's {top}-label accuracy with <= {top // 2} labels",
+        "met": first is not None and first <= top // 2,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pool", type=int, default=300)
+    parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--warm", type=int, default=20)
+    parser.add_argument("--refresh-every", type=int, default=50)
+    parser.add_argument("--checkpoints", default="50,100,200")
+    parser.add_argument("--quick", action="store_true", help="1 seed, checkpoints 30,60: a smoke run")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
+    parser.add_argument("--no-judge", action="store_true", help="skip the judge (another part measures it)")
+    parser.add_argument("--results", default=None, help="results name (default labels_efficiency[_quick])")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="combine these results names (parts run side by side, one seed each) into --results",
+    )
+    args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.results or "labels_efficiency")
+        return
+    checkpoints = [int(x) for x in args.checkpoints.split(",")]
+    if args.quick:
+        args.seeds, args.pool, args.heldout, checkpoints = 1, 80, 60, [30, 60]
+    from tests.helpers.tiny_model import build_tiny_llama
+
+    stamp = machine_stamp(["torch", "transformers", "peft"])
+    started = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="labels-", dir=WORK))
+    model_dir = build_tiny_llama(work / "tiny", seed=0)
+    runs: dict[str, list[dict[str, Any]]] = {"random": [], "uncertainty": []}
+    with Server(work / "alignd") as client:
+        files = [("files", (p.name, p.read_bytes())) for p in sorted(model_dir.iterdir()) if p.is_file()]
+        model = client.post("/v1/models", data={"name": "tiny"}, files=files).json()["id"]
+        heldout_pool = make_pool(args.heldout, random.Random(10_000))
+        heldout = (upload(client, heldout_pool, "candidates"), heldout_pool)
+        judge = None if args.no_judge else judge_agreement(client, model, heldout)
+        print(f"judge: {judge}", flush=True)
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            rng = random.Random(seed)
+            pool = make_pool(args.pool + args.warm, rng)
+            warm_records = [
+                {
+                    "prompt": r["prompt"],
+                    "responses": r["responses"],
+                    "ranking": sorted((0, 1), key=lambda i: -hidden_score(r["responses"][i])),
+                }
+                for r in pool[: args.warm]
+            ]
+            warm = reward_model(client, model, upload(client, warm_records, "ranking"), seed)
+            pool_id = upload(client, pool[args.warm :], "candidates")
+            for ordering in runs:
+                runs[ordering].append(
+                    run_ordering(
+                        client,
+                        model=model,
+                        pool_id=pool_id,
+                        heldout=heldout,
+                        warm=warm,
+                        warm_n=args.warm,
+                        ordering=ordering,
+                        seed=seed,
+                        checkpoints=checkpoints,
+                        refresh_every=args.refresh_every,
+                    )
+                )
+                # what is done so far survives an interrupted run (a long one on a busy machine)
+                partial = {"machine": stamp, "runs": runs, "judge": judge, "seed": seed}
+                (WORK / f"{args.results or 'labels_efficiency'}.partial.json").write_text(json.dumps(partial))
+    name = args.results or ("labels_efficiency_quick" if args.quick else "labels_efficiency")
+    settings = {
+        "lora": LORA,
+        "reward_model": RM_HP,
+        "warm": args.warm,
+        "pool": args.pool,
+        "heldout": args.heldout,
+        "refresh_every": args.refresh_every,
+        "checkpoints": checkpoints,
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+    }
+    wall_s = time.perf_counter() - started
+    raw = {"machine": stamp, "runs": runs, "judge": judge, "settings": settings, "wall_s": wall_s}
+    (WORK / f"{name}.raw.json").write_text(json.dumps(raw, default=str))  # kept should publishing fail
+    publish(name, stamp, runs, judge, settings, wall_s=wall_s)
+
+
+def publish(
+    name: str,
+    stamp: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    judge: dict[str, Any] | None,
+    settings: dict[str, Any],
+    *,
+    wall_s: float,
+    parts: list[str] | None = None,
+) -> None:
+    checkpoints = settings["checkpoints"]
+    for results in runs.values():  # JSON keys are strings once written; checkpoints are ints here
+        for run in results:
+            run["accuracy"] = {int(k): v for k, v in run["accuracy"].items()}
+    rows = _summary(runs, checkpoints)
+    target = _target(rows, checkpoints)
+    judge_note = (
+        "Judge: not run in this part."
+        if judge is None
+        else f"Judge (tiny base model, both orders): agreement with the hidden rule "
+        f"{judge['agreement_with_hidden_rule']} on the {judge['coverage_share']:.0%} of {judge['items']} items "
+        f"it gave a consistent verdict; {judge['unparsed_pairs']} of {judge['pairs_asked']} pairs had an "
+        f"answer that was not 1 or 2 in one order; share of answers naming the first position "
+        f"{judge['first_position_share']}."
+    )
+    notes = [
+        f"Tiny random Llama (hidden 64, 2 layers), LoRA r={settings['lora']['r']}; reward models "
+        f"{settings['reward_model']}; warm start {settings['warm']} labels (counted in the labels); pool "
+        f"{settings['pool']} items per seed, held-out {settings['heldout']} pairs; uncertainty refreshes every "
+        f"{settings['refresh_every']} labels; seeds {settings['seeds']}.",
+        f"Target ({target['target']}): {'met' if target['met'] else 'not met'}; random's "
+        f"{checkpoints[-1]}-label mean accuracy {target['random_accuracy_at_max_labels']:.3f}, first "
+        f"uncertainty checkpoint reaching it: {target['uncertainty_first_checkpoint_reaching_it']}.",
+        judge_note,
+        f"Wall time {wall_s:.0f} s" + (f" (parts run side by side: {', '.join(parts)})." if parts else "."),
+    ]
+    tables = {"Held-out pair accuracy by labels": rows}
+    if judge is not None:
+        tables["Judge"] = [judge]
+    write_results(
+        name,
+        title="Labels efficiency: random vs uncertainty ordering (held-out reward-model pair accuracy)",
+        stamp=stamp,
+        tables=tables,
+        data={
+            "target": target,
+            "runs": runs,
+            "judge": judge,
+            "settings": settings,
+            "wall_s": round(wall_s, 1),
+            "parts": parts,
+        },
+        notes=notes,
+    )
+    print("\n".join(notes))
+
+
+def merge(names: list[str], out: str) -> None:
+    """One results file from parts run side by side (each its own seeds; the judge from the part that ran it)."""
+    from bench.common import RESULTS
+
+    parts = [
+        json.loads(
+            (
+                WORK / f"{n}.raw.json" if (WORK / f"{n}.raw.json").exists() else RESULTS / f"{n}.json"
+            ).read_text()
+        )
+        for n in names
+    ]
+    runs: dict[str, list[dict[str, Any]]] = {"random": [], "uncertainty": []}
+    for part in parts:
+        for ordering in runs:
+            runs[ordering] += part["runs"][ordering]
+    judge = next((p["judge"] for p in parts if p["judge"] is not None), None)
+    settings = {**parts[0]["settings"], "seeds": [s for p in parts for s in p["settings"]["seeds"]]}
+    publish(
+        out, parts[0]["machine"], runs, judge, settings, wall_s=max(p["wall_s"] for p in parts), parts=names
+    )
+
+
+if __name__ == "__main__":
+    main()

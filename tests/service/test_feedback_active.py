@@ -1,0 +1,184 @@
+"""Labels that count, over REST on the tiny model: a reward model scores a feedback set's items (a ``score``
+job), /next serves the smallest margins first, a refresh continues the reward model after N labels and
+re-scores, and an AI judge labels every item in both orders beside people.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import LiveServer
+from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+WORDS = ["red", "blue", "green", "sky", "tree", "river", "stone", "cloud"]
+CANDIDATES = [
+    {
+        "prompt": f"Say something about {w}.",
+        "responses": [f"{w}.", f"The {w} is here, and it is {w}er still."],
+    }
+    for w in WORDS
+]
+
+
+def _annotate(client: httpx.Client, fbs: str, annotator: str, limit: int) -> list[dict[str, Any]]:
+    """A scripted person (longer is better): returns the items they were served, in order."""
+    served = []
+    for _ in range(limit):
+        response = client.get(f"/v1/feedback-sets/{fbs}/next", params={"annotator": annotator})
+        if response.status_code == 204:
+            break
+        item = response.json()
+        served.append(item)
+        ranking = [r["id"] for r in sorted(item["responses"], key=lambda r: -len(r["text"]))]
+        label = client.post(
+            f"/v1/feedback-sets/{fbs}/labels",
+            json={"item": item["id"], "annotator": annotator, "ranking": ranking},
+        )
+        assert label.status_code == 201, label.text
+    return served
+
+
+def _until(client: httpx.Client, fbs: str, done: Any, timeout: float = 180) -> dict[str, Any]:
+    """GET the set (which reads its finished jobs back) until ``done(set)``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(f"/v1/feedback-sets/{fbs}").json()
+        if done(body):
+            return body
+        assert time.monotonic() < deadline, body["events"]
+        time.sleep(0.3)
+
+
+def _reward_model(client: httpx.Client, model: str) -> str:
+    preference = [
+        {"prompt": c["prompt"], "chosen": c["responses"][1], "rejected": c["responses"][0]}
+        for c in CANDIDATES
+    ]
+    dataset = upload_dataset(client, jsonl(preference), "preference").json()["id"]
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "method": "reward_model",
+            "base_model": model,
+            "datasets": {"preference": dataset},
+            "lora": LORA,
+            "hyperparameters": {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "max_length": 64},
+            "seed": 0,
+        },
+    ).json()
+    assert wait_for(client, job["id"], {"succeeded", "failed"}, timeout=180)["status"] == "succeeded"
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    return next(a["id"] for a in artifacts if a["kind"] == "reward_model")
+
+
+def test_uncertainty_ordering_refresh_and_judge(live_server: LiveServer) -> None:
+    with live_server.client() as client:
+        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
+        reward_model = _reward_model(client, model)
+        candidates = upload_dataset(client, jsonl(CANDIDATES), "candidates").json()["id"]
+        fbs = client.post(
+            "/v1/feedback-sets",
+            json={
+                "name": "active",
+                "candidates": candidates,
+                "annotations_per_item": 2,
+                "ordering": "uncertainty",
+                "reward_model": reward_model,
+                "refresh_every_labels": 4,
+                "gold_every": 0,
+                "guidelines": "# Prefer\n- the **longer** answer",
+            },
+        ).json()
+        assert (fbs["ordering"], fbs["scoring"]["in_flight"]["stage"]) == ("uncertainty", "score")
+        with live_server.client(live_server.other_api_key) as other:  # another tenant's reward model: unknown
+            theirs = upload_dataset(other, jsonl(CANDIDATES), "candidates").json()["id"]
+            body = {
+                "name": "x",
+                "candidates": theirs,
+                "ordering": "uncertainty",
+                "reward_model": reward_model,
+            }
+            assert_error(other.post("/v1/feedback-sets", json=body), 422, "unknown_artifact")
+        scored = _until(client, fbs["id"], lambda s: s["scoring"]["scored_by"] == reward_model)
+        assert scored["events"][-1]["kind"] == "scored", scored["events"]
+        items = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()["items"]
+        margins = sorted(abs(i["rewards"][0] - i["rewards"][1]) for i in items)
+        assert margins == sorted(i["margin"] for i in items)
+
+        # the known margins, smallest first; every item gets its 2 annotators before a surer one gets any
+        first = _annotate(client, fbs["id"], "ann", 2)
+        second = _annotate(client, fbs["id"], "bob", 2)
+        assert [i["reason"] for i in first + second] == ["margin"] * 4
+        assert [round(i["margin"], 5) for i in first] == [round(m, 5) for m in margins[:2]]
+        assert {i["id"] for i in first} == {i["id"] for i in second}  # overlap first, then the next margins
+        third = _annotate(client, fbs["id"], "cy", 1)
+        assert third[0]["id"] not in {i["id"] for i in first}
+        assert round(third[0]["margin"], 5) == round(margins[2], 5)
+
+        # 5 labels >= refresh_every_labels: a reward_model job continues the model, then a score job re-scores
+        refreshed = _until(
+            client, fbs["id"], lambda s: s["scoring"]["refreshes"] == 1 and not s["scoring"]["in_flight"]
+        )
+        kinds = [e["kind"] for e in refreshed["events"]]
+        assert kinds[-3:] == ["refresh", "refreshed", "scored"], refreshed["events"]
+        assert refreshed["scoring"]["scored_by"] != reward_model
+        assert refreshed["scoring"]["last_refresh_labels"] == 4  # started by cy's /next, after 4 labels
+
+
+def test_judge_labels_beside_people(live_server: LiveServer) -> None:
+    with live_server.client() as client:
+        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
+        candidates = upload_dataset(client, jsonl(CANDIDATES[:4]), "candidates").json()["id"]
+        fbs = client.post(
+            "/v1/feedback-sets",
+            json={
+                "name": "judged",
+                "candidates": candidates,
+                "annotations_per_item": 2,
+                "gold_every": 0,
+                "guidelines": "Prefer the longer answer.",
+            },
+        ).json()
+        for who in ("ann", "bob"):
+            _annotate(client, fbs["id"], who, 4)
+        with live_server.client(live_server.other_api_key) as other:  # another tenant's model judges nothing
+            theirs = upload_dataset(other, jsonl(CANDIDATES[:1]), "candidates").json()["id"]
+            own = other.post("/v1/feedback-sets", json={"name": "b", "candidates": theirs}).json()["id"]
+            judge = {"name": "tiny", "model": model}
+            assert_error(other.post(f"/v1/feedback-sets/{own}/judges", json=judge), 422, "unknown_model")
+            assert_error(
+                other.post(f"/v1/feedback-sets/{fbs['id']}/judges", json=judge), 404, "feedback_set_not_found"
+            )
+        # an AI judge (the base model) labels every item in both presentation orders
+        added = client.post(f"/v1/feedback-sets/{fbs['id']}/judges", json={"name": "tiny", "model": model})
+        assert added.status_code == 202, added.text
+        assert (
+            client.post(
+                f"/v1/feedback-sets/{fbs['id']}/judges", json={"name": "tiny", "model": model}
+            ).status_code
+            == 409
+        )
+        judged = _until(client, fbs["id"], lambda s: s["judges"][0]["status"] != "running")
+        judge = judged["judges"][0]
+        assert judge["status"] == "done" and judge["asked"] == 4, judge
+        assert judge["consistent"] + judge["inconsistent"] + judge["unparsed"] == 4
+        ratings = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()
+        annotators = client.get(f"/v1/feedback-sets/{fbs['id']}/annotators").json()["annotators"]
+        report = {a["annotator"]: a for a in annotators}
+        assert report["judge:tiny"]["judge"] and report["judge:tiny"]["labels"] == judge["labels"]
+        assert (report["ann"]["reasons"], report["bob"]["reasons"]) == (
+            {"random": 4},
+            {"overlap": 4},
+        ) and report["ann"]["median_seconds_per_label"] is not None
+        assert [j["annotator"] for j in ratings["judges"]] == ["judge:tiny"]
+        if judge["labels"]:  # its verdicts are labels beside the people's, and its agreement is reported
+            assert set(ratings["judges"][0]["with_people"]) <= {"ann", "bob", "cy"}
+            assert ratings["judges"][0]["with_people"]
+            # two responses per item: one pair, so one judge label per item it had a verdict on
+            assert sum(i["num_labels"] for i in ratings["items"]) == 8 + judge["labels"]
+        else:  # every pair flipped with the order (a position-biased judge): skips, no verdict
+            assert report["judge:tiny"]["skips"] == 4
