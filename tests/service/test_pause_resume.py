@@ -21,14 +21,15 @@ import pytest
 from tests.conftest import API_KEYS, UvicornThread, make_settings
 from tests.service.helpers import assert_error, upload_dataset, upload_model, wait_for
 
-STEPS = 150
+# Enough steps that the pause (read at a 0.2 s heartbeat) lands mid-run even on a quiet machine.
+STEPS = 400
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[httpx.Client]:
     from alignd_server.embedded import create_app
 
-    settings = make_settings(tmp_path / "alignd", reconcile_interval_seconds=0.5)
+    settings = make_settings(tmp_path / "alignd", reconcile_interval_seconds=0.5, heartbeat_seconds=0.2)
     with (
         UvicornThread(create_app(settings)) as server,
         httpx.Client(
