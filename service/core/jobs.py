@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from contract.hyperparameters import HYPERPARAMETER_MODELS, LoraSettings, RLHFSettings
 from contract.methods import RL_METHODS, Method, rlhf_stages
-from service.core.errors import ValidationFailed
+from service.core.errors import ConflictError, ValidationFailed
 from service.core.rewards import grader_details
 
 
@@ -46,6 +46,27 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.failed: frozenset(),
     JobStatus.cancelled: frozenset(),
 }
+
+
+def ensure_unfinished(job_id: str, status: str) -> None:
+    """Cancel and pause act on an unfinished job only: 409 ``job_finished`` otherwise."""
+    if JobStatus(status).is_terminal:
+        raise ConflictError(f"Job {job_id} already finished with status '{status}'.", code="job_finished")
+
+
+def ensure_pausable(job_id: str, status: str, *, cancel_requested: bool) -> None:
+    ensure_unfinished(job_id, status)
+    if cancel_requested:
+        raise ConflictError(f"Job {job_id} is being cancelled.", code="job_cancelling")
+
+
+def ensure_resumable(job_id: str, status: str, *, pause_requested: bool) -> None:
+    """A paused job resumes; a running one whose pause is pending has it withdrawn; nothing else (409)."""
+    if status != JobStatus.paused and not (status == JobStatus.running and pause_requested):
+        raise ConflictError(
+            f"Job {job_id} is '{status}', not paused; only a paused job (or one pausing) can be resumed.",
+            code="job_not_paused",
+        )
 
 
 class IllegalTransition(ValueError):

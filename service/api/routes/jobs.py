@@ -50,7 +50,7 @@ from service.api.schemas import (
 )
 from service.api.uploads import require_content_type
 from service.core.errors import ConflictError, NotFoundError, ValidationFailed
-from service.core.jobs import JobStatus
+from service.core.jobs import JobStatus, ensure_pausable, ensure_resumable, ensure_unfinished
 from service.db.jobs import request_cancel, request_pause, resume
 from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, JobEventRow, JobRow
@@ -162,8 +162,7 @@ async def get_job(job_id: str, request: Request) -> Response:
 )
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     job = get_owned(session, JobRow, job_id, tenant, "job")
-    if JobStatus(job.status).is_terminal:
-        raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
+    ensure_unfinished(job.id, job.status)
     request_cancel(session, job)
     return JobPublic.of(job)
 
@@ -182,10 +181,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
 )
 def pause_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     job = get_owned(session, JobRow, job_id, tenant, "job")
-    if JobStatus(job.status).is_terminal:
-        raise ConflictError(f"Job {job_id} already finished with status '{job.status}'.", code="job_finished")
-    if job.cancel_requested:
-        raise ConflictError(f"Job {job_id} is being cancelled.", code="job_cancelling")
+    ensure_pausable(job.id, job.status, cancel_requested=job.cancel_requested)
     request_pause(session, job)
     return JobPublic.of(job)
 
@@ -201,12 +197,7 @@ def pause_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
 )
 def resume_job(job_id: str, session: SessionDep, queue: QueueDep, tenant: TenantDep) -> JobPublic:
     job = get_owned(session, JobRow, job_id, tenant, "job")
-    pausing = job.status == JobStatus.running and job.pause_requested
-    if job.status != JobStatus.paused and not pausing:
-        raise ConflictError(
-            f"Job {job_id} is '{job.status}', not paused; only a paused job (or one pausing) can be resumed.",
-            code="job_not_paused",
-        )
+    ensure_resumable(job.id, job.status, pause_requested=job.pause_requested)
     if resume(session, job):
         enqueue(queue, job)
     return JobPublic.of(job)

@@ -29,9 +29,9 @@ from service.api.openai_schemas import (
 )
 from service.api.schemas import JobCreate, JobDatasets, event_id, parse_event_id
 from service.api.uploads import require_content_type
-from service.core.errors import ConflictError, ValidationFailed
+from service.core.errors import ValidationFailed
 from service.core.ids import now
-from service.core.jobs import JobStatus
+from service.core.jobs import JobStatus, ensure_pausable, ensure_resumable, ensure_unfinished
 from service.core.openai_files import DATASET_KINDS, FileFormat
 from service.core.openai_graders import job_grader
 from service.core.openai_jobs import fine_tuned_model_name, in_openai_terms, resolve_method
@@ -283,8 +283,7 @@ def cancel_fine_tuning_job(
     fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep
 ) -> OpenAIFineTuningJob:
     facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
-    if JobStatus(job.status).is_terminal:
-        raise ConflictError(f"Job {job.id} already finished with status '{job.status}'.", code="job_finished")
+    ensure_unfinished(job.id, job.status)
     request_cancel(session, job)
     return _public(facade, job, None)
 
@@ -300,10 +299,7 @@ def pause_fine_tuning_job(
     fine_tuning_job_id: str, session: SessionDep, tenant: TenantDep
 ) -> OpenAIFineTuningJob:
     facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
-    if JobStatus(job.status).is_terminal:
-        raise ConflictError(f"Job {job.id} already finished with status '{job.status}'.", code="job_finished")
-    if job.cancel_requested:
-        raise ConflictError(f"Job {job.id} is being cancelled.", code="job_cancelling")
+    ensure_pausable(job.id, job.status, cancel_requested=job.cancel_requested)
     request_pause(session, job)
     return _public(facade, job, None)
 
@@ -319,11 +315,7 @@ def resume_fine_tuning_job(
     fine_tuning_job_id: str, session: SessionDep, queue: QueueDep, tenant: TenantDep
 ) -> OpenAIFineTuningJob:
     facade, job = db.facade_job(session, tenant, fine_tuning_job_id)
-    if job.status != JobStatus.paused and not (job.status == JobStatus.running and job.pause_requested):
-        raise ConflictError(
-            f"Job {job.id} is '{job.status}', not paused; only a paused job can be resumed.",
-            code="job_not_paused",
-        )
+    ensure_resumable(job.id, job.status, pause_requested=job.pause_requested)
     if resume(session, job):
         enqueue(queue, job)
     return _public(facade, job, None)
