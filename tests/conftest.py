@@ -43,6 +43,27 @@ def require_or_skip(reason: str) -> NoReturn:
 # checks run in `make test-slow` instead (marked slow here, in one place, with why); each leaves a shorter test
 # of the same path in `make test`. Durations: serial, on the quiet 2-core VM.
 SLOW_IN_MAKE_TEST: dict[str, str] = {
+    "tests/service/test_scale_out.py::test_two_process_sft_matches_one_process_loss_curve": (
+        "24 s; the 2-process acceptance curves (sft, reward model, dpo, ppo, kill, pause) are all slow; the "
+        "resources validation, capacity and launcher tests stay"
+    ),
+    "tests/service/test_child_dies_with_supervisor.py::"
+    "test_sigkilled_server_takes_its_child_along_and_the_retry_runs_alone": (
+        "40 s; the lifeline tests of the same file (broken lifeline, dead supervisor, thread exit) stay"
+    ),
+    "tests/service/test_idempotency.py::test_1000_concurrent_posts_with_one_key_make_one_job[postgresql]": (
+        "18 s; the sqlite variant stays"
+    ),
+    "tests/service/test_feedback_active.py::test_judge_labels_beside_people": (
+        "11 s; the judge's agreement and export rules stay in tests/unit/test_feedback.py"
+    ),
+    "tests/service/test_staging_sweep.py::"
+    "test_killed_servers_staging_is_swept_at_next_start_but_not_a_folder_in_use": (
+        "16 s; the sweep's in-use and naming tests stay"
+    ),
+    "tests/service/test_rlhf.py::test_rlhf_gate_stops_a_weak_reward_model_before_ppo": (
+        "17 s; test_rlhf_end_to_end and the gate's unit tests (tests/unit/test_reward_gate.py) stay"
+    ),
     "tests/service/test_scale_out.py::test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads"
     "_with_peft": "84-104 s of five torch processes at once; the 2-process SFT curve test stays",
     "tests/service/test_scale_out.py::test_killed_rank_fails_the_attempt_and_the_job_resumes_from_its_checkpoint": (

@@ -22,7 +22,7 @@ from tests.conftest import API_KEYS, UvicornThread, make_settings
 from tests.service.helpers import assert_error, upload_dataset, upload_model, wait_for
 
 # Enough steps that the pause (read at a 0.2 s heartbeat) lands mid-run even on a quiet machine.
-STEPS = 400
+STEPS = 250
 
 
 @pytest.fixture
