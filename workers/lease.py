@@ -261,38 +261,32 @@ def end(engine: Engine, lease: Lease, status: JobStatus, *, error: tuple[str, st
         )
 
 
+def _hand_back(session: Any, job: JobRow, status: JobStatus, message: str, *, level: str) -> None:
+    """The runner lets go of a job it leased (queued again, or paused): no owner, no expiry, one event."""
+    job.status = transition(job.status, status)
+    job.lease_owner = None
+    job.lease_expires_at = None
+    session.add(job)
+    session.add(JobEventRow(job_id=job.id, created_at=now(), level=level, stage=job.stage, message=message))
+
+
 def pause(engine: Engine, lease: Lease) -> JobStatus:
     """The child stopped for a pause: the job becomes `paused` (no lease, checkpoints kept). If the pause was
     withdrawn (resume) while the child was stopping, the job goes back to the queue instead and continues."""
     with session_scope(engine) as session:
         job = fenced(session, lease)
         status = JobStatus.paused if job.pause_requested else JobStatus.queued
-        job.status = transition(job.status, status)
         job.pause_requested = False
-        job.lease_owner = None
-        job.lease_expires_at = None
-        session.add(job)
         text = (
             "Job paused; resume continues from its newest checkpoint."
             if status is JobStatus.paused
             else "Pause withdrawn while the training process was stopping: queued again to continue."
         )
-        session.add(
-            JobEventRow(job_id=lease.job_id, created_at=now(), level="info", stage=job.stage, message=text)
-        )
+        _hand_back(session, job, status, text, level="info")
         return status
 
 
 def release(engine: Engine, lease: Lease, reason: str) -> None:
     """Give a running job back to the queue (worker shutting down): it will run again, resuming."""
     with session_scope(engine) as session:
-        job = fenced(session, lease)
-        job.status = transition(job.status, JobStatus.queued)
-        job.lease_owner = None
-        job.lease_expires_at = None
-        session.add(job)
-        session.add(
-            JobEventRow(
-                job_id=lease.job_id, created_at=now(), level="warning", stage=job.stage, message=reason
-            )
-        )
+        _hand_back(session, fenced(session, lease), JobStatus.queued, reason, level="warning")
