@@ -1,6 +1,7 @@
 """Labels that count, over REST on the tiny model: a reward model scores a feedback set's items (a ``score``
 job), /next serves the smallest margins first, a refresh continues the reward model after N labels and
-re-scores, and an AI judge labels every item in both orders beside people.
+re-scores, and an AI judge labels every item in both orders beside people: the untrained base (mostly skips)
+and an SFT-tuned judge adapter whose every verdict becomes a label in the ratings and the agreement report.
 """
 
 from __future__ import annotations
@@ -175,10 +176,96 @@ def test_judge_labels_beside_people(live_server: LiveServer) -> None:
             {"overlap": 4},
         ) and report["ann"]["median_seconds_per_label"] is not None
         assert [j["annotator"] for j in ratings["judges"]] == ["judge:tiny"]
-        if judge["labels"]:  # its verdicts are labels beside the people's, and its agreement is reported
-            assert set(ratings["judges"][0]["with_people"]) <= {"ann", "bob", "cy"}
-            assert ratings["judges"][0]["with_people"]
-            # two responses per item: one pair, so one judge label per item it had a verdict on
-            assert sum(i["num_labels"] for i in ratings["items"]) == 8 + judge["labels"]
-        else:  # every pair flipped with the order (a position-biased judge): skips, no verdict
-            assert report["judge:tiny"]["skips"] == 4
+        # The untrained base is a poor judge (on this seed it names the same position whatever the order):
+        # a pair without a consistent verdict is a skip, one with it a label (the fine-tuned judge's test
+        # below has every pair labelled).
+        assert report["judge:tiny"]["skips"] == 4 - judge["labels"]
+        assert sum(i["num_labels"] for i in ratings["items"]) == 8 + judge["labels"]
+
+
+def _judge_adapter(client: httpx.Client, model: str, guidelines: str, items: list[dict[str, Any]]) -> str:
+    """An SFT adapter that answers the judge's question, in both orders, the way the people do (longer is
+    better) on these items: a fine-tuned judge, as a user would train one on their own verdicts."""
+    from workers.training.feedback_jobs import JUDGE_QUESTION, JUDGE_SYSTEM
+
+    system = JUDGE_SYSTEM.format(rubric=guidelines)
+    examples = []
+    for item in items:
+        short, long = sorted(item["responses"], key=len)
+        for first, second, better in ((short, long, "2"), (long, short, "1")):
+            question = JUDGE_QUESTION.format(prompt=item["prompt"], first=first, second=second)
+            examples.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": better},
+                    ]
+                }
+            )
+    dataset = upload_dataset(client, jsonl(examples), "sft").json()["id"]
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "method": "sft",
+            "base_model": model,
+            "datasets": {"sft": dataset},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "hyperparameters": {
+                "epochs": 60,  # one step per epoch: accuracy 1.0 from about step 30
+                "batch_size": len(examples),
+                "learning_rate": 1e-2,
+                "warmup_ratio": 0.0,
+                "lr_scheduler": "constant",
+                "max_length": 512,
+            },
+            "seed": 0,
+        },
+    ).json()
+    assert "id" in job, job
+    done = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=300)
+    assert done["status"] == "succeeded", done
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    return next(a["id"] for a in artifacts if a["kind"] == "adapter")
+
+
+def test_a_fine_tuned_judge_labels_beside_people_and_its_agreement_is_reported(
+    live_server: LiveServer,
+) -> None:
+    guidelines = "Prefer the longer answer."
+    items = CANDIDATES[:4]
+    with live_server.client() as client:
+        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
+        candidates = upload_dataset(client, jsonl(items), "candidates").json()["id"]
+        fbs = client.post(
+            "/v1/feedback-sets",
+            json={
+                "name": "judged",
+                "candidates": candidates,
+                "annotations_per_item": 2,
+                "gold_every": 0,
+                "guidelines": guidelines,
+            },
+        ).json()
+        for who in ("ann", "bob"):
+            _annotate(client, fbs["id"], who, 4)
+        adapter = _judge_adapter(client, model, guidelines, items)
+        added = client.post(f"/v1/feedback-sets/{fbs['id']}/judges", json={"name": "tuned", "model": adapter})
+        assert added.status_code == 202, added.text
+        judged = _until(client, fbs["id"], lambda s: s["judges"][0]["status"] != "running")
+        judge = judged["judges"][0]
+        # every pair answered in both orders, the same response named both times: one label per item
+        assert judge["status"] == "done", judge
+        assert (judge["asked"], judge["consistent"], judge["labels"]) == (4, 4, 4), judge
+        assert judge["first_position_share"] == 0.5
+        ratings = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()
+        assert sum(i["num_labels"] for i in ratings["items"]) == 8 + 4
+        (agreement,) = ratings["judges"]
+        assert agreement["annotator"] == "judge:tuned"
+        # it agrees with both people, and with their majority, on all four items (longer is better to all)
+        assert agreement["with_people"] == {"ann": 1.0, "bob": 1.0}, agreement
+        assert (agreement["with_majority"], agreement["majority_comparisons"]) == (1.0, 4), agreement
+        annotators = client.get(f"/v1/feedback-sets/{fbs['id']}/annotators").json()["annotators"]
+        report = {a["annotator"]: a for a in annotators}
+        assert report["judge:tuned"]["judge"] and report["judge:tuned"]["labels"] == 4
+        assert report["judge:tuned"]["skips"] == 0
