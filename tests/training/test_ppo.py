@@ -308,9 +308,9 @@ def test_first_minibatch_ratio_is_one_and_eos_penalty(tiny_model_dir: Path, tmp_
     for _ in range(2):
         result = session.trainer.step(session.next_prompts())
         first = result.minibatches[0]
-        # Old log-probs come from the same forward on the same rows: exactly 1, not merely close.
+        # Old log-probs come from the same forward on the same rows (the very tensor): exactly 1.
         assert (first.epoch, first.index) == (0, 0)
-        assert first.ratio_max_deviation <= 1e-6 and first.ratio_mean == pytest.approx(1.0, abs=1e-6)
+        assert first.ratio_max_deviation == 0.0 and first.ratio_mean == 1.0
         assert first.approxkl == 0.0 and first.clipfrac == 0.0
         assert len(result.minibatches) == 4 * 4  # 4 PPO epochs x (32 / 8) minibatches
         assert max(m.approxkl for m in result.minibatches[1:]) > 0  # later minibatches see a moved policy
@@ -324,6 +324,28 @@ def test_first_minibatch_ratio_is_one_and_eos_penalty(tiny_model_dir: Path, tmp_
         }  # fmt: skip
     # Nothing has been trained at the first rollout, so the policy equals the reference: KL exactly 0.
     assert session.trainer is not None
+
+
+def test_the_first_step_backwards_the_rollout_forward_and_makes_the_same_update(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The rollout's first old-logprob forward runs with gradients and is the first step's forward; the
+    adapter after the update equals the one a recomputed forward gives."""
+    after = []
+    for reuse in (True, False):
+        spec = make_spec(tmp_path / str(reuse), tiny_model_dir, hp={**FAST_HP, "steps": 1})
+        session = ppo_job.setup_ppo(ctx_for(spec), reward_function=ends_early_reward)
+        ro = session.trainer.rollout(session.next_prompts())
+        assert ro.first_forward is not None and ro.first_forward[0].requires_grad
+        if not reuse:
+            ro.first_forward = None
+        session.trainer.learn(ro)
+        assert ro.first_forward is None  # the graph went with the first backward
+        trained = session.trainer.models.peft.named_parameters()
+        after.append({name: p.detach().clone() for name, p in trained if p.requires_grad})
+    assert after[0].keys() == after[1].keys() and len(after[0]) > 0
+    for name, value in after[0].items():
+        assert torch.allclose(value, after[1][name], rtol=0, atol=1e-7), name
 
 
 def test_single_base_copy_across_roles_and_base_untouched(

@@ -23,7 +23,8 @@ a clear error rather than silently scoring with mismatched weights.
 
 The math follows TRL's PPO trainer (``trl/experimental/ppo/ppo_trainer.py``) with three deliberate
 differences, each a correctness fix: the "old" log-probs are recomputed by the training forward rather than
-taken from generation scores (so the first minibatch's ratio is exactly 1); the score lands on the last real
+taken from generation scores (so the first minibatch's ratio is exactly 1; that forward, run with gradients,
+is also the first minibatch's training forward); the score lands on the last real
 token (TRL adds it one position after it); and values are masked with the same mask as everything else.
 
 This module is the algorithm (the roles, rollout scoring, GAE, the clipped losses); the job around it (spec ->
@@ -35,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -363,6 +364,10 @@ class Rollout:
     returns: torch.Tensor  # (B, R) value targets
     first_order: torch.Tensor  # the first PPO epoch's permutation, used to chunk the old-logprob pass
     generation_seconds: float
+    # The first minibatch's old-logprob forward, run with gradients and kept (log-probs, values, graph
+    # alive) so that learn()'s first step is its backward rather than the same forward again; None when the
+    # value function has its own adapter (two trunks, backwarded one at a time).
+    first_forward: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -477,17 +482,24 @@ class PPOTrainer:
         maskf = response_mask.float()
 
         # Old log-probs and values, minibatch by minibatch in the first PPO epoch's order: the first
-        # minibatch of the update then repeats exactly this computation (same rows, same shapes).
+        # minibatch of the update is exactly this computation (same rows, same shapes; dropout is off), so
+        # its forward runs with gradients here and learn() backwards it: one forward of a minibatch saved per
+        # update, and the first ratio is exactly 1 by construction.
         first_order = torch.randperm(batch, generator=self.generator).to(self.device)
         logprobs = torch.zeros_like(maskf)
         values = torch.zeros_like(maskf)
         entropy = torch.zeros_like(maskf)
-        for rows in _chunks(first_order, self.mini_batch_size):
-            lp, v, logits = self._policy_forward(
-                input_ids[rows], attention_mask[rows], width, responses[rows]
-            )
-            logprobs[rows], values[rows] = lp, v
-            entropy[rows] = rollout.entropy_from_logits(logits)
+        first_forward = None
+        for index, rows in enumerate(_chunks(first_order, self.mini_batch_size)):
+            keep = index == 0 and models.value_adapter is None
+            with torch.enable_grad() if keep else nullcontext():
+                lp, v, logits = self._policy_forward(
+                    input_ids[rows], attention_mask[rows], width, responses[rows]
+                )
+            if keep:
+                first_forward = (lp, v)
+            logprobs[rows], values[rows] = lp.detach(), v.detach()
+            entropy[rows] = rollout.entropy_from_logits(logits.detach())
             del logits
         ref_logprobs = torch.zeros_like(maskf)
         with models.role("reference"):
@@ -532,6 +544,7 @@ class PPOTrainer:
             returns=returns,
             first_order=first_order,
             generation_seconds=generation_seconds,
+            first_forward=first_forward,
         )
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
@@ -565,9 +578,10 @@ class PPOTrainer:
         return combined
 
     def _minibatch_backward(
-        self, ro: Rollout, rows: torch.Tensor
+        self, ro: Rollout, rows: torch.Tensor, forward: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[PolicyLoss, torch.Tensor, torch.Tensor]:
-        """Forward and backward of the minibatch ``rows``: (policy loss, value loss, value clip fraction)."""
+        """Forward and backward of the minibatch ``rows``: (policy loss, value loss, value clip fraction);
+        ``forward``: its (log-probs, values) already computed with gradients (the rollout's first)."""
         hp, models = self.hp, self.models
         width = ro.prompt_ids.size(1)
         mask = ro.response_mask[rows]
@@ -585,7 +599,12 @@ class PPOTrainer:
 
         if models.value_adapter is None:
             # One trunk: the policy's forward gives log-probs and values; one backward.
-            logprobs, values, _ = self._policy_forward(input_ids, attention_mask, width, ro.responses[rows])
+            if forward is None:
+                logprobs, values, _ = self._policy_forward(
+                    input_ids, attention_mask, width, ro.responses[rows]
+                )
+            else:
+                logprobs, values = forward
             pg = policy_loss(logprobs)
             vf_loss, vf_clipfrac = value_loss(values)
             (pg.loss + hp.vf_coef * vf_loss).backward()
@@ -616,7 +635,9 @@ class PPOTrainer:
             )
             for index, rows in enumerate(_chunks(order.to(self.device), self.mini_batch_size)):
                 self.optimizer.zero_grad(set_to_none=True)
-                pg, vf_loss, vf_clipfrac = self._minibatch_backward(ro, rows)
+                forward = ro.first_forward if epoch == 0 and index == 0 else None
+                ro.first_forward = None  # its graph is freed by this backward (or dropped, if unused)
+                pg, vf_loss, vf_clipfrac = self._minibatch_backward(ro, rows, forward)
                 # Each rank's loss is a mean over its share: the gradients are averaged, as DDP does.
                 self.dist.reduce_gradients(params, mean=True)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
