@@ -82,7 +82,7 @@ faults: $(STAMP)
 		ALIGND_FAULTS_S3_OUTAGES=$(FAULTS_S3_OUTAGES) ALIGND_FAULTS_RLHF_SHARE=$(FAULTS_RLHF_SHARE) \
 		ALIGND_FAULTS_SEED=$(FAULTS_SEED) ALIGND_FAULTS_BUDGET_SECONDS=$(FAULTS_BUDGET_SECONDS) \
 		ALIGND_FAULTS_RESULTS=bench/results $(PY) -m pytest -q -s -p no:cacheprovider -o timeout=0 \
-		tests/faults $(PYTEST_ARGS)
+		-m 'slow or not slow' tests/faults $(PYTEST_ARGS)
 
 openapi: $(STAMP)
 	$(PY) -m service.openapi > openapi/openapi.json
