@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from workers.training import lora
 from workers.training.lora import fuse_lora_linears
 
 
@@ -73,6 +74,26 @@ def test_adapter_off_is_the_base_and_dropout_falls_back_to_peft() -> None:
     torch.manual_seed(3)
     dropped_plain = plain(input_ids=ids).logits
     torch.testing.assert_close(dropped_fused, dropped_plain)  # peft's path: same masks from the same seed
+
+
+def test_dropout_in_eval_mode_takes_the_fused_path_and_matches_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PPO and GRPO keep their models in eval mode: a configured dropout is a no-op there, and the fused
+    forward serves those layers (counted), with peft's outputs."""
+    plain, fused = _pair(dropout=0.05)
+    plain.eval()
+    fused.eval()
+    calls = []
+    original = lora._PEFT_LINEAR_FORWARD
+    monkeypatch.setattr(lora, "_PEFT_LINEAR_FORWARD", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+        got = fused(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert calls == []  # no layer fell back to peft
+    fused.train()  # training mode: the dropout drops, peft's path again
+    fused(input_ids=ids)
+    assert len(calls) == 14
 
 
 @pytest.mark.parametrize("adapter_names", [["default", "__base__"]])

@@ -160,8 +160,10 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     a (tokens x out_features) tensor (B's output, the scaling multiply, the add), and the same again in the
     backward. Here ``addmm_`` adds ``scaling * (x A^T) B^T`` into the base output in place (BLAS alpha/beta),
     which is the same sum. Anything else (adapters off or merged, several active adapters, mixed-adapter
-    batches, dropout, DoRA and other variants, a base layer that is not a plain Linear, dtype casts) goes to
-    peft's own forward.
+    batches, dropout that drops (a Dropout in training mode with p > 0), DoRA and other variants, a base layer
+    that is not a plain Linear, dtype casts) goes to peft's own forward. PPO and GRPO run their models in eval
+    mode throughout (their ratios need the rollout's forward reproduced), so a configured dropout is off there
+    and their LoRA layers take the fused path too.
     """
     adapters = self.active_adapters
     name = adapters[0] if len(adapters) == 1 else None
@@ -174,7 +176,7 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
         or name not in self.lora_A
         or name in self.lora_variant
         or type(self.base_layer) is not torch.nn.Linear
-        or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+        or _drops(self.lora_dropout[name])
         or self.lora_A[name].weight.dtype != x.dtype
     ):
         return _PEFT_LINEAR_FORWARD(self, x, *args, **kwargs)
@@ -185,6 +187,13 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     shrunk = torch.nn.functional.linear(flat, self.lora_A[name].weight)
     out.addmm_(shrunk, self.lora_B[name].weight.t(), alpha=self.scaling[name])
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _drops(dropout: torch.nn.Module) -> bool:
+    """Whether LoRA's dropout module changes its input: not an Identity, and a Dropout only while training."""
+    if isinstance(dropout, torch.nn.Identity):
+        return False
+    return not isinstance(dropout, torch.nn.Dropout) or (dropout.training and dropout.p > 0)
 
 
 def fuse_lora_linears(model: torch.nn.Module) -> int:
