@@ -190,8 +190,9 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     bound_heap_growth()  # as every training child does at start (workers/training/__main__.py)
     torch.manual_seed(cfg["seed"])
     budget = WallBudget(cfg["seconds"], cfg["max_steps"])
-    # alignd measures the KL to the base at every update, beta 0 too: one no-grad forward with the adapter
-    # disabled, which TRL skips at beta 0. Timed so the results can say what it costs.
+    # alignd measures the KL to the base at beta 0 too, every kl_metric_steps updates (default 10): one no-grad
+    # forward with the adapter disabled, which TRL never runs at beta 0. Timed so the results can say what it
+    # costs.
     reference_seconds: list[float] = []
     no_grad_logprobs = grpo.GroupTrainer._no_grad_logprobs
 

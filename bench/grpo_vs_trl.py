@@ -113,7 +113,7 @@ def summarise(impl: str, run: Any, cfg: dict[str, Any]) -> dict[str, Any]:
         "episodes_per_s_all": round(per_step * n / sum(durations), 3),
         "s_per_step": round(statistics.median(steady), 2),
         "generation_share": round(sum(steady_gen) / sum(steady), 3),
-        # alignd's no-grad reference forward (the KL it logs at beta 0 too); TRL has none at beta 0
+        # alignd's no-grad reference forward (the KL it logs at beta 0 too, every kl_metric_steps updates)
         "reference_share": round(sum(refs[1:] if n > 1 else refs) / sum(steady), 3) if refs else None,
         # RSS when step 1 starts (model loaded, lazily mapped) vs the peak: what the training steps added
         "rss_step1_gib": round(r["rss_at_first_step_gib"], 2),
@@ -323,8 +323,9 @@ def _notes(
         "past it; train_s is the real figure) from the start of their first step; setup (loading) is apart.",
         "episodes/s counts completions (2 prompts x 4 generations per step in every run); generation_share: "
         "time in the sampling call (TRL _generate_single_turn, alignd sample_responses) over step wall time.",
-        "alignd runs one extra no-grad forward per step (the KL to the base, logged even at beta 0; its time "
-        "over step time is reference_share); TRL computes no KL at beta 0.",
+        "alignd runs one extra no-grad forward (the KL to the base, logged at beta 0 too) on the first step, "
+        "every kl_metric_steps (10) and the last; its time over the steps' time is reference_share. TRL "
+        "computes no KL at beta 0.",
         "rss_step1_gib: the process's RSS when step 1 starts (model loaded; transformers maps the weights "
         "lazily, so not all of them are resident yet); peak_rss_gib is the whole run's.",
         f"Held-out: {evaluation['prompts']} prompts on topics no training prompt has; greedy, "

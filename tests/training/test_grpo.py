@@ -228,6 +228,31 @@ def test_first_iteration_ratio_is_exactly_one_and_the_metrics(tiny_model_dir: Pa
     assert result.metrics["kl"] > 0  # the policy moved away from the reference after the first update
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_at_beta_0_the_kl_is_measured_every_kl_metric_steps(
+    beta: float, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At beta 0 the reference's forward runs on updates 1, every kl_metric_steps, and the last (the others
+    log no ``kl``); with beta > 0 on every update."""
+    references: list[bool] = []
+    original = grpo.GroupTrainer._no_grad_logprobs
+
+    def counted(self: Any, batch: Any, *, reference: bool) -> Any:
+        references.append(reference)
+        return original(self, batch, reference=reference)
+
+    monkeypatch.setattr(grpo.GroupTrainer, "_no_grad_logprobs", counted)
+    hp = {**FAST_HP, "steps": 7, "kl_metric_steps": 3, "beta": beta}
+    job = grpo_job.GRPOJob(
+        RunContext(spec=make_spec(tmp_path, tiny_model_dir, hp=hp), progress=ProgressWriter(io.StringIO()))
+    )
+    finished = job.run()
+    measured = [step for step, h in enumerate(job.logger.history, start=1) if "kl" in h]
+    assert measured == ([1, 3, 6, 7] if beta == 0 else [1, 2, 3, 4, 5, 6, 7])
+    assert references.count(True) == len(measured)
+    assert finished.metrics["kl"] == job.logger.history[-1]["kl"]
+
+
 def test_equal_groups_have_zero_advantage_and_are_counted(tiny_model_dir: Path, tmp_path: Path) -> None:
     # A grader every answer passes: every group is all 1s, so there is nothing to learn and nothing moves.
     always = {"type": "length", "name": "always", "min": 0}

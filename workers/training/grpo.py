@@ -19,8 +19,9 @@ One update (:meth:`GroupTrainer.step`):
 
 KL to the reference (the base with the adapter disabled, or a frozen copy of ``init_adapter``), k3 per token:
 GRPO adds ``beta * k3`` to each token's loss (TRL's GRPO); RLOO subtracts ``beta * sum(k3)`` from the answer's
-reward before the baseline (the RLOO paper's and TRL's RLOO placement). The KL is measured every update, so
-``kl`` is logged with beta 0 too (one no-grad forward of the reference per update).
+reward before the baseline (the RLOO paper's and TRL's RLOO placement). With beta > 0 the KL is measured every
+update; with beta 0 it is a metric only, and ``kl`` is logged on the updates the job asks for
+(``kl_metric_steps``): the reference's no-grad forward is skipped on the others, as TRL skips it at beta 0.
 
 The job around it (spec -> roles -> the shared loop -> the policy adapter) is ``grpo_job.py``, on
 :class:`~workers.training.loop.Trainer` as PPO's ``ppo_job.PPOJob`` is.
@@ -446,20 +447,22 @@ class GroupTrainer:
             rewards = rewards - self.hp.beta * kl_per_answer
         return rewards, scores
 
-    def step(self, prompts: list[list[int]], rows: list[PromptRow]) -> StepResult:
-        """One update: sample G answers per prompt, score, advantages, ``num_iterations`` optimizer steps."""
+    def step(self, prompts: list[list[int]], rows: list[PromptRow], *, measure_kl: bool = True) -> StepResult:
+        """One update: sample G answers per prompt, score, advantages, ``num_iterations`` optimizer steps.
+        ``measure_kl=False`` (honoured at beta 0 only) skips the reference forward; the metrics then have no
+        ``kl``."""
         hp = self.hp
         started = time.perf_counter()
         batch = self.sample(prompts, rows)
         mask = batch.response_mask
-        ref_logprobs = self._no_grad_logprobs(batch, reference=True)
+        ref_logprobs = self._no_grad_logprobs(batch, reference=True) if measure_kl or hp.beta > 0 else None
         # The sampling policy's log-probs, before any step: needed when later iterations are off-policy, and by
         # RLOO's KL in the reward. Same forward, same rows as the first iteration, so its ratio is exactly 1.
         old_logprobs: torch.Tensor | None = None
         if hp.num_iterations > 1 or (self.kl_in_reward and hp.beta > 0):
             old_logprobs = self._no_grad_logprobs(batch, reference=False)
         kl_in_reward = None
-        if old_logprobs is not None and self.kl_in_reward and hp.beta > 0:
+        if old_logprobs is not None and ref_logprobs is not None and self.kl_in_reward and hp.beta > 0:
             kl_in_reward = (rollout.kl_penalty(old_logprobs, ref_logprobs, "k3") * mask).sum(dim=1)
         rewards, scores = self._rewards(batch, kl_in_reward)
         advantages, zero_std = group_advantages(
@@ -483,7 +486,7 @@ class GroupTrainer:
         batch: GroupBatch,
         advantages: torch.Tensor,
         old_logprobs: torch.Tensor | None,
-        ref_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None,
     ) -> Learned:
         """``num_iterations`` optimizer steps over the answers, micro-batches' gradients summed into each."""
         hp = self.hp
@@ -510,7 +513,7 @@ class GroupTrainer:
                     epsilon_low=hp.epsilon,
                     epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
                     beta=0.0 if self.kl_in_reward else hp.beta,
-                    ref_logprobs=ref_logprobs[rows],
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
                 )
                 loss = aggregate_loss(
                     losses.per_token, mask[rows], hp.loss_type, max_new_tokens=hp.max_new_tokens, **totals
@@ -539,7 +542,8 @@ class GroupTrainer:
                 iteration, loss_sum, clipped / max(totals["total_tokens"], 1), grad_norm, deviation
             )
         self.optimizer.zero_grad(set_to_none=True)
-        learned.kl = self._kl(learned, ref_logprobs, mask)
+        if ref_logprobs is not None:
+            learned.kl = self._kl(learned, ref_logprobs, mask)
         return learned
 
     @staticmethod
@@ -569,7 +573,7 @@ class GroupTrainer:
             **{f"reward/{name}": float(values.mean()) for name, values in scores.by_source.items()},
             "reward_errors": float(scores.errors),
             "frac_reward_zero_std": float(zero_std.float().mean()),
-            "kl": float(learned.kl.mean()),
+            **({"kl": float(learned.kl.mean())} if learned.kl is not None else {}),
             "clip_ratio": sum(learned.clip_ratios) / len(learned.clip_ratios),
             "entropy": float(rollout.masked_mean(learned.entropy, mask)),
             "completion_length": float(mask.sum(dim=1).mean()),
@@ -601,7 +605,7 @@ class Learned:
     grad_norms: list[float] = field(default_factory=list)
     first_ratio_max_deviation: float = 0.0
     first_logprobs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    kl: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    kl: torch.Tensor | None = None  # per answer; None when the update did not measure it
 
     def record(
         self, iteration: int, loss: float, clip_ratio: float, grad_norm: float, deviation: float

@@ -61,7 +61,7 @@ class GroupSession:
     prompt_order: loop.IndexCycle
     seed: int = 0
 
-    def step(self, *, dist: Dist = SINGLE, update: int = 0) -> StepResult:
+    def step(self, *, dist: Dist = SINGLE, update: int = 0, measure_kl: bool = True) -> StepResult:
         """One update on the next prompts (what the job's train_step does, without the logging).
 
         Under torchrun every rank draws the same prompts and samples the groups of its share, from a sampling
@@ -70,7 +70,9 @@ class GroupSession:
         if dist.enabled:
             seed = ((self.seed * 1_000_003 + update) * 4099 + dist.rank) % 2**63
             self.trainer.generator.manual_seed(seed)
-        return self.trainer.step([self.prompts[i] for i in indices], [self.rows[i] for i in indices])
+        return self.trainer.step(
+            [self.prompts[i] for i in indices], [self.rows[i] for i in indices], measure_kl=measure_kl
+        )
 
 
 # --- spec -> roles
@@ -250,7 +252,11 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
         return {**super().checkpoint_extra(), "prompt_order": self.session.prompt_order.state()}
 
     def train_step(self, step: int, batch: None) -> None:
-        result = self.session.step(dist=self.ctx.dist, update=step)
+        # At beta 0 the KL is a metric only: measured at this attempt's first update, every kl_metric_steps
+        # and at the last (the trainer measures every update when beta > 0).
+        every = self.hp.kl_metric_steps
+        measure_kl = not self.logger.history or step % every == 0 or step == self.total
+        result = self.session.step(dist=self.ctx.dist, update=step, measure_kl=measure_kl)
         # Every update's metrics stay in the history; the metric line goes out every logging_steps.
         self.logger.log(step, result.metrics, emit=self.logger.due(step))
 
@@ -258,11 +264,13 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
         history = self.logger.history
         last = history[-1]
         sources = {k: v for k, v in last.items() if k.startswith("reward/")}
+        # The KL of the last update that measured it (the last one does, unless a wall budget ended the run).
+        kl = next(h["kl"] for h in reversed(history) if "kl" in h)
         return {
             "reward_mean": last["reward_mean"],
             "first_reward_mean": history[0]["reward_mean"],
             **sources,
-            "kl": last["kl"],
+            "kl": kl,
             "eos_fraction": last["eos_fraction"],
             "completion_length": last["completion_length"],
             "frac_reward_zero_std": last["frac_reward_zero_std"],
