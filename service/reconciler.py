@@ -24,7 +24,7 @@ from sqlmodel import col, select
 
 from service.core.ids import now
 from service.core.jobs import JobStatus
-from service.db.artifacts import sweep_orphan_objects
+from service.db.artifacts import drop_checkpoints, succeeded_jobs_with_checkpoints, sweep_orphan_objects
 from service.db.jobs import status_change
 from service.db.session import session_scope
 from service.db.tables import JobEventRow, JobRow
@@ -106,6 +106,8 @@ def reconcile_once(
                     sweep_orphan_objects(session, store, job_id)
             except Exception as exc:  # the objects cost space, not correctness; the pass goes on
                 log.warning("reconciler could not sweep the orphan objects of %s: %s", job_id, exc)
+    if store is not None:
+        drop_leftover_checkpoints(engine, store)
     forget = getattr(queue, "forget", None)  # only queues that remember entries (arq) have it
     if forget is not None:
         for job_id, method, generation in lost:
@@ -128,6 +130,24 @@ def reconcile_once(
             log.warning("reconciler could not enqueue %s: %s", job_id, exc)
             break
     return {"requeued": requeued, "failed": failed, "enqueued": enqueued}
+
+
+def drop_leftover_checkpoints(engine: Engine, store: ArtifactStore) -> int:
+    """Drop the checkpoints a succeeded job still has: its runner was killed, or the store was down, between
+    the success and the drop (service/db/artifacts.py). Returns how many jobs were finished off."""
+    try:
+        with session_scope(engine) as session:
+            job_ids = succeeded_jobs_with_checkpoints(session)
+    except Exception as exc:  # the database down: the pass goes on, the next one asks again
+        log.warning("reconciler could not look for leftover checkpoints: %s", exc)
+        return 0
+    done = 0
+    for job_id in job_ids:
+        try:
+            done += drop_checkpoints(engine, store, job_id)
+        except Exception as exc:  # space, not correctness: try again next pass
+            log.warning("reconciler could not drop the checkpoints of %s: %s", job_id, exc)
+    return done
 
 
 class Reconciler:

@@ -167,20 +167,6 @@ def _prune_checkpoints(engine: Engine, store: ArtifactStore, lease: Lease) -> No
     delete_objects(store, keys)
 
 
-def drop_checkpoints(engine: Engine, store: ArtifactStore, lease: Lease, local_dir: Path) -> None:
-    """Delete every checkpoint of a job about to succeed (nothing resumes it), rows then objects.
-
-    Before the job is marked succeeded, so no reader sees a succeeded job still listing checkpoints or
-    holding their objects. (Failed and cancelled jobs keep theirs.) ``local_dir`` is where the child wrote
-    them.
-    """
-    with session_scope(engine) as session:
-        fenced(session, lease)
-        keys = delete_checkpoint_rows(session, lease.job_id)
-    delete_objects(store, keys)
-    shutil.rmtree(local_dir, ignore_errors=True)
-
-
 def delete_checkpoint_rows(session: Any, job_id: str) -> list[str]:
     """Delete the job's checkpoint rows in ``session``; returns their storage keys (delete those after commit)."""
     rows = session.exec(
@@ -216,8 +202,8 @@ def sweep_orphans_when_reachable(
 ) -> bool:
     """:func:`sweep_orphans` for a job about to succeed, retried while the store is unreachable.
 
-    Nothing sweeps a finished job's objects later, so the checkpoints dropped just before (or an earlier
-    attempt's leftovers) that the store could not delete would stay for good. The lease keeper holds the
+    Nothing sweeps a finished job's objects without a row later, so an earlier attempt's leftovers that the
+    store could not delete would stay for good. The lease keeper holds the
     lease meanwhile. Returns False when ``give_up()`` (worker stopping, lease lost) ended the wait first, or
     the store failed otherwise; the job then succeeds with the objects left, as before this retry.
     """

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from contract.protocol import PAUSE_FLAG_FILE, TrainingSpec
 from contract.resources import EXIT_RANK_LOST, resources_of
 from service.core.jobs import JobStatus
+from service.db.artifacts import drop_checkpoints
 from service.db.tables import JobRow
 from service.settings import Settings
 from service.storage import ArtifactStore
@@ -250,12 +251,15 @@ class JobRunner:
             self.release(lease, "Worker shutting down; the job will run again.")
             return JobStatus.queued
         if end.returncode == 0:
-            outputs.drop_checkpoints(self.engine, self.store, lease, self._checkpoint_dir(lease.job_id))
-            # What the drop could not delete (the store down) goes before the job is seen succeeded.
+            # An earlier attempt's leftovers (objects without a row) go before the job is seen succeeded,
+            # waiting out a store outage under the lease; then the success; then its checkpoints, which a kill
+            # before the success would have taken from a job its retry must resume (drop_checkpoints).
             outputs.sweep_orphans_when_reachable(
                 self.engine, self.store, lease, give_up=lambda: self._stopping.is_set() or lease.lost.is_set()
             )
-            self.finish(lease, JobStatus.succeeded)
+            leases.end(self.engine, lease, JobStatus.succeeded)
+            drop_checkpoints(self.engine, self.store, lease.job_id)
+            shutil.rmtree(self._checkpoint_dir(lease.job_id), ignore_errors=True)
             return JobStatus.succeeded
         error = end.error
         if end.returncode == EXIT_RANK_LOST or (error is None and end.returncode < 0):

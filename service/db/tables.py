@@ -106,6 +106,9 @@ class ArtifactRow(SQLModel, table=True):
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
     created_at: int
 
+    # The reconciler's look for a succeeded job's leftover checkpoints (service/reconciler.py).
+    __table_args__ = (Index("ix_artifacts_kind_job_id", "kind", "job_id"),)
+
 
 class JobEventRow(SQLModel, table=True):
     __tablename__ = "job_events"

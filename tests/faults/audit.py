@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlmodel import Session, col, select
 
+from service.db.artifacts import succeeded_jobs_with_checkpoints
 from service.db.tables import ArtifactRow, JobEventRow, JobMetricRow, JobRow
 from tests.faults.jobs import EXPECTED_ARTIFACTS, SERIES
 
@@ -203,6 +205,22 @@ def audit_bucket(database_url: str, s3: Any, bucket: str, prefix: str = "alignd/
     return orphans, missing, corrupt
 
 
+def wait_for_leftover_checkpoints(database_url: str, timeout: float = 60.0) -> None:
+    """Until no succeeded job has checkpoints: a runner killed between a job's success and its checkpoint
+    drop leaves them to the reconciler's next pass (service/db/artifacts.py), which the audit then sees."""
+    engine = create_engine(database_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with Session(engine) as session:
+                if not succeeded_jobs_with_checkpoints(session) or time.monotonic() > deadline:
+                    return
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+
+
 def audit(database_url: str, s3: Any, bucket: str, job_ids: list[str]) -> Audit:
+    wait_for_leftover_checkpoints(database_url)
     orphans, missing, corrupt = audit_bucket(database_url, s3, bucket)
     return Audit(audit_jobs(database_url, job_ids), orphans, missing, corrupt)

@@ -10,6 +10,8 @@ from service.api.deps import ContextDep, PageDep, SessionDep, StoreDep, TenantDe
 from service.api.errors import error_responses
 from service.api.schemas import ArtifactPublic, ListResponse
 from service.core.errors import NotFoundError
+from service.core.jobs import JobStatus
+from service.db.artifacts import CHECKPOINT_KIND
 from service.db.repository import get_owned, list_owned
 from service.db.tables import ArtifactRow, JobRow
 
@@ -26,8 +28,11 @@ router = APIRouter(tags=["artifacts"])
 def list_job_artifacts(
     job_id: str, session: SessionDep, tenant: TenantDep, page: PageDep
 ) -> ListResponse[ArtifactPublic]:
-    get_owned(session, JobRow, job_id, tenant, "job")
+    job = get_owned(session, JobRow, job_id, tenant, "job")
     statement = select(ArtifactRow).where(ArtifactRow.job_id == job_id, ArtifactRow.tenant == tenant)
+    if job.status == JobStatus.succeeded.value:
+        # Being deleted, by its runner right after the success or by the reconciler (db/artifacts.py).
+        statement = statement.where(ArtifactRow.kind != CHECKPOINT_KIND)
     if page.after is not None:
         cursor = get_owned(session, ArtifactRow, page.after, tenant, "artifact")
         statement = statement.where(col(ArtifactRow.seq) > cursor.seq)
