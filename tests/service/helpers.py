@@ -49,3 +49,13 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert body["error"]["code"] == code, body
     assert body["error"]["message"]
     return body["error"]
+
+
+def trained_artifact(client: httpx.Client, job: dict[str, Any], kind: str, timeout: float = 300) -> str:
+    """POST the job, wait for it to succeed, and return the id of its artifact of ``kind``."""
+    created = client.post("/v1/jobs", json=job).json()
+    assert "id" in created, created
+    done = wait_for(client, created["id"], {"succeeded", "failed"}, timeout=timeout)
+    assert done["status"] == "succeeded", done
+    artifacts = client.get(f"/v1/jobs/{created['id']}/artifacts").json()["data"]
+    return next(a["id"] for a in artifacts if a["kind"] == kind)

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import LiveServer
-from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
+from tests.service.helpers import assert_error, jsonl, trained_artifact, upload_dataset, upload_model
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 WORDS = ["red", "blue", "green", "sky", "tree", "river", "stone", "cloud"]
@@ -60,20 +60,15 @@ def _reward_model(client: httpx.Client, model: str) -> str:
         for c in CANDIDATES
     ]
     dataset = upload_dataset(client, jsonl(preference), "preference").json()["id"]
-    job = client.post(
-        "/v1/jobs",
-        json={
-            "method": "reward_model",
-            "base_model": model,
-            "datasets": {"preference": dataset},
-            "lora": LORA,
-            "hyperparameters": {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "max_length": 64},
-            "seed": 0,
-        },
-    ).json()
-    assert wait_for(client, job["id"], {"succeeded", "failed"}, timeout=180)["status"] == "succeeded"
-    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-    return next(a["id"] for a in artifacts if a["kind"] == "reward_model")
+    job = {
+        "method": "reward_model",
+        "base_model": model,
+        "datasets": {"preference": dataset},
+        "lora": LORA,
+        "hyperparameters": {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "max_length": 64},
+        "seed": 0,
+    }
+    return trained_artifact(client, job, "reward_model", timeout=180)
 
 
 def test_uncertainty_ordering_refresh_and_judge(live_server: LiveServer) -> None:
@@ -130,22 +125,30 @@ def test_uncertainty_ordering_refresh_and_judge(live_server: LiveServer) -> None
         assert refreshed["scoring"]["last_refresh_labels"] == 4  # started by cy's /next, after 4 labels
 
 
+def _labelled_set(
+    client: httpx.Client, live_server: LiveServer, items: list[dict[str, Any]], guidelines: str
+) -> tuple[str, dict[str, Any]]:
+    """(the tiny model's id, a feedback set of ``items`` with two labels per item: ann's and bob's)."""
+    model = upload_model(client, live_server.tiny_model_dir).json()["id"]
+    candidates = upload_dataset(client, jsonl(items), "candidates").json()["id"]
+    fbs: dict[str, Any] = client.post(
+        "/v1/feedback-sets",
+        json={
+            "name": "judged",
+            "candidates": candidates,
+            "annotations_per_item": 2,
+            "gold_every": 0,
+            "guidelines": guidelines,
+        },
+    ).json()
+    for who in ("ann", "bob"):
+        _annotate(client, fbs["id"], who, len(items))
+    return model, fbs
+
+
 def test_judge_labels_beside_people(live_server: LiveServer) -> None:
     with live_server.client() as client:
-        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
-        candidates = upload_dataset(client, jsonl(CANDIDATES[:4]), "candidates").json()["id"]
-        fbs = client.post(
-            "/v1/feedback-sets",
-            json={
-                "name": "judged",
-                "candidates": candidates,
-                "annotations_per_item": 2,
-                "gold_every": 0,
-                "guidelines": "Prefer the longer answer.",
-            },
-        ).json()
-        for who in ("ann", "bob"):
-            _annotate(client, fbs["id"], who, 4)
+        model, fbs = _labelled_set(client, live_server, CANDIDATES[:4], "Prefer the longer answer.")
         with live_server.client(live_server.other_api_key) as other:  # another tenant's model judges nothing
             theirs = upload_dataset(other, jsonl(CANDIDATES[:1]), "candidates").json()["id"]
             own = other.post("/v1/feedback-sets", json={"name": "b", "candidates": theirs}).json()["id"]
@@ -204,29 +207,22 @@ def _judge_adapter(client: httpx.Client, model: str, guidelines: str, items: lis
                 }
             )
     dataset = upload_dataset(client, jsonl(examples), "sft").json()["id"]
-    job = client.post(
-        "/v1/jobs",
-        json={
-            "method": "sft",
-            "base_model": model,
-            "datasets": {"sft": dataset},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "hyperparameters": {
-                "epochs": 60,  # one step per epoch: accuracy 1.0 from about step 30
-                "batch_size": len(examples),
-                "learning_rate": 1e-2,
-                "warmup_ratio": 0.0,
-                "lr_scheduler": "constant",
-                "max_length": 512,
-            },
-            "seed": 0,
+    job = {
+        "method": "sft",
+        "base_model": model,
+        "datasets": {"sft": dataset},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "hyperparameters": {
+            "epochs": 60,  # one step per epoch: accuracy 1.0 from about step 30
+            "batch_size": len(examples),
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "constant",
+            "max_length": 512,
         },
-    ).json()
-    assert "id" in job, job
-    done = wait_for(client, job["id"], {"succeeded", "failed"}, timeout=300)
-    assert done["status"] == "succeeded", done
-    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-    return next(a["id"] for a in artifacts if a["kind"] == "adapter")
+        "seed": 0,
+    }
+    return trained_artifact(client, job, "adapter")
 
 
 def test_a_fine_tuned_judge_labels_beside_people_and_its_agreement_is_reported(
@@ -235,20 +231,7 @@ def test_a_fine_tuned_judge_labels_beside_people_and_its_agreement_is_reported(
     guidelines = "Prefer the longer answer."
     items = CANDIDATES[:4]
     with live_server.client() as client:
-        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
-        candidates = upload_dataset(client, jsonl(items), "candidates").json()["id"]
-        fbs = client.post(
-            "/v1/feedback-sets",
-            json={
-                "name": "judged",
-                "candidates": candidates,
-                "annotations_per_item": 2,
-                "gold_every": 0,
-                "guidelines": guidelines,
-            },
-        ).json()
-        for who in ("ann", "bob"):
-            _annotate(client, fbs["id"], who, 4)
+        model, fbs = _labelled_set(client, live_server, items, guidelines)
         adapter = _judge_adapter(client, model, guidelines, items)
         added = client.post(f"/v1/feedback-sets/{fbs['id']}/judges", json={"name": "tuned", "model": adapter})
         assert added.status_code == 202, added.text
