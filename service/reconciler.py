@@ -2,14 +2,15 @@
 
 - A `running` job whose lease expired (its worker died) goes back to `queued`, fenced by a compare-and-set
   on the lease token so that a live runner's heartbeat and the reconciler cannot both win.
-- Every `queued` job is (re-)enqueued; queues de-duplicate ids, so this also repairs a queue that lost its
-  entries (a Redis restarted empty) without double-running anything: a runner takes a job only by
-  moving its row from `queued` to `running`. The row's lease token goes along as the entry's generation
+- The oldest `queued` jobs (up to ENQUEUE_PER_PASS) are (re-)enqueued; queues de-duplicate ids, so this
+  also repairs a queue that lost its entries (a Redis restarted empty) without double-running anything: a
+  runner takes a job only by moving its row from `queued` to `running`. The row's lease token goes along as the entry's generation
   (see service/queue/arq.py): a job handed back after a dead worker gets a fresh entry even while arq still
   holds the dead worker's one "in progress".
 
 Every API replica runs one; their writes are compare-and-sets on the row, so running several is safe.
-Each pass also sweeps the replica's abandoned upload staging folders (service/staging.py).
+Each pass also sweeps the replica's abandoned upload staging folders (service/staging.py) and, on SQLite, empties
+the write-ahead log (service/db/session.py).
 """
 
 from __future__ import annotations
@@ -26,13 +27,19 @@ from service.core.ids import now
 from service.core.jobs import JobStatus
 from service.db.artifacts import drop_checkpoints, succeeded_jobs_with_checkpoints, sweep_orphan_objects
 from service.db.jobs import status_change
-from service.db.session import session_scope
+from service.db.session import checkpoint_sqlite_wal, session_scope
 from service.db.tables import JobEventRow, JobRow
 from service.queue import JobQueue
 from service.staging import sweep_staging
 from service.storage.base import ArtifactStore
 
 log = logging.getLogger(__name__)
+
+
+# The oldest queued jobs (re-)enqueued per pass: enough to keep every worker fed after a Redis restart (the
+# ones behind come as these leave the queue), and a bounded pass. Unbounded, a backlog of 4,000 queued jobs
+# made each pass in the API process 4,000 enqueues, and the requests it served meanwhile waited for the GIL.
+ENQUEUE_PER_PASS = 200
 
 
 def reconcile_once(
@@ -120,6 +127,7 @@ def reconcile_once(
             select(JobRow.id, JobRow.method, JobRow.lease_token)
             .where(JobRow.status == JobStatus.queued.value)
             .order_by(col(JobRow.seq))
+            .limit(ENQUEUE_PER_PASS)
         ).all()
     enqueued = 0
     for job_id, method, generation in queued:
@@ -189,6 +197,10 @@ class Reconciler:
                 reconcile_once(self._engine, self._queue, max_tries=self._max_tries, store=self._store)
             except Exception as exc:  # database down: try again next round
                 log.warning("reconcile pass failed: %s", exc)
+            try:  # SQLite only: the log a busy API never lets SQLite empty (db/session.py)
+                checkpoint_sqlite_wal(self._engine)
+            except Exception as exc:
+                log.warning("SQLite checkpoint failed: %s", exc)
             if self._data_dir is not None:  # local files: swept even while the database is down
                 try:
                     sweep_staging(self._data_dir, older_than=self._staging_sweep_after)

@@ -93,3 +93,40 @@ def test_job_failed_as_worker_lost_has_its_orphan_objects_swept(tmp_path: Path) 
     assert store.list_keys("artifacts/job_last/") == [kept]  # the row's object stays, the orphan went
     # A job going round again is left alone: its next attempt sweeps under its own lease.
     assert store.list_keys("artifacts/job_retry/") == [artifact_key("job_retry", "artifact_next")]
+
+
+def test_a_pass_enqueues_the_oldest_queued_jobs_up_to_its_bound(tmp_path: Path) -> None:
+    """A backlog far past ENQUEUE_PER_PASS costs a pass that many enqueues, the oldest first."""
+    from service.reconciler import ENQUEUE_PER_PASS
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    backlog = ENQUEUE_PER_PASS + 50
+    with session_scope(engine) as session:
+        for index in range(backlog):
+            session.add(JobRow(id=f"job_{index:04d}", tenant="t", method="sft", base_model="m", created_at=0))
+    queue = InlineQueue(lambda _id: None)  # not started: what is enqueued stays in it, in order
+    assert reconcile_once(engine, queue)["enqueued"] == ENQUEUE_PER_PASS
+    assert queue.depth() == ENQUEUE_PER_PASS
+    enqueued = [queue._pending.get_nowait() for _ in range(ENQUEUE_PER_PASS)]
+    assert enqueued == [f"job_{index:04d}" for index in range(ENQUEUE_PER_PASS)]
+    engine.dispose()
+
+
+def test_a_checkpoint_empties_the_sqlite_log_and_loses_nothing(tmp_path: Path) -> None:
+    """Writes grow the write-ahead log; the checkpoint moves it into the database and truncates it."""
+    from service.db.session import checkpoint_sqlite_wal
+
+    db = tmp_path / "db.sqlite"
+    engine = make_engine(f"sqlite:///{db}")
+    migrate(engine)
+    with session_scope(engine) as session:
+        for index in range(300):
+            session.add(JobRow(id=f"job_{index:04d}", tenant="t", method="sft", base_model="m", created_at=0))
+    wal = Path(f"{db}-wal")
+    assert wal.stat().st_size > 0
+    busy, _frames, _done = checkpoint_sqlite_wal(engine) or (None, None, None)
+    assert busy == 0 and wal.stat().st_size == 0
+    with session_scope(engine) as session:  # nothing lost
+        assert len(session.exec(select(JobRow)).all()) == 300
+    engine.dispose()
