@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 
 # The oldest queued jobs (re-)enqueued per pass: enough to keep every worker fed after a Redis restart (the
-# ones behind come as these leave the queue), and a bounded pass. Unbounded, a backlog of 4,000 queued jobs
-# made each pass in the API process 4,000 enqueues, and the requests it served meanwhile waited for the GIL.
+# ones behind come as these leave the queue), and a pass bounded whatever the backlog (unbounded, 4,000
+# queued jobs made every pass 4,000 enqueues, each a Redis round trip with arq, in the API process).
 ENQUEUE_PER_PASS = 200
 
 
