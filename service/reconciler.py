@@ -9,8 +9,7 @@
   holds the dead worker's one "in progress".
 
 Every API replica runs one; their writes are compare-and-sets on the row, so running several is safe.
-Each pass also sweeps the replica's abandoned upload staging folders (service/staging.py) and, on SQLite, empties
-the write-ahead log (service/db/session.py).
+Each pass also sweeps the replica's abandoned upload staging folders (service/staging.py).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from service.core.ids import now
 from service.core.jobs import JobStatus
 from service.db.artifacts import drop_checkpoints, succeeded_jobs_with_checkpoints, sweep_orphan_objects
 from service.db.jobs import status_change
-from service.db.session import checkpoint_sqlite_wal, session_scope
+from service.db.session import session_scope
 from service.db.tables import JobEventRow, JobRow
 from service.queue import JobQueue
 from service.staging import sweep_staging
@@ -197,10 +196,6 @@ class Reconciler:
                 reconcile_once(self._engine, self._queue, max_tries=self._max_tries, store=self._store)
             except Exception as exc:  # database down: try again next round
                 log.warning("reconcile pass failed: %s", exc)
-            try:  # SQLite only: the log a busy API never lets SQLite empty (db/session.py)
-                checkpoint_sqlite_wal(self._engine)
-            except Exception as exc:
-                log.warning("SQLite checkpoint failed: %s", exc)
             if self._data_dir is not None:  # local files: swept even while the database is down
                 try:
                     sweep_staging(self._data_dir, older_than=self._staging_sweep_after)

@@ -39,28 +39,6 @@ def make_engine(url: str) -> Engine:
 
 
 SQLITE_BUSY_TIMEOUT_MS = 30000
-CHECKPOINT_WAIT_MS = 200
-
-
-def checkpoint_sqlite_wal(engine: Engine) -> tuple[int, int, int] | None:
-    """Move SQLite's write-ahead log into the database file and empty it; None on another database.
-
-    SQLite's own checkpoints, after commits, never wait for readers, and they can only restart the log once no
-    reader uses it: an API under steady reads and writes never has such a moment, and the log grows without
-    end (7 MB after 2,500 POSTs at 10 connections in bench/api_speed.py's set-up, and growing; every reader
-    then searches a larger log index). This one waits up to CHECKPOINT_WAIT_MS for the readers of older
-    snapshots (a request's read is milliseconds) while holding writers off, then gives up until the next call:
-    ``busy`` is 1 in the (busy, log frames, checkpointed frames) it returns.
-    """
-    if engine.dialect.name != "sqlite":
-        return None
-    with engine.connect() as connection:
-        connection.exec_driver_sql(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
-        try:
-            row = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
-        finally:
-            connection.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    return int(row[0]), int(row[1]), int(row[2])
 
 
 def migrate(engine: Engine) -> None:

@@ -111,22 +111,3 @@ def test_a_pass_enqueues_the_oldest_queued_jobs_up_to_its_bound(tmp_path: Path) 
     enqueued = [queue._pending.get_nowait() for _ in range(ENQUEUE_PER_PASS)]
     assert enqueued == [f"job_{index:04d}" for index in range(ENQUEUE_PER_PASS)]
     engine.dispose()
-
-
-def test_a_checkpoint_empties_the_sqlite_log_and_loses_nothing(tmp_path: Path) -> None:
-    """Writes grow the write-ahead log; the checkpoint moves it into the database and truncates it."""
-    from service.db.session import checkpoint_sqlite_wal
-
-    db = tmp_path / "db.sqlite"
-    engine = make_engine(f"sqlite:///{db}")
-    migrate(engine)
-    with session_scope(engine) as session:
-        for index in range(300):
-            session.add(JobRow(id=f"job_{index:04d}", tenant="t", method="sft", base_model="m", created_at=0))
-    wal = Path(f"{db}-wal")
-    assert wal.stat().st_size > 0
-    busy, _frames, _done = checkpoint_sqlite_wal(engine) or (None, None, None)
-    assert busy == 0 and wal.stat().st_size == 0
-    with session_scope(engine) as session:  # nothing lost
-        assert len(session.exec(select(JobRow)).all()) == 300
-    engine.dispose()
