@@ -113,7 +113,9 @@ ALLOWED: tuple[Allowed, ...] = (
         "development measurements of alignd's PPO child alone (VmRSS after each pass, VmHWM; an A/B of 3 updates "
         "with and without the allocator policy), not a benchmark's results file",
     ),
-    Allowed("docs/performance.md", "the allocator policy above", ("27%",), ARITHMETIC + ": 17.7 / 13.9 = 1.27"),
+    Allowed(
+        "docs/performance.md", "the allocator policy above", ("27%",), ARITHMETIC + ": 17.7 / 13.9 = 1.27"
+    ),
     Allowed(
         "docs/performance.md",
         "139.5 useful tokens/s",
