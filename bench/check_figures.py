@@ -139,7 +139,12 @@ ALLOWED: tuple[Allowed, ...] = (
         "docs/performance.md", "In one process, alternating", ("900 MB/s",), "the issue's figure, a goal"
     ),
     Allowed("docs/performance.md", "**281-291 MB/s**", ("3-6%",), ARITHMETIC + ": 281-291 vs 300"),
-    Allowed("docs/performance.md", "3.0-4.4x in the A/B runs", ("3.0-4.4x",), DEV_AB),
+    Allowed(
+        "docs/performance.md",
+        "Measured while looking for the tail",
+        ("16-22 ms", "96-168 ms", "20 ms"),
+        DEV_AB + " (the GET benchmark's set-up, one server, while looking for the p99 tail)",
+    ),
     Allowed("docs/performance.md", "unpinned, wrk's threads", ("300 ms", "82 ms"), DEV_AB),
     Allowed(
         "docs/performance.md",
