@@ -183,11 +183,9 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     from contract.protocol import ProgressWriter
     from workers.training import grpo, grpo_job
-    from workers.training.allocator import bound_heap_growth
     from workers.training.context import RunContext
 
     torch.set_num_threads(cfg["threads"])
-    bound_heap_growth()  # as every training child does at start (workers/training/__main__.py)
     torch.manual_seed(cfg["seed"])
     budget = WallBudget(cfg["seconds"], cfg["max_steps"])
     # alignd measures the KL to the base at beta 0 too, every kl_metric_steps updates (default 10): one no-grad

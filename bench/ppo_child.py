@@ -46,11 +46,9 @@ def run_alignd(cfg: dict[str, Any]) -> dict[str, Any]:
     from contract.hyperparameters import LoraSettings, PPOHyperparameters
     from contract.protocol import ProgressWriter, TrainingSpec
     from workers.training import data, ppo_job, rollout
-    from workers.training.allocator import bound_heap_growth
     from workers.training.context import RunContext
 
     torch.set_num_threads(cfg["threads"])
-    bound_heap_growth()  # as every training child does at start (workers/training/__main__.py)
     torch.manual_seed(cfg["seed"])
     gen_times: list[float] = []
     original = rollout.sample_responses

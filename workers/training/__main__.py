@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from contract.protocol import PAUSE_FLAG_FILE, ProgressWriter, TrainingSpec
     from workers.training import distributed
-    from workers.training.allocator import bound_heap_growth
     from workers.training.context import CancelToken, RunContext
     from workers.training.distributed import SINGLE
     from workers.training.errors import (
@@ -151,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         warning = _configure_threads()
         if warning:
             progress.event(warning, stage=stage, level="warning")
-        bound_heap_growth()  # activations freed between steps go back to the system (allocator.py)
         dist = distributed.from_environment()
         if dist.enabled:
             spec, progress = _as_rank(spec, progress, proto, dist, cancel)

@@ -47,6 +47,7 @@ from contract.hyperparameters import (
     GroupHyperparameters,
 )
 from workers.training import data, lora, rollout
+from workers.training.allocator import release_freed_memory
 from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import (
     MODEL_LOAD_FAILED,
@@ -538,6 +539,7 @@ class GroupTrainer:
                     "learning_rate",
                 )
             self.optimizer.step()
+            release_freed_memory()  # the iteration's activations are freed: their pages back (allocator.py)
             learned.record(
                 iteration, loss_sum, clipped / max(totals["total_tokens"], 1), grad_norm, deviation
             )

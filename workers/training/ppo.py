@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 
 from contract.hyperparameters import PPOHyperparameters
 from workers.training import lora, rollout
+from workers.training.allocator import release_freed_memory
 from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import (
     INVALID_ADAPTER,
@@ -638,6 +639,7 @@ class PPOTrainer:
                 forward = ro.first_forward if epoch == 0 and index == 0 else None
                 ro.first_forward = None  # its graph is freed by this backward (or dropped, if unused)
                 pg, vf_loss, vf_clipfrac = self._minibatch_backward(ro, rows, forward)
+                release_freed_memory()  # the pass's activations are freed: their pages back (allocator.py)
                 # Each rank's loss is a mean over its share: the gradients are averaged, as DDP does.
                 self.dist.reduce_gradients(params, mean=True)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
