@@ -52,15 +52,14 @@ class CancelToken:
         """The runner left the pause flag: this rank's own view, no collective (safe on any code path)."""
         return self._pause_flag is not None and self._pause_flag.exists()
 
-    @property
-    def pausing(self) -> bool:
-        """A stop was asked for by a pause: the loop saves a checkpoint of the finished step before stopping.
-
-        Under torchrun it is decided on every rank's flag (a collective, read at the same point by every
-        rank), so rank 0 saves the pause's checkpoint even when another rank saw the SIGTERM first."""
+    def stop_requested(self) -> bool:
+        """Whether a stop was asked for: under torchrun on any rank (a collective; every rank calls it at the
+        same points, the loop's step boundaries). One reading decides both whether to stop and, with
+        :attr:`pause_flagged`, whether to save first: two readings could straddle the signal and stop
+        without the pause's checkpoint."""
         requested = self._requested if self.sync is None else self.sync(self._requested)
         self._requested = requested
-        return requested and self._pause_flag is not None and self._pause_flag.exists()
+        return requested
 
     def check(self) -> None:
         """Raise Cancelled if a stop was asked for (under torchrun: on any rank; every rank must call it at the

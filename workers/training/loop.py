@@ -42,7 +42,13 @@ from contract.hyperparameters import LoraSettings, OptimizerHyperparameters
 from contract.protocol import DatasetRef, ProgressWriter
 from workers.training import checkpoint, data, lora
 from workers.training.context import RunContext
-from workers.training.errors import INVALID_HYPERPARAMETERS, INVALID_LORA, TRAINING_DIVERGED, TrainingError
+from workers.training.errors import (
+    INVALID_HYPERPARAMETERS,
+    INVALID_LORA,
+    TRAINING_DIVERGED,
+    Cancelled,
+    TrainingError,
+)
 from workers.training.modelcard import DatasetCardEntry, render_model_card
 
 if TYPE_CHECKING:
@@ -473,6 +479,19 @@ class Trainer(ABC, Generic[H, B]):
 
     # --- the loop
 
+    def _stop_if_asked(self, ckpt: checkpoint.Checkpointer, step: int, epoch: int, position: int) -> None:
+        """At a step boundary: raise Cancelled if a stop was asked for, saving the finished step first when it
+        is a pause (a cancel or a worker shutdown does not wait for one). One collective reading decides both
+        (CancelToken.stop_requested)."""
+        if not self.cancel.stop_requested():
+            return
+        if step > 0 and self.cancel.pause_flagged and ckpt.enabled:
+            ckpt.save(step, epoch=epoch, position=position, extra=self.checkpoint_extra())
+            self.progress.event(
+                f"Stopping for the pause after step {step}, checkpoint saved.", stage=self.stage
+            )
+        raise Cancelled()
+
     def run(self) -> Finished:
         ckpt, cancel, logger = self.checkpointer, self.cancel, self.logger
         step, epoch, position = 0, 0, 0
@@ -485,19 +504,13 @@ class Trainer(ABC, Generic[H, B]):
         logger.report(step / self.total)
         with cancel.deferred():
             for epoch, position, batch in self.schedule(step, resumed):
-                cancel.check()
+                self._stop_if_asked(ckpt, step, epoch, position)
                 step += 1
                 self.train_step(step, batch)
                 # A checkpoint mid-way through a logging window drops that window's partial sums on resume:
                 # the weights are exact, the first metric point after a resume covers fewer steps.
                 ckpt.maybe_save(step, epoch=epoch, position=position, extra=self.checkpoint_extra())
-                if cancel.pausing and ckpt.enabled:
-                    # A pause keeps every finished step; a cancel or a worker shutdown does not wait for one.
-                    ckpt.save(step, epoch=epoch, position=position, extra=self.checkpoint_extra())
-                    self.progress.event(
-                        f"Stopping for the pause after step {step}, checkpoint saved.", stage=self.stage
-                    )
-                cancel.check()
+                self._stop_if_asked(ckpt, step, epoch, position)
             train_seconds = time.perf_counter() - train_start
             cancel.check()
             ckpt.save(step, epoch=epoch, position=position, extra=self.checkpoint_extra(), final=True)
