@@ -51,11 +51,22 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     return body["error"]
 
 
-def trained_artifact(client: httpx.Client, job: dict[str, Any], kind: str, timeout: float = 300) -> str:
-    """POST the job, wait for it to succeed, and return the id of its artifact of ``kind``."""
-    created = client.post("/v1/jobs", json=job).json()
-    assert "id" in created, created
-    done = wait_for(client, created["id"], {"succeeded", "failed"}, timeout=timeout)
-    assert done["status"] == "succeeded", done
-    artifacts = client.get(f"/v1/jobs/{created['id']}/artifacts").json()["data"]
-    return next(a["id"] for a in artifacts if a["kind"] == kind)
+def run_job(client: httpx.Client, body: dict[str, Any], timeout: float = 240) -> dict[str, Any]:
+    """POST the job and wait for it to succeed; a job that did not says why (its error, its last events)."""
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = wait_for(
+        client, response.json()["id"], {"succeeded", "failed", "cancelled"}, timeout
+    )
+    if job["status"] != "succeeded":
+        events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+        raise AssertionError(f"{body['method']} job {job['status']}: {job['error']} {events[-5:]}")
+    return job
+
+
+def artifact_of(client: httpx.Client, job: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The job's one artifact of ``kind``."""
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    found = [a for a in artifacts if a["kind"] == kind]
+    assert len(found) == 1, artifacts
+    return found[0]

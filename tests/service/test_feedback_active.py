@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import LiveServer
-from tests.service.helpers import assert_error, jsonl, trained_artifact, upload_dataset, upload_model
+from tests.service.helpers import artifact_of, assert_error, jsonl, run_job, upload_dataset, upload_model
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 WORDS = ["red", "blue", "green", "sky", "tree", "river", "stone", "cloud"]
@@ -68,7 +68,7 @@ def _reward_model(client: httpx.Client, model: str) -> str:
         "hyperparameters": {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "max_length": 64},
         "seed": 0,
     }
-    return trained_artifact(client, job, "reward_model", timeout=180)
+    return str(artifact_of(client, run_job(client, job, timeout=180), "reward_model")["id"])
 
 
 def test_uncertainty_ordering_refresh_and_judge(live_server: LiveServer) -> None:
@@ -222,7 +222,7 @@ def _judge_adapter(client: httpx.Client, model: str, guidelines: str, items: lis
         },
         "seed": 0,
     }
-    return trained_artifact(client, job, "adapter")
+    return str(artifact_of(client, run_job(client, job, timeout=300), "adapter")["id"])
 
 
 def test_a_fine_tuned_judge_labels_beside_people_and_its_agreement_is_reported(

@@ -9,28 +9,18 @@ from typing import Any
 import httpx
 
 from tests.conftest import LiveServer
-from tests.service.helpers import assert_error, jsonl, upload_dataset, upload_model, wait_for
+from tests.service.helpers import (
+    artifact_of,
+    assert_error,
+    jsonl,
+    run_job,
+    upload_dataset,
+    upload_model,
+)
 
 PROMPTS = jsonl([{"prompt": f"What colour is the {thing}?"} for thing in ("apple", "sky", "grass", "snow")])
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 ROUND = 1
-
-
-def _job(client: httpx.Client, body: dict[str, Any], timeout: float = 240) -> dict[str, Any]:
-    response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job = wait_for(client, response.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=timeout)
-    if job["status"] != "succeeded":
-        events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
-        raise AssertionError(f"{body['method']} job {job['status']}: {job['error']} {events[-5:]}")
-    return job
-
-
-def _artifact(client: httpx.Client, job: dict[str, Any], kind: str) -> dict[str, Any]:
-    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-    found = [a for a in artifacts if a["kind"] == kind]
-    assert len(found) == 1, artifacts
-    return found[0]
 
 
 def _annotate(client: httpx.Client, fbs: str, annotator: str) -> int:
@@ -57,7 +47,7 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
         prompts = upload_dataset(client, PROMPTS, "prompts").json()["id"]
 
         # round 0's policy: a short SFT run
-        policy = _job(
+        policy = run_job(
             client,
             {
                 "method": "sft",
@@ -68,10 +58,10 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
                 "seed": 0,
             },
         )
-        policy_adapter = _artifact(client, policy, "adapter")
+        policy_adapter = artifact_of(client, policy, "adapter")
 
         # 1. candidates from the previous policy
-        generate = _job(
+        generate = run_job(
             client,
             {
                 "method": "generate",
@@ -148,14 +138,14 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
             "round": ROUND,
             "seed": 0,
         }
-        reward = _job(client, reward_body)
+        reward = run_job(client, reward_body)
         events = " ".join(e["message"] for e in client.get(f"/v1/jobs/{reward['id']}/events").json()["data"])
         reward_metrics = client.get(f"/v1/jobs/{reward['id']}/metrics").json()["data"]
         eval_accuracy = [m["value"] for m in reward_metrics if m["name"] == "eval_accuracy"]
         assert eval_accuracy and 0.0 <= eval_accuracy[-1] <= 1.0, events  # held-out pair accuracy, reported
-        reward_model = _artifact(client, reward, "reward_model")
+        reward_model = artifact_of(client, reward, "reward_model")
         # the next round continues this reward model rather than starting over
-        again = _job(client, {**reward_body, "init_reward_model": reward_model["id"], "round": ROUND + 1})
+        again = run_job(client, {**reward_body, "init_reward_model": reward_model["id"], "round": ROUND + 1})
         assert again["init_reward_model"] == reward_model["id"]
         events = [e["message"] for e in client.get(f"/v1/jobs/{again['id']}/events").json()["data"]]
         assert any(f"continuing reward model {reward_model['id']}" in e for e in events), events
@@ -171,10 +161,10 @@ def test_feedback_round_over_rest(live_server: LiveServer) -> None:
         refused = assert_error(client.post("/v1/jobs", json=ppo_body), 422, "reward_model_too_weak")
         assert "on 3 pairs; floor 0.60 on >= 20 pairs" in refused["message"], refused
         ppo_body["hyperparameters"] = {**ppo_body["hyperparameters"], "allow_weak_reward_model": True}
-        ppo = _job(client, ppo_body)
+        ppo = run_job(client, ppo_body)
         assert ppo["hyperparameters"]["allow_weak_reward_model"] is True
         assert ppo["init_adapter"] == policy_adapter["id"] and ppo["reward_model"] == reward_model["id"]
-        new_policy = _artifact(client, ppo, "adapter")
+        new_policy = artifact_of(client, ppo, "adapter")
         assert new_policy["job"] == ppo["id"]
 
         # every step of the round is listed and linked

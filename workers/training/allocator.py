@@ -21,27 +21,26 @@ The trainers call the second (PPO after each minibatch, GRPO/RLOO after each opt
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from collections.abc import Callable
 
-_trim: Callable[[int], int] | None = None
-_looked = False
 
-
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    global _trim, _looked
-    if not _looked:
-        _looked = True
-        if sys.platform.startswith("linux"):
-            try:
-                function = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
-            except OSError:
-                function = None
-            if function is not None:  # glibc; musl has none
-                function.argtypes = [ctypes.c_size_t]
-                function.restype = ctypes.c_int
-                _trim = function
-    return _trim
+    """glibc's ``malloc_trim``, looked up once; None off Linux or on a C library without it (musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    trim: Callable[[int], int] = function
+    return trim
 
 
 def release_freed_memory() -> bool:
