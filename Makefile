@@ -188,6 +188,6 @@ bench-api-quick: $(STAMP) wrk
 gpu-check:
 	bench/gpu_check.sh
 
-bench-quick: bench-ppo-quick bench-grpo-quick bench-sft-quick bench-validation-quick bench-api-quick
+bench-quick: bench-ppo-quick bench-grpo-quick bench-alignment-quick bench-sft-quick bench-validation-quick bench-api-quick
 
 bench: bench-ppo bench-grpo bench-sft bench-validation bench-api

@@ -19,6 +19,7 @@ Run by ``bench/alignment_quality.py``; not meant to be called by hand::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -306,6 +307,10 @@ _REPORTED_HP = {
 # --- TRL's PPO
 
 
+class _BudgetSpent(Exception):
+    """Raised at the end of the update that spent the wall budget."""
+
+
 def run_trl(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -360,7 +365,9 @@ def run_trl(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
         def on_step_end(self, args: Any, state: Any, control: Any, **k: Any) -> None:
             budget.step_ends()
             if budget.spent:
-                control.should_training_stop = True
+                # TRL 1.9's PPO loop never reads control.should_training_stop: leave it after this update (its
+                # optimizer step is done) by an exception that run_trl catches.
+                raise _BudgetSpent
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **k: Any) -> None:
             if logs:
@@ -386,7 +393,8 @@ def run_trl(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
         callbacks=[Clock()],
     )
     start = time.perf_counter()
-    trainer.train()
+    with contextlib.suppress(_BudgetSpent):
+        trainer.train()
     adapter_dir = Path(run_dir) / "adapter"
     # the peft policy inside TRL's policy + value wrapper
     trainer.model.policy.save_pretrained(str(adapter_dir))

@@ -31,6 +31,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -127,18 +128,37 @@ def build_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def _stage(stage: str, cfg_path: Path, work: Path, env: dict[str, str], label: str, timeout: float) -> Any:
+def _stage(
+    stage: str, cfg_path: Path, work: Path, env: dict[str, str], label: str, args: argparse.Namespace
+) -> Any:
+    """Run one stage in its own process; with ``--resume``, a stage whose result is in ``work`` is read back
+    instead (its process figures from the ``.run.json`` beside it, when that exists)."""
     result_file = work / f"{label}.json"
+    run_file = work / f"{label}.run.json"
+    if args.resume and result_file.exists():
+        print(f"[alignment] {label}: reusing {result_file.name}", flush=True)
+        reused.append(label)
+        saved = json.loads(run_file.read_text()) if run_file.exists() else {}
+        return SimpleNamespace(result=json.loads(result_file.read_text()), **{**_UNKNOWN_RUN, **saved})
     print(f"[alignment] {label} (load {loadavg()})", flush=True)
     run = run_child(
         [bench_python(), CHILD, stage, str(cfg_path), str(result_file), str(work / "out" / label)],
         result_file=result_file,
         env=env,
-        timeout=timeout,
+        timeout=args.timeout,
     )
     if run.returncode != 0 or not run.result:
         raise SystemExit(f"{label} failed (rc {run.returncode}):\n{run.stderr_tail}")
+    run_file.write_text(json.dumps({k: getattr(run, k) for k in _UNKNOWN_RUN}))
     return run
+
+
+reused: list[str] = []  # the stages --resume read back, named in the results
+
+# What a reused stage without its .run.json cannot say (the runs of the first invocation that wrote none).
+_UNKNOWN_RUN: dict[str, Any] = {
+    "seconds": None, "peak_rss_bytes": None, "cpu_seconds": None, "loadavg_before": None, "loadavg_after": None,
+}  # fmt: skip
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -180,7 +200,8 @@ def policy_rows(evaluation: dict[str, Any], runs: dict[str, Any]) -> list[dict[s
                 "eos_rate": round(sum(res["ended"]) / len(res["ended"]), 3),
                 "mean_tokens": round(statistics.mean(res["tokens"]), 1),
                 "proxy_gain": round(proxy_gain, 3),
-                "peak_rss_gib": round(run.peak_rss_bytes / 2**30, 2) if run is not None else None,
+                # the process's own peak (VmHWM; each PPO run is one process)
+                "peak_rss_gib": round(child["hwm_gib"], 2) if child else None,
             }
         )
     return rows
@@ -236,7 +257,9 @@ def run_rows(runs: dict[str, Any]) -> list[dict[str, Any]]:
                 "train_kl_last": round(kl[-1], 2) if kl else None,
                 "kl_coef_last": round(child["kl_coef"][-1], 4) if child.get("kl_coef") else None,
                 "setup_s": round(child["setup_seconds"], 1),
-                "cpu_share": round(run.cpu_seconds / run.seconds / child["threads"], 2),
+                "cpu_share": round(run.cpu_seconds / run.seconds / child["threads"], 2)
+                if run.cpu_seconds is not None
+                else None,
                 "load_before": run.loadavg_before,
                 "load_after": run.loadavg_after,
             }
@@ -261,6 +284,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="results file stem (default alignment_quality[_tiny])")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the stages whose results the work folder already holds"
+    )
     args = parser.parse_args()
 
     work = WORK / f"alignment-{args.model}-s{args.seed}"
@@ -271,12 +297,12 @@ def main() -> None:
     env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     stamp = machine_stamp(["trl", "accelerate", "datasets"])
 
-    pairs = _stage("pairs", cfg_path, work, env, "pairs", args.timeout).result
+    pairs = _stage("pairs", cfg_path, work, env, "pairs", args).result
     reward_models: dict[str, Any] = {}
     for which in ("train", "judge"):
         stage_cfg = work / f"reward_{which}_config.json"
         stage_cfg.write_text(json.dumps({**cfg, "reward_which": which}))
-        reward_models[which] = _stage("reward", stage_cfg, work, env, f"reward_{which}", args.timeout).result
+        reward_models[which] = _stage("reward", stage_cfg, work, env, f"reward_{which}", args).result
     cfg.update(
         reward_model=reward_models["train"]["adapter_dir"], judge_model=reward_models["judge"]["adapter_dir"]
     )
@@ -289,13 +315,13 @@ def main() -> None:
             raise SystemExit(f"unknown run {name!r}: one of {sorted(VARIANTS)} or trl")
         stage_cfg = work / f"{name}_config.json"
         stage_cfg.write_text(json.dumps({**cfg, "variant": name}))
-        runs[name] = _stage(stage, stage_cfg, work, env, name, args.timeout)
+        runs[name] = _stage(stage, stage_cfg, work, env, name, args)
         print(json.dumps(run_rows({name: runs[name]})), flush=True)
 
     eval_cfg = work / "eval_config.json"
     adapters = {"base": None, **{name: run.result["adapter_dir"] for name, run in runs.items()}}
     eval_cfg.write_text(json.dumps({**cfg, "eval_adapters": adapters}))
-    evaluation = _stage("eval", eval_cfg, work, env, "eval", args.timeout).result
+    evaluation = _stage("eval", eval_cfg, work, env, "eval", args).result
     rows = policy_rows(evaluation, runs)
     targets = targets_of(rows)
     reward_rows = [
@@ -330,8 +356,17 @@ def main() -> None:
             "settings": settings,
             "evaluation": evaluation,
             "raw": {k: {"child": r.result, "wall_s": r.seconds} for k, r in runs.items()},
+            "reused_stages": sorted(reused),
         },
-        notes=_notes(args, evaluation),
+        notes=_notes(args, evaluation)
+        + (
+            [
+                f"Resumed: {', '.join(reused)} were read back from an earlier invocation in the same work folder "
+                "(same code and settings); the other stages ran in this one."
+            ]
+            if reused
+            else []
+        ),
     )
     print(json.dumps({"heldout": rows, "targets": targets}))
 
