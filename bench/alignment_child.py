@@ -413,20 +413,33 @@ def run_trl(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
 # --- eval
 
 
+def _right_padded(
+    prompts: list[list[int]], answers: list[list[int]], pad: int, size: int = 16
+) -> Iterator[tuple[int, Any, Any]]:
+    """(first row, ids, attention mask) of ``prompt + answer`` rows, ``size`` at a time, padded on the right
+    (so every row's positions are its own, with no position ids needed)."""
+    import torch
+
+    for start in range(0, len(answers), size):
+        rows = [
+            p + a for p, a in zip(prompts[start : start + size], answers[start : start + size], strict=True)
+        ]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        yield start, ids, mask
+
+
 def _judge_scores(judge: Any, prompts: list[list[int]], answers: list[list[int]], pad: int) -> list[float]:
     """The judge's score of each (prompt, answer), read at the last token as alignd's scorer reads it."""
     import torch
 
     scores: list[float] = []
-    for start in range(0, len(answers), 16):
-        rows = [p + a for p, a in zip(prompts[start : start + 16], answers[start : start + 16], strict=True)]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    for _, ids, mask in _right_padded(prompts, answers, pad):
         with torch.no_grad():
             hidden = judge.model(input_ids=ids, attention_mask=mask).last_hidden_state
             last = mask.sum(dim=1) - 1
-            scores += judge.score(hidden[torch.arange(len(rows)), last]).squeeze(-1).tolist()
+            scores += judge.score(hidden[torch.arange(ids.size(0)), last]).squeeze(-1).tolist()
     return scores
 
 
@@ -440,11 +453,7 @@ def _kl_per_answer(
     if not hasattr(model, "disable_adapter"):
         return [0.0] * len(answers)
     out: list[float] = []
-    for start in range(0, len(answers), 16):
-        rows = [p + a for p, a in zip(prompts[start : start + 16], answers[start : start + 16], strict=True)]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    for start, ids, mask in _right_padded(prompts, answers, pad):
 
         def logprobs(ids: Any = ids, mask: Any = mask) -> Any:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1] / temperature
