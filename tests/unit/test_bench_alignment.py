@@ -41,7 +41,7 @@ def _evaluation() -> dict[str, object]:
 
 
 def test_the_gain_is_paired_by_prompt_and_the_targets_say_met_or_not() -> None:
-    run = SimpleNamespace(result={"step_marks": [0.0, 5.0, 11.0]}, peak_rss_bytes=2**31)
+    run = SimpleNamespace(result={"step_marks": [0.0, 5.0, 11.0], "hwm_gib": 2.0})
     rows = alignment_quality.policy_rows(_evaluation(), {"alignd": run})
     by = {r["policy"]: r for r in rows}
     diffs = [1.0, 2.0, 3.0]  # per-prompt means minus the base's
