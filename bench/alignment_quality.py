@@ -37,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, WORK, bench_python, loadavg, machine_stamp, run_child, write_results
+from grpo_vs_trl import write_prompts  # the same four asks per subject as the GRPO benchmark
 from ppo_vs_trl import model_dir
 
 CHILD = str(REPO / "bench" / "alignment_child.py")
@@ -56,12 +57,6 @@ _HELDOUT_TOPICS = [
     "bread baking", "blockchains", "rainbows", "earthquakes", "jazz", "chess openings", "the Roman empire",
     "tides", "honeybees", "lighthouses", "the Olympic games", "submarines",
 ]  # fmt: skip
-_ASKS = [
-    "Explain {t} to a ten-year-old in two sentences.",
-    "What is the most surprising fact about {t}?",
-    "Give me one practical tip related to {t}.",
-    "Summarise {t} in a single short paragraph, please.",
-]
 
 # alignd runs by name: "alignd" is the PPO job as shipped (every setting its default, the shared ones equal to
 # them); the others change what their hyperparameters say.
@@ -75,25 +70,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_prompts(path: Path, topics: list[str]) -> str:
-    lines = [
-        json.dumps({"messages": [{"role": "user", "content": ask.format(t=topic)}]})
-        for topic, ask in itertools.product(topics, _ASKS)
-    ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
-
-
 def build_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    train_prompts = write_prompts(work / "train_prompts.jsonl", _TRAIN_TOPICS)
+    train_prompts = str(write_prompts(work / "train_prompts.jsonl", _TRAIN_TOPICS))
     return {
         "model": str(model_dir(args.model)),
         "prompts": train_prompts,
-        "heldout_prompts": write_prompts(work / "heldout_prompts.jsonl", _HELDOUT_TOPICS),
+        "heldout_prompts": str(write_prompts(work / "heldout_prompts.jsonl", _HELDOUT_TOPICS)),
         "pair_sets": {
             "train": [train_prompts, str(work / "pairs_train.jsonl")],
             "judge": [
-                write_prompts(work / "judge_prompts.jsonl", _JUDGE_TOPICS),
+                str(write_prompts(work / "judge_prompts.jsonl", _JUDGE_TOPICS)),
                 str(work / "pairs_judge.jsonl"),
             ],
         },
