@@ -1,4 +1,5 @@
-"""What a job asks of a worker: ``resources: {"processes": N, "strategy": "ddp"}`` (torch-free, shared).
+"""What a job asks of a worker: ``resources: {"processes": N, "strategy": "ddp", "precision": "auto"}``
+(torch-free, shared).
 
 ``processes`` is the number of training processes of one job on one node: on a CPU worker, processes (gloo);
 on a GPU worker (``ALIGND_WORKER_GPUS`` > 0), one GPU each (nccl). With N > 1 the runner starts the child
@@ -36,6 +37,9 @@ DISTRIBUTED_METHODS: frozenset[Method] = frozenset(
 EXIT_RANK_LOST = 75
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,10 +54,18 @@ class Resources(BaseModel):
         description="ddp: every process holds the trainable (LoRA) weights and optimizer, gradients summed "
         "across processes each step. fsdp is refused (422 strategy_not_supported): not implemented yet.",
     )
+    precision: Precision = Field(
+        "auto",
+        description="The frozen base's weights and activations: auto (bf16 on a CUDA GPU that supports it, "
+        "else fp32), fp32, or bf16. LoRA weights, optimizer state, losses, log-probs and rewards stay fp32 "
+        "in every case. bf16 on a CPU is fast only where the CPU multiplies bf16 matrices natively (Intel "
+        "AMX, Sapphire Rapids and later: docs/performance.md has the measured PPO speed); elsewhere it is "
+        "emulated and slower.",
+    )
 
     @property
     def is_default(self) -> bool:
-        return self.processes == 1 and self.strategy == "ddp"
+        return self.processes == 1 and self.strategy == "ddp" and self.precision == "auto"
 
 
 def resources_of(hyperparameters: Mapping[str, Any] | None) -> Resources:

@@ -332,6 +332,15 @@ def _lora(args: argparse.Namespace) -> dict[str, Any] | None:
     return lora or None
 
 
+def _resources(args: argparse.Namespace) -> dict[str, Any] | None:
+    resources: dict[str, Any] = {}
+    if args.processes is not None:
+        resources["processes"] = args.processes
+    if args.precision is not None:
+        resources["precision"] = args.precision
+    return resources or None
+
+
 def _wait(client: Client, job_id: str, args: argparse.Namespace, out: TextIO) -> int:
     job = client.jobs.wait(
         job_id,
@@ -354,6 +363,7 @@ def cmd_jobs_create(client: Client, args: argparse.Namespace, out: TextIO) -> in
         init_reward_model=args.init_reward_model,
         round=args.round,
         lora=_lora(args),
+        resources=_resources(args),
         hyperparameters=_hyperparameters(args),
         seed=args.seed,
         name=args.name,
@@ -540,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--target-modules", metavar="A,B,...")
+    p.add_argument("--processes", type=int, help="training processes on one worker (resources.processes)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="the base's dtype (resources.precision; bf16 is fast on CPUs with Intel AMX)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--name")
     p.add_argument("--wait", action="store_true", help="wait for the job, with live progress")

@@ -134,6 +134,12 @@ class ResourcesCreate(InputModel):
     strategy: Literal["ddp", "fsdp"] | None = Field(
         None, description="'ddp' (default). 'fsdp' is refused with 422 strategy_not_supported for now."
     )
+    precision: Literal["auto", "fp32", "bf16"] | None = Field(
+        None,
+        description="The base model's dtype in training: 'auto' (default: bf16 on a CUDA GPU that supports "
+        "it, else fp32), 'fp32' or 'bf16' (fast on CPUs with Intel AMX). Adapters, optimizer and losses stay "
+        "fp32.",
+    )
 
 
 class JobCreate(InputModel):
@@ -150,7 +156,8 @@ class JobCreate(InputModel):
     lora: LoraCreate | None = None
     resources: ResourcesCreate | None = Field(
         None,
-        description="What the job asks of a worker: {processes: N, strategy: 'ddp'}. processes > 1: sft, "
+        description="What the job asks of a worker: {processes: N, strategy: 'ddp', precision: 'auto'}. "
+        "processes > 1: sft, "
         "reward_model, dpo, ppo, grpo, rloo and rlhf.",
     )
     hyperparameters: dict[str, Any] | None = Field(

@@ -118,7 +118,11 @@ def test_two_process_sft_matches_one_process_loss_curve(
     for job_id in (one, two):
         job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
         assert job["status"] == "succeeded", _events(client, job_id)
-    assert client.get(f"/v1/jobs/{two}").json()["resources"] == {"processes": 2, "strategy": "ddp"}
+    assert client.get(f"/v1/jobs/{two}").json()["resources"] == {
+        "processes": 2,
+        "strategy": "ddp",
+        "precision": "auto",
+    }
     messages = " | ".join(event["message"] for event in _events(client, two))
     assert "torchrun with 2 processes" in messages and "data parallel over 2 processes (gloo" in messages
     _assert_same_curve(_series(client, one, "loss"), _series(client, two, "loss"))
@@ -321,6 +325,7 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
             {"processes": 65},
             {"processes": 2, "gpus": 1},
             {"strategy": "zero"},
+            {"precision": "fp16"},
         ):
             field = refused(resources, "invalid_request")["details"][0]["field"]
             assert field.startswith("resources."), field
@@ -345,10 +350,10 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
         # Accepted: the default, and processes within the pool; the job answers its resources.
         accepted = http.post("/v1/jobs", json={**body, "resources": {"processes": 4}})
         assert accepted.status_code == 202, accepted.text
-        assert accepted.json()["resources"] == {"processes": 4, "strategy": "ddp"}
+        assert accepted.json()["resources"] == {"processes": 4, "strategy": "ddp", "precision": "auto"}
         assert "resources" not in accepted.json()["hyperparameters"]
         plain = http.post("/v1/jobs", json={k: v for k, v in body.items() if k != "resources"}).json()
-        assert plain["resources"] == {"processes": 1, "strategy": "ddp"}
+        assert plain["resources"] == {"processes": 1, "strategy": "ddp", "precision": "auto"}
 
 
 def test_a_job_larger_than_the_worker_waits_with_an_event(
@@ -504,3 +509,58 @@ def test_two_process_rlhf_runs_every_stage_on_two_processes(
     assert {"sft", "reward_model", "ppo"} <= stages, stages
     kinds = sorted(a["kind"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"])
     assert kinds.count("adapter") == 2 and kinds.count("reward_model") == 1, kinds
+
+
+def test_bf16_reward_model_and_ppo_jobs_follow_the_fp32_curve_and_load_with_peft(
+    client: httpx.Client, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``resources.precision: "bf16"``: the same reward-model job in bf16 follows the fp32 loss curve to bf16
+    rounding (measured: 2.0e-2 relative at most over 5 steps; allowed 5e-2), a bf16 PPO job on its reward model
+    succeeds, and both artifacts load with plain peft onto the fp32 base."""
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    preference = upload_dataset(client, tiny_preference_jsonl(tmp_path / "p.jsonl", n=40), "preference")
+    dataset = preference.json()["id"]
+    bodies = [_reward_body(model, dataset, 1) for _ in range(2)]
+    bodies[1]["resources"]["precision"] = "bf16"
+    fp32, bf16 = (_submit(client, body) for body in bodies)
+    for job_id in (fp32, bf16):
+        job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+        assert job["status"] == "succeeded", _events(client, job_id)
+    assert client.get(f"/v1/jobs/{bf16}").json()["resources"]["precision"] == "bf16"
+    one, two = _series(client, fp32, "loss"), _series(client, bf16, "loss")
+    assert one and sorted(one) == sorted(two)
+    worst = max(abs(two[step] - one[step]) / abs(one[step]) for step in one)
+    print(f"bf16 vs fp32 reward-model loss: largest relative difference {worst:.2e}")
+    assert 0 < worst < 5e-2, (one, two)  # not the fp32 run again, and the same curve to bf16 rounding
+    artifacts = client.get(f"/v1/jobs/{bf16}/artifacts").json()["data"]
+    reward_model = next(a["id"] for a in artifacts if a["kind"] == "reward_model")
+
+    prompts = upload_dataset(client, PROMPTS, "prompts").json()["id"]
+    ppo = _submit(
+        client,
+        {
+            "method": "ppo",
+            "base_model": model,
+            "datasets": {"prompts": prompts},
+            "reward_model": reward_model,
+            "lora": LORA,
+            "resources": {"precision": "bf16"},
+            "hyperparameters": {
+                "steps": 3,
+                "batch_size": 4,
+                "ppo_epochs": 2,
+                "max_new_tokens": 6,
+                "max_length": 64,
+                "learning_rate": 3e-3,
+                "allow_weak_reward_model": True,
+            },
+            "seed": 0,
+        },
+    )
+    job = wait_for(client, ppo, {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert job["status"] == "succeeded", _events(client, ppo)
+    assert sorted(_series(client, ppo, "reward_mean")) == [1, 2, 3]
+    adapter = next(
+        a for a in client.get(f"/v1/jobs/{ppo}/artifacts").json()["data"] if a["kind"] == "adapter"
+    )
+    _load_with_plain_peft(tiny_model_dir, _download_adapter(client, adapter["id"], tmp_path / "ppo-adapter"))

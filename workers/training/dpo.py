@@ -139,7 +139,9 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
     def _load_model(self) -> None:
         spec = self.spec
         self.device = lora.pick_device()
-        base = lora.load_base_model(spec.base_model.path, device=self.device)
+        base = lora.load_base_model(
+            spec.base_model.path, device=self.device, precision=spec.resources.precision
+        )
         init_path = spec.init_adapter.path if spec.init_adapter else None
         model = lora.attach_adapter(base, self.lora_settings, init_adapter=init_path)
         self.reference: str | None = None

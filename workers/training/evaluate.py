@@ -315,6 +315,7 @@ def _load(ctx: RunContext, spec: EvaluationSpec, local_adapters: Mapping[str, st
         adapters={ref: fetched[ref] for ref, kind in wanted.items() if kind != "reward_model"},
         reward_models={ref: fetched[ref] for ref, kind in wanted.items() if kind == "reward_model"},
         device=lora.pick_device(),
+        precision=ctx.spec.resources.precision,
     )
 
 

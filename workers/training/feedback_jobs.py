@@ -92,6 +92,7 @@ def run_score(ctx: RunContext) -> dict[str, Any]:
         adapters={},
         reward_models={reward.id: reward.path},
         device=lora.pick_device(),
+        precision=ctx.spec.resources.precision,
     )
     rewards: list[list[float]] = []
     chunk = 32  # items per progress line
@@ -136,6 +137,7 @@ def run_judge(ctx: RunContext) -> dict[str, Any]:
         adapters={} if adapter is None else {adapter.id: adapter.path},
         reward_models={},
         device=lora.pick_device(),
+        precision=ctx.spec.resources.precision,
     )
     judge = None if adapter is None else adapter.id
     counts = {

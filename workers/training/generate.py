@@ -110,7 +110,9 @@ def load_sampler(
     """The policy a sampling job answers with, the base or the base with ``init_adapter``, loaded on the
     worker's device as a KV-cached step for ``rollout.sample_responses``; and that device."""
     device = lora.pick_device()
-    model: torch.nn.Module = lora.load_base_model(spec.base_model.path, device=device)
+    model: torch.nn.Module = lora.load_base_model(
+        spec.base_model.path, device=device, precision=spec.resources.precision
+    )
     if spec.init_adapter is not None:
         model = lora.attach_adapter(model, lora_settings, init_adapter=spec.init_adapter.path)  # type: ignore[arg-type]
         progress.event(f"sampling from the base with adapter {spec.init_adapter.id}", stage=stage)

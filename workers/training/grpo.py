@@ -219,7 +219,7 @@ class GroupModels:
             use_cache=False,
         ).last_hidden_state
         width = hidden.size(1) - prompt_width
-        logits: torch.Tensor = self.lm_head(hidden[:, prompt_width - 1 : prompt_width - 1 + width])
+        logits = lora.project_to_vocab(self.lm_head, hidden[:, prompt_width - 1 : prompt_width - 1 + width])
         return logits.float() / temperature
 
     def generation_step(

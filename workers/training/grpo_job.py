@@ -107,7 +107,7 @@ def _attach_roles(
 ) -> GroupModels:
     """Load the base once; the policy adapter, the reference (frozen init adapter, or none: the adapters
     disabled) and the reward model's adapter and head go onto it."""
-    base = lora.load_base_model(spec.base_model.path, device=device)
+    base = lora.load_base_model(spec.base_model.path, device=device, precision=spec.resources.precision)
     init_path = spec.init_adapter.path if spec.init_adapter else None
     peft_model, reference_adapter = lora.attach_policy_and_reference(
         base, lora_settings, init_adapter=init_path, seed=spec.seed

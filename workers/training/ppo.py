@@ -209,7 +209,7 @@ class SharedBaseModel:
     def response_logits(self, hidden: torch.Tensor, prompt_width: int, temperature: float) -> torch.Tensor:
         """Logits (divided by the temperature) that predicted each response token: positions P-1 .. P+R-2."""
         width = hidden.size(1) - prompt_width
-        logits: torch.Tensor = self.lm_head(hidden[:, prompt_width - 1 : prompt_width - 1 + width])
+        logits = lora.project_to_vocab(self.lm_head, hidden[:, prompt_width - 1 : prompt_width - 1 + width])
         return logits.float() / temperature
 
     def response_values(self, hidden: torch.Tensor, prompt_width: int) -> torch.Tensor:

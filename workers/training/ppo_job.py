@@ -129,7 +129,7 @@ def _attach_roles(
 ) -> SharedBaseModel:
     """Load the base once and put the policy, reference, reward and value adapters and heads on it."""
     spec = ctx.spec
-    base = lora.load_base_model(spec.base_model.path, device=device)
+    base = lora.load_base_model(spec.base_model.path, device=device, precision=spec.resources.precision)
     hidden_size = int(base.config.hidden_size)
     # The reward and value adapters' initialisation draws from the global RNG too (then overwritten by their
     # weights); seeded from the spec, without disturbing callers.

@@ -137,6 +137,7 @@ class RewardTrainer(loop.DatasetTrainer[RewardModelHyperparameters]):
         base = lora.load_base_model(
             spec.base_model.path,
             device=self.device,
+            precision=spec.resources.precision,
             model_class=AutoModelForSequenceClassification,
             num_labels=1,
         )

@@ -90,6 +90,7 @@ def load_shared_models(
     adapters: Mapping[str, str],
     reward_models: Mapping[str, str],
     device: torch.device,
+    precision: str = "auto",
 ) -> SharedModels:
     """The base once, ``adapters`` (artifact id -> folder) as frozen adapters and ``reward_models`` (artifact
     id -> folder) as adapters with their heads, all on that one base."""
@@ -97,7 +98,7 @@ def load_shared_models(
     if tokenizer.eos_token_id is None:
         raise TrainingError(INVALID_ADAPTER, "the tokenizer has no EOS token; answers could never end")
     eos = int(tokenizer.eos_token_id)
-    base = lora.load_base_model(base_path, device=device)
+    base = lora.load_base_model(base_path, device=device, precision=precision)
     base.eval()
     shared = SharedModels(
         model=base,

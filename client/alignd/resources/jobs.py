@@ -108,7 +108,7 @@ class Jobs(SyncResource):
         ``init_reward_model`` (a reward_model artifact) continues one (reward_model, rlhf); ``round`` tags
         the job with a feedback round. ``evaluation``: the ``evaluate`` method's spec (``client.evals.create``
         builds it). ``resources``: ``{"processes": N}`` trains on N processes of one worker (every
-        training method; docs/scale-out.md).
+        training method; docs/scale-out.md); ``{"precision": "bf16"}`` puts the base in bf16.
         """
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
         body = job_body(

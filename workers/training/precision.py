@@ -1,0 +1,106 @@
+"""A job's ``resources.precision``: the dtype of the frozen base, and what must stay fp32 beside it.
+
+``auto`` keeps what alignd always did: bf16 on a CUDA GPU that supports it, fp32 elsewhere. ``bf16`` on a CPU
+is the fast path on CPUs that multiply bf16 matrices natively (Intel AMX): measured on a 2-core Sapphire
+Rapids-class VM, a 608 x 576 x 1536 product runs at about 790 GFLOP/s in bf16 against 215 in fp32, and a
+SmolLM2 PPO update in about half the time (docs/performance.md). Only the frozen base is bf16:
+
+- LoRA weights stay fp32 (peft's ``autocast_adapter_dtype``) and are cast to bf16 for their products
+  (``lora._fused_lora_forward``), so Adam's small steps are not rounded away;
+- a trainable head saved through ``modules_to_save`` (the reward model's ``score``) is made fp32 here, for
+  the same reason, and fed fp32 inputs;
+- on a CPU, attention runs in fp32 (:data:`CPU_ATTENTION`): PyTorch's bf16 flash-attention backward on CPU
+  took 15.9 ms a call where fp32 took 3.3 ms (SmolLM2, 8 x 76 tokens), more than the bf16 matmuls saved;
+- log-probs, losses, values and rewards are computed from ``.float()`` logits and hidden states by the
+  trainers, as on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workers.training.errors import INVALID_SPEC, TrainingError
+
+# The attention implementation a bf16 base gets on a CPU (registered with transformers on first use).
+CPU_ATTENTION = "alignd_sdpa_fp32"
+_registered = False
+
+
+def base_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype for ``precision`` on ``device``."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainingError(INVALID_SPEC, "resources.precision 'bf16': this GPU does not support bf16")
+        return torch.bfloat16
+    if precision != "auto":
+        raise TrainingError(INVALID_SPEC, f"unknown resources.precision {precision!r}")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention_implementation(dtype: torch.dtype, device: torch.device) -> str | None:
+    """``attn_implementation`` for ``from_pretrained``: fp32 attention for a low-precision base on a CPU, else
+    None (transformers' default: sdpa)."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return None
+    _register_cpu_attention()
+    return CPU_ATTENTION
+
+
+def _sdpa_in_fp32(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(
+        module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+    )
+    return out.to(dtype), weights
+
+
+def _register_cpu_attention() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(CPU_ATTENTION, _sdpa_in_fp32)
+    # The masks it takes are sdpa's (transformers picks the mask builder by the implementation's name).
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+    _registered = True
+
+
+def _cast_inputs_to_fp32(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def keep_trainable_heads_fp32(model: torch.nn.Module) -> int:
+    """Make every trainable low-precision module that peft saves whole (``modules_to_save``: the reward
+    model's score head) fp32, its inputs cast up; returns how many were changed."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, ModulesToSaveWrapper):
+            continue
+        for copy in module.modules_to_save.values():
+            params = list(copy.parameters())
+            if params and all(p.dtype in (torch.bfloat16, torch.float16) for p in params):
+                copy.float()
+                copy.register_forward_pre_hook(_cast_inputs_to_fp32)
+                changed += 1
+    return changed
