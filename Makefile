@@ -95,7 +95,7 @@ BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: bench bench-quick bench-install bench-ppo bench-ppo-quick bench-grpo bench-grpo-quick bench-sft \
+.PHONY: bench bench-quick bench-install bench-ppo bench-precision bench-ppo-quick bench-grpo bench-grpo-quick bench-sft \
 	bench-sft-quick bench-alignment bench-alignment-quick bench-labels bench-labels-quick bench-validation bench-validation-quick bench-api bench-api-quick wrk
 
 # TRL only here. torch first (CPU wheel, pinned), then TRL 1.9.x (still has trl.experimental.ppo) with
@@ -129,7 +129,11 @@ bench-install: $(STAMP) $(BENCH_STAMP) $(BENCH_GRPO_STAMP)
 
 bench-ppo: $(STAMP) $(BENCH_STAMP)
 	$(PY) examples/prepare_base_model.py
-	$(BENCH_PY) bench/ppo_vs_trl.py --model smollm2 --updates 6 --threads 2
+	$(BENCH_PY) bench/ppo_vs_trl.py --model smollm2 --updates 6 --threads 2 --precisions fp32,bf16 --rounds 2
+
+# bf16 vs fp32 part by part (matmuls, SmolLM2 forward + backward, PPO phases); uses bench-ppo's reward model.
+bench-precision: $(STAMP) $(BENCH_STAMP)
+	$(BENCH_PY) bench/precision_profile.py --model smollm2 --threads 2
 
 bench-ppo-quick: $(STAMP) $(BENCH_STAMP)
 	$(BENCH_PY) bench/ppo_vs_trl.py --model tiny --updates 5 --threads 1
@@ -139,6 +143,7 @@ bench-ppo-quick: $(STAMP) $(BENCH_STAMP)
 bench-grpo: $(STAMP) $(BENCH_GRPO_STAMP)
 	$(PY) examples/prepare_base_model.py
 	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model smollm2 --seconds 150 --threads 2
+	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model smollm2 --seconds 150 --threads 2 --precision bf16 --name grpo_vs_trl_bf16
 
 bench-grpo-quick: $(STAMP) $(BENCH_GRPO_STAMP)
 	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model tiny --seconds 30 --max-steps 4 --threads 1

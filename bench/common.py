@@ -334,10 +334,14 @@ def write_results(
     data: dict[str, Any],
     notes: Sequence[str] = (),
     out_dir: Path = RESULTS,
+    loadavg_end: Sequence[float] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<name>.json`` (everything) and ``<name>.md`` (the tables, the stamp and notes)."""
+    """Write ``<name>.json`` (everything) and ``<name>.md`` (the tables, the stamp and notes).
+
+    ``loadavg_end``: the load average at the end of the measurement when the files are written later (a
+    results file summarised again); by default the load average now."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = {**stamp, "loadavg_end": loadavg()}
+    stamp = {**stamp, "loadavg_end": list(loadavg_end) if loadavg_end is not None else loadavg()}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(
         json.dumps({"name": name, "machine": stamp, "tables": tables, **data}, indent=2, default=str) + "\n"

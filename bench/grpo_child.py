@@ -170,6 +170,7 @@ def _alignd_spec(cfg: dict[str, Any], run_dir: str) -> Any:
             "hyperparameters": hp.model_dump(),
             "seed": cfg["seed"],
             "output_dir": run_dir,
+            "resources": {"precision": cfg.get("precision", "fp32")},
         }
     )
 
@@ -263,10 +264,11 @@ def _trl_config(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bo
         num_iterations=1,
         scale_rewards=cfg["scale_rewards"],
         loss_type=cfg["loss_type"],
-        # TRL defaults to gradient checkpointing and bf16; alignd's GRPO does neither (fp32, no recompute). bf16
-        # is off for both; gradient checkpointing is TRL's default in the "trl_gc" run, off in the "trl" run.
+        # TRL defaults to gradient checkpointing and bf16; alignd's GRPO recomputes nothing. bf16 follows the run's
+        # precision on both sides (TRL: autocast over fp32 weights; alignd: a bf16 base, precision.py); gradient
+        # checkpointing is TRL's default in the "trl_gc" run, off in the "trl" run.
         gradient_checkpointing=gradient_checkpointing,
-        bf16=False,
+        bf16=cfg.get("precision", "fp32") == "bf16",
         use_cpu=True,
         use_vllm=False,
         report_to="none",

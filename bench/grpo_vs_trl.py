@@ -137,6 +137,7 @@ def build_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "heldout_prompts": str(write_prompts(work / "heldout.jsonl", _HELDOUT_TOPICS)),
         "grader": GRADER,
         "threads": args.threads,
+        "precision": args.precision,
         "seed": 0,
         "seconds": args.seconds,
         "max_steps": args.max_steps,
@@ -267,6 +268,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=150.0, help="training wall-clock budget per run")
     parser.add_argument("--max-steps", type=int, default=100000, help="cap on steps per run (quick runs)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32: every run in fp32; bf16: alignd with resources.precision 'bf16', TRL with bf16=True (autocast)",
+    )
     parser.add_argument(
         "--rounds", type=int, default=1, help="rounds of the three runs, order reversed every other round"
     )

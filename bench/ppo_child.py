@@ -96,6 +96,7 @@ def run_alignd(cfg: dict[str, Any]) -> dict[str, Any]:
             "hyperparameters": hp.model_dump(),
             "seed": cfg["seed"],
             "output_dir": cfg["output_dir"] + "/alignd",
+            "resources": {"precision": cfg.get("precision", "fp32")},
         }
     )
     marks: list[float] = []
@@ -189,7 +190,8 @@ def run_trl(cfg: dict[str, Any]) -> dict[str, Any]:
         missing_eos_penalty=cfg["missing_eos_penalty"],
         stop_token="eos",
         use_cpu=True,
-        bf16=False,
+        # TRL's mixed precision (accelerate's autocast): fp32 weights and optimizer, bf16 products.
+        bf16=cfg.get("precision", "fp32") == "bf16",
         report_to="none",
         save_strategy="no",
         num_sample_generations=0,

@@ -120,8 +120,50 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="alignd/TRL pairs, order alternating per round")
     parser.add_argument("--name", default=None, help="results file stem (default ppo_vs_trl[_tiny])")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument(
+        "--precisions",
+        default="fp32",
+        help="comma-separated: fp32 (both sides fp32) and/or bf16 (alignd resources.precision bf16 against TRL "
+        "bf16=True, its autocast mixed precision); each pair side by side",
+    )
+    parser.add_argument(
+        "--summarise",
+        metavar="RESULTS.json",
+        help="measure nothing: rebuild the ratios, targets and notes from the runs in an existing results file "
+        "(written again under --name, or its own name)",
+    )
     args = parser.parse_args()
+    if args.summarise:
+        saved = json.loads(Path(args.summarise).read_text())
+        rows = saved["tables"][RUNS_TABLE]
+        report(
+            args.name or saved["name"],
+            rows=rows,
+            raw=saved["raw"],
+            stamp=saved["machine"],
+            settings=saved["settings"],
+        )
+        return
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        raise SystemExit(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
+    rows, raw, stamp, settings = measure(args, precisions)
+    report(
+        args.name or ("ppo_vs_trl" if args.model == "smollm2" else "ppo_vs_trl_tiny"),
+        rows=rows,
+        raw=raw,
+        stamp=stamp,
+        settings=settings,
+    )
 
+
+RUNS_TABLE = "Runs (episodes/s, tokens/s over updates 2..N)"
+
+
+def measure(
+    args: argparse.Namespace, precisions: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Every (round, precision, impl) run in its own process: (rows, raw results, machine stamp, settings)."""
     py = bench_python()
     work = WORK / f"ppo-{args.model}"
     work.mkdir(parents=True, exist_ok=True)
@@ -159,68 +201,75 @@ def main() -> None:
     stamp["python_used"] = py
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
-    for round_index in range(args.rounds):
-        order = ["alignd", "trl"] if round_index % 2 == 0 else ["trl", "alignd"]
-        for impl in order:
-            result_file = work / f"{impl}.json"
-            print(f"[ppo] round {round_index + 1}: {impl} (load {loadavg()})", flush=True)
-            run = run_child(
-                [py, child, impl, str(cfg_path), str(result_file)],
-                result_file=result_file,
-                env=env,
-                timeout=args.timeout,
-            )
-            if run.returncode != 0 or not run.result:
-                raise SystemExit(f"{impl} failed (rc {run.returncode}):\n{run.stderr_tail}")
-            row = {"round": round_index + 1, **summarise(impl, run, cfg)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            raw.append({"impl": impl, "round": round_index + 1, "child": run.result, "wall_s": run.seconds})
-
-    def mean_of(impl: str, key: str) -> float:
-        return statistics.mean(r[key] for r in rows if r["impl"] == impl)
-
-    ratios = {
-        "peak_rss_alignd_over_trl": round(
-            mean_of("alignd", "peak_rss_gib") / mean_of("trl", "peak_rss_gib"), 3
-        ),
-        "episodes_per_s_alignd_over_trl": round(
-            mean_of("alignd", "episodes_per_s") / mean_of("trl", "episodes_per_s"), 2
-        ),
-    }
-    targets = [
-        {
-            "target": "peak memory <= 0.5x TRL",
-            "measured": ratios["peak_rss_alignd_over_trl"],
-            "met": ratios["peak_rss_alignd_over_trl"] <= 0.5,
-        },
-        {
-            "target": "episodes/s >= 1.5x TRL",
-            "measured": ratios["episodes_per_s_alignd_over_trl"],
-            "met": ratios["episodes_per_s_alignd_over_trl"] >= 1.5,
-        },
-        # The scale-out issue (#20) raised both bars.
-        {
-            "target": "peak memory <= 0.40x TRL (#20)",
-            "measured": ratios["peak_rss_alignd_over_trl"],
-            "met": ratios["peak_rss_alignd_over_trl"] <= 0.40,
-        },
-        {
-            "target": "episodes/s >= 2.0x TRL (#20)",
-            "measured": ratios["episodes_per_s_alignd_over_trl"],
-            "met": ratios["episodes_per_s_alignd_over_trl"] >= 2.0,
-        },
+    runs = [
+        (round_index, precision, impl)
+        for round_index in range(args.rounds)
+        for precision in precisions
+        for impl in (["alignd", "trl"] if round_index % 2 == 0 else ["trl", "alignd"])
     ]
-    name = args.name or ("ppo_vs_trl" if args.model == "smollm2" else "ppo_vs_trl_tiny")
+    for round_index, precision, impl in runs:
+        run_cfg = work / f"config-{precision}.json"
+        run_cfg.write_text(json.dumps({**cfg, "precision": precision}, indent=2))
+        result_file = work / f"{impl}-{precision}.json"
+        print(f"[ppo] round {round_index + 1}: {impl} {precision} (load {loadavg()})", flush=True)
+        run = run_child(
+            [py, child, impl, str(run_cfg), str(result_file)],
+            result_file=result_file,
+            env=env,
+            timeout=args.timeout,
+        )
+        if run.returncode != 0 or not run.result:
+            raise SystemExit(f"{impl} failed (rc {run.returncode}):\n{run.stderr_tail}")
+        row = {"round": round_index + 1, "precision": precision, **summarise(impl, run, cfg)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        raw.append(
+            {
+                "impl": impl,
+                "precision": precision,
+                "round": round_index + 1,
+                "child": run.result,
+                "wall_s": run.seconds,
+            }
+        )
     settings = {k: v for k, v in cfg.items() if k not in ("model", "reward_model", "prompts", "output_dir")}
     settings["model"] = args.model
+    settings["precisions"] = precisions
+    settings["rounds"] = args.rounds
     settings["prompt_tokens_min_max"] = [min(prompt_tokens), max(prompt_tokens)]
+    return rows, raw, stamp, settings
+
+
+def report(
+    name: str,
+    *,
+    rows: list[dict[str, Any]],
+    raw: list[dict[str, Any]],
+    stamp: dict[str, Any],
+    settings: dict[str, Any],
+) -> None:
+    """The ratios and targets at each precision, and each side at its faster precision; the results files."""
+    precisions = list(dict.fromkeys(r["precision"] for r in rows))
+    ratios_by_precision = {p: pair_ratios(rows, p) for p in precisions}
+    targets = [t for p in precisions for t in targets_for(ratios_by_precision[p], p)]
+    fastest = fastest_each(rows) if len(precisions) > 1 else None
+    if fastest is not None:
+        label = f"alignd {fastest['alignd']} vs TRL {fastest['trl']} (each side's faster)"
+        targets += targets_for(fastest["ratios"], label)
+    updates = settings.get("updates")
     write_results(
         name,
-        title=f"PPO: alignd vs TRL {stamp['versions'].get('trl')} ({args.model}, {args.updates} updates x 8 episodes)",
+        title=f"PPO: alignd vs TRL {stamp['versions'].get('trl')} ({settings['model']}, {updates} updates x 8 "
+        "episodes)",
         stamp=stamp,
-        tables={"Runs (episodes/s, tokens/s over updates 2..N)": rows, "Targets": targets},
-        data={"settings": settings, "ratios": ratios, "raw": raw},
+        tables={RUNS_TABLE: rows, "Targets": targets},
+        data={
+            "settings": settings,
+            "ratios": ratios_by_precision[precisions[0]],
+            "ratios_by_precision": ratios_by_precision,
+            "fastest_each": fastest,
+            "raw": raw,
+        },
         notes=[
             "Each run is its own process; peak RSS is the max of the sampled process-tree RSS and VmHWM.",
             "tokens/s counts the response budget (8 x 32 tokens per update) on both sides; alignd's mean real "
@@ -229,10 +278,87 @@ def main() -> None:
             "update wall time.",
             "TRL trains a full value model (a copy of the base) beside the LoRA policy; alignd's value function is a "
             "zero-initialised head on the policy's trunk.",
+            "precision fp32: both sides in fp32. bf16: alignd with resources.precision 'bf16' (the frozen base in "
+            "bf16, LoRA weights, Adam, losses and attention in fp32: workers/training/precision.py) against TRL "
+            "with bf16=True (accelerate's autocast: fp32 weights, bf16 products), the setting TRL documents for "
+            "mixed precision. 'each side's faster': each side at the precision where its mean episodes/s is "
+            "higher, compared with its peak memory at that precision.",
             f"settings: {json.dumps(settings)}",
         ],
+        loadavg_end=stamp.get("loadavg_end"),
     )
-    print(json.dumps({"ratios": ratios, "targets": targets}))
+    print(json.dumps({"ratios": ratios_by_precision, "fastest_each": fastest, "targets": targets}))
+
+
+def _mean(rows: list[dict[str, Any]], impl: str, precision: str, key: str) -> float:
+    return statistics.mean(r[key] for r in rows if r["impl"] == impl and r["precision"] == precision)
+
+
+def fastest_each(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each side at its faster precision (mean episodes/s), and the ratios between those two settings."""
+    chosen = {
+        impl: max(
+            {r["precision"] for r in rows if r["impl"] == impl},
+            key=lambda p, impl=impl: _mean(rows, impl, p, "episodes_per_s"),
+        )
+        for impl in ("alignd", "trl")
+    }
+    ratios = {
+        "peak_rss_alignd_over_trl": round(
+            _mean(rows, "alignd", chosen["alignd"], "peak_rss_gib")
+            / _mean(rows, "trl", chosen["trl"], "peak_rss_gib"),
+            3,
+        ),
+        "episodes_per_s_alignd_over_trl": round(
+            _mean(rows, "alignd", chosen["alignd"], "episodes_per_s")
+            / _mean(rows, "trl", chosen["trl"], "episodes_per_s"),
+            2,
+        ),
+    }
+    return {**chosen, "ratios": ratios}
+
+
+def pair_ratios(rows: list[dict[str, Any]], precision: str) -> dict[str, float]:
+    """alignd over TRL at one precision: peak RSS and episodes/s (means over rounds)."""
+    return {
+        "peak_rss_alignd_over_trl": round(
+            _mean(rows, "alignd", precision, "peak_rss_gib") / _mean(rows, "trl", precision, "peak_rss_gib"),
+            3,
+        ),
+        "episodes_per_s_alignd_over_trl": round(
+            _mean(rows, "alignd", precision, "episodes_per_s")
+            / _mean(rows, "trl", precision, "episodes_per_s"),
+            2,
+        ),
+    }
+
+
+def targets_for(ratios: dict[str, float], precision: str) -> list[dict[str, Any]]:
+    """The targets' met/not-met rows for one comparison (``precision``: its label)."""
+    rows = [
+        {
+            "target": f"{precision}: peak memory <= 0.5x TRL",
+            "measured": ratios["peak_rss_alignd_over_trl"],
+            "met": ratios["peak_rss_alignd_over_trl"] <= 0.5,
+        },
+        {
+            "target": f"{precision}: episodes/s >= 1.5x TRL",
+            "measured": ratios["episodes_per_s_alignd_over_trl"],
+            "met": ratios["episodes_per_s_alignd_over_trl"] >= 1.5,
+        },
+        # The scale-out issue (#20) raised both bars.
+        {
+            "target": f"{precision}: peak memory <= 0.40x TRL (#20)",
+            "measured": ratios["peak_rss_alignd_over_trl"],
+            "met": ratios["peak_rss_alignd_over_trl"] <= 0.40,
+        },
+        {
+            "target": f"{precision}: episodes/s >= 2.0x TRL (#20)",
+            "measured": ratios["episodes_per_s_alignd_over_trl"],
+            "met": ratios["episodes_per_s_alignd_over_trl"] >= 2.0,
+        },
+    ]
+    return rows
 
 
 if __name__ == "__main__":
