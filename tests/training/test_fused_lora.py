@@ -14,7 +14,10 @@ from workers.training import lora
 from workers.training.lora import fuse_lora_linears
 
 
-def _pair(dropout: float = 0.0) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _pair(
+    dropout: float = 0.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """peft's model and a fused copy; ``dtype``: the base's (peft keeps the adapter weights fp32)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=97,
@@ -25,7 +28,7 @@ def _pair(dropout: float = 0.0) -> tuple[torch.nn.Module, torch.nn.Module]:
         num_key_value_heads=2,
     )
     lora_config = LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules="all-linear")
-    plain = get_peft_model(LlamaForCausalLM(config), lora_config)
+    plain = get_peft_model(LlamaForCausalLM(config).to(dtype), lora_config)
     for name, param in plain.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; a non-zero B makes the update visible
             torch.nn.init.normal_(param, std=0.2)

@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,8 @@ FAST_HP: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# In-process training runs torch on one thread (conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts_jsonl(path: Path, things: list[str]) -> Path:

@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,8 @@ FAST_HP: dict[str, Any] = {
 PROMPTS = ["apple", "banana", "sky", "grass", "snow", "coal", "orange", "plum"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# In-process training runs torch on one thread (conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts_jsonl(path: Path) -> Path:

@@ -14,7 +14,6 @@ it is made. Slow (a few hundred PPO updates in all): ``make test-slow``.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.training.test_ppo import EOS, FAST_HP, PAD, PROMPTS, ctx_for, ends_early_reward, make_spec
 from workers.training import ppo_job
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Slow (make test-slow); in-process training on one torch thread (conftest.py says why).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _updates(spec_dir: Path, model_dir: Path, hp: dict[str, Any], n: int) -> list[dict[str, float]]:

@@ -8,18 +8,16 @@ untouched, and PPO still learns the tiny model's ending task in a bounded number
 
 from __future__ import annotations
 
-import copy
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AttentionInterface, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AutoModelForSequenceClassification
 
 from contract.hyperparameters import LoraSettings
 from contract.resources import Resources
+from tests.training.test_fused_lora import _pair
 from tests.training.test_ppo import FAST_HP, ctx_for, ends_early_reward, make_spec
 from workers.training import lora, ppo_job, precision
 from workers.training.errors import TrainingError
@@ -27,12 +25,8 @@ from workers.training.errors import TrainingError
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# In-process training runs torch on one thread (conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,33 +80,13 @@ def test_fp32_attention_matches_sdpa_on_the_same_bf16_inputs() -> None:
     torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
 
 
-def _bf16_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    base = LlamaForCausalLM(config).to(torch.bfloat16)
-    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, target_modules="all-linear"))
-    for name, param in plain.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.2)
-    fused = copy.deepcopy(plain)
-    assert lora.fuse_lora_linears(fused) == 14
-    return plain, fused
-
-
 @pytest.mark.parametrize("shape", [(3, 11), (4, 20)], ids=["decode-sized (fp32 adapter)", "bf16 adapter"])
 def test_fused_lora_serves_a_bf16_base_with_fp32_adapters(
     shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both of its low-precision paths: up to lora._FEW_ROWS rows the adapter runs in fp32, above in bf16."""
     assert shape[0] * shape[1] <= lora._FEW_ROWS or shape[0] * shape[1] > lora._FEW_ROWS * 1.2
-    plain, fused = _bf16_pair()
+    plain, fused = _pair(dtype=torch.bfloat16)
     adapters = {n: p for n, p in fused.named_parameters() if "lora_" in n}
     assert len(adapters) == 28 and {p.dtype for p in adapters.values()} == {torch.float32}
     fallbacks = []
@@ -125,8 +99,8 @@ def test_fused_lora_serves_a_bf16_base_with_fp32_adapters(
     assert fallbacks == []  # every LoRA layer took the fused path
     monkeypatch.setattr(lora, "_PEFT_LINEAR_FORWARD", original)
     out_plain = plain(input_ids=ids, labels=ids)  # peft's: x cast up to fp32 for the adapter
-    scale = float(out_plain.logits.float().abs().max())
-    error = (out_fused.logits.float() - out_plain.logits.float()).abs()
+    scale = float(out_plain.logits.detach().float().abs().max())
+    error = (out_fused.logits.detach().float() - out_plain.logits.detach().float()).abs()
     assert float(error.max()) < 0.06 * scale and float(error.mean()) < 0.01 * scale
     out_fused.loss.backward()
     out_plain.loss.backward()
