@@ -10,7 +10,7 @@ from sqlalchemy.engine import Row
 from contract.evaluation import evaluation_of
 from contract.inputs import InputModel
 from contract.methods import Method
-from contract.resources import MAX_PROCESSES, Resources, resources_of, without_resources
+from contract.resources import MAX_PROCESSES, Precision, Resources, resources_of, without_resources
 from service.core.feedback import ItemRatings, uncertainty_margin
 from service.core.feedback_sets import Progress
 from service.core.jobs import JobStatus
@@ -134,7 +134,7 @@ class ResourcesCreate(InputModel):
     strategy: Literal["ddp", "fsdp"] | None = Field(
         None, description="'ddp' (default). 'fsdp' is refused with 422 strategy_not_supported for now."
     )
-    precision: Literal["auto", "fp32", "bf16"] | None = Field(
+    precision: Precision | None = Field(
         None,
         description="The base model's dtype in training: 'auto' (default: bf16 on a CUDA GPU that supports "
         "it, else fp32), 'fp32' or 'bf16' (fast on CPUs with Intel AMX). Adapters, optimizer and losses stay "

@@ -207,7 +207,13 @@ def page(browser: Any, world: World, tmp_path: Path) -> Iterator[Page]:
 
 
 def _points(page: Any, chart: str) -> int:
-    return int(page.locator(f'figure[data-chart="{chart}"]').get_attribute("data-points") or 0)
+    """The chart's point count; 0 while the chart is not drawn yet. (The chart appears with the job's first
+    point: under load that came more than 30 s after "running", so waiting inside get_attribute, Playwright's
+    default 30 s, failed before _wait_points' own timeout did.)"""
+    figure = page.locator(f'figure[data-chart="{chart}"]')
+    if figure.count() == 0:
+        return 0
+    return int(figure.get_attribute("data-points", timeout=5_000) or 0)
 
 
 def _wait_points(page: Any, chart: str, more_than: int, timeout: float = 30) -> int:

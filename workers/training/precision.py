@@ -1,16 +1,18 @@
 """A job's ``resources.precision``: the dtype of the frozen base, and what must stay fp32 beside it.
 
 ``auto`` keeps what alignd always did: bf16 on a CUDA GPU that supports it, fp32 elsewhere. ``bf16`` on a CPU
-is the fast path on CPUs that multiply bf16 matrices natively (Intel AMX): measured on a 2-core Sapphire
-Rapids-class VM, a 608 x 576 x 1536 product runs at about 790 GFLOP/s in bf16 against 215 in fp32, and a
-SmolLM2 PPO update in about half the time (docs/performance.md). Only the frozen base is bf16:
+is the fast path on CPUs that multiply bf16 matrices natively (Intel AMX): on a 2-core Intel Xeon VM with AMX,
+a 608 x 576 x 1536 product ran at 602 GFLOP/s in bf16 against 197 in fp32, and a SmolLM2 PPO update took
+0.705x the fp32 time (``make bench-precision``, bench/results/precision_profile.md). Only the frozen base is
+bf16:
 
 - LoRA weights stay fp32 (peft's ``autocast_adapter_dtype``) and are cast to bf16 for their products
   (``lora._fused_lora_forward``), so Adam's small steps are not rounded away;
 - a trainable head saved through ``modules_to_save`` (the reward model's ``score``) is made fp32 here, for
   the same reason, and fed fp32 inputs;
 - on a CPU, attention runs in fp32 (:data:`CPU_ATTENTION`): PyTorch's bf16 flash-attention backward on CPU
-  took 15.9 ms a call where fp32 took 3.3 ms (SmolLM2, 8 x 76 tokens), more than the bf16 matmuls saved;
+  took 15.9 ms a call where fp32 took 3.3 ms in a profile (SmolLM2, 8 x 76 tokens), and SmolLM2's forward +
+  backward is 1.24 s with fp32 attention against 1.68 s with bf16 sdpa (the same results file);
 - log-probs, losses, values and rewards are computed from ``.float()`` logits and hidden states by the
   trainers, as on a GPU.
 """
