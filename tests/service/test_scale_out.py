@@ -176,37 +176,16 @@ def test_two_process_reward_model_matches_one_process_then_two_process_ppo_loads
     artifacts = client.get(f"/v1/jobs/{two}/artifacts").json()["data"]
     reward_model = next(a["id"] for a in artifacts if a["kind"] == "reward_model")
 
-    prompts = upload_dataset(client, PROMPTS, "prompts").json()["id"]
-    ppo = _submit(
+    _ppo_succeeds_and_loads_with_peft(
         client,
-        {
-            "method": "ppo",
-            "base_model": model,
-            "datasets": {"prompts": prompts},
-            "reward_model": reward_model,
-            "lora": LORA,
-            "resources": {"processes": 2},
-            "hyperparameters": {
-                "steps": 3,
-                "batch_size": 4,
-                "mini_batch_size": 2,
-                "ppo_epochs": 1,
-                "max_new_tokens": 6,
-                "max_length": 64,
-                "learning_rate": 3e-3,
-                "allow_weak_reward_model": True,
-            },
-            "seed": 0,
-        },
+        model,
+        reward_model,
+        {"processes": 2},
+        tiny_model_dir,
+        tmp_path,
+        mini_batch_size=2,
+        ppo_epochs=1,
     )
-    job = wait_for(client, ppo, {"succeeded", "failed", "cancelled"}, timeout=240)
-    assert job["status"] == "succeeded", _events(client, ppo)
-    assert sorted(_series(client, ppo, "reward_mean")) == [1, 2, 3]
-    adapter = next(
-        a for a in client.get(f"/v1/jobs/{ppo}/artifacts").json()["data"] if a["kind"] == "adapter"
-    )
-    folder = _download_adapter(client, adapter["id"], tmp_path / "ppo-adapter")
-    _load_with_plain_peft(tiny_model_dir, folder)
 
 
 def test_two_process_dpo_matches_one_process_loss_and_held_out_curves(
@@ -234,6 +213,47 @@ def test_two_process_dpo_matches_one_process_loss_and_held_out_curves(
     for name in ("eval_loss", "eval_accuracy"):
         assert _series(client, one, name), name
         assert _series(client, two, name) == pytest.approx(_series(client, one, name), rel=RELATIVE_TOLERANCE)
+
+
+def _ppo_succeeds_and_loads_with_peft(
+    client: httpx.Client,
+    model: str,
+    reward_model: str,
+    resources: dict[str, Any],
+    base_dir: Path,
+    tmp_path: Path,
+    **hyperparameters: Any,
+) -> None:
+    """A 3-update PPO job on ``reward_model`` with ``resources`` succeeds; its adapter loads with plain peft."""
+    prompts = upload_dataset(client, PROMPTS, "prompts").json()["id"]
+    ppo = _submit(
+        client,
+        {
+            "method": "ppo",
+            "base_model": model,
+            "datasets": {"prompts": prompts},
+            "reward_model": reward_model,
+            "lora": LORA,
+            "resources": resources,
+            "hyperparameters": {
+                "steps": 3,
+                "batch_size": 4,
+                "max_new_tokens": 6,
+                "max_length": 64,
+                "learning_rate": 3e-3,
+                "allow_weak_reward_model": True,
+                **hyperparameters,
+            },
+            "seed": 0,
+        },
+    )
+    job = wait_for(client, ppo, {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert job["status"] == "succeeded", _events(client, ppo)
+    assert sorted(_series(client, ppo, "reward_mean")) == [1, 2, 3]
+    adapter = next(
+        a for a in client.get(f"/v1/jobs/{ppo}/artifacts").json()["data"] if a["kind"] == "adapter"
+    )
+    _load_with_plain_peft(base_dir, _download_adapter(client, adapter["id"], tmp_path / "ppo-adapter"))
 
 
 def _download_adapter(client: httpx.Client, artifact_id: str, folder: Path) -> Path:
@@ -535,32 +555,6 @@ def test_bf16_reward_model_and_ppo_jobs_follow_the_fp32_curve_and_load_with_peft
     artifacts = client.get(f"/v1/jobs/{bf16}/artifacts").json()["data"]
     reward_model = next(a["id"] for a in artifacts if a["kind"] == "reward_model")
 
-    prompts = upload_dataset(client, PROMPTS, "prompts").json()["id"]
-    ppo = _submit(
-        client,
-        {
-            "method": "ppo",
-            "base_model": model,
-            "datasets": {"prompts": prompts},
-            "reward_model": reward_model,
-            "lora": LORA,
-            "resources": {"precision": "bf16"},
-            "hyperparameters": {
-                "steps": 3,
-                "batch_size": 4,
-                "ppo_epochs": 2,
-                "max_new_tokens": 6,
-                "max_length": 64,
-                "learning_rate": 3e-3,
-                "allow_weak_reward_model": True,
-            },
-            "seed": 0,
-        },
+    _ppo_succeeds_and_loads_with_peft(
+        client, model, reward_model, {"precision": "bf16"}, tiny_model_dir, tmp_path, ppo_epochs=2
     )
-    job = wait_for(client, ppo, {"succeeded", "failed", "cancelled"}, timeout=240)
-    assert job["status"] == "succeeded", _events(client, ppo)
-    assert sorted(_series(client, ppo, "reward_mean")) == [1, 2, 3]
-    adapter = next(
-        a for a in client.get(f"/v1/jobs/{ppo}/artifacts").json()["data"] if a["kind"] == "adapter"
-    )
-    _load_with_plain_peft(tiny_model_dir, _download_adapter(client, adapter["id"], tmp_path / "ppo-adapter"))
