@@ -7,7 +7,9 @@ through ``torch.distributed.run`` (torchrun) with ``--nproc_per_node=N``; every 
 trainable (LoRA) parameters and computes on its share of each step's batch, gradients summed across processes
 before the optimizer step (data parallel). ``batch_size`` keeps its meaning: the examples (pairs, rollout
 prompts) of one optimizer step across all processes, so a job's loss curve does not depend on N (up to float
-reduction order) and a checkpoint resumes on any N.
+reduction order) and a checkpoint resumes on any N. ``strategy: "fsdp"`` (:data:`FSDP_METHODS`) shards each
+decoder layer's weights across the processes instead of copying the base into every one
+(``workers/training/sharding.py``).
 
 The stored form: a job's ``resources`` travels inside its hyperparameters JSON under :data:`RESOURCES_KEY`
 (no database column; only when it differs from the default), and the runner hands it to the child as
@@ -25,6 +27,10 @@ from contract.methods import Method
 
 RESOURCES_KEY = "resources"
 MAX_PROCESSES = 64
+
+# Methods whose trainers can shard the base's layers (strategy "fsdp"): they run the same number of forwards
+# on every rank. PPO, GRPO, RLOO and rlhf sample answers of data-dependent length per rank: ddp only.
+FSDP_METHODS: frozenset[Method] = frozenset({Method.sft, Method.reward_model, Method.dpo})
 
 # Methods whose trainers run data-parallel today; the others refuse processes > 1 at submission (422).
 DISTRIBUTED_METHODS: frozenset[Method] = frozenset(
@@ -51,8 +57,11 @@ class Resources(BaseModel):
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="ddp: every process holds the trainable (LoRA) weights and optimizer, gradients summed "
-        "across processes each step. fsdp is refused (422 strategy_not_supported): not implemented yet.",
+        description="ddp: every process holds the whole base, the LoRA weights and the optimizer, gradients "
+        "summed across processes each step. fsdp (sft, reward_model, dpo; processes >= 2): each decoder "
+        "layer's weights (base and LoRA) and optimizer state are sharded across the processes (PyTorch FSDP2 "
+        "fully_shard), gathered per layer for its forward and backward; for bases too large for one device. "
+        "Embeddings and heads stay whole on every process.",
     )
     precision: Precision = Field(
         "auto",

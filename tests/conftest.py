@@ -79,6 +79,14 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
     "tests/service/test_scale_out.py::test_pause_and_resume_a_two_process_job": (
         "41 s, two torchrun attempts; test_pause_keeps_every_step_and_resume_continues_from_it stays"
     ),
+    "tests/training/test_distributed.py::test_fsdp_shards_the_layers_matches_one_process_and_its_checkpoint_resumes_on"
+    "_one_process": (
+        "115-137 s, three children (1 process, 2 fsdp ranks, a resumed one); the resources validation test "
+        "(fsdp accepted for sft, refused for grpo and for 1 process) stays"
+    ),
+    "tests/service/test_scale_out.py::test_fsdp_reward_model_and_dpo_jobs_match_one_process_and_load_with_peft": (
+        "75-90 s, four jobs (two of them 2 fsdp ranks); the resources validation test stays"
+    ),
     "tests/training/test_distributed.py::test_a_one_process_checkpoint_resumes_on_two_processes_with_the_same_losses": (
         "28 s, two children; the 2-process SFT curve test over REST stays"
     ),

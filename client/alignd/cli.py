@@ -336,6 +336,8 @@ def _resources(args: argparse.Namespace) -> dict[str, Any] | None:
     resources: dict[str, Any] = {}
     if args.processes is not None:
         resources["processes"] = args.processes
+    if args.strategy is not None:
+        resources["strategy"] = args.strategy
     if args.precision is not None:
         resources["precision"] = args.precision
     return resources or None
@@ -551,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--target-modules", metavar="A,B,...")
     p.add_argument("--processes", type=int, help="training processes on one worker (resources.processes)")
+    p.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp"],
+        help="resources.strategy: ddp (every process holds the base) or fsdp (its layers sharded; sft, "
+        "reward_model, dpo)",
+    )
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],

@@ -111,8 +111,8 @@ class Job(AlignObject):
     """``evaluate`` jobs: the evaluation spec as the server resolved it."""
     lora: dict[str, Any] | None = None
     resources: dict[str, Any] = Field(default_factory=dict)
-    """``{"processes": N, "strategy": "ddp", "precision": "auto"}``: the processes the job trains on and
-    the base model's dtype."""
+    """``{"processes": N, "strategy": "ddp" | "fsdp", "precision": "auto"}``: the processes the job trains on,
+    whether they copy the base (ddp) or shard its layers (fsdp), and the base model's dtype."""
     seed: int | None = None
     progress: float | None = None
     error: JobError | None = None

@@ -132,7 +132,10 @@ class ResourcesCreate(InputModel):
         "one optimizer step across all processes (docs/scale-out.md).",
     )
     strategy: Literal["ddp", "fsdp"] | None = Field(
-        None, description="'ddp' (default). 'fsdp' is refused with 422 strategy_not_supported for now."
+        None,
+        description="'ddp' (default: every process holds the whole base) or 'fsdp' (sft, reward_model, dpo; "
+        "processes >= 2): the decoder layers' weights and optimizer state sharded across the processes "
+        "(docs/scale-out.md).",
     )
     precision: Precision | None = Field(
         None,

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from contract import reward_gate
 from contract.hyperparameters import ppo_eval_block
 from contract.methods import AVAILABLE_METHODS, OPTIONAL_DATASETS, REQUIRED_DATASETS, Method
-from contract.resources import DISTRIBUTED_METHODS, RESOURCES_KEY, Resources
+from contract.resources import DISTRIBUTED_METHODS, FSDP_METHODS, RESOURCES_KEY, Resources
 from service.core.errors import ValidationFailed
 from service.core.evaluation import check_evaluation, missing_item_problems
 from service.core.jobs import resolve_hyperparameters, resolve_lora
@@ -254,23 +254,32 @@ def resolve_resources(
     pool_max_processes: int | None,
 ) -> tuple[Resources, list[dict[str, Any]]]:
     """The job's ``resources`` (contract/resources.py) and what is wrong with them: a method that does not
-    run data-parallel yet, ``fsdp`` (not implemented), more processes than the pool's largest worker has
+    run data-parallel yet, ``fsdp`` for a method that cannot shard (or with one process), more processes than the pool's largest worker has
     (``ALIGND_POOL_MAX_PROCESSES``), a PPO batch that does not split evenly across the processes."""
     try:
         resources = Resources.model_validate(dict(raw or {}))
     except ValidationError as exc:
         return Resources(), _resource_details(exc)
     problems: list[dict[str, Any]] = []
-    if resources.strategy == "fsdp":
+    n = resources.processes
+    if resources.strategy == "fsdp" and method not in FSDP_METHODS:
+        methods = ", ".join(sorted(m.value for m in FSDP_METHODS))
         problems.append(
             {
                 "field": "resources.strategy",
                 "code": "strategy_not_supported",
-                "message": "strategy 'fsdp' is not supported yet; use 'ddp' (LoRA weights and optimizer "
-                "replicated in every process)",
+                "message": f"strategy 'fsdp' is not supported for method '{method.value}' (fsdp: {methods}); "
+                "use 'ddp' (every process holds the whole base)",
             }
         )
-    n = resources.processes
+    elif resources.strategy == "fsdp" and n < 2:
+        problems.append(
+            {
+                "field": "resources.strategy",
+                "code": "strategy_not_supported",
+                "message": "strategy 'fsdp' shards the base across processes: ask for processes >= 2",
+            }
+        )
     if n > 1 and method not in DISTRIBUTED_METHODS:
         methods = ", ".join(sorted(m.value for m in DISTRIBUTED_METHODS))
         problems.append(

@@ -81,7 +81,8 @@ def test_jobs_create_with_hyperparameters_and_wait(server: ScriptedServer) -> No
         [
             "--base-url", server.base_url, "jobs", "create", "--method", "sft", "--base-model", "model_1",
             "--sft", "ds_1", "--hp", "max_steps=2", "--hp", "learning_rate=0.001", "--lora-r", "4",
-            "--target-modules", "q_proj,v_proj", "--processes", "2", "--precision", "bf16", "--wait",
+            "--target-modules", "q_proj,v_proj", "--processes", "2", "--strategy", "fsdp", "--precision", "bf16",
+            "--wait",
             "--poll-interval", "0.01", "--no-progress",
         ]
     )  # fmt: skip
@@ -90,7 +91,7 @@ def test_jobs_create_with_hyperparameters_and_wait(server: ScriptedServer) -> No
     assert body["hyperparameters"] == {"max_steps": 2, "learning_rate": 0.001}
     assert body["lora"] == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
     assert body["datasets"] == {"sft": "ds_1"}
-    assert body["resources"] == {"processes": 2, "precision": "bf16"}
+    assert body["resources"] == {"processes": 2, "strategy": "fsdp", "precision": "bf16"}
 
 
 def test_usage_and_connection_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -215,6 +215,80 @@ def test_two_process_dpo_matches_one_process_loss_and_held_out_curves(
         assert _series(client, two, name) == pytest.approx(_series(client, one, name), rel=RELATIVE_TOLERANCE)
 
 
+def test_fsdp_reward_model_and_dpo_jobs_match_one_process_and_load_with_peft(
+    client: httpx.Client, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``strategy: fsdp`` over REST for the two preference methods (SFT's: tests/training/test_distributed.py):
+    the same loss and held-out curves as one process, each adapter loadable with plain peft."""
+    model = upload_model(client, tiny_model_dir).json()["id"]
+    pairs = upload_dataset(client, tiny_preference_jsonl(tmp_path / "p.jsonl", n=24), "preference").json()[
+        "id"
+    ]
+    held_out = tiny_preference_jsonl(tmp_path / "v.jsonl", n=7, offset=40)  # 7: the ranks' shares differ
+    validation = upload_dataset(client, held_out, "preference").json()["id"]
+    dpo = {
+        "method": "dpo",
+        "base_model": model,
+        "datasets": {"preference": pairs, "validation": validation},
+        "lora": LORA,
+        # with gradient checkpointing, the pairing a base too large for one device would use
+        "hyperparameters": {
+            "max_steps": 4,
+            "batch_size": 6,
+            "max_length": 64,
+            "learning_rate": 5e-3,
+            "gradient_checkpointing": True,
+        },
+        "seed": 0,
+    }
+    reward = _reward_body(model, pairs, 1)
+    reward["hyperparameters"] = {**reward["hyperparameters"], "max_steps": 4, "eval_steps": 2}
+    sharded = {"processes": 2, "strategy": "fsdp"}
+    jobs = {
+        name: (
+            _submit(client, {**body, "resources": {"processes": 1}}),
+            _submit(client, {**body, "resources": sharded}),
+        )
+        for name, body in (("dpo", dpo), ("reward_model", reward))
+    }
+    for one, two in jobs.values():
+        for job_id in (one, two):
+            job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout=300)
+            assert job["status"] == "succeeded", _events(client, job_id)
+    for name, (one, two) in jobs.items():
+        messages = " | ".join(event["message"] for event in _events(client, two))
+        assert "decoder layers sharded (fsdp)" in messages and "fsdp: 2 decoder layers sharded" in messages
+        _assert_same_curve(_series(client, one, "loss"), _series(client, two, "loss"))
+        for series in ("eval_loss", "eval_accuracy"):
+            assert _series(client, one, series), (name, series)
+            assert _series(client, two, series) == pytest.approx(
+                _series(client, one, series), rel=RELATIVE_TOLERANCE
+            ), (name, series)
+        kind = "adapter" if name == "dpo" else "reward_model"
+        artifact = next(
+            a for a in client.get(f"/v1/jobs/{two}/artifacts").json()["data"] if a["kind"] == kind
+        )
+        folder = _download_adapter(client, artifact["id"], tmp_path / f"{name}-adapter")
+        if name == "dpo":
+            _load_with_plain_peft(tiny_model_dir, folder)
+        else:
+            _load_reward_model_with_plain_peft(tiny_model_dir, folder)
+
+
+def _load_reward_model_with_plain_peft(base_dir: Path, adapter_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    base.config.pad_token_id = 0
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(float(p.abs().sum()) > 0 for p in lora_b)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
 def _ppo_succeeds_and_loads_with_peft(
     client: httpx.Client,
     model: str,
@@ -349,10 +423,17 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
         ):
             field = refused(resources, "invalid_request")["details"][0]["field"]
             assert field.startswith("resources."), field
-        error = refused({"processes": 2, "strategy": "fsdp"}, "strategy_not_supported")
-        assert (
-            error["details"][0]["field"] == "resources.strategy" and "not supported yet" in error["message"]
+        # fsdp: the dataset methods only, and across more than one process.
+        error = refused({"processes": 1, "strategy": "fsdp"}, "strategy_not_supported")
+        assert error["details"][0]["field"] == "resources.strategy" and "processes >= 2" in error["message"]
+        error = refused(
+            {"processes": 2, "strategy": "fsdp"},
+            "strategy_not_supported",
+            method="grpo",
+            datasets={"prompts": prompts},
+            hyperparameters={"graders": [{"type": "ends_with_eos", "name": "ends"}]},
         )
+        assert "not supported for method 'grpo'" in error["message"], error
         error = refused({"processes": 8}, "insufficient_capacity")
         assert "ALIGND_POOL_MAX_PROCESSES" in error["message"] and "has 4" in error["message"]
         error = refused(
@@ -372,6 +453,9 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
         assert accepted.status_code == 202, accepted.text
         assert accepted.json()["resources"] == {"processes": 4, "strategy": "ddp", "precision": "auto"}
         assert "resources" not in accepted.json()["hyperparameters"]
+        sharded = http.post("/v1/jobs", json={**body, "resources": {"processes": 2, "strategy": "fsdp"}})
+        assert sharded.status_code == 202, sharded.text
+        assert sharded.json()["resources"] == {"processes": 2, "strategy": "fsdp", "precision": "auto"}
         plain = http.post("/v1/jobs", json={k: v for k, v in body.items() if k != "resources"}).json()
         assert plain["resources"] == {"processes": 1, "strategy": "ddp", "precision": "auto"}
 

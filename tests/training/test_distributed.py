@@ -8,6 +8,7 @@ run's checkpoint resumed on 2 processes goes on with the same losses the 1-proce
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,93 @@ def test_the_launcher_refuses_a_wrong_command_line(tmp_path: Path) -> None:
     run = _launch(tmp_path / "missing.json", 0, timeout=60)
     assert run.returncode == 2
     assert run.of_type("error")[0]["code"] == "invalid_spec"
+
+
+FSDP_HYPERPARAMETERS = {
+    **HYPERPARAMETERS,
+    # 3 examples a step over 2 ranks in 2 micro-batches: rank 0 runs two, rank 1 one and a filler (fsdp's
+    # lock-step forwards); 7 held-out examples in batches of 3: rank 0 has two batches, rank 1 one.
+    "batch_size": 3,
+    "gradient_accumulation_steps": 2,
+    "eval_steps": 3,
+}
+
+
+def _checkpoint_tensors(path: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    from workers.training.checkpoint import WEIGHTS_FILE
+
+    return load_file(str(Path(path) / WEIGHTS_FILE))
+
+
+def test_fsdp_shards_the_layers_matches_one_process_and_its_checkpoint_resumes_on_one_process(
+    tmp_path: Path, tiny_model_dir: Path, sft_jsonl: Path
+) -> None:
+    from tests.helpers.tiny_model import tiny_sft_jsonl
+
+    held_out = tiny_sft_jsonl(tmp_path / "v.jsonl", n=7, seed=1)
+
+    def spec(name: str, **changes: Any) -> Path:
+        path = write_spec(
+            tmp_path / name,
+            model_dir=tiny_model_dir,
+            dataset=sft_jsonl,
+            hyperparameters=FSDP_HYPERPARAMETERS,
+            lora=LORA,
+            validation=held_out,
+        )
+        _with(path, checkpoint_dir=str(tmp_path / name / "checkpoints"), **changes)
+        return path
+
+    single = run_child(spec("one"), timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _launch(spec("fsdp", resources={"processes": 2, "strategy": "fsdp"}), 2)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    events = [m["message"] for m in sharded.of_type("event")]
+    assert any("decoder layers sharded (fsdp)" in e for e in events), events
+    share = next(
+        re.search(r"holds ([\d,]+) of the model's ([\d,]+)", e) for e in events if e.startswith("fsdp:")
+    )
+    assert share is not None, events
+    local, total = (int(share.group(i).replace(",", "")) for i in (1, 2))
+    # The tiny model's two layers are half its parameters (the embeddings and the head the rest): each rank
+    # holds half of the layers' share.
+    print(f"fsdp rank 0 holds {local:,} of {total:,} parameter elements")
+    assert local < 0.85 * total
+
+    def metric(run: ChildRun, name: str) -> dict[int, float]:
+        return {m["step"]: m["values"][name] for m in run.of_type("metric") if name in m["values"]}
+
+    for name in ("loss", "eval_loss"):
+        one, two = metric(single, name), metric(sharded, name)
+        assert one and sorted(one) == sorted(two), (name, one, two)
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-4), (name, step, one, two)
+    # The checkpoint holds whole tensors (gathered from the shards), the same names and shapes as one
+    # process's: it resumes on any number of processes.
+    at_3 = [next(m for m in run.of_type("checkpoint") if m["step"] == 3) for run in (single, sharded)]
+    whole, gathered = (_checkpoint_tensors(checkpoint["path"]) for checkpoint in at_3)
+    assert {k: v.shape for k, v in whole.items()} == {k: v.shape for k, v in gathered.items()}
+    resumed = run_child(spec("resumed", resume_from={"path": at_3[1]["path"], "stage": "sft", "step": 3}))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = metric(resumed, "loss")
+    assert sorted(after) == [4, 5, 6]
+    for step in after:
+        assert after[step] == pytest.approx(metric(single, "loss")[step], rel=1e-4), (step, after)
+    # One adapter, from rank 0, that plain peft loads.
+    adapters = [m for m in sharded.of_type("artifact") if m["kind"] == "adapter"]
+    assert len(adapters) == 1
+    _load_adapter_with_plain_peft(tiny_model_dir, Path(adapters[0]["path"]))
+
+
+def _load_adapter_with_plain_peft(base_dir: Path, adapter_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(float(p.abs().sum()) > 0 for p in lora_b)  # every layer's B trained (B starts at 0)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

@@ -7,6 +7,7 @@ supervisor that spawned it is already gone. A child whose supervisor dies later 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
@@ -89,8 +90,12 @@ def _as_rank(
     if dist.is_main:
         progress.event(
             f"data parallel over {dist.world_size} processes ({dist.backend}; rank pids "
-            f"{', '.join(map(str, pids))}): each takes its share of every batch, gradients all-reduced across "
-            "processes",
+            f"{', '.join(map(str, pids))}): each takes its share of every batch, "
+            + (
+                "decoder layers sharded (fsdp), gradients reduce-scattered"
+                if dist.sharded
+                else "gradients all-reduced across processes"
+            ),
             stage=spec.method,
         )
         return spec, progress
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if warning:
             progress.event(warning, stage=stage, level="warning")
         dist = distributed.from_environment()
+        if dist.enabled and spec.resources.strategy == "fsdp":
+            dist = dataclasses.replace(dist, sharded=True)
         if dist.enabled:
             spec, progress = _as_rank(spec, progress, proto, dist, cancel)
         # The same seed on every rank: the replicas' adapters start equal; each rank's data is its share.

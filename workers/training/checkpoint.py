@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from contract.protocol import CHECKPOINT_META_FILE
+from workers.training import sharding
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, TrainingError
 
@@ -143,8 +144,10 @@ def trainable_state(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.T
     for key, module in modules.items():
         for name, param in module.named_parameters():
             if param.requires_grad:
-                # clone: safetensors refuses tensors that share storage (tied or viewed weights)
-                tensors[f"{key}.{name}"] = param.detach().to("cpu").contiguous().clone()
+                # clone: safetensors refuses tensors that share storage (tied or viewed weights); a shard
+                # (fsdp) is gathered whole, so the checkpoint resumes on any number of processes
+                whole = sharding.full_tensor(param.detach())
+                tensors[f"{key}.{name}"] = whole.to("cpu").contiguous().clone()
     return tensors
 
 
@@ -164,9 +167,8 @@ def load_trainable_state(modules: Mapping[str, torch.nn.Module], tensors: Mappin
             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})",
         )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
+    for name, param in params.items():
+        sharding.load_into(param, tensors[name])
 
 
 def read_meta(folder: str | Path) -> dict[str, Any] | None:
@@ -246,7 +248,10 @@ class Checkpointer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.extra_rng = dict(extra_rng or {})
-        self.enabled = ctx.spec.checkpoint_dir is not None
+        # Under fsdp every rank takes part in a save (the gathers are collectives) and rank 0 alone writes;
+        # the other ranks' specs carry no checkpoint_dir (__main__._as_rank), so they ask rank 0.
+        self.writes = ctx.spec.checkpoint_dir is not None
+        self.enabled = ctx.dist.broadcast(self.writes) if ctx.dist.sharded else self.writes
         self.last_saved_step: int | None = None
 
     def restore(self) -> ResumeState | None:
@@ -271,6 +276,7 @@ class Checkpointer:
         load_trainable_state(self.modules, load_file(str(folder / WEIGHTS_FILE)))
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        sharding.shard_optimizer_state(self.optimizer)  # fsdp: the full moments back to each rank's shard
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], self.extra_rng)
@@ -314,11 +320,14 @@ class Checkpointer:
         if not self.enabled or self.last_saved_step == step:
             return None
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": sharding.full_optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": rng_state(self.extra_rng),
         }
         tensors = trainable_state(self.modules)
+        if not self.writes:  # a rank other than 0 under fsdp: it took part in the gathers
+            self.last_saved_step = step
+            return None
 
         def write(folder: Path) -> None:
             save_file(tensors, str(folder / WEIGHTS_FILE))

@@ -27,7 +27,7 @@ Backend: nccl when CUDA is available (one GPU per rank, ``LOCAL_RANK``), gloo on
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,6 +47,9 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    # resources.strategy "fsdp": the decoder layers are sharded (sharding.py), so every forward is a
+    # collective and the ranks must run the same number of them (lockstep_fillers).
+    sharded: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -59,6 +62,15 @@ class Dist:
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of ``items`` (strided, as DistributedSampler without padding)."""
         return list(items[self.rank :: self.world_size])
+
+    def lockstep_fillers(self, items: Sequence[T], passes: Callable[[list[T]], int]) -> int:
+        """How many extra forward passes this rank runs so that every rank runs as many as the busiest one:
+        ``passes(share)`` is how many a rank runs on its share of ``items`` (every rank can compute every
+        other's, as all hold ``items``). Always 0 unless the layers are sharded (fsdp)."""
+        if not (self.enabled and self.sharded):
+            return 0
+        counts = [passes(list(items[rank :: self.world_size])) for rank in range(self.world_size)]
+        return max(counts) - counts[self.rank]
 
     def _device(self) -> torch.device:
         return (
@@ -111,9 +123,19 @@ class Dist:
 
     def reduce_gradients(self, params: Sequence[torch.nn.Parameter], *, mean: bool = False) -> None:
         """Sum (``mean``: average) the gradients of ``params`` over ranks, in one flat all-reduce. A parameter
-        without a gradient on this rank (its share was empty) contributes zeros."""
+        without a gradient on this rank (its share was empty) contributes zeros. A sharded parameter's
+        gradient (fsdp) is already FSDP's average over ranks: scaled to the sum, not reduced again."""
         if not self.enabled or not params:
             return
+        if self.sharded:
+            from torch.distributed.tensor import DTensor
+
+            for param in params:
+                if isinstance(param, DTensor) and param.grad is not None and not mean:
+                    param.grad.mul_(self.world_size)
+            params = [p for p in params if not isinstance(p, DTensor)]
+            if not params:
+                return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch_dist.all_reduce(flat)

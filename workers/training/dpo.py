@@ -18,6 +18,7 @@ The reference log-probs are computed once, before training, in eval mode (no LoR
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -220,6 +221,10 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
                 sums["margin"] += float((reward_c - reward_r).sum())
                 sums["chosen"] += float(reward_c.sum())
                 sums["rejected"] += float(reward_r.sum())
+            fillers = self.ctx.dist.lockstep_fillers(pairs, lambda s: math.ceil(len(s) / hp.batch_size))
+            for _ in range(fillers):
+                # fsdp: as many forwards as the rank with the most held-out batches; the result is dropped
+                pair_logps(self.model, pairs[:1], self.pad_token_id, self.device)
         finally:
             self.model.train()
         sums = self.ctx.dist.sum_values(sums)

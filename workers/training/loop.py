@@ -40,7 +40,7 @@ from pydantic import BaseModel, ValidationError
 
 from contract.hyperparameters import LoraSettings, OptimizerHyperparameters
 from contract.protocol import DatasetRef, ProgressWriter
-from workers.training import checkpoint, data, lora
+from workers.training import checkpoint, data, lora, sharding
 from workers.training.context import RunContext
 from workers.training.errors import (
     INVALID_HYPERPARAMETERS,
@@ -227,7 +227,7 @@ def optimizer_step(
         raise TrainingError(
             TRAINING_DIVERGED, f"loss became {loss} at step {step_number}; try a lower learning_rate"
         )
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grad_norm = sharding.clip_grad_norm(params, max_grad_norm)
     learning_rate = float(scheduler.get_last_lr()[0])
     optimizer.step()
     scheduler.step()
@@ -705,7 +705,12 @@ class DatasetTrainer(Trainer[OH, list[int]]):
             model.config.use_cache = False
         self.params = lora.trainable_parameters(model)
         self.n_trainable, n_total = lora.count_parameters(model)
-        self.ctx.dist.broadcast_parameters(self.params)  # replicas start equal (they do with one seed)
+        dist = self.ctx.dist
+        dist.broadcast_parameters(self.params)  # replicas start equal (they do with one seed)
+        if dist.sharded:
+            sharded = sharding.shard_layers(model, dist)
+            self.params = lora.trainable_parameters(model)  # FSDP made them new (sharded) parameters
+            self.progress.event(sharded.describe(dist.world_size), stage=self.stage)
         return n_total
 
     def plan(self, n_items: int) -> None:
@@ -759,8 +764,12 @@ class DatasetTrainer(Trainer[OH, list[int]]):
         weight = self.batch_weight(batch)
         self.optimizer.zero_grad(set_to_none=True)
         step_sums: dict[str, float] = {"loss": 0.0}
+
         # This rank's share of the step (all of it in one process): distributed.py explains the split.
-        for micro in data.split_micro_batches(dist.shard(batch), hp.gradient_accumulation_steps):
+        def micro_batches(share: list[int]) -> list[list[int]]:
+            return data.split_micro_batches(share, hp.gradient_accumulation_steps)
+
+        for micro in micro_batches(dist.shard(batch)):
             loss, sums = self.compute_loss(micro)
             # Divided by the whole step's weight, so accumulation (and the ranks' sum) gives exactly the big
             # batch's gradient.
@@ -768,6 +777,10 @@ class DatasetTrainer(Trainer[OH, list[int]]):
             step_sums["loss"] += float(loss.detach())
             for key, value in sums.items():
                 step_sums[key] = step_sums.get(key, 0.0) + value
+        for _ in range(dist.lockstep_fillers(batch, lambda share: len(micro_batches(share)))):
+            # fsdp: a rank with fewer micro-batches matches the others' forwards and backwards; adds nothing.
+            loss, _sums = self.compute_loss(batch[:1])
+            (loss * 0.0).backward()
         if dist.enabled:
             dist.reduce_gradients(self.params)
             step_sums = dist.sum_values(step_sums)

@@ -29,6 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 
 from contract.hyperparameters import LoraSettings
+from workers.training import sharding
 from workers.training.errors import (
     INVALID_ADAPTER,
     MODEL_LOAD_FAILED,
@@ -289,6 +290,7 @@ def save_adapter(
             # "auto" would look up the base config by name (hub) to guess whether embeddings changed;
             # our adapters never train embeddings.
             save_embedding_layers=False,
+            state_dict=_whole_adapter_state(model),
         )
     finally:
         config.base_model_name_or_path = original_base
@@ -299,6 +301,21 @@ def save_adapter(
         nested.rmdir()
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def _whole_adapter_state(model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """Under fsdp (sharding.py) the adapter weights inside the decoder layers are shards: every rank gathers
+    them whole (a collective, in the same order on every rank) and peft saves those. None otherwise: peft
+    reads the model's own state dict."""
+    state = model.state_dict()
+    if not any(sharding.is_sharded(value) for value in state.values()):
+        return None
+    saved = ("lora_", "modules_to_save")
+    return {
+        name: sharding.full_tensor(value).cpu()
+        for name, value in state.items()
+        if any(part in name for part in saved)
+    }
 
 
 # --- sequence positions and scalar heads
@@ -388,25 +405,39 @@ def use_adapter(model: PeftModel, name: str | None) -> Iterator[None]:
     """Run the block with adapter ``name`` active (``None``: every adapter disabled, i.e. the base model).
 
     peft's ``set_adapter`` also flips ``requires_grad`` (the active adapter becomes trainable, the others
-    frozen), which would unfreeze a reference or reward adapter and freeze the policy mid-step; we put every
-    flag back afterwards, so only the caller decides what trains.
+    frozen), which would unfreeze a reference or reward adapter and freeze the policy mid-step, and
+    ``disable_adapter`` freezes every adapter; we put every flag back at once and again afterwards, so only
+    the caller decides what trains. At once, not only afterwards: under fsdp (sharding.py) the first forward
+    fixes which parameters FSDP treats as trainable (and the flag of the gathered copies it reuses), and that
+    first forward may be a reference pass inside this block.
     """
+    # By name: FSDP swaps a layer's parameter objects (sharded / gathered) around its forwards.
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def restore() -> None:
+        for n, p in model.named_parameters():
+            if n in grads:
+                p.requires_grad_(grads[n])
+
     if name is None:
-        with model.disable_adapter():
-            yield
+        try:
+            with model.disable_adapter():
+                restore()
+                yield
+        finally:
+            restore()
         return
     previous = model.active_adapter
     if name == previous:
         yield
         return
-    grads = {p: p.requires_grad for p in model.parameters()}
     model.set_adapter(name)
+    restore()
     try:
         yield
     finally:
         model.set_adapter(previous)
-        for p in model.parameters():
-            p.requires_grad_(grads[p])
+        restore()
 
 
 def storage_pointers(tensors: Iterable[torch.Tensor]) -> set[int]:

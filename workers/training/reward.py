@@ -12,6 +12,7 @@ Both sides of a pair run in the same forward batch; the reward is read at each r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,11 @@ class RewardTrainer(loop.DatasetTrainer[RewardModelHyperparameters]):
             if share
             else {}
         )
+        size = hp.batch_size
+        for _ in range(dist.lockstep_fillers(self.eval_pairs, lambda s: math.ceil(len(s) / size))):
+            # fsdp: as many forwards as the rank with the most held-out batches; the result is dropped
+            with torch.no_grad():
+                score_pairs(self.model, self.eval_pairs[:1], self.pad_token_id, self.device)
         sums = dist.sum_values({key: value * len(share) for key, value in local.items()} | {"n": len(share)})
         n = sums.pop("n")
         return {key: sums[key] / n for key in ("eval_accuracy", "eval_margin", "eval_loss")}
