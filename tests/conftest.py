@@ -140,6 +140,28 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "10 s of a third training child; the facade's supervised and reinforcement jobs, its dpo file checks and "
         "tests/unit/test_openai_mapping.py stay"
     ),
+    # Moved on 2026-12-02: on that session's VM (2 cores, fp32 matmul 93 GFLOP/s against 214-263 on the earlier
+    # ones) a fresh-clone make test took 22 min; these were the longest left (seconds measured there, under
+    # the suite's load).
+    "tests/training/test_precision.py::test_ppo_in_bf16_keeps_the_first_ratio_at_one_and_learns_to_end": (
+        "112 s: bf16 is emulated on a CPU without AMX; a learning check; the file's other bf16 tests stay"
+    ),
+    "tests/service/test_scale_out.py::test_bf16_reward_model_and_ppo_jobs_follow_the_fp32_curve_and_load_with_peft": (
+        "76 s of emulated bf16; tests/training/test_precision.py's unit checks stay"
+    ),
+    "tests/service/test_feedback_active.py::test_a_fine_tuned_judge_labels_beside_people_and_its_agreement_is_"
+    "reported": "42 s, three training jobs; the judge's agreement and export rules stay in tests/unit",
+    "tests/service/test_api_keys.py::test_cli_key_authenticates_is_listed_without_its_secret_and_revoked_at_once"
+    "[postgresql]": "39 s of CLI processes; the SQLite variant stays",
+    "tests/service/test_console.py::test_compare_two_runs_and_download_an_artifact": (
+        "66 s with its two training jobs; the console's sign-in, watch and evaluation tests stay"
+    ),
+    "tests/training/test_grpo.py::test_learns_to_end_answers_on_held_out_prompts[rloo]": (
+        "17 s, a learning check; the grpo variant and the leave-one-out unit tests stay"
+    ),
+    "tests/service/test_console.py::test_pause_resume_and_cancel_a_running_job": (
+        "30 s in the browser; tests/service/test_pause_resume.py pauses, resumes and cancels over REST"
+    ),
     "tests/service/test_console.py::test_try_it_asks_two_models": (
         "20-30 s of two chat jobs; the console's other browser tests stay"
     ),
