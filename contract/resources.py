@@ -28,9 +28,23 @@ from contract.methods import Method
 RESOURCES_KEY = "resources"
 MAX_PROCESSES = 64
 
-# Methods whose trainers can shard the base's layers (strategy "fsdp"): they run the same number of forwards
-# on every rank. PPO, GRPO, RLOO and rlhf sample answers of data-dependent length per rank: ddp only.
-FSDP_METHODS: frozenset[Method] = frozenset({Method.sft, Method.reward_model, Method.dpo})
+# Methods whose trainers can shard the base's layers (strategy "fsdp", every data-parallel one): every rank
+# runs the same number of
+# forwards (the samplers decode until every rank's answers ended). A score_model judge grader cannot (it decodes
+# its own answers): refused with fsdp.
+FSDP_METHODS: frozenset[Method] = frozenset(
+    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.grpo, Method.rloo, Method.rlhf}
+)
+
+
+def uses_model_judge(value: Any) -> bool:
+    """Whether any grader spec inside ``value`` (hyperparameters, nested anywhere) is a score_model judge."""
+    if isinstance(value, Mapping):
+        return value.get("type") == "score_model" or any(uses_model_judge(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(uses_model_judge(v) for v in value)
+    return False
+
 
 # Methods whose trainers run data-parallel today; the others refuse processes > 1 at submission (422).
 DISTRIBUTED_METHODS: frozenset[Method] = frozenset(
@@ -58,7 +72,7 @@ class Resources(BaseModel):
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: every process holds the whole base, the LoRA weights and the optimizer, gradients "
-        "summed across processes each step. fsdp (sft, reward_model, dpo; processes >= 2): each decoder "
+        "summed across processes each step. fsdp (processes >= 2; not with a score_model judge grader): each decoder "
         "layer's weights (base and LoRA) and optimizer state are sharded across the processes (PyTorch FSDP2 "
         "fully_shard), gathered per layer for its forward and backward; for bases too large for one device. "
         "Embeddings and heads stay whole on every process.",

@@ -70,7 +70,13 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "62-68 s, two torchrun attempts; test_sigkilled_child_resumes_from_its_checkpoint and the SFT curve test stay"
     ),
     "tests/service/test_scale_out.py::test_cancel_stops_every_rank": "16 s; the SFT curve test stays",
-    "tests/service/test_scale_out.py::test_two_process_rlhf_runs_every_stage_on_two_processes": (
+    "tests/service/test_scale_out.py::test_fsdp_grpo_follows_ddp_and_an_fsdp_ppo_job_loads_with_peft": (
+        "five jobs, four of them on 2 fsdp ranks; the resources validation test stays"
+    ),
+    "tests/service/test_scale_out.py::test_two_process_rlhf_runs_every_stage_on_two_processes[ddp]": (
+        "three stages on two processes; test_rlhf_end_to_end and the 2-process SFT curve test stay"
+    ),
+    "tests/service/test_scale_out.py::test_two_process_rlhf_runs_every_stage_on_two_processes[fsdp]": (
         "three stages on two processes; test_rlhf_end_to_end and the 2-process SFT curve test stay"
     ),
     "tests/service/test_scale_out.py::test_two_process_grpo_and_rloo_jobs_succeed_and_load_with_peft": (
@@ -82,7 +88,7 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
     "tests/training/test_distributed.py::test_fsdp_shards_the_layers_matches_one_process_and_its_checkpoint_resumes_on"
     "_one_process": (
         "115-137 s, three children (1 process, 2 fsdp ranks, a resumed one); the resources validation test "
-        "(fsdp accepted for sft, refused for grpo and for 1 process) stays"
+        "(fsdp accepted for sft, refused with a judge grader and for 1 process) stays"
     ),
     "tests/service/test_scale_out.py::test_fsdp_reward_model_and_dpo_jobs_match_one_process_and_load_with_peft": (
         "75-90 s, four jobs (two of them 2 fsdp ranks); the resources validation test stays"

@@ -556,8 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strategy",
         choices=["ddp", "fsdp"],
-        help="resources.strategy: ddp (every process holds the base) or fsdp (its layers sharded; sft, "
-        "reward_model, dpo)",
+        help="resources.strategy: ddp (every process holds the base) or fsdp (its layers sharded)",
     )
     p.add_argument(
         "--precision",

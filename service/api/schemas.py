@@ -133,9 +133,9 @@ class ResourcesCreate(InputModel):
     )
     strategy: Literal["ddp", "fsdp"] | None = Field(
         None,
-        description="'ddp' (default: every process holds the whole base) or 'fsdp' (sft, reward_model, dpo; "
-        "processes >= 2): the decoder layers' weights and optimizer state sharded across the processes "
-        "(docs/scale-out.md).",
+        description="'ddp' (default: every process holds the whole base) or 'fsdp' (processes >= 2; not with a "
+        "score_model judge grader): the decoder layers' weights and their LoRA optimizer state sharded across "
+        "the processes (docs/scale-out.md).",
     )
     precision: Precision | None = Field(
         None,

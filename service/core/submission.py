@@ -17,7 +17,13 @@ from pydantic import ValidationError
 from contract import reward_gate
 from contract.hyperparameters import ppo_eval_block
 from contract.methods import AVAILABLE_METHODS, OPTIONAL_DATASETS, REQUIRED_DATASETS, Method
-from contract.resources import DISTRIBUTED_METHODS, FSDP_METHODS, RESOURCES_KEY, Resources
+from contract.resources import (
+    DISTRIBUTED_METHODS,
+    FSDP_METHODS,
+    RESOURCES_KEY,
+    Resources,
+    uses_model_judge,
+)
 from service.core.errors import ValidationFailed
 from service.core.evaluation import check_evaluation, missing_item_problems
 from service.core.jobs import resolve_hyperparameters, resolve_lora
@@ -270,6 +276,15 @@ def resolve_resources(
                 "code": "strategy_not_supported",
                 "message": f"strategy 'fsdp' is not supported for method '{method.value}' (fsdp: {methods}); "
                 "use 'ddp' (every process holds the whole base)",
+            }
+        )
+    elif resources.strategy == "fsdp" and uses_model_judge(hyperparameters):
+        problems.append(
+            {
+                "field": "resources.strategy",
+                "code": "strategy_not_supported",
+                "message": "strategy 'fsdp' cannot run a score_model judge grader (it decodes its own answers, "
+                "a different number of steps on each process); use 'ddp'",
             }
         )
     elif resources.strategy == "fsdp" and n < 2:

@@ -426,14 +426,21 @@ def test_resources_are_validated_with_clear_422s(tmp_path: Path, tiny_model_dir:
         # fsdp: the dataset methods only, and across more than one process.
         error = refused({"processes": 1, "strategy": "fsdp"}, "strategy_not_supported")
         assert error["details"][0]["field"] == "resources.strategy" and "processes >= 2" in error["message"]
+        # A score_model judge decodes its own answers, a different number of steps on each process.
+        judge = {
+            "type": "score_model",
+            "name": "judge",
+            "model": model,
+            "input": [{"role": "user", "content": "Rate {{sample.output_text}} from 0 to 1."}],
+        }
         error = refused(
             {"processes": 2, "strategy": "fsdp"},
             "strategy_not_supported",
             method="grpo",
             datasets={"prompts": prompts},
-            hyperparameters={"graders": [{"type": "ends_with_eos", "name": "ends"}]},
+            hyperparameters={"batch_size": 2, "graders": [judge]},
         )
-        assert "not supported for method 'grpo'" in error["message"], error
+        assert "score_model judge" in error["message"], error
         error = refused({"processes": 8}, "insufficient_capacity")
         assert "ALIGND_POOL_MAX_PROCESSES" in error["message"] and "has 4" in error["message"]
         error = refused(
@@ -576,8 +583,62 @@ def test_two_process_grpo_and_rloo_jobs_succeed_and_load_with_peft(
         assert_error(http.post("/v1/jobs", json=body), 422, "uneven_split")  # type: ignore[arg-type]
 
 
+def test_fsdp_grpo_follows_ddp_and_an_fsdp_ppo_job_loads_with_peft(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """``strategy: fsdp`` for the online methods: a 2-process GRPO job samples from the same per-rank streams as
+    the 2-process ddp job, so its rewards are the same and its losses the same up to float order; a 2-process
+    fsdp PPO job (policy, reference, reward and value on the sharded base) succeeds and loads with plain peft."""
+    from tests.service.test_grpo_api import _job, _prompts
+
+    settings = make_settings(tmp_path / "alignd", worker_concurrency=2, worker_processes=4)
+    for http in _client(settings):
+        model = upload_model(http, tiny_model_dir).json()["id"]
+        prompts = upload_dataset(http, _prompts(), "prompts").json()["id"]
+        body = _job(model, prompts, method="grpo")
+        ddp, fsdp = (
+            _submit(http, {**body, "resources": {"processes": 2, "strategy": strategy}})
+            for strategy in ("ddp", "fsdp")
+        )
+        for job_id in (ddp, fsdp):
+            job = wait_for(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=300)
+            assert job["status"] == "succeeded", _events(http, job_id)
+        messages = " | ".join(event["message"] for event in _events(http, fsdp))
+        assert "fsdp: 2 decoder layers sharded across 2 processes" in messages, messages
+        assert _series(http, fsdp, "reward_mean") == pytest.approx(
+            _series(http, ddp, "reward_mean"), abs=1e-6
+        )
+        losses = _series(http, ddp, "loss")
+        assert sorted(losses) == [1, 2, 3]
+        assert _series(http, fsdp, "loss") == pytest.approx(losses, rel=1e-3, abs=1e-6)
+        adapter = next(
+            a for a in http.get(f"/v1/jobs/{fsdp}/artifacts").json()["data"] if a["kind"] == "adapter"
+        )
+        _load_with_plain_peft(
+            tiny_model_dir, _download_adapter(http, adapter["id"], tmp_path / "grpo-adapter")
+        )
+        pairs = tiny_preference_jsonl(tmp_path / "p.jsonl", n=24)
+        reward = _submit(http, _reward_body(model, upload_dataset(http, pairs, "preference").json()["id"], 1))
+        assert (
+            wait_for(http, reward, {"succeeded", "failed", "cancelled"}, timeout=300)["status"] == "succeeded"
+        )
+        artifacts = http.get(f"/v1/jobs/{reward}/artifacts").json()["data"]
+        reward_model = next(a["id"] for a in artifacts if a["kind"] == "reward_model")
+        _ppo_succeeds_and_loads_with_peft(
+            http,
+            model,
+            reward_model,
+            {"processes": 2, "strategy": "fsdp"},
+            tiny_model_dir,
+            tmp_path,
+            mini_batch_size=2,
+            ppo_epochs=1,
+        )
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_rlhf_runs_every_stage_on_two_processes(
-    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path, tmp_path: Path
+    client: httpx.Client, tiny_model_dir: Path, sft_jsonl: Path, tmp_path: Path, strategy: str
 ) -> None:
     model = upload_model(client, tiny_model_dir).json()["id"]
     preference = tiny_preference_jsonl(tmp_path / "p.jsonl", n=32)
@@ -592,7 +653,7 @@ def test_two_process_rlhf_runs_every_stage_on_two_processes(
         "base_model": model,
         "datasets": datasets,
         "lora": LORA,
-        "resources": {"processes": 2},
+        "resources": {"processes": 2, "strategy": strategy},
         "hyperparameters": {
             "sft": {"max_steps": 3, "batch_size": 4, "max_length": 48},
             "reward_model": {"max_steps": 3, "batch_size": 8, "max_length": 64, "min_eval_accuracy": 0.0},
@@ -609,6 +670,8 @@ def test_two_process_rlhf_runs_every_stage_on_two_processes(
     messages = [e["message"] for e in _events(client, job_id)]
     # Each stage ran data parallel: its losses are reported by rank 0 once, stage by stage.
     assert sum(m.startswith("data parallel over 2 processes") for m in messages) == 1, messages
+    if strategy == "fsdp":  # each stage shards its own base
+        assert sum(m.startswith("fsdp: 2 decoder layers sharded") for m in messages) == 3, messages
     stages = {p["stage"] for p in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]}
     assert {"sft", "reward_model", "ppo"} <= stages, stages
     kinds = sorted(a["kind"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"])

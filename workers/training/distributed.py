@@ -87,6 +87,14 @@ class Dist:
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def all(self, flag: bool) -> bool:
+        """True on every rank when it is True on all of them (a collective)."""
+        return not self.any(not flag)
+
+    def finished_everywhere(self) -> Callable[[bool], bool] | None:
+        """For :func:`rollout.sample_responses`: under fsdp, decode until every rank's answers ended."""
+        return self.all if self.enabled and self.sharded else None
+
     def sum_values(self, values: Mapping[str, float]) -> dict[str, float]:
         """``values`` added over ranks, key by key (a key missing on a rank counts 0 there)."""
         if not self.enabled:

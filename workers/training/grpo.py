@@ -46,7 +46,7 @@ from contract.hyperparameters import (
     REWARD_MODEL_SERIES,
     GroupHyperparameters,
 )
-from workers.training import data, lora, rollout
+from workers.training import data, lora, rollout, sharding
 from workers.training.allocator import release_freed_memory
 from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import (
@@ -391,6 +391,7 @@ class GroupTrainer:
             generator=self.generator,
             group_size=g,
             stop=self.stop,
+            finished_everywhere=self.dist.finished_everywhere(),
         )
         generation_seconds = time.perf_counter() - started
         responses, response_mask, has_eos = rollout.truncate_after_eos(
@@ -531,7 +532,7 @@ class GroupTrainer:
                 summed = self.dist.sum_values({"loss": loss_sum, "clipped": clipped})
                 loss_sum, clipped = summed["loss"], summed["clipped"]
                 deviation = max(self.dist.gather(deviation))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.models.trainable, hp.max_grad_norm))
+            grad_norm = sharding.clip_grad_norm(self.models.trainable, hp.max_grad_norm)
             if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
                 raise TrainingError(
                     TRAINING_DIVERGED,

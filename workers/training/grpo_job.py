@@ -25,7 +25,7 @@ from contract.hyperparameters import (
     RLOOHyperparameters,
 )
 from contract.protocol import DatasetRef, TrainingSpec
-from workers.training import checkpoint, data, loop, lora, rollout
+from workers.training import checkpoint, data, loop, lora, rollout, sharding
 from workers.training.context import RunContext
 from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import INVALID_SPEC, TrainingError
@@ -87,6 +87,12 @@ def _check_spec(spec: TrainingSpec, hp: GroupHyperparameters, method: str) -> Da
         raise TrainingError(INVALID_SPEC, f"method {method} needs graders, a reward_model, or both")
     for grader in hp.graders:
         for path, leaf in leaves(grader):
+            if leaf.type == "score_model" and spec.resources.strategy == "fsdp":
+                # The judge decodes a different number of tokens on each rank; sharded layers need lock-step.
+                raise TrainingError(
+                    INVALID_SPEC,
+                    f"grader {path}: a score_model judge cannot run with strategy 'fsdp'; use 'ddp'",
+                )
             if leaf.type == "score_model" and leaf.model != spec.base_model.id:
                 raise TrainingError(
                     INVALID_SPEC,
@@ -97,7 +103,7 @@ def _check_spec(spec: TrainingSpec, hp: GroupHyperparameters, method: str) -> Da
 
 
 def _attach_roles(
-    spec: TrainingSpec,
+    ctx: RunContext,
     lora_settings: LoraSettings,
     device: torch.device,
     tokenizer: PreTrainedTokenizerBase,
@@ -107,6 +113,7 @@ def _attach_roles(
 ) -> GroupModels:
     """Load the base once; the policy adapter, the reference (frozen init adapter, or none: the adapters
     disabled) and the reward model's adapter and head go onto it."""
+    spec = ctx.spec
     base = lora.load_base_model(spec.base_model.path, device=device, precision=spec.resources.precision)
     init_path = spec.init_adapter.path if spec.init_adapter else None
     peft_model, reference_adapter = lora.attach_policy_and_reference(
@@ -125,6 +132,9 @@ def _attach_roles(
     peft_model.set_adapter(lora.POLICY_ADAPTER)
     # Dropout off for good: with it on, the training forward would not reproduce the sampling log-probs.
     peft_model.eval()
+    if ctx.dist.sharded:  # before GroupModels records the trainable parameters: FSDP makes new ones
+        sharded = sharding.shard_layers(peft_model, ctx.dist)
+        ctx.progress.event(sharded.describe(ctx.dist.world_size), stage=spec.method)
     return GroupModels(peft_model, reference_adapter=reference_adapter, shared=shared)
 
 
@@ -161,7 +171,7 @@ def build_session(
         stage=method,
     )
     device = lora.pick_device()
-    models = _attach_roles(spec, lora_settings, device, tokenizer, eos_token_id=eos, pad_token_id=pad)
+    models = _attach_roles(ctx, lora_settings, device, tokenizer, eos_token_id=eos, pad_token_id=pad)
     needs_scorer = spec.reward_model is not None or any(
         leaf.type == "score_model" for grader in hp.graders for _, leaf in leaves(grader)
     )

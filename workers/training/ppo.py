@@ -47,7 +47,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from contract.hyperparameters import PPOHyperparameters
-from workers.training import lora, rollout
+from workers.training import lora, rollout, sharding
 from workers.training.allocator import release_freed_memory
 from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import (
@@ -471,6 +471,7 @@ class PPOTrainer:
             pad_token_id=self.pad_token_id,
             generator=self.generator,
             stop=self.stop,
+            finished_everywhere=self.dist.finished_everywhere(),
         )
         generation_seconds = time.perf_counter() - started
         responses, response_mask, has_eos = rollout.truncate_after_eos(
@@ -642,7 +643,7 @@ class PPOTrainer:
                 release_freed_memory()  # the pass's activations are freed: their pages back (allocator.py)
                 # Each rank's loss is a mean over its share: the gradients are averaged, as DDP does.
                 self.dist.reduce_gradients(params, mean=True)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
+                grad_norm = sharding.clip_grad_norm(params, hp.max_grad_norm)
                 if not math.isfinite(grad_norm) or not math.isfinite(float(pg.loss.detach())):
                     raise TrainingError(
                         TRAINING_DIVERGED,

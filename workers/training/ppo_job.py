@@ -19,7 +19,7 @@ from peft import LoraConfig
 
 from contract.hyperparameters import LoraSettings, PPOHyperparameters
 from contract.protocol import DatasetRef, TrainingSpec
-from workers.training import checkpoint, data, loop, lora, rollout
+from workers.training import checkpoint, data, loop, lora, rollout, sharding
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, TrainingError
 from workers.training.keep_best import BestHeldOutPolicy
@@ -159,6 +159,10 @@ def _attach_roles(
             torch.nn.init.zeros_(value_head.weight)
             torch.nn.init.zeros_(value_head.bias)
     peft_model.set_adapter(POLICY_ADAPTER)
+    if ctx.dist.sharded:  # before the roles record their trainable parameters: FSDP makes new ones
+        ctx.progress.event(
+            sharding.shard_layers(peft_model, ctx.dist).describe(ctx.dist.world_size), stage=STAGE
+        )
     return SharedBaseModel(
         peft_model,
         value_head=value_head,

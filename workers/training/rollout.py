@@ -234,6 +234,7 @@ def sample_responses(
     group_size: int = 1,
     stop: StopStrings | None = None,
     on_token: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    finished_everywhere: Callable[[bool], bool] | None = None,
 ) -> torch.Tensor:
     """KV-cached batched sampling from left-padded prompts; returns the raw responses (B, <= max_new_tokens).
 
@@ -257,6 +258,10 @@ def sample_responses(
     bool mask (B,) of rows to end there as if they had emitted EOS: a chat job streams each row's text as it
     grows and cuts it at a stop text (workers/training/chat.py), which ``stop`` does not, and ends rows at
     its model's extra EOS ids.
+
+    ``finished_everywhere`` (fsdp, workers/training/sharding.py) turns "every row here has ended" into "every
+    row on every rank has": each step's forward is a collective there, so a rank whose answers all ended keeps
+    stepping (its new tokens are pads) until the others' have too.
     """
     batch = prompt_ids.size(0) * group_size
     attention = prompt_mask.long()
@@ -291,7 +296,8 @@ def sample_responses(
             finished |= hit
         if on_token is not None and (ended := on_token(token)) is not None:
             finished |= ended
-        if bool(finished.all()):
+        done = bool(finished.all())
+        if done if finished_everywhere is None else finished_everywhere(done):
             break
         # Finished rows still attend to what they emit; nothing downstream reads their later positions.
         next_input = token.unsqueeze(1)

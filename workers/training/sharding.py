@@ -18,14 +18,19 @@ What the rest of the trainer does differently, each in one place:
 - lock-step forwards: every forward of a sharded layer is a collective, so every rank must run the same
   number of forwards and backwards. Where the ranks' shares differ in size (a batch that does not split
   evenly, held-out sets), the rank with fewer runs extra passes on a filler whose result it drops
-  (:meth:`Dist.lockstep_fillers`);
+  (:meth:`Dist.lockstep_fillers`); the online methods' shares are equal (whole groups, ``uneven_split``);
 - checkpoints and adapters hold full tensors (:func:`full_tensor`, :func:`full_optimizer_state`), gathered
   on every rank, so a checkpoint resumes on any number of processes, ddp or fsdp, and the adapter loads
   with plain ``peft``; loading puts each rank's shard back (:func:`load_into`,
   :func:`shard_optimizer_state`).
 
-Supported for the dataset methods (sft, reward_model, dpo). PPO, GRPO, RLOO and rlhf sample with a data-
-dependent number of decoding steps per rank and are refused at submission with fsdp (they run ddp).
+- sampling (PPO, GRPO, RLOO): a rank whose answers all ended keeps decoding pads until every rank's have
+  (``Dist.finished_everywhere``), so the ranks run the same decoding steps. A ``score_model`` judge grader
+  decodes its own answers inside the reward and is refused with fsdp.
+
+The decoder body (the module holding the layers) is FSDP's root with no parameters of its own: every role's
+forward goes through it, and without a root each layer would be a root that keeps its weights gathered after
+a forward.
 """
 
 from __future__ import annotations
@@ -84,6 +89,19 @@ def _layer_class_names(model: torch.nn.Module) -> set[str]:
     return set()
 
 
+def _common_parent(names: Iterable[str]) -> str:
+    """The module holding the list of layers ``names`` (``a.b.layers.0``, ``a.b.layers.1`` -> ``a.b``)."""
+    parts = [name.split(".") for name in names]
+    common: list[str] = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    if len(parts) == 1:  # one layer: its full name; its list is the parent
+        common = common[:-1]
+    return ".".join(common[:-1])
+
+
 @dataclass(frozen=True)
 class ShardedBase:
     layers: int
@@ -106,17 +124,26 @@ def shard_layers(model: torch.nn.Module, dist: Dist) -> ShardedBase:
     from torch.distributed.fsdp import fully_shard
 
     names = _layer_class_names(model)
-    layers = [module for module in model.modules() if type(module).__name__ in names]
-    if not layers:
+    named = [(name, module) for name, module in model.named_modules() if type(module).__name__ in names]
+    if not named:
         raise TrainingError(
             INVALID_SPEC,
             "strategy 'fsdp' needs a transformers model that names its decoder layers (_no_split_modules); "
             "this base names none: use 'ddp'",
         )
+    layers = [module for _, module in named]
     device_type = "cuda" if dist.backend == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (dist.world_size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    # The decoder body (the module holding the layers: every forward of every role goes through it) is the
+    # root, holding none of its own parameters (the embeddings and the final norm stay whole, like the head).
+    # Without a root each layer would be a root of its own, and FSDP keeps a root's weights gathered after its
+    # forward (for the backward that follows): after a no-grad pass every layer would stay whole.
+    body = model.get_submodule(_common_parent(name for name, _ in named))
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    own = {p for p in body.parameters() if id(p) not in in_layers}
+    fully_shard(body, mesh=mesh, ignored_params=own)
     local = total = 0
     for param in model.parameters():
         total += param.numel()
