@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from contract.hyperparameters import DPOHyperparameters
-from workers.training import checkpoint, data, loop, lora, preference
+from workers.training import checkpoint, data, loop, lora, preference, sharding
 from workers.training.context import RunContext
 
 STAGE = "dpo"
@@ -141,7 +141,9 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
         spec = self.spec
         self.device = lora.pick_device()
         base = lora.load_base_model(
-            spec.base_model.path, device=self.device, precision=spec.resources.precision
+            spec.base_model.path,
+            device=sharding.load_device(self.ctx.dist, self.device),
+            precision=spec.resources.precision,
         )
         init_path = spec.init_adapter.path if spec.init_adapter else None
         model = lora.attach_adapter(base, self.lora_settings, init_adapter=init_path)

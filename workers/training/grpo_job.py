@@ -114,7 +114,8 @@ def _attach_roles(
     """Load the base once; the policy adapter, the reference (frozen init adapter, or none: the adapters
     disabled) and the reward model's adapter and head go onto it."""
     spec = ctx.spec
-    base = lora.load_base_model(spec.base_model.path, device=device, precision=spec.resources.precision)
+    load_on = sharding.load_device(ctx.dist, device)
+    base = lora.load_base_model(spec.base_model.path, device=load_on, precision=spec.resources.precision)
     init_path = spec.init_adapter.path if spec.init_adapter else None
     peft_model, reference_adapter = lora.attach_policy_and_reference(
         base, lora_settings, init_adapter=init_path, seed=spec.seed
@@ -133,7 +134,7 @@ def _attach_roles(
     # Dropout off for good: with it on, the training forward would not reproduce the sampling log-probs.
     peft_model.eval()
     if ctx.dist.sharded:  # before GroupModels records the trainable parameters: FSDP makes new ones
-        sharded = sharding.shard_layers(peft_model, ctx.dist)
+        sharded = sharding.shard_layers(peft_model, ctx.dist, device)
         ctx.progress.event(sharded.describe(ctx.dist.world_size), stage=spec.method)
     return GroupModels(peft_model, reference_adapter=reference_adapter, shared=shared)
 

@@ -708,7 +708,7 @@ class DatasetTrainer(Trainer[OH, list[int]]):
         dist = self.ctx.dist
         dist.broadcast_parameters(self.params)  # replicas start equal (they do with one seed)
         if dist.sharded:
-            sharded = sharding.shard_layers(model, dist)
+            sharded = sharding.shard_layers(model, dist, lora.pick_device())
             self.params = lora.trainable_parameters(model)  # FSDP made them new (sharded) parameters
             self.progress.event(sharded.describe(dist.world_size), stage=self.stage)
         return n_total

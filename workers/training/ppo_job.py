@@ -129,7 +129,8 @@ def _attach_roles(
 ) -> SharedBaseModel:
     """Load the base once and put the policy, reference, reward and value adapters and heads on it."""
     spec = ctx.spec
-    base = lora.load_base_model(spec.base_model.path, device=device, precision=spec.resources.precision)
+    load_on = sharding.load_device(ctx.dist, device)
+    base = lora.load_base_model(spec.base_model.path, device=load_on, precision=spec.resources.precision)
     hidden_size = int(base.config.hidden_size)
     # The reward and value adapters' initialisation draws from the global RNG too (then overwritten by their
     # weights); seeded from the spec, without disturbing callers.
@@ -161,7 +162,7 @@ def _attach_roles(
     peft_model.set_adapter(POLICY_ADAPTER)
     if ctx.dist.sharded:  # before the roles record their trainable parameters: FSDP makes new ones
         ctx.progress.event(
-            sharding.shard_layers(peft_model, ctx.dist).describe(ctx.dist.world_size), stage=STAGE
+            sharding.shard_layers(peft_model, ctx.dist, device).describe(ctx.dist.world_size), stage=STAGE
         )
     return SharedBaseModel(
         peft_model,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.hyperparameters import RewardModelHyperparameters
-from workers.training import checkpoint, data, loop, lora, preference
+from workers.training import checkpoint, data, loop, lora, preference, sharding
 from workers.training.context import RunContext
 
 STAGE = "reward_model"
@@ -137,7 +137,7 @@ class RewardTrainer(loop.DatasetTrainer[RewardModelHyperparameters]):
         self.device = lora.pick_device()
         base = lora.load_base_model(
             spec.base_model.path,
-            device=self.device,
+            device=sharding.load_device(self.ctx.dist, self.device),
             precision=spec.resources.precision,
             model_class=AutoModelForSequenceClassification,
             num_labels=1,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.hyperparameters import SFTHyperparameters
-from workers.training import checkpoint, data, loop, lora
+from workers.training import checkpoint, data, loop, lora, sharding
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, NO_TRAINABLE_EXAMPLES, TrainingError
 from workers.training.modelcard import DatasetCardEntry
@@ -166,7 +166,9 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
         spec = self.spec
         self.device = lora.pick_device()
         base = lora.load_base_model(
-            spec.base_model.path, device=self.device, precision=spec.resources.precision
+            spec.base_model.path,
+            device=sharding.load_device(self.ctx.dist, self.device),
+            precision=spec.resources.precision,
         )
         init_path = spec.init_adapter.path if spec.init_adapter else None
         n_total = self.use_model(lora.attach_adapter(base, self.lora_settings, init_adapter=init_path))

@@ -117,9 +117,18 @@ class ShardedBase:
         )
 
 
-def shard_layers(model: torch.nn.Module, dist: Dist) -> ShardedBase:
+def load_device(dist: Dist, device: torch.device) -> torch.device:
+    """Where a job loads its base: under fsdp the host (CPU) memory, so that a base too large for one GPU
+    reaches the GPU only as this rank's shards (:func:`shard_layers` moves them); elsewhere ``device``."""
+    return torch.device("cpu") if dist.sharded else device
+
+
+def shard_layers(model: torch.nn.Module, dist: Dist, device: torch.device | None = None) -> ShardedBase:
     """``fully_shard`` every decoder layer of ``model`` over all ranks (call after the adapters are attached
-    and the replicas made equal, before the optimizer is built: the parameters become new DTensors)."""
+    and the replicas made equal, before the optimizer is built: the parameters become new DTensors).
+
+    FSDP moves the shards to the mesh's device (``device``, the rank's GPU; on a CPU nothing moves); what it
+    does not manage (the embeddings, norms and heads, kept whole) is moved there here."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -144,11 +153,25 @@ def shard_layers(model: torch.nn.Module, dist: Dist) -> ShardedBase:
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     own = {p for p in body.parameters() if id(p) not in in_layers}
     fully_shard(body, mesh=mesh, ignored_params=own)
+    if device is not None:
+        _place_whole(model, device)
     local = total = 0
     for param in model.parameters():
         total += param.numel()
         local += param.to_local().numel() if is_sharded(param) else param.numel()  # type: ignore[attr-defined]
     return ShardedBase(layers=len(layers), local_numel=local, total_numel=total)
+
+
+def _place_whole(model: torch.nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer FSDP left where it was (the whole ones) to ``device``."""
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if not is_sharded(param) and param.device != device:
+                    param.data = param.data.to(device)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.device != device:
+                    setattr(module, name, buffer.to(device))
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
