@@ -71,7 +71,7 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
     ),
     "tests/service/test_scale_out.py::test_cancel_stops_every_rank": "16 s; the SFT curve test stays",
     "tests/service/test_scale_out.py::test_fsdp_grpo_follows_ddp_and_an_fsdp_ppo_job_loads_with_peft": (
-        "five jobs, four of them on 2 fsdp ranks; the resources validation test stays"
+        "six jobs, five of them on 2 fsdp ranks; the resources validation test stays"
     ),
     "tests/service/test_scale_out.py::test_two_process_rlhf_runs_every_stage_on_two_processes[ddp]": (
         "three stages on two processes; test_rlhf_end_to_end and the 2-process SFT curve test stay"

@@ -600,7 +600,11 @@ def test_fsdp_grpo_follows_ddp_and_an_fsdp_ppo_job_loads_with_peft(
             _submit(http, {**body, "resources": {"processes": 2, "strategy": strategy}})
             for strategy in ("ddp", "fsdp")
         )
-        for job_id in (ddp, fsdp):
+        rloo_body = _job(
+            model, prompts, method="rloo", beta=0.05
+        )  # RLOO's KL in the reward: old log-probs too
+        rloo = _submit(http, {**rloo_body, "resources": {"processes": 2, "strategy": "fsdp"}})
+        for job_id in (ddp, fsdp, rloo):
             job = wait_for(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=300)
             assert job["status"] == "succeeded", _events(http, job_id)
         messages = " | ".join(event["message"] for event in _events(http, fsdp))
@@ -611,6 +615,7 @@ def test_fsdp_grpo_follows_ddp_and_an_fsdp_ppo_job_loads_with_peft(
         losses = _series(http, ddp, "loss")
         assert sorted(losses) == [1, 2, 3]
         assert _series(http, fsdp, "loss") == pytest.approx(losses, rel=1e-3, abs=1e-6)
+        assert sorted(_series(http, rloo, "kl")) == [1, 2, 3]
         adapter = next(
             a for a in http.get(f"/v1/jobs/{fsdp}/artifacts").json()["data"] if a["kind"] == "adapter"
         )
