@@ -118,7 +118,7 @@ def _checkpoint_tensors(path: str) -> dict[str, Any]:
     return load_file(str(Path(path) / WEIGHTS_FILE))
 
 
-def test_fsdp_shards_the_layers_matches_one_process_and_its_checkpoint_resumes_on_one_process(
+def test_fsdp_shards_the_layers_matches_one_process_and_its_checkpoints_resume_across_strategies(
     tmp_path: Path, tiny_model_dir: Path, sft_jsonl: Path
 ) -> None:
     from tests.helpers.tiny_model import tiny_sft_jsonl
@@ -169,6 +169,21 @@ def test_fsdp_shards_the_layers_matches_one_process_and_its_checkpoint_resumes_o
     resumed = run_child(spec("resumed", resume_from={"path": at_3[1]["path"], "stage": "sft", "step": 3}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = metric(resumed, "loss")
+    assert sorted(after) == [4, 5, 6]
+    for step in after:
+        assert after[step] == pytest.approx(metric(single, "loss")[step], rel=1e-4), (step, after)
+    # And the other way: one process's checkpoint resumed on 2 fsdp ranks (each takes its shard of the
+    # weights and of Adam's moments back) goes on with the same losses.
+    onto_fsdp = _launch(
+        spec(
+            "fsdp-resumed",
+            resources={"processes": 2, "strategy": "fsdp"},
+            resume_from={"path": at_3[0]["path"], "stage": "sft", "step": 3},
+        ),
+        2,
+    )
+    assert onto_fsdp.returncode == 0, onto_fsdp.stderr[-3000:]
+    after = metric(onto_fsdp, "loss")
     assert sorted(after) == [4, 5, 6]
     for step in after:
         assert after[step] == pytest.approx(metric(single, "loss")[step], rel=1e-4), (step, after)
