@@ -7,9 +7,11 @@ through ``torch.distributed.run`` (torchrun) with ``--nproc_per_node=N``; every 
 trainable (LoRA) parameters and computes on its share of each step's batch, gradients summed across processes
 before the optimizer step (data parallel). ``batch_size`` keeps its meaning: the examples (pairs, rollout
 prompts) of one optimizer step across all processes, so a job's loss curve does not depend on N (up to float
-reduction order) and a checkpoint resumes on any N. ``strategy: "fsdp"`` (:data:`FSDP_METHODS`) shards each
-decoder layer's weights across the processes instead of copying the base into every one
-(``workers/training/sharding.py``).
+reduction order) and a checkpoint resumes on any N. ``strategy: "fsdp"`` (any method of
+:data:`DISTRIBUTED_METHODS`) shards each decoder layer's weights across the processes instead of copying the
+base into every one (``workers/training/sharding.py``); every rank then runs the same number of forwards (the
+samplers decode until every rank's answers ended), which a score_model judge grader, decoding its own answers
+inside the reward, cannot: refused with fsdp (:func:`uses_model_judge`).
 
 The stored form: a job's ``resources`` travels inside its hyperparameters JSON under :data:`RESOURCES_KEY`
 (no database column; only when it differs from the default), and the runner hands it to the child as
@@ -27,14 +29,6 @@ from contract.methods import Method
 
 RESOURCES_KEY = "resources"
 MAX_PROCESSES = 64
-
-# Methods whose trainers can shard the base's layers (strategy "fsdp", every data-parallel one): every rank
-# runs the same number of
-# forwards (the samplers decode until every rank's answers ended). A score_model judge grader cannot (it decodes
-# its own answers): refused with fsdp.
-FSDP_METHODS: frozenset[Method] = frozenset(
-    {Method.sft, Method.reward_model, Method.dpo, Method.ppo, Method.grpo, Method.rloo, Method.rlhf}
-)
 
 
 def uses_model_judge(value: Any) -> bool:

@@ -19,7 +19,6 @@ from contract.hyperparameters import ppo_eval_block
 from contract.methods import AVAILABLE_METHODS, OPTIONAL_DATASETS, REQUIRED_DATASETS, Method
 from contract.resources import (
     DISTRIBUTED_METHODS,
-    FSDP_METHODS,
     RESOURCES_KEY,
     Resources,
     uses_model_judge,
@@ -260,7 +259,7 @@ def resolve_resources(
     pool_max_processes: int | None,
 ) -> tuple[Resources, list[dict[str, Any]]]:
     """The job's ``resources`` (contract/resources.py) and what is wrong with them: a method that does not
-    run data-parallel yet, ``fsdp`` for a method that cannot shard (or with one process), more processes than the pool's largest worker has
+    run data-parallel yet, ``fsdp`` with one process or a score_model judge, more processes than the pool's largest worker has
     (``ALIGND_POOL_MAX_PROCESSES``), a PPO batch that does not split evenly across the processes."""
     try:
         resources = Resources.model_validate(dict(raw or {}))
@@ -268,17 +267,8 @@ def resolve_resources(
         return Resources(), _resource_details(exc)
     problems: list[dict[str, Any]] = []
     n = resources.processes
-    if resources.strategy == "fsdp" and method not in FSDP_METHODS:
-        methods = ", ".join(sorted(m.value for m in FSDP_METHODS))
-        problems.append(
-            {
-                "field": "resources.strategy",
-                "code": "strategy_not_supported",
-                "message": f"strategy 'fsdp' is not supported for method '{method.value}' (fsdp: {methods}); "
-                "use 'ddp' (every process holds the whole base)",
-            }
-        )
-    elif resources.strategy == "fsdp" and uses_model_judge(hyperparameters):
+    # fsdp runs wherever processes > 1 does (a method that cannot is refused below with processes_not_supported)
+    if resources.strategy == "fsdp" and uses_model_judge(hyperparameters):
         problems.append(
             {
                 "field": "resources.strategy",

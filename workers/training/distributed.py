@@ -26,6 +26,7 @@ Backend: nccl when CUDA is available (one GPU per rank, ``LOCAL_RANK``), gloo on
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ class Dist:
             return 0
         counts = [passes(list(items[rank :: self.world_size])) for rank in range(self.world_size)]
         return max(counts) - counts[self.rank]
+
+    def lockstep_batch_fillers(self, items: Sequence[T], batch_size: int) -> int:
+        """:meth:`lockstep_fillers` for a rank that scores its share in batches of ``batch_size``."""
+        return self.lockstep_fillers(items, lambda share: math.ceil(len(share) / batch_size))
 
     def _device(self) -> torch.device:
         return (

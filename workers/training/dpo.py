@@ -18,7 +18,6 @@ The reference log-probs are computed once, before training, in eval mode (no LoR
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -223,8 +222,7 @@ class DPOTrainer(loop.DatasetTrainer[DPOHyperparameters]):
                 sums["margin"] += float((reward_c - reward_r).sum())
                 sums["chosen"] += float(reward_c.sum())
                 sums["rejected"] += float(reward_r.sum())
-            fillers = self.ctx.dist.lockstep_fillers(pairs, lambda s: math.ceil(len(s) / hp.batch_size))
-            for _ in range(fillers):
+            for _ in range(self.ctx.dist.lockstep_batch_fillers(pairs, hp.batch_size)):
                 # fsdp: as many forwards as the rank with the most held-out batches; the result is dropped
                 pair_logps(self.model, pairs[:1], self.pad_token_id, self.device)
         finally:

@@ -12,7 +12,6 @@ Both sides of a pair run in the same forward batch; the reward is read at each r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,8 +176,7 @@ class RewardTrainer(loop.DatasetTrainer[RewardModelHyperparameters]):
             if share
             else {}
         )
-        size = hp.batch_size
-        for _ in range(dist.lockstep_fillers(self.eval_pairs, lambda s: math.ceil(len(s) / size))):
+        for _ in range(dist.lockstep_batch_fillers(self.eval_pairs, hp.batch_size)):
             # fsdp: as many forwards as the rank with the most held-out batches; the result is dropped
             with torch.no_grad():
                 score_pairs(self.model, self.eval_pairs[:1], self.pad_token_id, self.device)

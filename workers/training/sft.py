@@ -8,7 +8,6 @@ batch, and long and short examples weigh by their tokens, not per example.
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 from typing import Any
@@ -221,10 +220,7 @@ class SFTTrainer(loop.DatasetTrainer[SFTHyperparameters]):
                 loss_sum += float(batch_loss)
                 correct += batch_correct
                 tokens += sum(example.num_trainable for example in batch)
-            size = self.hp.batch_size
-            for _ in range(
-                self.ctx.dist.lockstep_fillers(self.validation, lambda s: math.ceil(len(s) / size))
-            ):
+            for _ in range(self.ctx.dist.lockstep_batch_fillers(self.validation, self.hp.batch_size)):
                 # fsdp: as many forwards as the rank with the most held-out batches; the result is dropped
                 completion_loss_sum(
                     self.model, {k: v.to(self.device) for k, v in self.collate(self.validation[:1]).items()}
