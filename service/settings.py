@@ -131,6 +131,12 @@ class Settings(BaseSettings):
         None, description="Python executable for the training child; default the server's own."
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads in the training child.")
+    gc_freeze: bool = Field(
+        True,
+        description="Once the API has started, freeze what start-up allocated (gc.freeze) so that full garbage "
+        "collections stop walking ~180,000 long-lived objects: each such pass held the event loop about 100 ms, "
+        "the p99 tail of a polled GET under load (bench/api_gc.py, docs/performance.md). Undone at shutdown.",
+    )
     kubeflow_template: Path | None = Field(
         None,
         description="The Kubeflow TrainJob template `alignd-server trainjob` renders a multi-node job's manifest "

@@ -53,6 +53,7 @@ CHART: dict[str, str] = {
     "cancel_grace_seconds": "`config.cancelGraceSeconds`",
     "training_python": "`config.extraEnv` (the image's Python is the default)",
     "torch_threads": "`config.torchThreads`",
+    "gc_freeze": "`config.extraEnv`",
     "kubeflow_template": "`kubeflow.enabled` (the mounted ConfigMap's file)",
     "kubeflow_image": "`kubeflow.enabled` (the worker image)",
     "log_level": "`config.logLevel`",
