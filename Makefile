@@ -96,7 +96,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
 .PHONY: bench bench-quick bench-install bench-ppo bench-precision bench-ppo-quick bench-grpo bench-grpo-quick bench-sft \
-	bench-sft-quick bench-alignment bench-alignment-quick bench-labels bench-labels-quick bench-validation bench-validation-quick bench-api bench-api-quick wrk
+	bench-sft-quick bench-alignment bench-alignment-quick bench-labels bench-labels-quick bench-validation bench-validation-quick bench-api bench-api-quick bench-api-gc wrk
 
 # TRL only here. torch first (CPU wheel, pinned), then TRL 1.9.x (still has trl.experimental.ppo) with
 # transformers/peft pinned to the main venv's versions, then this repo (the same alignd code as .venv).
@@ -148,8 +148,8 @@ bench-grpo: $(STAMP) $(BENCH_GRPO_STAMP)
 bench-grpo-quick: $(STAMP) $(BENCH_GRPO_STAMP)
 	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model tiny --seconds 30 --max-steps 4 --threads 1
 
-# alignd's PPO (as shipped, and with the adaptive KL controller) against TRL 1.9's, 10 minutes of training each,
-# judged on held-out subjects by an independent reward model: about 50 minutes on 2 cores.
+# alignd's PPO (as shipped, and with the adaptive KL controller) and GRPO against TRL 1.9's PPO, 10 minutes of
+# training each, judged on held-out subjects by an independent reward model: about an hour on 2 cores.
 bench-alignment: $(STAMP) $(BENCH_STAMP)
 	$(PY) examples/prepare_base_model.py
 	$(BENCH_PY) bench/alignment_quality.py --model smollm2 --seconds 600 --threads 2
@@ -188,6 +188,10 @@ bench-api: $(STAMP) wrk
 
 bench-api-quick: $(STAMP) wrk
 	$(PY) bench/api_speed.py --quick
+
+# The API's collector policy (ALIGND_GC_FREEZE) off vs on, side by side: p99 and full-collection pauses.
+bench-api-gc: $(STAMP) wrk
+	$(PY) bench/api_gc.py
 
 # The GPU check (bench/gpu_check.sh): installs its own .venv-gpu; on a machine without CUDA it stops, saying so.
 gpu-check:

@@ -10,17 +10,43 @@ Jobs must be accepted but never trained here (a training child would compete for
 - production mode (``--redis-url``): the real ``ArqQueue`` on Redis, with no arq worker running.
 
 ``max_queued_jobs_per_tenant`` is raised so the POST benchmark measures acceptance, not the 429 path.
+
+``--gc-probe PATH`` (``bench/api_gc.py``) records every garbage collection's generation and pause through
+``gc.callbacks`` and writes them as JSON to PATH on SIGUSR1, starting a new record each time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def install_gc_probe(path: Path) -> None:
+    """Each collection as [generation, pause in ms]; SIGUSR1 writes those since the last signal to ``path``."""
+    pauses: list[list[float]] = []
+    started = [0.0]
+
+    def on_collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append([info["generation"], (time.perf_counter() - started[0]) * 1000])
+
+    def dump(_signum: int, _frame: object) -> None:
+        path.write_text(json.dumps({"collections": pauses, "tracked_objects": len(gc.get_objects())}))
+        pauses.clear()
+
+    gc.callbacks.append(on_collection)
+    signal.signal(signal.SIGUSR1, dump)
 
 
 def main() -> None:
@@ -32,7 +58,10 @@ def main() -> None:
     parser.add_argument("--api-keys", required=True)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--gc-probe", type=Path, default=None)
     args = parser.parse_args()
+    if args.gc_probe:
+        install_gc_probe(args.gc_probe)
 
     from alignd_server import embedded
     from service.api import app as app_module
