@@ -148,7 +148,7 @@ bench-grpo: $(STAMP) $(BENCH_GRPO_STAMP)
 bench-grpo-quick: $(STAMP) $(BENCH_GRPO_STAMP)
 	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model tiny --seconds 30 --max-steps 4 --threads 1
 
-# alignd's PPO (as shipped, and with the adaptive KL controller) and GRPO against TRL 1.9's PPO, 10 minutes of
+# alignd's PPO (as shipped) and GRPO against TRL 1.9's PPO (--runs adds alignd_adaptive), 10 minutes of
 # training each, judged on held-out subjects by an independent reward model: about an hour on 2 cores.
 bench-alignment: $(STAMP) $(BENCH_STAMP)
 	$(PY) examples/prepare_base_model.py

@@ -9,7 +9,8 @@ Run by ``bench/alignment_quality.py``; not meant to be called by hand::
 - ``reward``: alignd's reward-model trainer (``workers.training.reward``) on one set of those pairs: the PPO
   reward model from one set, the independent judge from a disjoint one.
 - ``alignd``: alignd's PPO job (``ppo_job.PPOJob`` on the shared loop) against the training reward model,
-  until its training clock passes ``seconds``.
+  until its training clock passes ``seconds``; a variant with ``"method": "grpo"`` runs alignd's GRPO job
+  (``grpo_job.GRPOJob``: groups of answers per prompt, no value model) against the same reward model.
 - ``trl``: TRL 1.9's ``trl.experimental.ppo.PPOTrainer`` (peft LoRA policy, reference = adapter disabled), the
   same reward model merged into a sequence classifier, its value model initialised from that reward model (as
   TRL's examples do), the same wall budget.
@@ -217,7 +218,7 @@ def train_reward(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def _alignd_hp(cfg: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
-    return {
+    shared = {
         "steps": cfg["max_updates"],  # the wall budget stops it first (WallBudget)
         "batch_size": cfg["batch_size"],
         "max_new_tokens": cfg["max_new_tokens"],
@@ -225,27 +226,33 @@ def _alignd_hp(cfg: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
         "learning_rate": cfg["learning_rate"],
         "temperature": cfg["temperature"],
         "missing_eos_penalty": cfg["missing_eos_penalty"],
-        "allow_weak_reward_model": True,  # the benchmark reports the reward model's accuracy itself
-        **variant.get("hyperparameters", {}),
     }
+    if variant.get("method", "ppo") == "ppo":
+        shared["allow_weak_reward_model"] = True  # the benchmark reports the reward model's accuracy itself
+    return {**shared, **variant.get("hyperparameters", {})}
 
 
 def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     import torch
 
-    from contract.hyperparameters import LoraSettings, PPOHyperparameters
+    from contract.hyperparameters import GRPOHyperparameters, LoraSettings, PPOHyperparameters
     from contract.protocol import ProgressWriter, TrainingSpec
-    from workers.training import data, ppo_job
+    from workers.training import data, grpo_job, ppo_job
     from workers.training.context import RunContext
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     variant = cfg["variants"][cfg["variant"]]
-    hp = PPOHyperparameters.model_validate(_alignd_hp(cfg, variant))
+    method = variant.get("method", "ppo")
+    hp_model, job_class = {
+        "ppo": (PPOHyperparameters, ppo_job.PPOJob),
+        "grpo": (GRPOHyperparameters, grpo_job.GRPOJob),
+    }[method]
+    hp = hp_model.model_validate(_alignd_hp(cfg, variant))
     spec = TrainingSpec.model_validate(
         {
             "job_id": "job_bench",
-            "method": "ppo",
+            "method": method,
             "base_model": {"id": "model_bench", "name": "bench-base", "path": cfg["model"]},
             "datasets": {
                 "prompts": {
@@ -266,7 +273,7 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     )
     budget = WallBudget(cfg["seconds"], cfg["max_updates"])
 
-    class BudgetedPPOJob(ppo_job.PPOJob):
+    class BudgetedJob(job_class):  # type: ignore[valid-type,misc]  # either job, one budget
         def schedule(self, step: int, resumed: Any) -> Iterator[tuple[int, int, None]]:
             for item in super().schedule(step, resumed):
                 if budget.spent:
@@ -279,11 +286,12 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
             budget.step_ends()
 
     start = time.perf_counter()
-    job = BudgetedPPOJob(RunContext(spec=spec, progress=ProgressWriter(io.StringIO())))
+    job = BudgetedJob(RunContext(spec=spec, progress=ProgressWriter(io.StringIO())))
     finished = job.run()
     history = job.logger.history
     return {
         "impl": cfg["variant"],
+        "method": method,
         "hyperparameters": {k: v for k, v in hp.model_dump().items() if k in _REPORTED_HP},
         "setup_seconds": budget.marks[0] - start,
         "step_marks": budget.marks,
@@ -291,7 +299,7 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
         "kl": [h.get("kl", math.nan) for h in history],
         "kl_coef": [h.get("kl_coef", math.nan) for h in history],
         "eos_rate": [h.get("eos_fraction", math.nan) for h in history],
-        "response_length": [h.get("response_length", math.nan) for h in history],
+        "response_length": [h.get("response_length", h.get("completion_length", math.nan)) for h in history],
         "adapter_dir": str(finished.outputs.model_dir),
         "hwm_gib": status_gib("VmHWM"),
         "threads": torch.get_num_threads(),
@@ -300,7 +308,8 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 _REPORTED_HP = {
     "learning_rate", "kl_coef", "kl_control", "kl_target", "kl_horizon", "kl_estimator", "max_new_tokens",
-    "stop", "missing_eos_penalty", "temperature", "batch_size", "ppo_epochs",
+    "stop", "missing_eos_penalty", "temperature", "batch_size", "ppo_epochs", "num_generations", "beta",
+    "loss_type", "scale_rewards",
 }  # fmt: skip
 
 

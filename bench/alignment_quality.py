@@ -1,4 +1,5 @@
-"""Alignment quality on a real model: alignd's PPO against TRL 1.9's, judged by an independent reward model.
+"""Alignment quality on a real model: alignd's PPO and GRPO against TRL 1.9's PPO, judged by an independent
+reward model.
 
     .venv-bench/bin/python bench/alignment_quality.py --model smollm2 --seconds 600   # make bench-alignment
     .venv-bench/bin/python bench/alignment_quality.py --model tiny --seconds 20 --max-updates 2   # quick
@@ -12,7 +13,8 @@ One invocation, every stage its own process (``bench/alignment_child.py``):
    that PPO optimises, and the **judge**, which no run ever trains against.
 3. PPO runs, each for the same wall-clock budget from its first update (same prompts, threads, LoRA, batch,
    answer length, temperature, learning rate, missing-EOS penalty): alignd's PPO job as shipped (its
-   defaults), any alignd variants asked for, and TRL 1.9's ``PPOTrainer``.
+   defaults), any alignd variants asked for (``alignd_grpo``: alignd's GRPO job against the same reward
+   model, 2 prompts x 4 answers per update), and TRL 1.9's ``PPOTrainer``.
 4. Held-out evaluation on prompts about subjects neither reward model nor any policy saw: every policy and the
    base sample ``eval_samples`` answers per prompt through the same code; the judge scores them; the KL to the
    base is measured on the same samples (summed per answer, tempered as sampled).
@@ -66,6 +68,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         # A horizon of 16 episodes lets the coefficient move up to 10% per update of 8: a 10-minute run has
         # about 30 updates, against the 10,000-episode default's 0.016% (made for runs of 100,000+ episodes).
         "hyperparameters": {"kl_control": "adaptive", "kl_coef": 0.05, "kl_target": 1.5, "kl_horizon": 16}
+    },
+    "alignd_grpo": {
+        # GRPO against the same reward model: 2 prompts x a group of 4 answers is PPO's 8 episodes per update.
+        # Group sampling is the issue's third lever for learning to end (some answers of a group end, so the
+        # missing-EOS penalty gives contrast). beta 0.04 (TRL's default before it went to 0) keeps a KL term,
+        # since the target is a small KL; every other setting is GRPO's default or the shared one above.
+        "method": "grpo",
+        "hyperparameters": {"batch_size": 2, "num_generations": 4, "beta": 0.04},
     },
 }
 
@@ -264,7 +274,9 @@ def main() -> None:
     parser.add_argument("--reward-max-steps", type=int, default=None, help="cap on reward-model steps")
     parser.add_argument("--eval-samples", type=int, default=2, help="held-out answers per prompt and policy")
     parser.add_argument(
-        "--runs", default="alignd,alignd_adaptive,trl", help="PPO runs: alignd variants (VARIANTS) and trl"
+        "--runs",
+        default="alignd,alignd_grpo,trl",
+        help="training runs: alignd variants (VARIANTS: PPO, or GRPO where a variant says so) and trl (PPO)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -330,7 +342,7 @@ def main() -> None:
     settings["variants"] = {k: VARIANTS[k] for k in runs if k in VARIANTS}
     write_results(
         name,
-        title=f"Alignment quality: alignd PPO vs TRL 1.9 PPO ({args.model}, {args.seconds:g} s of training each)",
+        title=f"Alignment quality: alignd PPO and GRPO vs TRL 1.9 PPO ({args.model}, {args.seconds:g} s of training each)",
         stamp=stamp,
         tables={
             "Held-out, judged by the independent reward model": rows,
@@ -359,7 +371,7 @@ def main() -> None:
 
 def _notes(args: argparse.Namespace, evaluation: dict[str, Any]) -> list[str]:
     return [
-        f"One seed ({args.seed}); each PPO run trains {args.seconds:g} s of wall time from its first update "
+        f"One seed ({args.seed}); each training run trains {args.seconds:g} s of wall time from its first update "
         "(checked at each update's end, so the last may run past it); loading is apart.",
         f"Held-out: {evaluation['prompts']} prompts on subjects no reward model or policy saw, "
         f"{evaluation['samples_per_prompt']} sampled answers each (temperature 0.7, no top-k/top-p, "
@@ -374,6 +386,10 @@ def _notes(args: argparse.Namespace, evaluation: dict[str, Any]) -> list[str]:
         "value model initialised from it, LoRA policy (reference = adapter disabled), 4 PPO epochs, 1 "
         "minibatch, lr constant; alignd's lr, temperature, kl_coef (0.05) and missing-EOS penalty (1.0), "
         "which are alignd's defaults.",
+        "alignd_grpo: alignd's GRPO job (no value model) against the same training reward model, 2 prompts x 4 "
+        "answers per update (PPO's 8 episodes), beta 0.04 (k3 KL to the base in the loss), the shared lr, "
+        "temperature, answer length and missing-EOS penalty; its train_kl_last is GRPO's per-token mean, not "
+        "the per-answer sum PPO logs (the held-out kl_per_answer is one measure for every policy).",
     ]
 
 

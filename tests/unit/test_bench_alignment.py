@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from types import SimpleNamespace
 
 from bench import alignment_child, alignment_quality
@@ -60,3 +61,24 @@ def test_the_gain_is_paired_by_prompt_and_the_targets_say_met_or_not() -> None:
     assert not {t["target"]: t["met"] for t in alignment_quality.targets_of(rows)}[
         "alignd: KL per answer <= half TRL's"
     ]
+
+
+def test_every_alignd_variant_is_a_valid_job_of_its_method_with_the_shared_settings(tmp_path: Path) -> None:
+    from contract.hyperparameters import GRPOHyperparameters, PPOHyperparameters
+
+    args = SimpleNamespace(
+        model="tiny", seed=0, threads=1, seconds=10.0, max_updates=3, max_new_tokens=48, reward_max_steps=None,
+        eval_samples=2,
+    )  # fmt: skip
+    cfg = alignment_quality.build_config(args, tmp_path)
+    models = {"ppo": PPOHyperparameters, "grpo": GRPOHyperparameters}
+    for name, variant in alignment_quality.VARIANTS.items():
+        hp = models[variant.get("method", "ppo")].model_validate(alignment_child._alignd_hp(cfg, variant))
+        assert hp.learning_rate == cfg["learning_rate"] and hp.temperature == cfg["temperature"], name
+        assert hp.max_new_tokens == cfg["max_new_tokens"], name
+    grpo = GRPOHyperparameters.model_validate(
+        alignment_child._alignd_hp(cfg, alignment_quality.VARIANTS["alignd_grpo"])
+    )
+    # the same episodes per update as PPO's batch of 8 prompts, one answer each
+    assert grpo.batch_size * grpo.num_generations == cfg["batch_size"]
+    assert grpo.beta > 0
