@@ -24,7 +24,7 @@ from service.api.auth import Authenticate, DatabaseKeys, is_protected
 from service.api.console import ConsoleFiles, ConsoleHeaders, console_router
 from service.api.deps import AppContext, InProcessRunner, RunnerFactory
 from service.api.errors import install_error_handlers
-from service.api.gc_policy import freeze_startup_heap
+from service.api.gc_policy import freeze_startup_heap, release_startup_heap
 from service.api.idempotency import Idempotency
 from service.api.input_policy import InputPolicy
 from service.api.label_page import label_router
@@ -176,12 +176,13 @@ def create_app(settings: Settings | None = None, *, runner_factory: RunnerFactor
         )
         metrics.watch_state(lambda: engine if startup.ready.is_set() else None, queue.depth)
         await asyncio.to_thread(startup.start)
-        frozen = freeze_startup_heap() if settings.gc_freeze else None
+        if settings.gc_freeze:
+            freeze_startup_heap()
         try:
             yield
         finally:
-            if frozen is not None:
-                frozen.release()
+            if settings.gc_freeze:
+                release_startup_heap()
             startup.stop()
             reconciler.stop()
             if runner is not None:
