@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import api_speed
-from api_speed import free_port, lua_get, lua_post, run_wrk, seed_alignd, server
+from api_speed import free_port, lua_get, lua_post, run_wrk, seed_alignd, server, tiny_inputs
 from common import WORK, machine_stamp, write_results
 
 POLICIES = {"off": "false", "on": "true"}  # ALIGND_GC_FREEZE
@@ -40,9 +40,8 @@ def read_probe(proc: Any, path: Path) -> dict[str, Any]:
     path.unlink(missing_ok=True)
     proc.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + 10
-    while not path.exists() and time.monotonic() < deadline:
+    while not path.exists() and time.monotonic() < deadline:  # the server renames a whole file into place
         time.sleep(0.05)
-    time.sleep(0.1)  # the handler writes the file in one call; let it finish
     probe = json.loads(path.read_text())
     full = [pause for generation, pause in probe["collections"] if generation == 2]
     return {
@@ -120,15 +119,10 @@ def main() -> None:
     os.sched_setaffinity(0, {1})
     rounds = args.rounds or (1 if args.quick else 2)
     seconds = args.seconds or (3 if args.quick else 10)
-    from tests.helpers.tiny_model import build_tiny_llama, tiny_sft_jsonl
-
     work = WORK / "api-gc"
     (WORK / "api").mkdir(parents=True, exist_ok=True)  # server() logs there
     work.mkdir(parents=True, exist_ok=True)
-    tiny = WORK / "tiny-llama"
-    if not (tiny / "config.json").exists():
-        build_tiny_llama(tiny, seed=0)
-    sft = tiny_sft_jsonl(work / "tiny-sft.jsonl", n=16)
+    tiny, sft = tiny_inputs(work)
     stamp = machine_stamp(["fastapi", "uvicorn", "uvloop", "httptools"])
     stamp["pinning"] = "servers on core 0, wrk (one thread) on core 1"
     rows: list[dict[str, Any]] = []

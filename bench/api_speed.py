@@ -310,16 +310,21 @@ def seed_alignd(base_url: str, tiny_dir: Path, sft_file: Path) -> dict[str, str]
     return {"model": model["id"], "dataset": dataset["id"], "job": job["id"], "body": json.dumps(body)}
 
 
-def bench_latency(
-    levels: list[int], seconds: int, production: bool
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def tiny_inputs(work: Path) -> tuple[Path, Path]:
+    """The tiny model (built once, shared) and a 16-example sft dataset in ``work``: what seed_alignd uploads."""
     from tests.helpers.tiny_model import build_tiny_llama, tiny_sft_jsonl
 
-    work = WORK / "api"
     tiny = WORK / "tiny-llama"
     if not (tiny / "config.json").exists():
         build_tiny_llama(tiny, seed=0)
-    sft = tiny_sft_jsonl(work / "tiny-sft.jsonl", n=16)
+    return tiny, tiny_sft_jsonl(work / "tiny-sft.jsonl", n=16)
+
+
+def bench_latency(
+    levels: list[int], seconds: int, production: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    work = WORK / "api"
+    tiny, sft = tiny_inputs(work)
     rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
 

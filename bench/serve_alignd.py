@@ -42,7 +42,9 @@ def install_gc_probe(path: Path) -> None:
             pauses.append([info["generation"], (time.perf_counter() - started[0]) * 1000])
 
     def dump(_signum: int, _frame: object) -> None:
-        path.write_text(json.dumps({"collections": pauses, "tracked_objects": len(gc.get_objects())}))
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"collections": pauses, "tracked_objects": len(gc.get_objects())}))
+        partial.replace(path)  # whole or absent: the reader waits for the file to appear
         pauses.clear()
 
     gc.callbacks.append(on_collection)
