@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,9 +49,9 @@ def test_precision_picks_the_dtype_and_the_cpu_attention(tiny_model_dir: Path) -
     bf16 = lora.load_base_model(tiny_model_dir, device=CPU, precision="bf16")
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    assert fp32.config._attn_implementation != precision.CPU_ATTENTION
+    assert fp32.config._attn_implementation == precision.CPU_ATTENTION
     assert bf16.config._attn_implementation == precision.CPU_ATTENTION
-    assert AttentionInterface._global_mapping[precision.CPU_ATTENTION] is precision._sdpa_in_fp32
+    assert AttentionInterface._global_mapping[precision.CPU_ATTENTION] is precision._cpu_sdpa
     ids, mask = _padded_batch()
     with torch.no_grad():
         expected = fp32(input_ids=ids, attention_mask=mask).logits
@@ -72,12 +73,57 @@ def test_fp32_attention_matches_sdpa_on_the_same_bf16_inputs() -> None:
     keep[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)  # (a padded query still attends to itself)
     module = torch.nn.Module()
     module.is_causal = False
-    out, _ = precision._sdpa_in_fp32(module, q, k, v, keep, dropout=0.0, scaling=None)
+    out, _ = precision._cpu_sdpa(module, q, k, v, keep, dropout=0.0, scaling=None)
     reference = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=keep
     ).transpose(1, 2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_attention_skips_the_key_value_copies_with_the_same_result(dtype: torch.dtype) -> None:
+    """Several query positions under a padding mask: enable_gqa instead of transformers' repeat_kv, the same
+    outputs and gradients, and smaller saved tensors for the backward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 9, 8, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+    keep = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    keep[0, :, :, :3] = False
+    keep[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = 3
+
+    def run(attend: Any) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = attend(module, q, k, v, keep, dropout=0.0, scaling=None)
+        grads = torch.autograd.grad(out.float().square().sum(), [q, k, v])
+        return out, list(grads), sum(saved)
+
+    if dtype == torch.float32:
+        expected, expected_grads, expected_saved = run(sdpa_attention_forward)
+    else:  # the reference in fp32, as _cpu_sdpa computes a bf16 base's attention
+
+        def upcast(module: Any, q: Any, k: Any, v: Any, mask: Any, **kw: Any) -> Any:
+            out, w = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask, **kw)
+            return out.to(dtype), w
+
+        expected, expected_grads, expected_saved = run(upcast)
+    got, got_grads, got_saved = run(precision._cpu_sdpa)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected)
+    for mine, reference in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine, reference)
+    assert got_saved < expected_saved
 
 
 @pytest.mark.parametrize("shape", [(3, 11), (4, 20)], ids=["decode-sized (fp32 adapter)", "bf16 adapter"])

@@ -98,9 +98,16 @@ def _sample(
 
 
 def _decode(tokenizer: Any, tokens: torch.Tensor, lengths: list[Any], rows: range) -> list[str]:
-    """The answers of ``rows`` as text, each cut at its length."""
+    """The answers of ``rows`` as text, each cut at its length, without NUL characters.
+
+    A byte-level vocabulary has a token for the byte 0, and a model may sample it (the tiny test model did
+    once sampling drew other random numbers); the candidates file must pass the dataset rules, which refuse
+    NUL (PostgreSQL's text refuses it), so it is dropped from the text as it would be from a person's."""
     return [
-        str(tokenizer.decode(tokens[r, : int(lengths[r])].tolist(), skip_special_tokens=True)) for r in rows
+        str(tokenizer.decode(tokens[r, : int(lengths[r])].tolist(), skip_special_tokens=True)).replace(
+            "\x00", ""
+        )
+        for r in rows
     ]
 
 

@@ -220,6 +220,22 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.T
 
 
 @torch.no_grad()
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row (B, V) -> (B,), drawn with probability ``probs`` (rows need not sum to exactly 1).
+
+    By the inverse of the cumulative distribution: one uniform number per row, placed among the running sums.
+    ``torch.multinomial`` draws an exponential number for every vocabulary entry instead: measured 7.2 ms a
+    call on 8 x 49,152 probabilities, a tenth of a SmolLM2 decoding step on 2 cores. A token of probability 0
+    (cut by top-p) adds nothing to the running sum and so can never be drawn.
+    """
+    cdf = probs.cumsum(dim=-1)
+    device = generator.device if generator is not None else probs.device
+    uniform = torch.rand(probs.size(0), 1, generator=generator, device=device, dtype=cdf.dtype)
+    uniform = uniform.to(probs.device) * cdf[:, -1:]
+    token = torch.searchsorted(cdf, uniform, right=True).squeeze(1)
+    return token.clamp_(max=probs.size(-1) - 1)  # a uniform rounded up to the total lands past the end
+
+
 def sample_responses(
     step: StepFn,
     prompt_ids: torch.Tensor,
@@ -284,8 +300,7 @@ def sample_responses(
             logits = logits.float() / temperature
             if top_p < 1.0:
                 logits = _top_p_filter(logits, top_p)
-            probs = logits.softmax(dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            token = sample_from_probs(logits.softmax(dim=-1), generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished |= token == eos_token_id
