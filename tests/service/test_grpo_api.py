@@ -20,7 +20,7 @@ SHAPE = {
     "name": "shape",
     "graders": {
         "has_the": {"type": "regex", "name": "has_the", "pattern": "the", "ignore_case": True},
-        "short": {"type": "length", "name": "short", "max": 40},
+        "short": {"type": "length", "name": "short", "max": 20},
     },
     "calculate_output": "0.5 * has_the + 0.5 * short",
 }
@@ -95,6 +95,9 @@ def test_a_grpo_job_with_a_multi_grader_succeeds_and_its_adapter_loads_with_peft
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(server.tiny_model_dir), str(folder)
     )
+    # An update trains only through groups whose rewards differ; "short" (at most 20 characters) splits the tiny
+    # model's 8-token answers (at 40 every answer of every group passed, and nothing trained).
+    assert any(p["value"] < 1 for p in points if p["name"] == "frac_reward_zero_std")
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft_model.named_parameters())  # it trained
     assert "GRPO setup" in (folder / "README.md").read_text()
 

@@ -195,6 +195,57 @@ def test_group_sampling_prefills_once_and_matches_the_training_forward(tiny_mode
     assert ((logits - gen).abs().amax(-1) * rmask).max() < 1e-4
 
 
+def test_shared_prefix_rows_finds_each_prompts_first_row() -> None:
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9], [0, 0, 6]])
+    mask = (ids != 0).long()
+    shared = grpo.shared_prefix_rows(ids, mask)
+    assert shared is not None
+    first, owner = shared
+    assert torch.equal(ids[first][owner], ids)  # every row gets its own prompt back
+    assert torch.equal(first[owner[[0, 1, 4]]], torch.tensor([0, 1, 4]))
+    assert grpo.shared_prefix_rows(ids[[0, 1, 4]], mask[[0, 1, 4]]) is None
+
+
+def test_answers_to_one_prompt_share_its_forward(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rows answering the same prompt run the prompt once: the same log-probs and LoRA gradients as whole-row
+    forwards, for whole groups and for a micro-batch that cuts a group, with fewer positions forwarded."""
+    hp = {**FAST_HP, "steps": 1, "batch_size": 3, "num_generations": 4}
+    session = session_for(make_spec(tmp_path, tiny_model_dir, hp=hp))
+    models = session.models
+    for param in models.trainable:  # LoRA B starts at 0: make the adapter's gradients all non-zero
+        torch.nn.init.normal_(param, std=0.1)
+    batch = session.trainer.sample(session.prompts[:3], session.rows[:3])
+    width = batch.prompt_ids.size(1)
+    positions: list[int] = []
+    hook = models.body.register_forward_pre_hook(
+        lambda _m, _a, kw: positions.append(int(kw["input_ids"].numel())), with_kwargs=True
+    )
+    try:
+        for rows in (torch.arange(12), torch.arange(2, 7)):
+            results = {}
+            for share in (False, True):
+                models.share_prompts = share
+                positions.clear()
+                logprobs, entropy = models.response_logprobs(
+                    batch.input_ids[rows], batch.attention_mask[rows], width, 1.0
+                )
+                grads = torch.autograd.grad((logprobs * batch.response_mask[rows]).sum(), models.trainable)
+                results[share] = (logprobs, entropy, grads, sum(positions))
+            (plain, plain_entropy, plain_grads, plain_n), (mine, mine_entropy, mine_grads, mine_n) = (
+                results[False],
+                results[True],
+            )
+            valid = batch.response_mask[rows].bool()
+            torch.testing.assert_close(mine[valid], plain[valid], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine_entropy[valid], plain_entropy[valid], rtol=1e-5, atol=1e-5)
+            for a, b in zip(mine_grads, plain_grads, strict=True):  # sums in another order: float rounding
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+            assert mine_n < plain_n
+    finally:
+        hook.remove()
+        models.share_prompts = True
+
+
 # --- the trainer
 
 

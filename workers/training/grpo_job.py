@@ -136,7 +136,9 @@ def _attach_roles(
     if ctx.dist.sharded:  # before GroupModels records the trainable parameters: FSDP makes new ones
         sharded = sharding.shard_layers(peft_model, ctx.dist, device)
         ctx.progress.event(sharded.describe(ctx.dist.world_size), stage=spec.method)
-    return GroupModels(peft_model, reference_adapter=reference_adapter, shared=shared)
+    return GroupModels(
+        peft_model, reference_adapter=reference_adapter, shared=shared, share_prompts=not ctx.dist.sharded
+    )
 
 
 def build_session(
