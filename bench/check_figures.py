@@ -156,6 +156,24 @@ ALLOWED: tuple[Allowed, ...] = (
         ("14 ms",),
         ARITHMETIC + ": 50 connections / 3,553 req/s",
     ),
+    Allowed(
+        "docs/performance.md",
+        "the tensors kept for the backward, counted with",
+        ("800 MB", "105 MB", "53 MB", "642 MB"),
+        "saved_tensors_hooks counts of one training forward while developing the GRPO changes",
+    ),
+    Allowed(
+        "docs/performance.md",
+        "peak RSS of a few updates in one process",
+        ("2.24 GiB",),
+        DEV_AB,
+    ),
+    Allowed(
+        "docs/performance.md",
+        "sampling: `torch.multinomial` took",
+        ("7.2 ms", "2.58 -> 2.37 s", "172-194 ms", "15.4 ms", "2.63 -> 2.52 s"),
+        PROFILE + "; the sampling-call times are " + DEV_AB,
+    ),
 )
 
 

@@ -347,7 +347,18 @@ def _notes(
             for r in raw
             if r["impl"] in TRLS
         )
-        + "; alignd's GRPO has none; bf16 off everywhere (fp32).",
+        + "; alignd's GRPO has none; "
+        + (
+            "bf16 off everywhere (fp32)."
+            if args.precision == "fp32"
+            else "bf16: alignd with resources.precision 'bf16' (a bf16 base, fp32 LoRA weights and attention), "
+            "TRL with bf16=True (autocast over fp32 weights)."
+        ),
+        "What alignd's training pass does differently (the same loss on the same answers): each prompt runs once "
+        "for its group's answers, which run on its KV cache (grpo.GroupModels.answer_hidden); the answers' "
+        "log-probs and entropies come a chunk of positions at a time, never the whole logits "
+        "(fused.TokenLogprobsFunction); its norms, SwiGLU activations and grouped-query attention keep fewer "
+        "tensors for the backward (fused.py, precision.py). TRL forwards every completion with its prompt.",
         f"grader: {json.dumps(GRADER)}",
     ]
 
