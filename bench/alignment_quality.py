@@ -77,6 +77,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "method": "grpo",
         "hyperparameters": {"batch_size": 2, "num_generations": 4, "beta": 0.04},
     },
+    "alignd_grpo_beta02": {
+        # The same GRPO run with five times the KL weight: beta 0.04 let the KL reach 8.29 nats per answer on
+        # 2026-12-02, where the target is at most half of TRL PPO's (4.78).
+        "method": "grpo",
+        "hyperparameters": {"batch_size": 2, "num_generations": 4, "beta": 0.2},
+    },
 }
 
 
@@ -388,8 +394,9 @@ def _notes(args: argparse.Namespace, evaluation: dict[str, Any]) -> list[str]:
         "which are alignd's defaults.",
         "alignd_grpo: alignd's GRPO job (no value model) against the same training reward model, 2 prompts x 4 "
         "answers per update (PPO's 8 episodes), beta 0.04 (k3 KL to the base in the loss), the shared lr, "
-        "temperature, answer length and missing-EOS penalty; its train_kl_last is GRPO's per-token mean, not "
-        "the per-answer sum PPO logs (the held-out kl_per_answer is one measure for every policy).",
+        "temperature, answer length and missing-EOS penalty; its train_kl_last sums the k3 estimate over each "
+        "answer's tokens, where PPO's sums its kl_estimator's (k1 by default); the held-out kl_per_answer is one "
+        "measure for every policy. alignd_grpo_beta02: the same with beta 0.2.",
     ]
 
 
