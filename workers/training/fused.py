@@ -4,9 +4,11 @@ A LoRA step keeps, for its backward, what every op of the base's forward saved. 
 ``saved_tensors_hooks`` on SmolLM2-135M (GRPO's training forward, 8 answers x 75 tokens, fp32), those were
 800 MB; two patterns keep tensors no backward formula needs once the ops are taken together:
 
-- **RMSNorm** (``weight * (x * rsqrt(mean(x^2) + eps))``, transformers' Llama/Qwen2/Mistral norms): autograd
-  keeps ``x`` and the normalized ``x * rsqrt(...)`` (a second tensor the size of the hidden states);
-  :class:`RMSNormFunction` keeps ``x`` and the per-row ``rsqrt`` (one number a row) and rebuilds the rest.
+- **RMSNorm** (``weight * (x * rsqrt(mean(x^2) + eps))``, transformers' Llama/Qwen2/Mistral norms): for a
+  bf16 base autograd keeps the fp32 copy of ``x`` (twice the size of ``x``) and, where the weight trains,
+  the normalized ``x * rsqrt(...)``; :class:`RMSNormFunction` keeps ``x`` in its own dtype and the per-row
+  ``rsqrt`` (one number a row) and rebuilds the rest. (For an fp32 base with a frozen weight autograd keeps
+  no more than that: the SmolLM2 count above did not move with this one.)
 - **SwiGLU** (``down(silu(gate(x)) * up(x))``): autograd keeps ``gate(x)``, ``silu(gate(x))`` and ``up(x)``
   (three tensors of the intermediate size); :class:`SiluMulFunction` keeps ``gate(x)`` and ``up(x)`` and
   recomputes the sigmoid in the backward (an elementwise pass, no matmul).
