@@ -306,19 +306,7 @@ class GroupModels:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
     ) -> tuple[torch.Tensor, Any]:
         """One KV-cached step for :func:`rollout.sample_responses`: logits of the last position only."""
-        if (
-            cache is None
-        ):  # the prefill: a cache that appends in place (kv_cache.py), where the model allows it
-            cache = kv_cache.decoding_cache(getattr(self.body, "config", None))
-        out = self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = lora.project_last_positions(self.lm_head, out.last_hidden_state[:, -1])
-        return logits, out.past_key_values
+        return lora.decoding_step(self.body, self.lm_head, input_ids, attention_mask, position_ids, cache)
 
 
 # --- rewards

@@ -72,18 +72,22 @@ class GrowingLayer(DynamicLayer):
         self._buffers = (buffers[0], buffers[1])
 
 
-def plain_growing_cache(config: Any) -> bool:
-    """Whether a model of ``config`` uses transformers' plain growing cache on every layer (no sliding window
-    or other kind of layer)."""
+def _plain_layers(config: Any) -> list[Any] | None:
+    """The cache layers transformers would make for ``config``, when every one is its plain growing
+    ``DynamicLayer`` (no sliding window or other kind); else None."""
     if config is None:
-        return False
+        return None
     layers = DynamicCache(config=config).layers
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return layers if layers and all(type(layer) is DynamicLayer for layer in layers) else None
+
+
+def plain_growing_cache(config: Any) -> bool:
+    """Whether a model of ``config`` uses transformers' plain growing cache on every layer."""
+    return _plain_layers(config) is not None
 
 
 def decoding_cache(config: Any) -> Cache | None:
     """A cache of :class:`GrowingLayer` for a model with :func:`plain_growing_cache`, when no graph is being
     recorded; otherwise None (the model then makes its own ``DynamicCache``)."""
-    if torch.is_grad_enabled() or not plain_growing_cache(config):
-        return None
-    return Cache(layers=[GrowingLayer() for _ in DynamicCache(config=config).layers])
+    layers = None if torch.is_grad_enabled() else _plain_layers(config)
+    return None if layers is None else Cache(layers=[GrowingLayer() for _ in layers])

@@ -29,7 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 
 from contract.hyperparameters import LoraSettings
-from workers.training import fused, sharding
+from workers.training import fused, kv_cache, sharding
 from workers.training.errors import (
     INVALID_ADAPTER,
     MODEL_LOAD_FAILED,
@@ -241,6 +241,29 @@ def project_last_positions(lm_head: torch.nn.Module, hidden: torch.Tensor) -> to
         return torch.mm(lm_head.weight, hidden.t()).t()
     logits: torch.Tensor = lm_head(hidden)
     return logits
+
+
+def decoding_step(
+    body: torch.nn.Module,
+    lm_head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Any,
+) -> tuple[torch.Tensor, Any]:
+    """One KV-cached step of a decoder body and its head for ``rollout.sample_responses``: the logits of the
+    last position and the cache. The prefill (no cache yet) gets one that appends in place where the model
+    allows it (``kv_cache.decoding_cache``)."""
+    if cache is None:
+        cache = kv_cache.decoding_cache(getattr(body, "config", None))
+    out = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return project_last_positions(lm_head, out.last_hidden_state[:, -1]), out.past_key_values
 
 
 def _drops(dropout: torch.nn.Module) -> bool:

@@ -47,7 +47,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from contract.hyperparameters import PPOHyperparameters
-from workers.training import kv_cache, lora, rollout, sharding
+from workers.training import lora, rollout, sharding
 from workers.training.allocator import release_freed_memory
 from workers.training.distributed import SINGLE, Dist
 from workers.training.errors import (
@@ -196,19 +196,7 @@ class SharedBaseModel:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
     ) -> tuple[torch.Tensor, Any]:
         """One KV-cached step for :func:`rollout.sample_responses`: logits of the last position only."""
-        if (
-            cache is None
-        ):  # the prefill: a cache that appends in place (kv_cache.py), where the model allows it
-            cache = kv_cache.decoding_cache(getattr(self.body, "config", None))
-        out = self.body(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = lora.project_last_positions(self.lm_head, out.last_hidden_state[:, -1])
-        return logits, out.past_key_values
+        return lora.decoding_step(self.body, self.lm_head, input_ids, attention_mask, position_ids, cache)
 
     def response_logits(self, hidden: torch.Tensor, prompt_width: int, temperature: float) -> torch.Tensor:
         """Logits (divided by the temperature) that predicted each response token: positions P-1 .. P+R-2."""

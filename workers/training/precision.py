@@ -10,9 +10,9 @@ bf16:
   (``lora._fused_lora_forward``), so Adam's small steps are not rounded away;
 - a trainable head saved through ``modules_to_save`` (the reward model's ``score``) is made fp32 here, for
   the same reason, and fed fp32 inputs;
-- on a CPU, attention runs in fp32 (:data:`CPU_ATTENTION`, which also skips grouped-query copies): PyTorch's bf16 flash-attention backward on CPU
-  took 15.9 ms a call where fp32 took 3.3 ms in a profile (SmolLM2, 8 x 76 tokens), and SmolLM2's forward +
-  backward is 1.24 s with fp32 attention against 1.68 s with bf16 sdpa (the same results file);
+- on a CPU, attention runs in fp32 (:data:`CPU_ATTENTION`, which also skips grouped-query copies):
+  PyTorch's bf16 flash-attention backward on CPU took 15.9 ms a call where fp32 took 3.3 ms in a profile
+  (SmolLM2, 8 x 76 tokens), and SmolLM2's forward + backward is 1.24 s with fp32 attention against 1.68 s with bf16 sdpa (the same results file);
 - log-probs, losses, values and rewards are computed from ``.float()`` logits and hidden states by the
   trainers, as on a GPU.
 """
