@@ -138,8 +138,8 @@ bench-precision: $(STAMP) $(BENCH_STAMP)
 bench-ppo-quick: $(STAMP) $(BENCH_STAMP)
 	$(BENCH_PY) bench/ppo_vs_trl.py --model tiny --updates 5 --threads 1
 
-# alignd, TRL (gradient checkpointing off, as alignd) and TRL's defaults (on), 150 s of training each, then the
-# held-out evaluation: about 10 minutes on 2 cores.
+# alignd and TRL, each with gradient checkpointing off and on (TRL's default), 150 s of training each, then the
+# held-out evaluation: about 13 minutes on 2 cores per precision.
 bench-grpo: $(STAMP) $(BENCH_GRPO_STAMP)
 	$(PY) examples/prepare_base_model.py
 	$(BENCH_GRPO_PY) bench/grpo_vs_trl.py --model smollm2 --seconds 150 --threads 2

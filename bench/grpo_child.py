@@ -3,10 +3,10 @@ prompt check (``prep``) and the held-out evaluation of the trained adapters (``e
 
 Run by ``bench/grpo_vs_trl.py``; not meant to be called by hand::
 
-    python bench/grpo_child.py {prep,alignd,trl,trl_gc,eval} CONFIG.json RESULT.json [RUN_DIR]
+    python bench/grpo_child.py {prep,alignd,alignd_gc,trl,trl_gc,eval} CONFIG.json RESULT.json [RUN_DIR]
 
-``trl`` runs TRL with gradient checkpointing off, as alignd's GRPO (it has none); ``trl_gc`` with it on, TRL's
-default.
+``alignd`` and ``trl`` run with gradient checkpointing off (alignd's default); ``alignd_gc`` (the job's
+``gradient_checkpointing: true``) and ``trl_gc`` (TRL's default) with it on.
 
 CONFIG names the base model folder, the training and held-out prompt files, the grader spec (one alignd rule
 grader, a JSON object), the wall-clock budget, threads and the GRPO settings. The reward is the same code on
@@ -127,7 +127,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
 # --- alignd
 
 
-def _alignd_spec(cfg: dict[str, Any], run_dir: str) -> Any:
+def _alignd_spec(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bool) -> Any:
     from contract.hyperparameters import GRPOHyperparameters, LoraSettings
     from contract.protocol import TrainingSpec
     from workers.training import data
@@ -148,6 +148,7 @@ def _alignd_spec(cfg: dict[str, Any], run_dir: str) -> Any:
             "scale_rewards": cfg["scale_rewards"],
             "loss_type": cfg["loss_type"],
             "max_grad_norm": cfg["max_grad_norm"],
+            "gradient_checkpointing": gradient_checkpointing,
             "graders": [cfg["grader"]],
         }
     )
@@ -175,7 +176,7 @@ def _alignd_spec(cfg: dict[str, Any], run_dir: str) -> Any:
     )
 
 
-def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def run_alignd(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bool = False) -> dict[str, Any]:
     """alignd's GRPO job itself (``grpo_job.GRPOJob`` on the shared loop: checkpoints off, metrics, the
     published adapter), with the wall budget as its schedule's end."""
     import io
@@ -218,11 +219,12 @@ def run_alignd(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
             budget.step_ends()
 
     start = time.perf_counter()
-    job = BudgetedGRPOJob(RunContext(spec=_alignd_spec(cfg, run_dir), progress=ProgressWriter(io.StringIO())))
+    spec = _alignd_spec(cfg, run_dir, gradient_checkpointing=gradient_checkpointing)
+    job = BudgetedGRPOJob(RunContext(spec=spec, progress=ProgressWriter(io.StringIO())))
     finished = job.run()
     history = job.logger.history
     return {
-        "impl": "alignd",
+        "impl": "alignd_gc" if gradient_checkpointing else "alignd",
         "setup_seconds": budget.marks[0] - start,
         "step_marks": budget.marks,
         "generation_seconds": [h["generation_seconds"] for h in history],
@@ -466,8 +468,8 @@ def main() -> None:
         out = prepare(cfg)
     elif impl == "eval":
         out = evaluate(cfg)
-    elif impl == "alignd":
-        out = run_alignd(cfg, run_dir)
+    elif impl in ("alignd", "alignd_gc"):
+        out = run_alignd(cfg, run_dir, gradient_checkpointing=impl == "alignd_gc")
     elif impl in ("trl", "trl_gc"):
         out = run_trl(cfg, run_dir, gradient_checkpointing=impl == "trl_gc")
     else:

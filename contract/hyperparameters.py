@@ -532,6 +532,12 @@ class GroupHyperparameters(CommonHyperparameters):
         None, ge=0, description="Subtracted from the reward of an answer cut by max_new_tokens (no EOS)."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each decoder layer's inputs in the training pass and recompute the rest in the "
+        "backward: less memory for one more forward of the layers (docs/grpo.md measures both). TRL defaults "
+        "to it; alignd does not, since on CPU the recompute costs more time than the memory is worth.",
+    )
     graders: list[Grader] = Field(
         default_factory=list,
         max_length=16,

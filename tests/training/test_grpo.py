@@ -175,9 +175,10 @@ def test_group_sampling_prefills_once_and_matches_the_training_forward(tiny_mode
         return out.logits[:, -1], out.past_key_values
 
     g = 3
+    entropies: list[torch.Tensor] = []
     raw = rollout.sample_responses(
-        step, ids, mask, max_new_tokens=6, temperature=1.0, top_p=1.0, eos_token_id=EOS, pad_token_id=PAD,
-        generator=torch.Generator().manual_seed(0), group_size=g,
+        step, ids, mask, max_new_tokens=6, temperature=0.8, top_p=0.9, eos_token_id=EOS, pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0), group_size=g, entropies=entropies,
     )  # fmt: skip
     assert raw.size(0) == 2 * g
     assert widths[0] == ids.size(1) and all(w == 1 for w in widths[1:])  # one prefill, then one token a step
@@ -193,6 +194,10 @@ def test_group_sampling_prefills_once_and_matches_the_training_forward(tiny_mode
     gen = torch.stack([seen[0].repeat_interleave(g, 0), *seen[1:]], 1)
     assert gen.shape == logits.shape
     assert ((logits - gen).abs().amax(-1) * rmask).max() < 1e-4
+    # The sampler's entropies are the training forward's at the temperature, of the whole distribution (top-p
+    # decides the draw, not the entropy GRPO logs).
+    expected = rollout.entropy_from_logits(logits / 0.8)
+    assert ((torch.stack(entropies, 1) - expected).abs() * rmask).max() < 1e-4
 
 
 def test_shared_prefix_rows_finds_each_prompts_first_row() -> None:
@@ -418,3 +423,102 @@ def test_kl_stays_bounded_with_beta(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert runs[0.5][1] > runs[0.5][0]  # it still learns
     assert max(held) < 0.25 * max(free), (held, free)
     assert max(held) < KL_CEILING, held
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
+def test_answers_with_zero_advantage_are_left_out_of_the_backward_with_the_same_update(
+    loss_type: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """At beta 0 an answer of advantage 0 has no gradient: leaving it out of the training pass gives the same
+    update, loss and metrics (bnpo's micro-batch denominators included, with micro-batches that cut groups),
+    with fewer rows in the backward."""
+    hp = {**FAST_HP, "steps": 2, "batch_size": 4, "num_generations": 4, "micro_batch_size": 6,
+          "loss_type": loss_type, "max_new_tokens": 6}  # fmt: skip
+    results = {}
+    for leave_out in (False, True):
+        session = session_for(make_spec(tmp_path / str(leave_out), tiny_model_dir, hp=hp))
+        trainer = session.trainer
+        trained_rows: list[int] = []
+        original = trainer._logprobs
+
+        def counted(
+            batch: Any, rows: torch.Tensor, original: Any = original, seen: Any = trained_rows
+        ) -> Any:
+            if torch.is_grad_enabled():
+                seen.append(rows.numel())
+            return original(batch, rows)
+
+        trainer._logprobs = counted  # type: ignore[method-assign]
+        if not leave_out:
+            trainer._learning_rows = lambda rows, advantages: rows  # type: ignore[method-assign]
+        metrics = [session.step().metrics for _ in range(2)]
+        results[leave_out] = (metrics, [p.detach().clone() for p in session.models.trainable], trained_rows)
+    (all_metrics, all_params, all_rows), (left_metrics, left_params, left_rows) = (
+        results[False],
+        results[True],
+    )
+    assert [m["frac_reward_zero_std"] for m in left_metrics] == [
+        m["frac_reward_zero_std"] for m in all_metrics
+    ]
+    assert 0 < left_metrics[0]["frac_reward_zero_std"] < 1  # some groups are left out, some learn
+    assert sum(left_rows) < sum(all_rows)
+    for mine, plain in zip(left_metrics, all_metrics, strict=True):
+        for key in ("loss", "entropy", "kl", "grad_norm", "clip_ratio", "reward_mean"):
+            assert mine.get(key) == pytest.approx(plain.get(key), rel=1e-4, abs=1e-6), key
+    for a, b in zip(left_params, all_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients_and_keeps_less(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With the decoder layers recomputed in the backward (the prompt's KV cache replayed, not written twice):
+    the same log-probs and LoRA gradients, for shared prompts and for whole rows; every attention runs twice
+    (the forward and its replay), and the tensors kept outside the layers' checkpoints (counted with
+    saved-tensor hooks, which the checkpoints' own hooks hide the layers' tensors from) are under half."""
+    hp = {**FAST_HP, "steps": 1, "batch_size": 3, "num_generations": 4}
+    session = session_for(make_spec(tmp_path, tiny_model_dir, hp=hp))
+    models = session.models
+    assert models.checkpoint_layers is False  # the default
+    for param in models.trainable:
+        torch.nn.init.normal_(param, std=0.1)
+    batch = session.trainer.sample(session.prompts[:3], session.rows[:3])
+    width = batch.prompt_ids.size(1)
+    params = {p.untyped_storage().data_ptr() for p in models.peft.parameters()}
+
+    attention_calls: list[int] = []
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(lambda *_: attention_calls.append(1))
+        for layer in models.body.layers
+    ]
+
+    def run(share: bool, recompute: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int, int]:
+        models.share_prompts, models.checkpoint_layers = share, recompute
+        kept: dict[int, int] = {}
+        attention_calls.clear()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logprobs, _ = models.response_logprobs(batch.input_ids, batch.attention_mask, width, 1.0)
+        grads = torch.autograd.grad((logprobs * batch.response_mask).sum(), models.trainable)
+        return logprobs.detach(), grads, sum(kept.values()), len(attention_calls)
+
+    try:
+        for share in (True, False):
+            plain_logprobs, plain_grads, plain_bytes, plain_calls = run(share, recompute=False)
+            logprobs, grads, kept_bytes, calls = run(share, recompute=True)
+            assert calls == 2 * plain_calls
+            assert torch.equal(logprobs, plain_logprobs)  # the forward itself is unchanged
+            for a, b in zip(grads, plain_grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+            assert kept_bytes < plain_bytes / 2, (kept_bytes, plain_bytes)
+    finally:
+        models.share_prompts, models.checkpoint_layers = True, False
+        for hook in hooks:
+            hook.remove()
+    assert not any("forward" in layer.__dict__ for layer in models.body.layers)  # the layers are put back

@@ -110,6 +110,7 @@ def _attach_roles(
     *,
     eos_token_id: int,
     pad_token_id: int,
+    checkpoint_layers: bool,
 ) -> GroupModels:
     """Load the base once; the policy adapter, the reference (frozen init adapter, or none: the adapters
     disabled) and the reward model's adapter and head go onto it."""
@@ -137,7 +138,11 @@ def _attach_roles(
         sharded = sharding.shard_layers(peft_model, ctx.dist, device)
         ctx.progress.event(sharded.describe(ctx.dist.world_size), stage=spec.method)
     return GroupModels(
-        peft_model, reference_adapter=reference_adapter, shared=shared, share_prompts=not ctx.dist.sharded
+        peft_model,
+        reference_adapter=reference_adapter,
+        shared=shared,
+        share_prompts=not ctx.dist.sharded,
+        checkpoint_layers=checkpoint_layers,
     )
 
 
@@ -174,7 +179,15 @@ def build_session(
         stage=method,
     )
     device = lora.pick_device()
-    models = _attach_roles(ctx, lora_settings, device, tokenizer, eos_token_id=eos, pad_token_id=pad)
+    models = _attach_roles(
+        ctx,
+        lora_settings,
+        device,
+        tokenizer,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        checkpoint_layers=hp.gradient_checkpointing,
+    )
     needs_scorer = spec.reward_model is not None or any(
         leaf.type == "score_model" for grader in hp.graders for _, leaf in leaves(grader)
     )

@@ -251,6 +251,7 @@ def sample_responses(
     stop: StopStrings | None = None,
     on_token: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     finished_everywhere: Callable[[bool], bool] | None = None,
+    entropies: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """KV-cached batched sampling from left-padded prompts; returns the raw responses (B, <= max_new_tokens).
 
@@ -278,6 +279,10 @@ def sample_responses(
     ``finished_everywhere`` (fsdp, workers/training/sharding.py) turns "every row here has ended" into "every
     row on every rank has": each step's forward is a collective there, so a rank whose answers all ended keeps
     stepping (its new tokens are pads) until the others' have too.
+
+    ``entropies``, when given, gets each step's entropy (B,) of ``softmax(logits / temperature)``, before
+    top-p: the sampling policy's entropy at each answer position, the one the trainer's forward would compute
+    (GRPO logs it for the answers its training pass leaves out). Nothing is appended when greedy.
     """
     batch = prompt_ids.size(0) * group_size
     attention = prompt_mask.long()
@@ -298,6 +303,8 @@ def sample_responses(
             token = logits.float().argmax(dim=-1)
         else:
             logits = logits.float() / temperature
+            if entropies is not None:
+                entropies.append(entropy_from_logits(logits))
             if top_p < 1.0:
                 logits = _top_p_filter(logits, top_p)
             token = sample_from_probs(logits.softmax(dim=-1), generator)
