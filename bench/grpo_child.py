@@ -5,8 +5,8 @@ Run by ``bench/grpo_vs_trl.py``; not meant to be called by hand::
 
     python bench/grpo_child.py {prep,alignd,alignd_gc,trl,trl_gc,eval} CONFIG.json RESULT.json [RUN_DIR]
 
-``alignd`` and ``trl`` run with gradient checkpointing off (alignd's default); ``alignd_gc`` (the job's
-``gradient_checkpointing: true``) and ``trl_gc`` (TRL's default) with it on.
+``alignd_gc`` (the job's default ``gradient_checkpointing: true``) and ``trl_gc`` (TRL's default) run with
+gradient checkpointing on; ``alignd`` (``gradient_checkpointing: false``) and ``trl`` with it off.
 
 CONFIG names the base model folder, the training and held-out prompt files, the grader spec (one alignd rule
 grader, a JSON object), the wall-clock budget, threads and the GRPO settings. The reward is the same code on
@@ -266,9 +266,9 @@ def _trl_config(cfg: dict[str, Any], run_dir: str, *, gradient_checkpointing: bo
         num_iterations=1,
         scale_rewards=cfg["scale_rewards"],
         loss_type=cfg["loss_type"],
-        # TRL defaults to gradient checkpointing and bf16; alignd's GRPO recomputes nothing. bf16 follows the run's
-        # precision on both sides (TRL: autocast over fp32 weights; alignd: a bf16 base, precision.py); gradient
-        # checkpointing is TRL's default in the "trl_gc" run, off in the "trl" run.
+        # TRL defaults to gradient checkpointing and bf16. bf16 follows the run's precision on both sides (TRL:
+        # autocast over fp32 weights; alignd: a bf16 base, precision.py); gradient checkpointing is TRL's default
+        # in the "trl_gc" run, off in the "trl" run (as alignd's in "alignd_gc" and "alignd").
         gradient_checkpointing=gradient_checkpointing,
         bf16=cfg.get("precision", "fp32") == "bf16",
         use_cpu=True,

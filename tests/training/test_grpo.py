@@ -479,7 +479,7 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients_and_keeps
     hp = {**FAST_HP, "steps": 1, "batch_size": 3, "num_generations": 4}
     session = session_for(make_spec(tmp_path, tiny_model_dir, hp=hp))
     models = session.models
-    assert models.checkpoint_layers is False  # the default
+    assert models.checkpoint_layers is True  # the default
     for param in models.trainable:
         torch.nn.init.normal_(param, std=0.1)
     batch = session.trainer.sample(session.prompts[:3], session.rows[:3])
@@ -518,7 +518,7 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients_and_keeps
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
             assert kept_bytes < plain_bytes / 2, (kept_bytes, plain_bytes)
     finally:
-        models.share_prompts, models.checkpoint_layers = True, False
+        models.share_prompts, models.checkpoint_layers = True, True
         for hook in hooks:
             hook.remove()
     assert not any("forward" in layer.__dict__ for layer in models.body.layers)  # the layers are put back

@@ -210,7 +210,7 @@ class GroupModels:
         reference_adapter: str | None,
         shared: SharedModels,
         share_prompts: bool = True,
-        checkpoint_layers: bool = False,
+        checkpoint_layers: bool = True,
     ) -> None:
         self.peft = peft
         # gradient_checkpointing: the training pass keeps each decoder layer's inputs only and recomputes the
