@@ -425,15 +425,16 @@ def test_kl_stays_bounded_with_beta(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert max(held) < KL_CEILING, held
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
+@pytest.mark.parametrize(("loss_type", "iterations"), [("dapo", 1), ("bnpo", 1), ("dapo", 2)])
 def test_answers_with_zero_advantage_are_left_out_of_the_backward_with_the_same_update(
-    loss_type: str, tiny_model_dir: Path, tmp_path: Path
+    loss_type: str, iterations: int, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """At beta 0 an answer of advantage 0 has no gradient: leaving it out of the training pass gives the same
-    update, loss and metrics (bnpo's micro-batch denominators included, with micro-batches that cut groups),
+    update, loss and metrics (bnpo's micro-batch denominators included, with micro-batches that cut groups;
+    with two iterations the KL metric reads the left-out rows' old log-probs),
     with fewer rows in the backward."""
     hp = {**FAST_HP, "steps": 2, "batch_size": 4, "num_generations": 4, "micro_batch_size": 6,
-          "loss_type": loss_type, "max_new_tokens": 6}  # fmt: skip
+          "loss_type": loss_type, "max_new_tokens": 6, "num_iterations": iterations}  # fmt: skip
     results = {}
     for leave_out in (False, True):
         session = session_for(make_spec(tmp_path / str(leave_out), tiny_model_dir, hp=hp))

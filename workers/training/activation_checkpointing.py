@@ -70,13 +70,16 @@ def _checkpointed(forward: Callable[..., Any], index: int) -> Callable[..., Any]
     return run
 
 
+def _cache_layer(cache: Any, index: int) -> Any:
+    """Layer ``index`` of ``cache``, or None (no cache, or not that many layers yet)."""
+    layers = getattr(cache, "layers", None)
+    return layers[index] if layers is not None and index < len(layers) else None
+
+
 def _cached_length(cache: Any, index: int) -> int:
     """How many positions layer ``index`` of ``cache`` holds now (0 without a cache or before its first
     write)."""
-    layers = getattr(cache, "layers", None)
-    if cache is None or layers is None or index >= len(layers):
-        return 0
-    layer = layers[index]
+    layer = _cache_layer(cache, index)
     return int(layer.get_seq_length()) if getattr(layer, "is_initialized", False) else 0
 
 
@@ -84,11 +87,10 @@ def _cached_length(cache: Any, index: int) -> int:
 def _replaying(cache: Any, index: int, seen: int) -> Iterator[None]:
     """During a replay: layer ``index``'s cache ``update`` returns the first ``seen`` cached positions and the
     new ones, as the forward's update did, and changes nothing."""
-    layers = getattr(cache, "layers", None)
-    if cache is None or layers is None or index >= len(layers):
+    layer = _cache_layer(cache, index)
+    if layer is None:
         yield
         return
-    layer = layers[index]
 
     def update(key_states: torch.Tensor, value_states: torch.Tensor, *_: Any, **__: Any) -> Any:
         if seen == 0:

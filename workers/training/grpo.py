@@ -600,7 +600,9 @@ class GroupTrainer:
         totals = {key: int(value) for key, value in self.dist.sum_values(local).items()}
         learned = Learned(entropy=torch.zeros_like(mask, dtype=torch.float32))
         learning = [(rows, self._learning_rows(rows, advantages)) for rows in micro]
-        self._metrics_of_rows_left_out(batch, learning, learned, measure_kl=ref_logprobs is not None)
+        self._metrics_of_rows_left_out(
+            batch, learning, learned, measure_kl=ref_logprobs is not None, old_logprobs=old_logprobs
+        )
         for iteration in range(hp.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum, clipped, deviation = 0.0, 0.0, 0.0
@@ -676,15 +678,20 @@ class GroupTrainer:
         learned: Learned,
         *,
         measure_kl: bool,
+        old_logprobs: torch.Tensor | None,
     ) -> None:
         """The entropies of the rows no training forward will see, as the sampler measured them; their
-        log-probs (for the KL metric) from a no-grad forward, on the updates that measure the KL only: that
-        forward costs about 40% of training the rows."""
+        log-probs (for the KL metric), on the updates that measure the KL only: the sampling policy's
+        ``old_logprobs`` when the update computed them, else a no-grad forward (about 40% of the cost of
+        training the rows)."""
         left_out = torch.cat([rows[~torch.isin(rows, active)] for rows, active in learning])
         if left_out.numel() == 0:
             return
         learned.entropy[left_out] = batch.sampling_entropy[left_out]
         if not measure_kl:
+            return
+        if old_logprobs is not None:
+            learned.first_logprobs.append((left_out, old_logprobs[left_out]))
             return
         for chunk in left_out.split(self.hp.micro_batch_size or left_out.numel()):
             learned.first_logprobs.append((chunk, self._logprobs(batch, chunk)[0]))
