@@ -1,6 +1,7 @@
 """GRPO and RLOO jobs over REST on the tiny model: a grpo job rewarded by a multi grader (regex + length)
 succeeds, its adapter loads with plain peft and its metric series carry the documented names; bad rewards are
-refused at submission naming the field (or the dataset lines)."""
+refused at submission naming the field (or the dataset lines); an evaluate job shows a GRPO adapter beating the
+base on held-out prompts."""
 
 from __future__ import annotations
 
@@ -181,3 +182,55 @@ def test_bad_stop_sequences_are_refused_at_submission(uploaded: tuple[LiveServer
     for stop, field in (([""], "stop.0"), (["x" * 65], "stop.0"), (["a", "b", "c", "d", "e"], "stop")):
         error = _refused(uploaded, _job(model, prompts, stop=stop), "invalid_value")
         assert error["details"][0]["field"] == f"hyperparameters.{field}", error
+
+
+ENDS = {"type": "ends_with_eos", "name": "ends"}
+HELD_OUT_THINGS = ["banana", "lemon", "cherry", "leaf", "sea", "orange"]
+
+
+# A 60-update GRPO job and an evaluate job: longer than the default suite's budget allows, so `make test-slow`.
+@pytest.mark.slow
+def test_an_evaluate_job_shows_a_grpo_adapter_beating_the_base_on_held_out_prompts(
+    live_server: LiveServer,
+) -> None:
+    """GRPO rewarded for ending within 8 tokens (the rule tests/training/test_grpo.py learns in process), then
+    an evaluate job over REST on prompts about things no training prompt names: the adapter ends more of its
+    answers than the base, and its paired win-rate's interval is above 0.5."""
+    with live_server.client() as client:
+        model = upload_model(client, live_server.tiny_model_dir).json()["id"]
+        prompts = upload_dataset(client, _prompts(), "prompts").json()["id"]
+        held_out = upload_dataset(
+            client, jsonl([{"prompt": f"What colour is the {t}?"} for t in HELD_OUT_THINGS]), "prompts"
+        ).json()["id"]
+        body = _job(model, prompts, steps=60, batch_size=6, num_generations=8, learning_rate=3e-3)
+        body["hyperparameters"].update(graders=[ENDS], reward_weights=None)
+        body["lora"] = {"r": 8, "alpha": 16}
+        trained = client.post("/v1/jobs", json=body).json()
+        done = wait_for(client, trained["id"], {"succeeded", "failed", "cancelled"}, timeout=600)
+        assert done["status"] == "succeeded", client.get(f"/v1/jobs/{trained['id']}/events").json()
+        artifacts = {
+            a["kind"]: a["id"] for a in client.get(f"/v1/jobs/{trained['id']}/artifacts").json()["data"]
+        }
+        evaluation = {
+            "candidates": [{"name": "base"}, {"name": "grpo", "adapter": artifacts["adapter"]}],
+            "baseline": "base",
+            "graders": [ENDS],
+            "sampling": {"max_new_tokens": 8, "temperature": 0, "num_samples": 1},
+        }
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "method": "evaluate",
+                "base_model": model,
+                "datasets": {"prompts": held_out},
+                "evaluation": evaluation,
+                "seed": 3,
+            },
+        ).json()
+        done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+        assert done["status"] == "succeeded", client.get(f"/v1/jobs/{job['id']}/events").json()
+        result = client.get(f"/v1/jobs/{job['id']}/evaluation").json()
+    by_name = {c["name"]: c["graders"]["ends"] for c in result["candidates"]}
+    print("evaluation:", by_name)
+    assert by_name["grpo"]["mean"] > by_name["base"]["mean"], by_name
+    assert by_name["grpo"]["win_rate_ci_low"] > 0.5, by_name
