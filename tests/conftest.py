@@ -133,7 +133,7 @@ SLOW_IN_MAKE_TEST: dict[str, str] = {
         "11 s of pip; the boundaries test checks the client's imports"
     ),
     "tests/service/test_rlhf.py::test_rlhf_gate_needs_a_held_out_set": "7 s; the weak-reward-model gate test stays",
-    "tests/service/test_rlhf.py::test_rlhf_with_grpo_as_its_last_stage": "11 s; test_rlhf_end_to_end stays",
+    "tests/service/test_rlhf.py::test_rlhf_runs_grpo_last_by_default_and_evaluates_it": "11 s; test_rlhf_end_to_end stays",
     "tests/service/test_idempotency.py::test_1000_concurrent_posts_with_one_key_make_one_job[sqlite]": (
         "8 s; the PostgreSQL run stays"
     ),

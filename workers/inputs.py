@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from contract.evaluation import EvaluationSpec, evaluation_of, model_refs
 from contract.graders import leaves
-from contract.hyperparameters import PPO_EVAL_ROLE, PPOEvalSettings, ppo_eval_block
+from contract.hyperparameters import HELD_OUT_EVAL_ROLE, HeldOutEvalSettings, held_out_eval_block
 from contract.protocol import AdapterRef, BaseModelRef, DatasetRef, ResumeRef, TrainingSpec
 from contract.resources import Resources, resources_of, without_resources
 from service.core import ranking
@@ -138,15 +138,15 @@ def _evaluation_inputs(
     return spec, {ref: _artifact_ref(session, store, cache, ref) for ref in artifact_ids}
 
 
-def _ppo_eval_inputs(
+def _held_out_eval_inputs(
     session: Any, store: ArtifactStore, cache: InputCache, job: JobRow
 ) -> tuple[DatasetRef | None, dict[str, AdapterRef]]:
-    """A ppo (or rlhf ppo stage) eval block's prompts and the artifacts its graders name (reward models and
-    judge adapters), both checked at submission and fetched like every other input."""
-    block, _ = ppo_eval_block(job.method, job.hyperparameters)
+    """The prompts of an online job's (or rlhf last stage's) eval block and the artifacts its graders name
+    (reward models and judge adapters), both checked at submission and fetched like every other input."""
+    block, _ = held_out_eval_block(job.method, job.hyperparameters)
     if block is None:
         return None, {}
-    settings = PPOEvalSettings.model_validate(block)
+    settings = HeldOutEvalSettings.model_validate(block)
     row = session.exec(select(DatasetRow).where(DatasetRow.id == settings.prompts)).first()
     if row is None:
         raise InputMissing(f"dataset {settings.prompts} no longer exists")
@@ -200,9 +200,9 @@ def fetch_inputs(engine: Engine, store: ArtifactStore, cache: InputCache, job: J
                 None if artifact_id is None else _artifact_ref(session, store, cache, artifact_id)
             )
         evaluation, evaluation_artifacts = _evaluation_inputs(session, store, cache, job)
-        eval_prompts, eval_artifacts = _ppo_eval_inputs(session, store, cache, job)
+        eval_prompts, eval_artifacts = _held_out_eval_inputs(session, store, cache, job)
         if eval_prompts is not None:
-            datasets[PPO_EVAL_ROLE] = eval_prompts
+            datasets[HELD_OUT_EVAL_ROLE] = eval_prompts
             evaluation_artifacts = {**evaluation_artifacts, **eval_artifacts}
     return JobInputs(
         base_model=model_ref,

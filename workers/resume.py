@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from contract.evaluation import STAGE as EVAL_STAGE
-from contract.methods import Method, rlhf_stages
+from contract.methods import Method, rlhf_stages, stored_rl_method
 from contract.protocol import CHECKPOINT_META_FILE, AdapterRef, ResumeRef
 from service.db.session import session_scope
 from service.db.tables import ArtifactRow, JobMetricRow, JobRow
@@ -37,11 +37,11 @@ STAGE_OUTPUT_KINDS = ("adapter", "reward_model")
 
 def job_stages(method: str, hyperparameters: dict[str, Any] | None = None) -> tuple[str, ...]:
     """The stages a job of ``method`` runs through, in order (the ``stage`` its lines carry); an rlhf job's last
-    training stage is its ``rl_method`` (ppo unless its hyperparameters say grpo or rloo), then its final
+    training stage is its ``rl_method`` (as stored: ppo for a row older than the key), then its final
     evaluation, which takes no checkpoint: an attempt resumed past the last stage redoes it whole, so the
     outputs and metrics an earlier attempt left of it go."""
     if method == Method.rlhf.value:
-        stages = rlhf_stages(str((hyperparameters or {}).get("rl_method", Method.ppo.value)))
+        stages = rlhf_stages(stored_rl_method(hyperparameters))
         return (*stages, EVAL_STAGE)
     return (method,)
 

@@ -165,7 +165,7 @@ class JobCreate(InputModel):
     )
     hyperparameters: dict[str, Any] | None = Field(
         None,
-        description="Per-method knobs; for rlhf keyed by stage: {rl_method: ppo|grpo|rloo, final_evaluation: "
+        description="Per-method knobs; for rlhf keyed by stage: {rl_method: grpo (default)|ppo|rloo, final_evaluation: "
         "true|false (evaluate base, sft and the last stage on its eval block at the end; docs/evaluation.md), "
         "sft: {...}, reward_model: {...}, <rl_method>: {...}}; grpo/rloo rewards: {graders: [...], "
         "reward_weights: [...]} (docs/grpo.md).",

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contract.hyperparameters import HYPERPARAMETER_MODELS, LoraSettings, RLHFSettings
-from contract.methods import RL_METHODS, Method, rlhf_stages
+from contract.hyperparameters import HYPERPARAMETER_MODELS, RLHF_STAGE_DEFAULTS, LoraSettings, RLHFSettings
+from contract.methods import DEFAULT_RL_METHOD, RL_METHODS, Method, rlhf_stages
 from service.core.errors import ConflictError, ValidationFailed
 from service.core.rewards import grader_details
 
@@ -130,9 +130,10 @@ def _validate(method: Method, raw: Any, prefix: str) -> tuple[dict[str, Any] | N
 
 
 def _resolve_rlhf(raw: dict[str, Any]) -> dict[str, Any]:
-    """rlhf: ``{"rl_method": "ppo" | "grpo" | "rloo", "final_evaluation": true, "sft": {...},
-    "reward_model": {...}, <rl_method>: {...}}`` (``contract.hyperparameters.RLHFSettings``)."""
-    rl_method = raw.get("rl_method", Method.ppo.value)
+    """rlhf: ``{"rl_method": "grpo" | "ppo" | "rloo", "final_evaluation": true, "sft": {...},
+    "reward_model": {...}, <rl_method>: {...}}`` (``contract.hyperparameters.RLHFSettings``; a stage's values
+    over ``RLHF_STAGE_DEFAULTS`` over the method's own defaults)."""
+    rl_method = raw.get("rl_method", DEFAULT_RL_METHOD.value)
     if rl_method not in {m.value for m in RL_METHODS}:
         raise ValidationFailed(
             f"rlhf rl_method must be one of {', '.join(m.value for m in RL_METHODS)}, not {rl_method!r}",
@@ -165,7 +166,10 @@ def _resolve_rlhf(raw: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         details.extend(_pydantic_details(exc, "hyperparameters"))
     for stage in stages:
-        values, found = _validate(Method(stage), raw.get(stage) or {}, f"hyperparameters.{stage}")
+        given = raw.get(stage) or {}
+        if isinstance(given, dict):  # the stage's own values win over rlhf's defaults for it
+            given = {**RLHF_STAGE_DEFAULTS.get(stage, {}), **given}
+        values, found = _validate(Method(stage), given, f"hyperparameters.{stage}")
         details.extend(found)
         if values is not None:
             resolved[stage] = values
@@ -178,8 +182,8 @@ def resolve_hyperparameters(method: Method, raw: dict[str, Any] | None) -> dict[
     """Validate user hyperparameters for ``method`` and return them with every default filled in.
 
     ``rlhf`` takes one mapping per stage and the method of its last stage:
-    ``{"rl_method": "ppo", "sft": {...}, "reward_model": {...}, "ppo": {...}}`` (``rl_method`` grpo or rloo:
-    that key instead of ``ppo``). Raises ValidationFailed (422, code ``invalid_hyperparameters``) naming each
+    ``{"rl_method": "grpo", "sft": {...}, "reward_model": {...}, "grpo": {...}}`` (``rl_method`` ppo or rloo:
+    that key instead of ``grpo``). Raises ValidationFailed (422, code ``invalid_hyperparameters``) naming each
     offending field.
     """
     raw = raw or {}

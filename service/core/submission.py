@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from contract import reward_gate
-from contract.hyperparameters import ppo_eval_block
-from contract.methods import AVAILABLE_METHODS, OPTIONAL_DATASETS, REQUIRED_DATASETS, Method
+from contract.hyperparameters import held_out_eval_block
+from contract.methods import AVAILABLE_METHODS, OPTIONAL_DATASETS, REQUIRED_DATASETS, Method, stored_rl_method
 from contract.resources import (
     DISTRIBUTED_METHODS,
     RESOURCES_KEY,
@@ -218,7 +218,7 @@ def resolve_job(
                 )
             )
             problems.extend(
-                _ppo_eval_problems(
+                _held_out_eval_problems(
                     method,
                     resolved_hparams,
                     base_model=base_model,
@@ -313,14 +313,15 @@ def _split_problems(
 ) -> list[dict[str, Any]]:
     """What an online method's batch needs to run on ``processes`` (rlhf: its last stage's)."""
     if method is Method.rlhf:
-        stage = Method(str(hyperparameters.get("rl_method", Method.ppo.value)))
+        stage = Method(stored_rl_method(hyperparameters))
         return _split_problems(
             stage, hyperparameters[stage.value], processes, prefix=f"{prefix}.{stage.value}"
         )
     if method is Method.ppo:
         return _ppo_split_problems(hyperparameters, processes, prefix=prefix)
     if method in (Method.grpo, Method.rloo):
-        return _uneven("batch_size", int(hyperparameters["batch_size"]), processes, prefix=prefix)
+        uneven = _uneven("batch_size", int(hyperparameters["batch_size"]), processes, prefix=prefix)
+        return uneven + _eval_block_problems(method.value, hyperparameters, prefix=prefix)
     return []
 
 
@@ -357,16 +358,22 @@ def _ppo_split_problems(
     mini_batch = min(int(hyperparameters.get("mini_batch_size") or rollout_size), rollout_size)
     problems = _uneven("rollout_batch_size", rollout_size, processes, prefix=prefix)
     problems += _uneven("mini_batch_size", mini_batch, processes, prefix=prefix)
-    if hyperparameters.get("eval") is not None:
-        problems.append(
-            {
-                "field": f"{prefix}.eval",
-                "code": "processes_not_supported",
-                "message": "ppo's held-out eval block (and rlhf's final evaluation on it) runs in one process "
-                "for now: drop it or use processes=1",
-            }
-        )
-    return problems
+    return problems + _eval_block_problems("ppo", hyperparameters, prefix=prefix)
+
+
+def _eval_block_problems(
+    method: str, hyperparameters: Mapping[str, Any], *, prefix: str
+) -> list[dict[str, Any]]:
+    if hyperparameters.get("eval") is None:
+        return []
+    return [
+        {
+            "field": f"{prefix}.eval",
+            "code": "processes_not_supported",
+            "message": f"{method}'s held-out eval block (and rlhf's final evaluation on it) runs in one process "
+            "for now: drop it or use processes=1",
+        }
+    ]
 
 
 def _reward_model_gate(
@@ -419,7 +426,7 @@ def _resolve_evaluation(
     return spec.dump()
 
 
-def _ppo_eval_problems(
+def _held_out_eval_problems(
     method: Method,
     hyperparameters: dict[str, Any],
     *,
@@ -427,10 +434,10 @@ def _ppo_eval_problems(
     lookup: Lookup,
     dataset_rows: DatasetRows | None,
 ) -> list[dict[str, Any]]:
-    """A ppo job's (or rlhf ppo stage's) eval block, checked as an evaluate job's graders are: names, the
+    """An online job's (or rlhf last stage's) eval block, checked as an evaluate job's graders are: names, the
     artifacts they name, the prompts dataset, and its lines' item fields (read only when nothing else is
     wrong; ``dataset_rows`` None: not read)."""
-    block, prefix = ppo_eval_block(method.value, hyperparameters)
+    block, prefix = held_out_eval_block(method.value, hyperparameters)
     if block is None:
         return []
     # The block as a one-candidate evaluation: the same rules, the fields renamed to where the block is.

@@ -23,6 +23,7 @@ SFT_STEPS = 24
 # rlhf: the reward model must clear its quality gate (min_eval_accuracy) on the tiny task, as in
 # tests/service/test_rlhf.py; checkpoint_steps is set in every stage.
 RLHF_HYPERPARAMETERS: dict[str, Any] = {
+    "rl_method": "ppo",
     "sft": {
         "epochs": 10,
         "max_steps": 9,

@@ -1,4 +1,5 @@
-"""The rlhf pipeline over REST on the tiny model: SFT -> reward model -> PPO in one job, and its quality gate."""
+"""The rlhf pipeline over REST on the tiny model: SFT -> reward model -> PPO (or GRPO, the default) in one job,
+and its quality gate."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ PROMPTS = jsonl(
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 # Small enough for a busy 2-core box: a few SFT steps, a reward model that learns the colour table, 2 PPO updates.
 HYPERPARAMETERS: dict[str, Any] = {
+    "rl_method": "ppo",  # these tests are about the ppo stage (grpo, the default, has its own below)
     "sft": {"epochs": 1, "max_steps": 6, "batch_size": 8, "learning_rate": 3e-3, "max_length": 64},
     "reward_model": {
         "epochs": 20,
@@ -97,8 +99,11 @@ def _eval_block(client: httpx.Client, *, every: int) -> dict[str, Any]:
     return {"prompts": held_out, "graders": [COLOUR_GRADER], "every": every, "max_new_tokens": 4}
 
 
-def _check_final_evaluation(client: httpx.Client, job_id: str, artifacts: list[dict[str, Any]]) -> None:
-    """The job ended with an evaluation of base, sft and ppo vs base, served as an evaluate job's is."""
+def _check_final_evaluation(
+    client: httpx.Client, job_id: str, artifacts: list[dict[str, Any]], rl: str = "ppo"
+) -> None:
+    """The job ended with an evaluation of base, sft and its last stage ``rl`` vs base, served as an evaluate
+    job's is."""
     evaluation = client.get(f"/v1/jobs/{job_id}/evaluation")
     assert evaluation.status_code == 200, evaluation.text
     body = evaluation.json()
@@ -106,10 +111,10 @@ def _check_final_evaluation(client: httpx.Client, job_id: str, artifacts: list[d
     assert eval_artifact["stage"] == "evaluate"
     assert body["baseline"] == "base" and body["per_prompt_artifact"] == eval_artifact["id"]
     assert body["num_prompts"] == 3 and body["num_samples"] == 1
-    assert [c["name"] for c in body["candidates"]] == ["base", "sft", "ppo"]
+    assert [c["name"] for c in body["candidates"]] == ["base", "sft", rl]
     for candidate in body["candidates"]:
         assert {"eos_rate", "mean_length", "kl_to_base", "graders"} <= set(candidate)
-        assert "adapter" not in candidate  # local folders in the child; the job's sft and ppo adapters
+        assert "adapter" not in candidate  # local folders in the child; the job's sft and rl adapters
         grader = candidate["graders"]["says_colour"]
         assert grader["ci_low"] <= grader["mean"] <= grader["ci_high"]
         wins = {"win_rate", "win_rate_ci_low", "win_rate_ci_high"}
@@ -118,16 +123,16 @@ def _check_final_evaluation(client: httpx.Client, job_id: str, artifacts: list[d
         else:
             assert grader["win_rate_ci_low"] <= grader["win_rate"] <= grader["win_rate_ci_high"]
     events = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
-    assert any(m.startswith("final evaluation: base, sft and ppo answer") for m in events), events
+    assert any(m.startswith(f"final evaluation: base, sft and {rl} answer") for m in events), events
     summary = next(m for m in events if m.startswith("final evaluation on 3 held-out prompts"))
-    assert "sft: says_colour" in summary and "ppo: says_colour" in summary and summary.count("wins") == 2
+    assert "sft: says_colour" in summary and f"{rl}: says_colour" in summary and summary.count("wins") == 2
     prompts = client.get(f"/v1/jobs/{job_id}/evaluation/prompts").json()["data"]
     assert [p["index"] for p in prompts] == [0, 1, 2]
     for prompt in prompts:
-        assert [a["candidate"] for a in prompt["answers"]] == ["base", "sft", "ppo"]
+        assert [a["candidate"] for a in prompt["answers"]] == ["base", "sft", rl]
         assert all(set(a["scores"]) == {"says_colour"} for a in prompt["answers"])
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
-    assert "eval/ppo/says_colour/win_rate" in {m["name"] for m in metrics if m["stage"] == "evaluate"}
+    assert f"eval/{rl}/says_colour/win_rate" in {m["name"] for m in metrics if m["stage"] == "evaluate"}
 
 
 def test_rlhf_end_to_end(live_server: LiveServer, tmp_path: Path) -> None:
@@ -275,44 +280,42 @@ def test_rlhf_gate_needs_a_held_out_set(live_server: LiveServer, tmp_path: Path)
         assert client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"] == []  # refused before SFT
 
 
-def test_rlhf_with_grpo_as_its_last_stage(live_server: LiveServer, tmp_path: Path) -> None:
-    """rl_method grpo: SFT -> reward model -> GRPO from the SFT adapter, rewarded by the job's reward model plus
-    a grader of its own."""
+def test_rlhf_runs_grpo_last_by_default_and_evaluates_it(live_server: LiveServer, tmp_path: Path) -> None:
+    """No rl_method: SFT -> reward model -> GRPO from the SFT adapter (beta 0.2, rlhf's default for it),
+    rewarded by the job's reward model plus a grader of its own; its eval block reports eval series during
+    GRPO and the job ends with the final evaluation of base, sft and grpo."""
     preference = tiny_preference_jsonl(tmp_path / "prefs.jsonl", n=84).read_bytes()
     grpo = {
         "steps": 2, "batch_size": 2, "num_generations": 4, "max_new_tokens": 8, "max_length": 64,
         "learning_rate": 1e-3, "graders": [{"type": "ends_with_eos", "name": "ends"}],
     }  # fmt: skip
-    hyperparameters = {
-        "rl_method": "grpo",
-        "sft": HYPERPARAMETERS["sft"],
-        "reward_model": HYPERPARAMETERS["reward_model"],
-        "grpo": grpo,
-    }
+    hyperparameters = {"sft": HYPERPARAMETERS["sft"], "reward_model": HYPERPARAMETERS["reward_model"]}
     with live_server.client() as client:
         ids = _inputs(client, live_server, preference)
+        hyperparameters["grpo"] = {**grpo, "eval": _eval_block(client, every=1)}
         response = client.post("/v1/jobs", json=_rlhf(ids, hyperparameters))
         assert response.status_code == 202, response.text
         job = response.json()
         assert set(job["hyperparameters"]) == {"rl_method", "final_evaluation", "sft", "reward_model", "grpo"}
+        assert job["hyperparameters"]["rl_method"] == "grpo" and job["hyperparameters"]["grpo"]["beta"] == 0.2
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
         assert done["status"] == "succeeded", (done, client.get(f"/v1/jobs/{job['id']}/events").json())
-        assert done["progress"] == 1.0 and done["stage"] == "grpo"
-        # GRPO takes no held-out eval block, so there is nothing to evaluate on, and one event says so.
-        events = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
-        assert sum(m.startswith("no final evaluation of base, sft and grpo") for m in events) == 1, events
-        assert client.get(f"/v1/jobs/{job['id']}/evaluation").status_code == 404
+        assert done["progress"] == 1.0 and done["stage"] == "evaluate"
         metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
-        grpo_series = {p["name"] for p in metrics if p["stage"] == "grpo"}
+        grpo_points = [p for p in metrics if p["stage"] == "grpo"]
         assert {
             "reward_mean",
             "reward/ends",
             "reward/reward_model",
             "kl",
             "frac_reward_zero_std",
-        } <= grpo_series
+        } <= {p["name"] for p in grpo_points}
+        # every 1: the held-out grader after each of the 2 updates, with the answers' shape beside it.
+        assert sorted(p["step"] for p in grpo_points if p["name"] == "eval/says_colour/mean") == [1, 2]
+        assert {"eval/eos_rate", "eval/mean_length", "eval/kl_to_base"} <= {p["name"] for p in grpo_points}
         artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
         assert ("grpo", "adapter") in {(a["stage"], a["kind"]) for a in artifacts}
+        _check_final_evaluation(client, job["id"], artifacts, rl="grpo")
         adapter = next(a for a in artifacts if (a["stage"], a["kind"]) == ("grpo", "adapter"))
         card = (_download(client, adapter, tmp_path / "grpo") / "README.md").read_text()
     assert "## rlhf pipeline" in card and "-> GRPO" in card and "GRPO setup" in card

@@ -660,6 +660,7 @@ def test_two_process_rlhf_runs_every_stage_on_two_processes(
         "lora": LORA,
         "resources": {"processes": 2, "strategy": strategy},
         "hyperparameters": {
+            "rl_method": "ppo",
             "sft": {"max_steps": 3, "batch_size": 4, "max_length": 48},
             "reward_model": {"max_steps": 3, "batch_size": 8, "max_length": 64, "min_eval_accuracy": 0.0},
             "ppo": {**ppo, "max_length": 64},

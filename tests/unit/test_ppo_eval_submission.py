@@ -1,5 +1,6 @@
-"""A ppo job's (and rlhf ppo stage's) ``eval`` block is checked at submission as an evaluate job's graders
-are: the prompts dataset, grader names, the artifacts graders name, and each line's item fields."""
+"""An online job's (and an rlhf job's last stage's) ``eval`` block is checked at submission as an evaluate
+job's graders are: the prompts dataset, grader names, the artifacts graders name, and each line's item fields;
+it runs in one process, so more processes are refused."""
 
 from __future__ import annotations
 
@@ -31,29 +32,39 @@ ITEM_GRADER = {
 }
 
 
-def submit(eval_block: dict[str, Any], method: Method = Method.ppo) -> ResolvedJob:
+def submit(
+    eval_block: dict[str, Any],
+    method: Method = Method.ppo,
+    *,
+    rl_method: str = "ppo",
+    resources: dict[str, Any] | None = None,
+) -> ResolvedJob:
+    """A job whose eval block is ``eval_block``: ppo or grpo on reward model art_rm, or an rlhf job whose
+    ``rl_method`` stage carries it."""
     hyperparameters: dict[str, Any] = {"eval": eval_block}
     datasets: dict[str, str | None] = {"prompts": "ds_train"}
     if method is Method.rlhf:
-        hyperparameters = {"ppo": hyperparameters}
+        hyperparameters = {"rl_method": rl_method, rl_method: hyperparameters}
         datasets = {"sft": "ds_sft", "preference": "ds_pref", "prompts": "ds_train"}
     return resolve_job(
         method=method,
         base_model="model_1",
         datasets=datasets,
         init_adapter=None,
-        reward_model="art_rm" if method is Method.ppo else None,
+        reward_model="art_rm" if method in (Method.ppo, Method.grpo) else None,
         lora=None,
         hyperparameters=hyperparameters,
         seed=0,
         lookup=lambda kind, resource_id: RESOURCES.get((kind, resource_id)),
         dataset_rows=lambda dataset_id: iter(ROWS.get(dataset_id, [])),
+        resources=resources,
+        pool_max_processes=4,
     )
 
 
-def refused(eval_block: dict[str, Any], method: Method = Method.ppo) -> list[dict[str, Any]]:
+def refused(eval_block: dict[str, Any], method: Method = Method.ppo, **how: Any) -> list[dict[str, Any]]:
     with pytest.raises(ValidationFailed) as caught:
-        submit(eval_block, method)
+        submit(eval_block, method, **how)
     assert caught.value.status == 422
     return caught.value.details
 
@@ -109,4 +120,23 @@ def test_rlhf_ppo_stage_block_is_checked_under_its_stage() -> None:
     details = refused({"prompts": "ds_nope", "graders": [ITEM_GRADER]}, Method.rlhf)
     assert [(d["field"], d["code"]) for d in details] == [
         ("hyperparameters.ppo.eval.prompts", "unknown_dataset")
+    ]
+
+
+@pytest.mark.parametrize("rl_method", ["grpo", "rloo"])
+def test_a_group_stage_block_is_checked_under_its_stage(rl_method: str) -> None:
+    details = refused({"prompts": "ds_nope", "graders": [ITEM_GRADER]}, Method.rlhf, rl_method=rl_method)
+    assert [(d["field"], d["code"]) for d in details] == [
+        (f"hyperparameters.{rl_method}.eval.prompts", "unknown_dataset")
+    ]
+
+
+def test_a_grpo_job_takes_the_block_and_refuses_it_on_more_processes() -> None:
+    block = {"prompts": "ds_eval", "graders": [ITEM_GRADER], "max_prompts": 1, "every": 2}
+    assert submit(block, Method.grpo).hyperparameters["eval"]["every"] == 2
+    details = refused(block, Method.grpo, resources={"processes": 2})
+    assert [(d["field"], d["code"]) for d in details] == [("hyperparameters.eval", "processes_not_supported")]
+    details = refused(block, Method.rlhf, rl_method="grpo", resources={"processes": 2})
+    assert [(d["field"], d["code"]) for d in details] == [
+        ("hyperparameters.grpo.eval", "processes_not_supported")
     ]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from contract.hyperparameters import RLHFSettings
-from contract.methods import Method
+from contract.methods import DEFAULT_RL_METHOD, Method
 from service.core.errors import ValidationFailed
 from service.core.jobs import resolve_hyperparameters
 from workers.resume import job_stages
@@ -24,7 +24,7 @@ def _eval_block() -> dict[str, Any]:
 
 def test_final_evaluation_defaults_on_and_is_a_strict_bool() -> None:
     resolved = resolve_hyperparameters(Method.rlhf, {})
-    assert resolved["final_evaluation"] is True and resolved["rl_method"] == "ppo"
+    assert resolved["final_evaluation"] is True and resolved["rl_method"] == "grpo"
     assert resolve_hyperparameters(Method.rlhf, {"final_evaluation": False})["final_evaluation"] is False
     with pytest.raises(ValidationFailed) as refused:
         resolve_hyperparameters(Method.rlhf, {"final_evaluation": "no"})
@@ -32,24 +32,40 @@ def test_final_evaluation_defaults_on_and_is_a_strict_bool() -> None:
 
 
 def test_the_plan_names_why_nothing_is_evaluated() -> None:
-    ppo = resolve_hyperparameters(Method.rlhf, {"ppo": {"eval": _eval_block()}})["ppo"]
-    block, reason = rlhf_eval.plan(RLHFSettings(), "ppo", ppo)
-    assert block is not None and block.max_new_tokens == 5 and reason == ""
+    for stage in ("ppo", "grpo", "rloo"):
+        given = {"rl_method": stage, stage: {"eval": _eval_block()}}
+        values = resolve_hyperparameters(Method.rlhf, given)[stage]
+        block, reason = rlhf_eval.plan(RLHFSettings(rl_method=stage), stage, values)
+        assert block is not None and block.max_new_tokens == 5 and reason == ""
 
-    block, reason = rlhf_eval.plan(RLHFSettings(final_evaluation=False), "ppo", ppo)
-    assert block is None and reason == "no final evaluation: final_evaluation is false"
+        block, reason = rlhf_eval.plan(RLHFSettings(final_evaluation=False), stage, values)
+        assert block is None and reason == "no final evaluation: final_evaluation is false"
 
-    bare = resolve_hyperparameters(Method.rlhf, {})["ppo"]
-    block, reason = rlhf_eval.plan(RLHFSettings(), "ppo", bare)
-    assert block is None and "the ppo stage has none (hyperparameters.ppo.eval)" in reason
+        bare = resolve_hyperparameters(Method.rlhf, {"rl_method": stage})[stage]
+        block, reason = rlhf_eval.plan(RLHFSettings(rl_method=stage), stage, bare)
+        assert block is None and f"the {stage} stage has none (hyperparameters.{stage}.eval)" in reason
 
-    grpo = resolve_hyperparameters(Method.rlhf, {"rl_method": "grpo"})["grpo"]
-    block, reason = rlhf_eval.plan(RLHFSettings(rl_method="grpo"), "grpo", grpo)
-    assert block is None and "only ppo takes an eval block" in reason
+
+def test_rlhf_runs_grpo_last_unless_told_with_a_kl_term_its_stage_can_override() -> None:
+    resolved = resolve_hyperparameters(Method.rlhf, {})
+    assert RLHFSettings().rl_method == DEFAULT_RL_METHOD.value == "grpo"
+    assert resolved["rl_method"] == "grpo" and set(resolved) == {
+        "rl_method", "final_evaluation", "sft", "reward_model", "grpo"
+    }  # fmt: skip
+    # rlhf's grpo stage optimises a learned reward model: beta 0.2 there, grpo's own default (0) elsewhere.
+    assert resolved["grpo"]["beta"] == 0.2
+    assert resolve_hyperparameters(Method.grpo, {"graders": [GRADER]})["beta"] == 0.0
+    assert resolve_hyperparameters(Method.rlhf, {"grpo": {"beta": 0.0}})["grpo"]["beta"] == 0.0
+    # rloo keeps its own default (its KL lives in the reward), ppo has no beta.
+    rloo = resolve_hyperparameters(Method.rlhf, {"rl_method": "rloo"})["rloo"]
+    assert rloo["beta"] == resolve_hyperparameters(Method.rloo, {"graders": [GRADER]})["beta"]
+    # A stored row from before rl_method existed ran ppo, and still reads as ppo.
+    assert job_stages("rlhf", {}) == ("sft", "reward_model", "ppo", "evaluate")
+    assert job_stages("rlhf", resolved) == ("sft", "reward_model", "grpo", "evaluate")
 
 
 def test_the_evaluation_compares_base_sft_and_the_final_policy_greedily() -> None:
-    ppo = resolve_hyperparameters(Method.rlhf, {"ppo": {"eval": _eval_block()}})["ppo"]
+    ppo = resolve_hyperparameters(Method.rlhf, {"rl_method": "ppo", "ppo": {"eval": _eval_block()}})["ppo"]
     block, _ = rlhf_eval.plan(RLHFSettings(), "ppo", ppo)
     assert block is not None
     spec = rlhf_eval.evaluation_spec(block, "ppo", max_prompt_length=64)

@@ -38,6 +38,7 @@ from workers.training.grpo import (
     StepResult,
     read_prompt_rows,
 )
+from workers.training.held_out_eval import HeldOutEval
 from workers.training.ppo import choose_pad_token_id, load_scalar_adapter
 from workers.training.scoring import ChildScorer, SharedModels
 
@@ -255,6 +256,8 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx, self.hyperparameters_model)
         self.session = session = build_session(ctx, self.hp, self.lora_settings, method=self.method)
+        # Built before init_loop: its extra reward/judge adapters are part of the checkpointed modules.
+        self.held_out = self._held_out_eval() if self.hp.eval is not None else None
         # Everything an update depends on: the policy adapter, Adam's moments, the sampling generator, the
         # prompt order; dropout is off, so no global RNG. Judges draw from their own seeded generators.
         self.init_loop(
@@ -283,8 +286,29 @@ class GroupJob(loop.Trainer[GroupHyperparameters, None]):
         every = self.hp.kl_metric_steps
         measure_kl = not self.logger.history or step % every == 0 or step == self.total
         result = self.session.step(dist=self.ctx.dist, update=step, measure_kl=measure_kl)
-        # Every update's metrics stay in the history; the metric line goes out every logging_steps.
-        self.logger.log(step, result.metrics, emit=self.logger.due(step))
+        values = dict(result.metrics)
+        evaluated = self.held_out is not None and self.held_out.due(step, self.total)
+        if self.held_out is not None and evaluated:
+            values.update(self.held_out.run())  # eval/<grader>/mean beside the training series
+        # Every update's metrics stay in the history; the metric line goes out every logging_steps (and with
+        # every held-out evaluation).
+        self.logger.log(step, values, emit=self.logger.due(step) or evaluated)
+
+    def _held_out_eval(self) -> HeldOutEval:
+        assert self.hp.eval is not None
+        spec, models, trainer = self.spec, self.session.models, self.session.trainer
+        own = models.shared.reward_heads.get(_artifact_id(spec)) if spec.reward_model is not None else None
+        return HeldOutEval(
+            self.ctx,
+            self.hp.eval,
+            models.peft,
+            self.session.tokenizer,
+            device=models.shared.device,
+            own_reward=own,
+            eos_token_id=trainer.eos_token_id,
+            pad_token_id=trainer.pad_token_id,
+            max_prompt_length=self.hp.max_length,
+        )
 
     def final_metrics(self, steps: int, train_seconds: float) -> dict[str, float]:
         history = self.logger.history

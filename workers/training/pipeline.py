@@ -1,4 +1,5 @@
-"""The ``rlhf`` method: SFT -> reward model -> PPO in one child process, with a quality gate before PPO.
+"""The ``rlhf`` method: SFT -> reward model -> an RL stage (GRPO by default, PPO or RLOO) in one child
+process, with a quality gate before the RL stage.
 
 Each stage is the standalone trainer (``train_sft``, ``train_reward_model``, ``train_ppo``) called in-process
 on a copy of the job's spec narrowed to that stage: its hyperparameters (``spec.hyperparameters[stage]``),
@@ -7,7 +8,7 @@ scores with this job's reward model). So every stage emits exactly what the meth
 artifacts with their model cards) with ``stage`` moving sft -> reward_model -> ppo, and the job's progress is
 each stage's 0..1 mapped into its share of the whole.
 
-The last stage is the job's ``rl_method`` (``hyperparameters.rl_method``: ppo, the default, grpo or rloo; its
+The last stage is the job's ``rl_method`` (``hyperparameters.rl_method``: grpo, the default, ppo or rloo; its
 knobs under that key): GRPO and RLOO start from the SFT adapter too and are rewarded by this job's reward model
 (times ``reward_model_weight``) plus any graders of their own (see grpo.py).
 
@@ -23,7 +24,7 @@ stop into a warning. A job asking for a gate with no held-out set (``eval_fracti
 starts (unless it allows a weak reward model).
 
 Final evaluation (rlhf_eval.py): after the last stage, when that stage has a held-out eval block
-(``hyperparameters.ppo.eval``) and ``final_evaluation`` is on (the default), the same child evaluates the base,
+(``hyperparameters.<rl_method>.eval``) and ``final_evaluation`` is on (the default), the same child evaluates the base,
 the SFT adapter and the final policy on it with the evaluate job's code: stage ``evaluate``, an ``eval``
 artifact, ``GET /v1/jobs/{id}/evaluation``. Otherwise an event says why nothing was evaluated.
 
@@ -46,16 +47,16 @@ from pydantic import BaseModel, ValidationError
 from contract import reward_gate
 from contract.evaluation import STAGE as EVAL_STAGE
 from contract.hyperparameters import (
-    PPO_EVAL_ROLE,
+    HELD_OUT_EVAL_ROLE,
     GRPOHyperparameters,
-    PPOEvalSettings,
+    HeldOutEvalSettings,
     PPOHyperparameters,
     RewardModelHyperparameters,
     RLHFSettings,
     RLOOHyperparameters,
     SFTHyperparameters,
 )
-from contract.methods import RL_METHODS, rlhf_stages
+from contract.methods import RL_METHODS, rlhf_stages, stored_rl_method
 from contract.protocol import AdapterRef, ProgressWriter, TrainingSpec
 from workers.training import checkpoint, rlhf_eval
 from workers.training.context import RunContext
@@ -93,6 +94,8 @@ PROGRESS_SPANS: dict[str, tuple[float, float]] = {
     EVAL_STAGE: (0.95, 1.0),
 }
 
+RL_METHOD_NAMES = frozenset(m.value for m in RL_METHODS)
+
 
 class StageWriter(ProgressWriter):
     """The job's writer seen from one stage: progress mapped into the stage's span, artifacts hooked."""
@@ -125,9 +128,10 @@ class RLHFResult:
 
 
 def _stages(spec: TrainingSpec) -> tuple[str, ...]:
-    """sft, reward_model, then the job's ``rl_method`` (ppo, grpo or rloo; ppo when absent)."""
-    rl_method = spec.hyperparameters.get("rl_method", "ppo")
-    if rl_method not in {m.value for m in RL_METHODS}:
+    """sft, reward_model, then the job's ``rl_method`` (ppo, grpo or rloo; as resolved by the API, ppo for a
+    row stored before the key existed)."""
+    rl_method = stored_rl_method(spec.hyperparameters)
+    if rl_method not in RL_METHOD_NAMES:
         raise TrainingError(
             INVALID_HYPERPARAMETERS, f"rlhf rl_method must be ppo, grpo or rloo, not {rl_method!r}"
         )
@@ -172,11 +176,12 @@ def _stage_spec(
     resume = spec.resume_from if spec.resume_from and spec.resume_from.stage == stage else None
     update: dict[str, Any] = {
         "method": stage,
-        # The ppo stage's eval block (hyperparameters.ppo.eval) reads its held-out prompts under their own role.
+        # The last stage's eval block (hyperparameters.<rl_method>.eval) reads its held-out prompts under their
+        # own role.
         "datasets": {
             name: ref
             for name, ref in spec.datasets.items()
-            if name == role or (name == PPO_EVAL_ROLE and stage == "ppo")
+            if name == role or (name == HELD_OUT_EVAL_ROLE and stage in RL_METHOD_NAMES)
         },
         "hyperparameters": hyperparameters,
         "output_dir": str(Path(spec.output_dir) / stage),
@@ -220,9 +225,14 @@ Stage `{stage}` ({stages.index(stage) + 1} of {len(stages)}) of the rlhf job `{s
 
 
 def _check_gate(
-    progress: ProgressWriter, quality: reward_gate.Quality, gate: reward_gate.GateFloor, *, allow_weak: bool
+    progress: ProgressWriter,
+    quality: reward_gate.Quality,
+    gate: reward_gate.GateFloor,
+    *,
+    allow_weak: bool,
+    rl_stage: str,
 ) -> None:
-    """Stop before PPO when the fresh reward model fails the gate (only warn with ``allow_weak``)."""
+    """Stop before the RL stage when the fresh reward model fails the gate (only warn with ``allow_weak``)."""
     failure = reward_gate.failure(quality, gate)
     if failure is None:
         if not gate.off:
@@ -230,18 +240,21 @@ def _check_gate(
                 f"quality gate passed: {reward_gate.describe(quality, gate)}", stage="reward_model"
             )
         return
+    name = rl_stage.upper()
     if allow_weak:
         progress.event(
-            f"quality gate failed ({failure}); running PPO anyway because ppo.allow_weak_reward_model is set",
+            f"quality gate failed ({failure}); running {name} anyway because {rl_stage}.allow_weak_reward_model "
+            "is set",
             stage="reward_model",
             level="warning",
         )
         return
+    way_out = ", or set ppo.allow_weak_reward_model" if rl_stage == "ppo" else ""
     raise TrainingError(
         REWARD_MODEL_TOO_WEAK,
-        f"reward model too weak to drive PPO: {failure}. PPO against it would optimise noise. Stopped before "
-        "PPO: improve the preference data (more pairs, a larger eval_fraction, consistent labels), lower "
-        "reward_model.min_eval_accuracy / min_eval_pairs, or set ppo.allow_weak_reward_model",
+        f"reward model too weak to drive {name}: {failure}. {name} against it would optimise noise. Stopped "
+        f"before {name}: improve the preference data (more pairs, a larger eval_fraction, consistent labels) "
+        f"or lower reward_model.min_eval_accuracy / min_eval_pairs{way_out}",
     )
 
 
@@ -326,7 +339,7 @@ def train_rlhf(ctx: RunContext) -> RLHFResult:
         )
         del rm
         gc.collect()
-        _check_gate(progress, quality, gate, allow_weak=allow_weak)
+        _check_gate(progress, quality, gate, allow_weak=allow_weak, rl_stage=stages[-1])
         checkpoint.mark_stage_complete(ctx, stage="reward_model", step=steps)
 
     if start <= 2:
@@ -351,7 +364,7 @@ def _final_evaluation(
     ctx: RunContext,
     stage: str,
     stage_hyperparameters: Mapping[str, Any],
-    block: PPOEvalSettings | None,
+    block: HeldOutEvalSettings | None,
     why_not: str,
     result: RLHFResult,
 ) -> None:

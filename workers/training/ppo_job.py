@@ -22,6 +22,7 @@ from contract.protocol import DatasetRef, TrainingSpec
 from workers.training import checkpoint, data, loop, lora, rollout, sharding
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, TrainingError
+from workers.training.held_out_eval import HeldOutEval
 from workers.training.keep_best import BestHeldOutPolicy
 from workers.training.monitors import Alert, Monitors
 from workers.training.ppo import (
@@ -38,7 +39,6 @@ from workers.training.ppo import (
     choose_pad_token_id,
     load_scalar_adapter,
 )
-from workers.training.ppo_eval import HeldOutEval
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -380,12 +380,14 @@ class PPOJob(loop.Trainer[PPOHyperparameters, None]):
 
     def _held_out_eval(self) -> HeldOutEval:
         assert self.hp.eval is not None
-        trainer = self.session.trainer
+        trainer, models = self.session.trainer, self.session.models
         return HeldOutEval(
             self.ctx,
             self.hp.eval,
-            self.session.models,
+            models.peft,
             self.session.tokenizer,
+            device=models.value_head.weight.device,
+            own_reward=(REWARD_ADAPTER, models.reward_head) if models.reward_head is not None else None,
             eos_token_id=trainer.eos_token_id,
             pad_token_id=trainer.pad_token_id,
             max_prompt_length=self.hp.max_length,

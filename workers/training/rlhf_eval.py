@@ -3,16 +3,16 @@ contribution shows.
 
 After its last stage the rlhf child runs the evaluate job itself (``evaluate.run``, no second implementation)
 on a copy of the job's spec narrowed to it: candidates ``base`` (no adapter), ``sft`` (the SFT stage's adapter)
-and the final policy named by its stage (``ppo``), baseline ``base``, on the last stage's held-out eval block
-(``hyperparameters.ppo.eval``: its prompts and graders), answered greedily up to its ``max_new_tokens``, its
+and the final policy named by its stage (``grpo``, ``ppo`` or ``rloo``), baseline ``base``, on the last stage's
+held-out eval block (``hyperparameters.<rl_method>.eval``: its prompts and graders), answered greedily up to its ``max_new_tokens``, its
 ``max_prompts`` and ``batch_size``, prompts cut from the left to the stage's ``max_length``. What comes out is
 what an evaluate job gives: stage ``evaluate`` metrics and events, and an ``eval`` artifact (evaluation.json,
 per_prompt.csv) that ``GET /v1/jobs/{id}/evaluation`` serves for the rlhf job too.
 
 The two adapters are local folders inside the child (the stages' outputs, or the stored ones a resumed attempt
 was handed), so they are evaluate's ``local_adapters`` and their candidates carry no ``adapter`` id; the job's
-artifacts of stage ``sft`` and ``ppo`` are those adapters. ``final_evaluation: false`` turns it off; a last
-stage without an eval block (grpo and rloo take none) evaluates nothing, and one event says why either way.
+artifacts of stage ``sft`` and the last stage are those adapters. ``final_evaluation: false`` turns it off; a
+last stage without an eval block evaluates nothing, and one event says why either way.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.evaluation import STAGE, CandidateSpec, EvaluationResult, EvaluationSpec
-from contract.hyperparameters import PPO_EVAL_ROLE, PPOEvalSettings, RLHFSettings
+from contract.hyperparameters import HELD_OUT_EVAL_ROLE, HeldOutEvalSettings, RLHFSettings
 from contract.protocol import DatasetRef, ProgressWriter
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_SPEC, TrainingError
@@ -32,21 +32,20 @@ BASELINE = "base"
 
 def plan(
     settings: RLHFSettings, rl_stage: str, stage_hyperparameters: Mapping[str, Any]
-) -> tuple[PPOEvalSettings | None, str]:
+) -> tuple[HeldOutEvalSettings | None, str]:
     """(The eval block to evaluate on, or None; why there is no final evaluation when None)."""
     if not settings.final_evaluation:
         return None, "no final evaluation: final_evaluation is false"
     block = stage_hyperparameters.get("eval")
     if not isinstance(block, dict):
-        where = f"hyperparameters.{rl_stage}.eval" if rl_stage == "ppo" else "only ppo takes an eval block"
         return None, (
             f"no final evaluation of base, sft and {rl_stage}: it needs held-out prompts and graders, and the "
-            f"{rl_stage} stage has none ({where})"
+            f"{rl_stage} stage has none (hyperparameters.{rl_stage}.eval)"
         )
-    return PPOEvalSettings.model_validate(block), ""
+    return HeldOutEvalSettings.model_validate(block), ""
 
 
-def evaluation_spec(block: PPOEvalSettings, rl_stage: str, *, max_prompt_length: int) -> EvaluationSpec:
+def evaluation_spec(block: HeldOutEvalSettings, rl_stage: str, *, max_prompt_length: int) -> EvaluationSpec:
     """base, sft and the final policy on the block, vs base; the adapter refs name local folders."""
     candidates = [
         CandidateSpec(name=BASELINE),
@@ -68,7 +67,7 @@ def summary(result: EvaluationResult) -> str:
 
 def run(
     ctx: RunContext,
-    block: PPOEvalSettings,
+    block: HeldOutEvalSettings,
     rl_stage: str,
     *,
     max_prompt_length: int,
@@ -78,9 +77,11 @@ def run(
     """Evaluate base, sft and ``rl_stage`` (``adapters``: stage -> local adapter folder) as an evaluate job."""
     from workers.training import evaluate  # torch: imported when the evaluation runs
 
-    dataset: DatasetRef | None = ctx.spec.datasets.get(PPO_EVAL_ROLE)
+    dataset: DatasetRef | None = ctx.spec.datasets.get(HELD_OUT_EVAL_ROLE)
     if dataset is None:
-        raise TrainingError(INVALID_SPEC, f"the final evaluation needs a dataset with role '{PPO_EVAL_ROLE}'")
+        raise TrainingError(
+            INVALID_SPEC, f"the final evaluation needs a dataset with role '{HELD_OUT_EVAL_ROLE}'"
+        )
     spec = evaluation_spec(block, rl_stage, max_prompt_length=max_prompt_length)
     progress.event(
         f"final evaluation: base, sft and {rl_stage} answer the held-out prompts of {dataset.name} "

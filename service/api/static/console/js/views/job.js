@@ -100,6 +100,7 @@ function timeline(job, events) {
     stages.set(event.stage, entry);
   });
   if (job.stage && !stages.has(job.stage)) stages.set(job.stage, { first: job.started_at, order: events.length, error: false });
+  // Stored rlhf jobs name their rl_method; a row older than the key ran ppo.
   const planned = job.method === "rlhf" ? ["sft", "reward_model", job.hyperparameters?.rl_method || "ppo"] : [];
   for (const stage of planned) if (!stages.has(stage)) stages.set(stage, null);
   const names = [...stages.keys()];
