@@ -13,7 +13,7 @@ import pytest
 
 from contract.protocol import DatasetRef, ProgressWriter, TrainingSpec, parse_line
 from tests.training.test_grpo import FAST_HP, make_spec
-from tests.training.test_ppo_eval import ANSWERS, GRADERS
+from tests.training.test_ppo_eval import ANSWERS, GRADERS, check_eval_points
 from workers.training import grpo_job
 from workers.training.context import RunContext
 
@@ -48,15 +48,7 @@ def test_group_methods_report_eval_series_at_every_n_updates_and_the_end(
 ) -> None:
     hp = {**FAST_HP, "steps": 5, "batch_size": 4, "num_generations": 2, "eval": EVAL}
     result, messages = _run(_spec(tmp_path / "eval", tiny_model_dir, method, hp))
-    metrics = [m for m in messages if m["type"] == "metric"]
-    evaluated = {m["step"]: m["values"] for m in metrics if "eval/not_item/mean" in m["values"]}
-    assert sorted(evaluated) == [2, 4, 5]
-    for values in evaluated.values():
-        assert values["eval/not_item/mean"] == 1.0  # every answer graded against its own row
-        assert 0.0 <= values["eval/is_item/mean"] <= 1.0
-        assert 0.0 <= values["eval/eos_rate"] <= 1.0
-        assert 1.0 <= values["eval/mean_length"] <= 6.0
-        assert "reward_mean" in values  # beside the training series
+    check_eval_points(messages)
     without = {k: v for k, v in hp.items() if k != "eval"}
     plain, _ = _run(_spec(tmp_path / "plain", tiny_model_dir, method, without))
     assert [h["reward_mean"] for h in result.history] == [h["reward_mean"] for h in plain.history]

@@ -61,8 +61,9 @@ def _run(spec: TrainingSpec) -> tuple[Any, list[dict[str, Any]]]:
     return result, [m for m in map(parse_line, stream.getvalue().splitlines()) if m is not None]
 
 
-def test_ppo_reports_eval_series_at_every_n_updates_and_the_end(tiny_model_dir: Path, tmp_path: Path) -> None:
-    result, messages = _run(_spec(tmp_path / "eval", tiny_model_dir, HP))
+def check_eval_points(messages: list[dict[str, Any]]) -> None:
+    """With ``every`` 2 over 5 updates: eval series at updates 2, 4 and 5 (the last), graded per row, beside
+    the training series on every update."""
     metrics = [m for m in messages if m["type"] == "metric"]
     evaluated = {m["step"]: m["values"] for m in metrics if "eval/not_item/mean" in m["values"]}
     assert sorted(evaluated) == [2, 4, 5]
@@ -72,6 +73,11 @@ def test_ppo_reports_eval_series_at_every_n_updates_and_the_end(tiny_model_dir: 
         assert 0.0 <= values["eval/eos_rate"] <= 1.0
         assert 1.0 <= values["eval/mean_length"] <= 6.0
     assert all("reward_mean" in m["values"] for m in metrics)  # beside the training series
+
+
+def test_ppo_reports_eval_series_at_every_n_updates_and_the_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result, messages = _run(_spec(tmp_path / "eval", tiny_model_dir, HP))
+    check_eval_points(messages)
     # Greedy answers on held-out prompts neither read nor advance PPO's sampling: training is unchanged.
     without = {k: v for k, v in HP.items() if k != "eval"}
     plain, _ = _run(_spec(tmp_path / "plain", tiny_model_dir, without))
