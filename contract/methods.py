@@ -71,8 +71,8 @@ OPTIONAL_DATASETS: dict[Method, dict[str, str]] = {
 RL_METHODS: tuple[Method, ...] = (Method.ppo, Method.grpo, Method.rloo)
 # A new rlhf job's last stage when it names none: grpo. On SmolLM2 against a reward model that prefers concise,
 # ended answers (bench/alignment_quality.py), alignd's PPO ended 3% of held-out answers and lost judged reward;
-# GRPO (groups of answers, some of which end, so the missing-EOS penalty has contrast) ended 81-100% of them
-# and gained judged reward at under half TRL PPO's KL (docs/performance.md).
+# GRPO (groups of answers, some of which end, so the missing-EOS penalty has contrast) ended 81-100% of them,
+# at under half TRL PPO's KL, with a judged gain at least TRL's in 2 of 3 seeds (docs/performance.md).
 DEFAULT_RL_METHOD = Method.grpo
 # Stored rlhf hyperparameters name their rl_method (resolution writes it); a row without one predates the
 # choice and ran ppo, which is what it still means when read back (a resumed attempt, the worker's inputs).

@@ -220,12 +220,18 @@ class UvicornThread:
     """uvicorn serving an app on 127.0.0.1:<free port> in a background thread (lifespan included)."""
 
     def __init__(self, app: Any) -> None:
+        import socket
+
         import uvicorn
 
-        self.port = free_port()
+        # The socket is bound here and handed to uvicorn: a port picked free and bound later can be taken in
+        # between by another xdist worker (seen once: "address already in use" in a fresh-clone make test).
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = int(self.socket.getsockname()[1])
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -243,6 +249,7 @@ class UvicornThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.socket.close()
 
 
 @dataclass
