@@ -183,9 +183,8 @@ def eval_table(evaluation: alignd.Evaluation) -> str:
     def interval(value: float | None, low: float | None, high: float | None) -> str:
         return "-" if value is None or low is None or high is None else f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
-    rows = [["candidate", "grader", "mean [95% CI]", f"win-rate vs {EVAL_BASELINE} [95% CI]", "eos_rate"]]
-    rows[0].append("mean_length")
-    rows[0].append("kl_to_base")
+    wins = f"win-rate vs {EVAL_BASELINE} [95% CI]"
+    rows = [["candidate", "grader", "mean [95% CI]", wins, "eos_rate", "mean_length", "kl_to_base"]]
     for c in evaluation.candidates:
         for name, g in c.graders.items():
             rows.append(

@@ -94,8 +94,6 @@ PROGRESS_SPANS: dict[str, tuple[float, float]] = {
     EVAL_STAGE: (0.95, 1.0),
 }
 
-RL_METHOD_NAMES = frozenset(m.value for m in RL_METHODS)
-
 
 class StageWriter(ProgressWriter):
     """The job's writer seen from one stage: progress mapped into the stage's span, artifacts hooked."""
@@ -131,7 +129,7 @@ def _stages(spec: TrainingSpec) -> tuple[str, ...]:
     """sft, reward_model, then the job's ``rl_method`` (ppo, grpo or rloo; as resolved by the API, ppo for a
     row stored before the key existed)."""
     rl_method = stored_rl_method(spec.hyperparameters)
-    if rl_method not in RL_METHOD_NAMES:
+    if rl_method not in RL_METHODS:  # str members: a name compares equal to its Method
         raise TrainingError(
             INVALID_HYPERPARAMETERS, f"rlhf rl_method must be ppo, grpo or rloo, not {rl_method!r}"
         )
@@ -181,7 +179,7 @@ def _stage_spec(
         "datasets": {
             name: ref
             for name, ref in spec.datasets.items()
-            if name == role or (name == HELD_OUT_EVAL_ROLE and stage in RL_METHOD_NAMES)
+            if name == role or (name == HELD_OUT_EVAL_ROLE and stage in RL_METHODS)
         },
         "hyperparameters": hyperparameters,
         "output_dir": str(Path(spec.output_dir) / stage),
