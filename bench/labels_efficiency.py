@@ -1,7 +1,8 @@
 """Labels that count, measured: does uncertainty ordering teach a reward model as much with fewer labels?
 
-Everything runs through a real alignd (embedded mode, its in-process runner, training children), on the
-tiny random Llama of tests/helpers/tiny_model.py, so it runs from a fresh clone on 2 CPU cores:
+Everything runs through a real alignd (embedded mode, its in-process runner, training children). The reward
+models' base is the tiny random Llama of tests/helpers/tiny_model.py by default (``--base smollm2``: the
+real small model), so it runs from a fresh clone on 2 CPU cores:
 
 1. A pool of generated candidates: each prompt has two responses made of words; a **hidden rule** (the
    count of "good" and "yes" minus the count of "bad" and "no") decides which is better. A held-out pool
@@ -9,19 +10,21 @@ tiny random Llama of tests/helpers/tiny_model.py, so it runs from a fresh clone 
 2. Per seed, a warm-start reward model is trained on ``--warm`` labelled items (the same for both
    orderings: uncertainty ordering needs a reward model to start from).
 3. Per seed and ordering, a feedback set over the pool (``ordering`` random, or uncertainty with
-   ``reward_model`` = the warm start and ``refresh_every_labels``); a scripted annotator labels by the
-   hidden rule what /next serves. It waits for each refresh to be read back before labelling on (a person
-   would label on with the older scores; the wait measures the ordering rather than the race).
+   ``reward_model`` = the warm start, ``refresh_every_labels`` and ``refresh_from: "initial"``: every refresh
+   trains the warm start once on all labels so far); a scripted annotator labels by the hidden rule what
+   /next serves. It waits for each refresh to be read back before labelling on (a person would label on
+   with the older scores; the wait measures the ordering rather than the race).
 4. After 50, 100 and 200 labels (the warm start's included), a reward_model job continues the warm start on
-   the set's labels so far (same hyperparameters for both orderings), and the held-out pool is scored by it
-   (a feedback set with ``reward_model`` set runs the score job): held-out pair accuracy = the share of
-   held-out pairs whose better response gets the higher reward.
-5. A judge (the tiny base model, greedy, both orders) labels the held-out pool; its agreement with the hidden
-   rule is reported (it is a random 2-layer model: a floor, not a claim).
+   the set's labels so far (same hyperparameters for both orderings; under uncertainty, a refresh at exactly
+   that count is that same model and is used as it is), and the held-out pool is scored by it (a feedback
+   set with ``reward_model`` set runs the score job): held-out pair accuracy = the share of held-out pairs
+   whose better response gets the higher reward.
+5. A judge (``--judge``: SmolLM2-135M-Instruct by default, greedy, both orders, the rule as its guidelines)
+   labels held-out items; its agreement with the hidden rule is reported where it gave consistent verdicts.
 
 Target: uncertainty reaches random's 200-label accuracy with at most half the labels (100).
 
-    python bench/labels_efficiency.py [--seeds 3] [--pool 300] [--heldout 200] [--quick]
+    python bench/labels_efficiency.py [--seeds 3] [--pool 300] [--heldout 200] [--base tiny|smollm2] [--quick]
 
 Writes bench/results/labels_efficiency.json + .md (``--quick``: labels_efficiency_quick.*).
 """
@@ -48,7 +51,14 @@ from bench.common import WORK, machine_stamp, write_results
 GOOD, BAD = ("good", "yes"), ("bad", "no")
 FILLER = ("big", "small", "long", "short", "first", "last", "maybe", "hello")
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-RM_HP = {"epochs": 10, "batch_size": 8, "learning_rate": 1e-2, "max_length": 48, "eval_fraction": 0.0}
+# Reward-model settings per base. The tiny model is random, so its LoRA needs a large lr and many passes to
+# learn the rule at all; SmolLM2 knows the words already and learns from 3 passes at a fine-tuning lr.
+RM_HP = {
+    "tiny": {"epochs": 10, "batch_size": 8, "learning_rate": 1e-2, "max_length": 48, "eval_fraction": 0.0},
+    "smollm2": {"epochs": 3, "batch_size": 8, "learning_rate": 5e-4, "max_length": 48, "eval_fraction": 0.0},
+}
+BASE_NAMES = {"tiny": "tiny random Llama, hidden 64, 2 layers", "smollm2": "SmolLM2-135M-Instruct"}
+SMOLLM2 = Path(__file__).resolve().parents[1] / ".cache" / "models" / "SmolLM2-135M-Instruct"
 KEY = "bench-key"
 JUDGED = 60  # held-out items the judge labels (two questions per item; the tiny judge is slow to read)
 
@@ -76,7 +86,7 @@ def make_pool(n: int, rng: random.Random) -> list[dict[str, Any]]:
 class Server:
     """An embedded alignd on a free port (uvicorn in a thread), with one tenant."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, threads: int = 2) -> None:
         import socket
 
         import uvicorn
@@ -85,7 +95,7 @@ class Server:
         from service.settings import Settings
 
         settings = Settings(
-            data_dir=data_dir, api_keys=f"bench:{KEY}", torch_threads=2, max_queued_jobs_per_tenant=1000
+            data_dir=data_dir, api_keys=f"bench:{KEY}", torch_threads=threads, max_queued_jobs_per_tenant=1000
         )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -109,6 +119,26 @@ class Server:
         self.thread.join(timeout=30)
 
 
+def upload_base(client: Any, base: str, work: Path) -> str:
+    """Register the base model (the tiny one is built here; SmolLM2 comes from prepare_base_model.py)."""
+    if base == "smollm2":
+        if not (SMOLLM2 / "model.safetensors").exists():
+            raise SystemExit(f"{SMOLLM2} is missing: run examples/prepare_base_model.py first")
+        model_dir = SMOLLM2
+    else:
+        from tests.helpers.tiny_model import build_tiny_llama
+
+        model_dir = build_tiny_llama(work / "tiny", seed=0)
+    files = [
+        ("files", (p.name, p.read_bytes()))
+        for p in sorted(model_dir.iterdir())
+        if p.is_file() and not p.name.startswith(".")  # prepare_base_model's completion marker
+    ]
+    response = client.post("/v1/models", data={"name": base}, files=files)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
 def _jsonl(records: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 
@@ -130,13 +160,15 @@ def wait_job(client: Any, job_id: str) -> dict[str, Any]:
         time.sleep(0.3)
 
 
-def reward_model(client: Any, model: str, dataset: str, seed: int, init: str | None = None) -> str:
+def reward_model(
+    client: Any, model: str, dataset: str, seed: int, hyperparameters: dict[str, Any], init: str | None = None
+) -> str:
     body = {
         "method": "reward_model",
         "base_model": model,
         "datasets": {"preference": dataset},
         "lora": LORA,
-        "hyperparameters": RM_HP,
+        "hyperparameters": hyperparameters,
         "seed": seed,
         **({"init_reward_model": init} if init else {}),
     }
@@ -195,16 +227,17 @@ def run_ordering(
     seed: int,
     checkpoints: list[int],
     refresh_every: int,
+    hyperparameters: dict[str, Any],
 ) -> dict[str, Any]:
     options: dict[str, Any] = {"ordering": ordering, "gold_every": 0}
-    if ordering == "uncertainty":
-        options |= {"reward_model": warm, "refresh_every_labels": refresh_every}
+    if ordering == "uncertainty":  # every refresh trains the warm start once on all labels so far
+        options |= {"reward_model": warm, "refresh_every_labels": refresh_every, "refresh_from": "initial"}
     fbs = client.post(
         "/v1/feedback-sets", json={"name": f"{ordering} {seed}", "candidates": pool_id, **options}
     ).json()
-    set_id = fbs["id"]
+    set_id, now = fbs["id"], fbs
     if ordering == "uncertainty":
-        settled(client, set_id, lambda s: s["scoring"]["scored_by"] == warm)
+        now = settled(client, set_id, lambda s: s["scoring"]["scored_by"] == warm)
     accuracies: dict[int, float] = {}
     margins: list[float] = []
     labelled = warm_n
@@ -217,9 +250,16 @@ def run_ordering(
             label(client, set_id, item)
             labelled += 1
             if ordering == "uncertainty":  # a refresh started by this label is read back before the next one
-                settled(client, set_id, lambda s: not s["scoring"]["in_flight"])
-        exported = client.post(f"/v1/feedback-sets/{set_id}/export", json={"judge_labels": "exclude"}).json()
-        artifact = reward_model(client, model, exported["id"], seed, init=warm)
+                now = settled(client, set_id, lambda s: not s["scoring"]["in_flight"])
+        if ordering == "uncertainty" and now["scoring"]["last_refresh_labels"] == labelled - warm_n:
+            # refreshed at exactly these labels: the set's model is the warm start trained once on them with
+            # the same settings, seed and LoRA as the job below would be; reused rather than trained again
+            artifact = now["scoring"]["scored_by"]
+        else:
+            exported = client.post(
+                f"/v1/feedback-sets/{set_id}/export", json={"judge_labels": "exclude"}
+            ).json()
+            artifact = reward_model(client, model, exported["id"], seed, hyperparameters, init=warm)
         accuracies[target] = heldout_accuracy(client, heldout[0], heldout[1], artifact)
         print(
             f"  seed {seed} {ordering:11s} {target:4d} labels: held-out accuracy {accuracies[target]:.3f}",
@@ -302,10 +342,25 @@ def _target(rows: list[dict[str, Any]], checkpoints: list[int]) -> dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--base",
+        choices=sorted(RM_HP),
+        default="tiny",
+        help="reward models' base: the tiny random Llama of the tests, or SmolLM2-135M-Instruct "
+        "(examples/prepare_base_model.py; about 4x the wall time: a score job of the pool takes a minute)",
+    )
+    parser.add_argument(
+        "--judge",
+        choices=sorted(RM_HP),
+        default="smollm2",
+        help="the AI judge's model: an instruction-following SmolLM2-135M-Instruct, or the tiny random Llama "
+        "(which answers no usable 1 or 2: a floor)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per training child")
     parser.add_argument("--pool", type=int, default=300)
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--warm", type=int, default=20)
-    parser.add_argument("--refresh-every", type=int, default=50)
+    parser.add_argument("--refresh-every", type=int, default=10)
     parser.add_argument("--checkpoints", default="50,100,200")
     parser.add_argument("--quick", action="store_true", help="1 seed, checkpoints 30,60: a smoke run")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
@@ -324,20 +379,20 @@ def main() -> None:
     checkpoints = [int(x) for x in args.checkpoints.split(",")]
     if args.quick:
         args.seeds, args.pool, args.heldout, checkpoints = 1, 80, 60, [30, 60]
-    from tests.helpers.tiny_model import build_tiny_llama
-
     stamp = machine_stamp(["torch", "transformers", "peft"])
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="labels-", dir=WORK))
-    model_dir = build_tiny_llama(work / "tiny", seed=0)
+    hyperparameters = RM_HP[args.base]
     runs: dict[str, list[dict[str, Any]]] = {"random": [], "uncertainty": []}
-    with Server(work / "alignd") as client:
-        files = [("files", (p.name, p.read_bytes())) for p in sorted(model_dir.iterdir()) if p.is_file()]
-        model = client.post("/v1/models", data={"name": "tiny"}, files=files).json()["id"]
+    with Server(work / "alignd", threads=args.threads) as client:
+        model = upload_base(client, args.base, work)
+        judge_model = (
+            model if args.judge == args.base or args.no_judge else upload_base(client, args.judge, work)
+        )
         heldout_pool = make_pool(args.heldout, random.Random(10_000))
         heldout = (upload(client, heldout_pool, "candidates"), heldout_pool)
-        judge = None if args.no_judge else judge_agreement(client, model, heldout)
+        judge = None if args.no_judge else judge_agreement(client, judge_model, heldout)
         print(f"judge: {judge}", flush=True)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             rng = random.Random(seed)
@@ -350,7 +405,7 @@ def main() -> None:
                 }
                 for r in pool[: args.warm]
             ]
-            warm = reward_model(client, model, upload(client, warm_records, "ranking"), seed)
+            warm = reward_model(client, model, upload(client, warm_records, "ranking"), seed, hyperparameters)
             pool_id = upload(client, pool[args.warm :], "candidates")
             for ordering in runs:
                 runs[ordering].append(
@@ -365,6 +420,7 @@ def main() -> None:
                         seed=seed,
                         checkpoints=checkpoints,
                         refresh_every=args.refresh_every,
+                        hyperparameters=hyperparameters,
                     )
                 )
                 # what is done so far survives an interrupted run (a long one on a busy machine)
@@ -372,8 +428,10 @@ def main() -> None:
                 (WORK / f"{args.results or 'labels_efficiency'}.partial.json").write_text(json.dumps(partial))
     name = args.results or ("labels_efficiency_quick" if args.quick else "labels_efficiency")
     settings = {
+        "base": args.base,
+        "judge": None if args.no_judge else args.judge,
         "lora": LORA,
-        "reward_model": RM_HP,
+        "reward_model": hyperparameters,
         "warm": args.warm,
         "pool": args.pool,
         "heldout": args.heldout,
@@ -406,14 +464,14 @@ def publish(
     judge_note = (
         "Judge: not run in this part."
         if judge is None
-        else f"Judge (tiny base model, both orders): agreement with the hidden rule "
+        else f"Judge ({BASE_NAMES[settings.get('judge') or 'tiny']}, both orders): agreement with the hidden rule "
         f"{judge['agreement_with_hidden_rule']} on the {judge['coverage_share']:.0%} of {judge['items']} items "
         f"it gave a consistent verdict; {judge['unparsed_pairs']} of {judge['pairs_asked']} pairs had an "
         f"answer that was not 1 or 2 in one order; share of answers naming the first position "
         f"{judge['first_position_share']}."
     )
     notes = [
-        f"Tiny random Llama (hidden 64, 2 layers), LoRA r={settings['lora']['r']}; reward models "
+        f"Base {BASE_NAMES[settings.get('base', 'tiny')]}, LoRA r={settings['lora']['r']}; reward models "
         f"{settings['reward_model']}; warm start {settings['warm']} labels (counted in the labels); pool "
         f"{settings['pool']} items per seed, held-out {settings['heldout']} pairs; uncertainty refreshes every "
         f"{settings['refresh_every']} labels; seeds {settings['seeds']}.",
@@ -460,8 +518,13 @@ def merge(names: list[str], out: str) -> None:
     for part in parts:
         for ordering in runs:
             runs[ordering] += part["runs"][ordering]
-    judge = next((p["judge"] for p in parts if p["judge"] is not None), None)
-    settings = {**parts[0]["settings"], "seeds": [s for p in parts for s in p["settings"]["seeds"]]}
+    judged = next((p for p in parts if p["judge"] is not None), None)
+    judge = judged["judge"] if judged else None
+    settings = {
+        **parts[0]["settings"],
+        "seeds": [s for p in parts for s in p["settings"]["seeds"]],
+        "judge": judged["settings"].get("judge", "tiny") if judged else None,
+    }
     publish(
         out, parts[0]["machine"], runs, judge, settings, wall_s=max(p["wall_s"] for p in parts), parts=names
     )

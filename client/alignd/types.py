@@ -226,6 +226,8 @@ class FeedbackSet(AlignObject):
     """"random" or "uncertainty" (smallest reward-model margin first)."""
     reward_model: str | None = None
     refresh_every_labels: int | None = None
+    refresh_from: str | None = None
+    """What a refresh continues: "latest" (the last refreshed reward model) or "initial" (the set's own)."""
     guidelines: str | None = None
     gold_every: int | None = None
     gold_failure_threshold: float | None = None

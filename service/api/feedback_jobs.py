@@ -10,8 +10,9 @@ both write a judge's labels. ``events`` is the set's log (newest last, at most M
 
 The refresh cadence (``refresh_every_labels: N``, uncertainty ordering): once N labels by people have
 arrived since the last refresh, the labels so far are exported (a ``ranking`` dataset linked to the set), a
-``reward_model`` job continues the current reward model on them (the base model, LoRA settings, seed and
-hyperparameters of the job that made it, or the set's ``refresh_hyperparameters``), and when it succeeds a
+``reward_model`` job continues the current reward model on them (``refresh_from: "initial"``: the set's own
+reward model; the base model, LoRA settings, seed and hyperparameters of the job that made it, or the set's
+``refresh_hyperparameters``), and when it succeeds a
 ``score`` job re-scores every item with the new model. Until the new scores are read, /next orders by the
 previous ones.
 """
@@ -349,7 +350,8 @@ def _refresh_due(fset: FeedbackSetRow, state: dict[str, Any], labels: int) -> bo
 def _refresh_request(
     session: Session, fset: FeedbackSetRow, state: dict[str, Any], dataset: str
 ) -> JobCreate:
-    current = state.get("scored_by") or fset.reward_model or ""
+    latest = state.get("scored_by") if state.get("refresh_from", "latest") == "latest" else None
+    current = latest or fset.reward_model or ""
     artifact = session.exec(select(ArtifactRow).where(ArtifactRow.id == current)).first()
     if artifact is None:
         raise _refused(f"reward model {current} is gone", "unknown_artifact", "reward_model")

@@ -388,6 +388,13 @@ class FeedbackSetCreate(InputModel):
         description="reward_model hyperparameters of a refresh (default: those of the job that trained "
         "reward_model).",
     )
+    refresh_from: str = Field(
+        "latest",
+        max_length=32,
+        description="What a refresh continues on the labels so far: 'latest', the reward model that scored "
+        "the items last (each refresh builds on the one before), or 'initial', the set's reward_model (each "
+        "refresh trains it once on all labels, as a new reward_model job on them would).",
+    )
     guidelines: str | None = Field(
         None,
         description="Markdown shown on the labeling page and given to judges as their rubric (at most "
@@ -484,6 +491,7 @@ class FeedbackSetPublic(BaseModel):
     ordering: str
     reward_model: str | None
     refresh_every_labels: int | None
+    refresh_from: str
     guidelines: str | None
     gold_every: int
     gold_failure_threshold: float
@@ -509,6 +517,7 @@ class FeedbackSetPublic(BaseModel):
             ordering=row.ordering,
             reward_model=row.reward_model,
             refresh_every_labels=row.refresh_every_labels,
+            refresh_from=str(state.get("refresh_from", "latest")),
             guidelines=row.guidelines,
             gold_every=row.gold_every,
             gold_failure_threshold=row.gold_failure_threshold,

@@ -28,6 +28,11 @@ SOURCE_KINDS = ("candidates", "ranking")
 # stays light and a judge's prompt fits a small model's context.
 MAX_GUIDELINES_CHARS = 20_000
 ROUTINGS = ("all", "judge_reward_disagree")
+# What a refresh continues: the last refreshed reward model ("latest": each refresh builds on the one before,
+# so early labels are trained on again at every refresh), or the set's own reward model ("initial": every
+# refresh is the set's model trained once on all labels so far, the model a fresh reward_model job on them
+# would give).
+REFRESH_SOURCES = ("latest", "initial")
 JUDGE_LABELS = ("include", "exclude", "down_weight")
 ANNOTATOR_WEIGHTS = ("equal", "agreement")
 

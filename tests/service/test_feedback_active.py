@@ -85,6 +85,7 @@ def test_uncertainty_ordering_refresh_and_judge(live_server: LiveServer) -> None
                 "ordering": "uncertainty",
                 "reward_model": reward_model,
                 "refresh_every_labels": 4,
+                "refresh_from": "initial",
                 "gold_every": 0,
                 "guidelines": "# Prefer\n- the **longer** answer",
             },
@@ -123,6 +124,21 @@ def test_uncertainty_ordering_refresh_and_judge(live_server: LiveServer) -> None
         assert kinds[-3:] == ["refresh", "refreshed", "scored"], refreshed["events"]
         assert refreshed["scoring"]["scored_by"] != reward_model
         assert refreshed["scoring"]["last_refresh_labels"] == 4  # started by cy's /next, after 4 labels
+        first_refresh = refreshed["scoring"]["scored_by"]
+
+        # 4 more labels: a second refresh, which (refresh_from "initial") continues the set's own reward model
+        # on all 8 labels, not the first refresh's model
+        _annotate(client, fbs["id"], "dee", 3)
+        again = _until(
+            client, fbs["id"], lambda s: s["scoring"]["refreshes"] == 2 and not s["scoring"]["in_flight"]
+        )
+        assert (again["refresh_from"], again["scoring"]["last_refresh_labels"]) == ("initial", 8)
+        assert again["scoring"]["scored_by"] not in (reward_model, first_refresh)
+        jobs = [e["job"] for e in again["events"] if e["kind"] == "refresh"]
+        continued = [client.get(f"/v1/jobs/{job}").json()["init_reward_model"] for job in jobs]
+        assert continued == [reward_model, reward_model]
+        bad = {"name": "x", "candidates": candidates, "refresh_from": "newest"}
+        assert_error(client.post("/v1/feedback-sets", json=bad), 422, "invalid_refresh_from")
 
 
 def _labelled_set(

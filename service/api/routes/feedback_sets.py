@@ -93,6 +93,8 @@ def _create_options(session: Session, tenant: str, body: FeedbackSetCreate) -> d
             "refresh_every_labels",
         )
     state: dict[str, Any] = {}
+    if _check_choice(body.refresh_from, rules.REFRESH_SOURCES, "refresh_from") != "latest":
+        state["refresh_from"] = body.refresh_from
     if body.refresh_hyperparameters is not None:
         state["refresh_hyperparameters"] = resolve_hyperparameters(
             Method.reward_model, body.refresh_hyperparameters
