@@ -274,36 +274,52 @@ def run_ordering(
     }
 
 
-def judge_agreement(client: Any, model: str, heldout: tuple[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def judge_agreement(
+    client: Any, model: str, heldout: tuple[str, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """The scripted annotator labels the first JUDGED held-out items, then one judge per verdict mode labels
+    them too; the set's own agreement report (ratings' ``judges``) says how often each agreed with it."""
     fbs = client.post(
         "/v1/feedback-sets",
         json={
             "name": "judged",
             "candidates": heldout[0],
             "guidelines": "More 'good' and 'yes', fewer 'bad' and 'no'.",
+            "gold_every": 0,
         },
     ).json()
-    client.post(
-        f"/v1/feedback-sets/{fbs['id']}/judges", json={"name": "tiny", "model": model, "max_items": JUDGED}
-    )
-    judged = settled(client, fbs["id"], lambda s: s["judges"][0]["status"] != "running")["judges"][0]
-    items = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()["items"]
-    agree = decided = 0
-    for item, record in zip(items[:JUDGED], heldout[1][:JUDGED], strict=True):
-        if item["num_labels"]:
-            better = 0 if hidden_score(record["responses"][0]) > hidden_score(record["responses"][1]) else 1
-            decided += 1
-            agree += int(item["order"][0] == item["responses"][better]["id"])
-    return {
-        "items": JUDGED,
-        "pairs_asked": judged["asked"],
-        "consistent_pairs": judged["consistent"],
-        "inconsistent_pairs": judged["inconsistent"],
-        "unparsed_pairs": judged["unparsed"],
-        "first_position_share": judged["first_position_share"],
-        "agreement_with_hidden_rule": agree / decided if decided else None,
-        "coverage_share": decided / JUDGED,
-    }
+    items = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()["items"][:JUDGED]
+    for item, record in zip(items, heldout[1][:JUDGED], strict=True):
+        ids = [r["id"] for r in item["responses"]]
+        responses = [{"id": i, "text": t} for i, t in zip(ids, record["responses"], strict=True)]
+        label(client, fbs["id"], {"id": item["item"], "responses": responses})
+    rows = []
+    for index, verdict in enumerate(("answer", "logprobs")):
+        body = {"name": verdict, "model": model, "max_items": JUDGED, "verdict": verdict}
+        response = client.post(f"/v1/feedback-sets/{fbs['id']}/judges", json=body)
+        assert response.status_code == 202, response.text
+        judged = settled(client, fbs["id"], lambda s, i=index: s["judges"][i]["status"] != "running")
+        judge = judged["judges"][index]
+        if judge["status"] != "done":
+            raise RuntimeError(f"judge {verdict}: {judge}")
+        report = client.get(f"/v1/feedback-sets/{fbs['id']}/ratings").json()["judges"]
+        agreement = next(r for r in report if r["annotator"] == f"judge:{verdict}")
+        rows.append(
+            {
+                "verdict": verdict,
+                "items": JUDGED,
+                "pairs_asked": judge["asked"],
+                "labels": judge["labels"],
+                "consistent_pairs": judge["consistent"],
+                "inconsistent_pairs": judge["inconsistent"],
+                "unparsed_pairs": judge["unparsed"],
+                "first_position_share": judge["first_position_share"],
+                "position_bias_logodds": judge.get("position_bias"),
+                "agreement_with_scripted_labels": agreement["with_people"].get("script"),
+                "coverage_share": judge["labels"] / JUDGED,
+            }
+        )
+    return rows
 
 
 def _summary(runs: dict[str, list[dict[str, Any]]], checkpoints: list[int]) -> list[dict[str, Any]]:
@@ -365,6 +381,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, checkpoints 30,60: a smoke run")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     parser.add_argument("--no-judge", action="store_true", help="skip the judge (another part measures it)")
+    parser.add_argument(
+        "--judge-only", action="store_true", help="only the judge (a part run beside the seeds)"
+    )
     parser.add_argument("--results", default=None, help="results name (default labels_efficiency[_quick])")
     parser.add_argument(
         "--merge",
@@ -379,6 +398,7 @@ def main() -> None:
     checkpoints = [int(x) for x in args.checkpoints.split(",")]
     if args.quick:
         args.seeds, args.pool, args.heldout, checkpoints = 1, 80, 60, [30, 60]
+    seeds = [] if args.judge_only else list(range(args.first_seed, args.first_seed + args.seeds))
     stamp = machine_stamp(["torch", "transformers", "peft"])
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -394,7 +414,7 @@ def main() -> None:
         heldout = (upload(client, heldout_pool, "candidates"), heldout_pool)
         judge = None if args.no_judge else judge_agreement(client, judge_model, heldout)
         print(f"judge: {judge}", flush=True)
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for seed in seeds:
             rng = random.Random(seed)
             pool = make_pool(args.pool + args.warm, rng)
             warm_records = [
@@ -437,7 +457,7 @@ def main() -> None:
         "heldout": args.heldout,
         "refresh_every": args.refresh_every,
         "checkpoints": checkpoints,
-        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+        "seeds": list(seeds),
     }
     wall_s = time.perf_counter() - started
     raw = {"machine": stamp, "runs": runs, "judge": judge, "settings": settings, "wall_s": wall_s}
@@ -449,7 +469,7 @@ def publish(
     name: str,
     stamp: dict[str, Any],
     runs: dict[str, list[dict[str, Any]]],
-    judge: dict[str, Any] | None,
+    judge: list[dict[str, Any]] | None,
     settings: dict[str, Any],
     *,
     wall_s: float,
@@ -459,31 +479,42 @@ def publish(
     for results in runs.values():  # JSON keys are strings once written; checkpoints are ints here
         for run in results:
             run["accuracy"] = {int(k): v for k, v in run["accuracy"].items()}
-    rows = _summary(runs, checkpoints)
-    target = _target(rows, checkpoints)
-    judge_note = (
-        "Judge: not run in this part."
+    measured = any(runs.values())  # a --judge-only part has no orderings
+    rows = _summary(runs, checkpoints) if measured else []
+    target = _target(rows, checkpoints) if measured else None
+    judge_notes = (
+        ["Judge: not run in this part."]
         if judge is None
-        else f"Judge ({BASE_NAMES[settings.get('judge') or 'tiny']}, both orders): agreement with the hidden rule "
-        f"{judge['agreement_with_hidden_rule']} on the {judge['coverage_share']:.0%} of {judge['items']} items "
-        f"it gave a consistent verdict; {judge['unparsed_pairs']} of {judge['pairs_asked']} pairs had an "
-        f"answer that was not 1 or 2 in one order; share of answers naming the first position "
-        f"{judge['first_position_share']}."
+        else [
+            f"Judge {BASE_NAMES[settings.get('judge') or 'tiny']}, verdict '{row['verdict']}' (both orders): "
+            f"agreement with the scripted labels {row['agreement_with_scripted_labels']} on the "
+            f"{row['coverage_share']:.0%} of {row['items']} items it labelled; share of first-position "
+            f"answers {row['first_position_share']}"
+            + (
+                f"; mean lean to the first position {row['position_bias_logodds']} in log-odds (cancelled)."
+                if row["verdict"] == "logprobs"
+                else f"; {row['inconsistent_pairs']} pairs flipped with the order and "
+                f"{row['unparsed_pairs']} had no 1/2 answer (no label)."
+            )
+            for row in judge
+        ]
     )
     notes = [
         f"Base {BASE_NAMES[settings.get('base', 'tiny')]}, LoRA r={settings['lora']['r']}; reward models "
         f"{settings['reward_model']}; warm start {settings['warm']} labels (counted in the labels); pool "
         f"{settings['pool']} items per seed, held-out {settings['heldout']} pairs; uncertainty refreshes every "
         f"{settings['refresh_every']} labels; seeds {settings['seeds']}.",
-        f"Target ({target['target']}): {'met' if target['met'] else 'not met'}; random's "
+        "Target: not measured in this part (--judge-only)."
+        if target is None
+        else f"Target ({target['target']}): {'met' if target['met'] else 'not met'}; random's "
         f"{checkpoints[-1]}-label mean accuracy {target['random_accuracy_at_max_labels']:.3f}, first "
         f"uncertainty checkpoint reaching it: {target['uncertainty_first_checkpoint_reaching_it']}.",
-        judge_note,
+        *judge_notes,
         f"Wall time {wall_s:.0f} s" + (f" (parts run side by side: {', '.join(parts)})." if parts else "."),
     ]
-    tables = {"Held-out pair accuracy by labels": rows}
+    tables = {"Held-out pair accuracy by labels": rows} if rows else {}
     if judge is not None:
-        tables["Judge"] = [judge]
+        tables["Judge"] = judge
     write_results(
         name,
         title="Labels efficiency: random vs uncertainty ordering (held-out reward-model pair accuracy)",

@@ -721,6 +721,13 @@ class JudgeHyperparameters(_Strict):
     max_new_tokens: int = Field(8, ge=1, le=256, description="Longest answer the judge gives per question.")
     max_length: int = Field(1024, ge=16, le=131072, description="Token budget per question (left-cut).")
     max_items: int | None = Field(None, ge=1, description="Judge only the first this many items.")
+    verdict: Literal["answer", "logprobs"] = Field(
+        "answer",
+        description="'answer': the judge's greedy answer, a pair labelled only when both orders name the same "
+        "response. 'logprobs': no generation; the log-odds of '1' over '2' as the answer's first token in "
+        "each order, and the pair labelled by their difference, so a constant preference for a position "
+        "cancels and every pair gets a verdict (an exact tie excepted).",
+    )
 
 
 HYPERPARAMETER_MODELS: dict[Method, type[_Strict]] = {

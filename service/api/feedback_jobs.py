@@ -313,13 +313,29 @@ def _finish_judge(
         labels=written,
         **{
             k: result.get(k)
-            for k in ("asked", "consistent", "inconsistent", "unparsed", "first_position_share")
+            for k in (
+                "asked",
+                "consistent",
+                "inconsistent",
+                "unparsed",
+                "first_position_share",
+                "verdict",
+                "position_bias",
+            )
         },
     )
-    message = (
-        f"judge {name}: {written} pairwise labels from {result.get('asked', 0)} pairs asked in both orders "
-        f"({result.get('inconsistent', 0)} flipped with the order, {result.get('unparsed', 0)} unanswered: no label)"
-    )
+    if result.get("verdict") == "logprobs":
+        message = (
+            f"judge {name}: {written} pairwise labels from {result.get('asked', 0)} pairs, each by the "
+            f"difference of its two orders' log-odds (mean lean to the first position "
+            f"{result.get('position_bias')})"
+        )
+    else:
+        message = (
+            f"judge {name}: {written} pairwise labels from {result.get('asked', 0)} pairs asked in both orders "
+            f"({result.get('inconsistent', 0)} flipped with the order, {result.get('unparsed', 0)} "
+            "unanswered: no label)"
+        )
     return [_event(fset, "judged", message, job=job.id)]
 
 

@@ -464,10 +464,18 @@ class JudgePublic(BaseModel):
     asked: int | None = Field(None, description="Pairs asked, each in both orders.")
     consistent: int | None = Field(None, description="Pairs both orders gave the same verdict: labels.")
     inconsistent: int | None = Field(
-        None, description="Pairs whose verdict flipped with the order: no label."
+        None,
+        description="Pairs whose verdict flipped with the order: no label ('answer' verdicts; 'logprobs' "
+        "labels them by the difference of the two orders).",
     )
     unparsed: int | None = Field(None, description="Pairs with an answer that was not 1 or 2: no label.")
     first_position_share: float | None = Field(None, description="Share of answers naming the first answer.")
+    verdict: str | None = Field(None, description="'answer' or 'logprobs' (JudgeCreate.verdict).")
+    position_bias: float | None = Field(
+        None,
+        description="logprobs verdicts: the judge's mean lean to the first position in log-odds, which the two "
+        "orders cancel.",
+    )
     error: str | None = None
 
 
@@ -553,6 +561,12 @@ class JudgeCreate(InputModel):
     )
     max_items: int | None = Field(None, ge=1, description="Judge only the first this many items.")
     max_new_tokens: int = Field(8, ge=1, le=256, description="Longest answer per question.")
+    verdict: Literal["answer", "logprobs"] = Field(
+        "answer",
+        description="'answer': the greedy answer in each order; a pair is labelled only when both name the "
+        "same response. 'logprobs': the log-odds of '1' over '2' in each order, the pair labelled by their "
+        "difference (a constant lean to a position cancels, so a position-biased judge still gives verdicts).",
+    )
 
 
 class AnnotatorPublic(BaseModel):

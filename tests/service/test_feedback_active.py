@@ -201,6 +201,26 @@ def test_judge_labels_beside_people(live_server: LiveServer) -> None:
         assert report["judge:tiny"]["skips"] == 4 - judge["labels"]
         assert sum(i["num_labels"] for i in ratings["items"]) == 8 + judge["labels"]
 
+        # the same base judging by log-odds: its lean to a position cancels between the two orders, so every
+        # pair gets a verdict
+        lp = {"name": "tiny-lp", "model": model, "verdict": "logprobs"}
+        assert client.post(f"/v1/feedback-sets/{fbs['id']}/judges", json=lp).status_code == 202
+        judged = _until(client, fbs["id"], lambda s: s["judges"][1]["status"] != "running")
+        by_logprobs = judged["judges"][1]
+        assert (by_logprobs["status"], by_logprobs["verdict"], by_logprobs["labels"]) == (
+            "done",
+            "logprobs",
+            4,
+        )
+        assert isinstance(by_logprobs["position_bias"], float) and judge["verdict"] == "answer"
+        report = {
+            a["annotator"]: a
+            for a in client.get(f"/v1/feedback-sets/{fbs['id']}/annotators").json()["annotators"]
+        }
+        assert (report["judge:tiny-lp"]["labels"], report["judge:tiny-lp"]["skips"]) == (4, 0)
+        bad = {"name": "x", "model": model, "verdict": "vibes"}
+        assert client.post(f"/v1/feedback-sets/{fbs['id']}/judges", json=bad).status_code == 422
+
 
 def _judge_adapter(client: httpx.Client, model: str, guidelines: str, items: list[dict[str, Any]]) -> str:
     """An SFT adapter that answers the judge's question, in both orders, the way the people do (longer is

@@ -189,3 +189,44 @@ def test_a_judge_answers_its_score(tiny_model_dir: Path, judge_adapter: Path) ->
     assert failed.metadata["errors"][0]["code"] in ("model_scorer_failed", "score_out_of_range"), (
         failed.metadata
     )
+
+
+def test_logprob_verdicts_cancel_a_position_lean_and_swap_with_the_responses(tiny_model_dir: Path) -> None:
+    from contract.hyperparameters import JudgeHyperparameters
+    from workers.training.feedback_jobs import _judge_messages, _verdict_by_logprobs
+    from workers.training.scoring import answer_log_odds
+
+    models = load_shared_models(str(tiny_model_dir), adapters={}, reward_models={}, device=CPU)
+    hp = JudgeHyperparameters(name="t", rubric="Prefer the longer answer.", verdict="logprobs")
+    prompt, short, long = "Say something.", "Sky.", "The sky is blue and wide today."
+
+    # the log-odds are those of the full forward's next-token distribution, "1" against "2"
+    messages = _judge_messages(hp, prompt, short, long)
+    ids = torch.tensor([rollout.encode_prompt(models.tokenizer, messages)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(models.model(input_ids=ids).logits[0, -1].float(), dim=-1)
+
+    def choice(text: str) -> torch.Tensor:
+        tokens = {
+            models.tokenizer.encode(v, add_special_tokens=False)[0]
+            for v in (text, " " + text)
+            if len(models.tokenizer.encode(v, add_special_tokens=False)) == 1
+        }
+        return torch.logsumexp(logprobs[sorted(tokens)], dim=0)
+
+    forward = answer_log_odds(models, messages, judge=None)
+    assert forward == pytest.approx(float(choice("1") - choice("2")), abs=1e-5)
+
+    # one pair, asked both ways round: opposite verdicts; each order's lean is counted once
+    counts: dict[str, float] = dict.fromkeys(
+        ("consistent", "inconsistent", "first_position", "answered", "position_bias"), 0.0
+    )
+    one = _verdict_by_logprobs(models, hp, None, (prompt, short, long), counts)
+    other = _verdict_by_logprobs(models, hp, None, (prompt, long, short), counts)
+    assert {one, other} == {"a", "b"}
+    backward = answer_log_odds(models, _judge_messages(hp, prompt, long, short), judge=None)
+    assert counts["position_bias"] == pytest.approx(forward + backward, abs=1e-5)  # (f+b)/2, twice
+    assert (counts["answered"], counts["consistent"] + counts["inconsistent"]) == (4, 2)
+    # a judge that leans to the first position by any constant is judged on what is left: the verdict is
+    # the sign of forward - backward, whatever each order's own sign
+    assert one == ("a" if forward - backward > 0 else "b")

@@ -10,9 +10,12 @@ publish their result in the metadata of one artifact, which the set reads back
   item's responses twice, once in each presentation order, with the set's guidelines as its rubric, and
   answers 1 or 2 (``scoring.judge_answer``, the evaluate job's judge path; the first number in the answer
   counts). A pair gets a verdict only when both orders name the same response: a judge that prefers a
-  position, not an answer, gives no verdict rather than a biased one. Artifact ``judge_labels`` with
-  ``{"name", "labels": [{"position", "pairs": [[i, j, "a"|"b"], ...]}], "asked", "consistent",
-  "inconsistent", "unparsed", "first_position_share"}``.
+  position, not an answer, gives no verdict rather than a biased one. With ``verdict: "logprobs"`` nothing
+  is generated: each order gives the log-odds of "1" over "2" as the answer's first token, and the pair's
+  verdict is the sign of their difference (a constant lean to a position cancels; ``position_bias`` is its
+  mean). Artifact ``judge_labels`` with ``{"name", "verdict", "labels": [{"position", "pairs": [[i, j,
+  "a"|"b"], ...]}], "asked", "consistent", "inconsistent", "unparsed", "first_position_share",
+  "position_bias"}``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from contract.hyperparameters import (
 from workers.training import lora
 from workers.training.context import RunContext
 from workers.training.errors import INVALID_DATASET, INVALID_SPEC, TrainingError
-from workers.training.scoring import SharedModels, first_number, judge_answer, load_shared_models, rewards_of
+from workers.training.scoring import (
+    SharedModels,
+    answer_log_odds,
+    first_number,
+    judge_answer,
+    load_shared_models,
+    rewards_of,
+)
 
 ROLE = "candidates"
 JUDGE_SYSTEM = (
@@ -112,19 +122,74 @@ def run_score(ctx: RunContext) -> dict[str, Any]:
     return result
 
 
+def _judge_messages(hp: JudgeHyperparameters, prompt: str, first: str, second: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM.format(rubric=hp.rubric.strip() or "(none)")},
+        {"role": "user", "content": JUDGE_QUESTION.format(prompt=prompt, first=first, second=second)},
+    ]
+
+
 def _ask(
     models: SharedModels, hp: JudgeHyperparameters, judge: str | None, prompt: str, first: str, second: str
 ) -> int | None:
     """1 or 2: the answer the judge names as better; None when it names neither."""
-    messages = [
-        {"role": "system", "content": JUDGE_SYSTEM.format(rubric=hp.rubric.strip() or "(none)")},
-        {"role": "user", "content": JUDGE_QUESTION.format(prompt=prompt, first=first, second=second)},
-    ]
     answer = judge_answer(
-        models, messages, judge=judge, max_new_tokens=hp.max_new_tokens, max_prompt_tokens=hp.max_length
+        models,
+        _judge_messages(hp, prompt, first, second),
+        judge=judge,
+        max_new_tokens=hp.max_new_tokens,
+        max_prompt_tokens=hp.max_length,
     )
     number = first_number(answer)
     return int(number) if number in (1.0, 2.0) else None
+
+
+def _verdict_by_answers(
+    models: SharedModels,
+    hp: JudgeHyperparameters,
+    judge: str | None,
+    question: tuple[str, str, str],
+    counts: dict[str, float],
+) -> str | None:
+    """ "a" or "b" when both orders' greedy answers name the same response, else None (no label)."""
+    prompt, a, b = question
+    forward, backward = _ask(models, hp, judge, prompt, a, b), _ask(models, hp, judge, prompt, b, a)
+    for said in (forward, backward):
+        if said is not None:
+            counts["answered"] += 1
+            counts["first_position"] += int(said == 1)
+    if forward is None or backward is None:
+        counts["unparsed"] += 1
+        return None
+    if (forward == 1) == (backward == 2):  # both orders name the same response
+        counts["consistent"] += 1
+        return "a" if forward == 1 else "b"
+    counts["inconsistent"] += 1
+    return None
+
+
+def _verdict_by_logprobs(
+    models: SharedModels,
+    hp: JudgeHyperparameters,
+    judge: str | None,
+    question: tuple[str, str, str],
+    counts: dict[str, float],
+) -> str | None:
+    """The sign of lo(a first) - lo(b first), lo the log-odds of '1' over '2': a judge's constant lean to a
+    position adds the same amount to both and cancels; what is left is its lean to a response."""
+    prompt, a, b = question
+    forward = answer_log_odds(
+        models, _judge_messages(hp, prompt, a, b), judge=judge, max_prompt_tokens=hp.max_length
+    )
+    backward = answer_log_odds(
+        models, _judge_messages(hp, prompt, b, a), judge=judge, max_prompt_tokens=hp.max_length
+    )
+    counts["answered"] += 2
+    counts["first_position"] += int(forward > 0) + int(backward > 0)
+    counts["position_bias"] += (forward + backward) / 2
+    counts["consistent" if (forward > 0) == (backward < 0) else "inconsistent"] += 1
+    lean = forward - backward
+    return "a" if lean > 0 else "b" if lean < 0 else None
 
 
 def run_judge(ctx: RunContext) -> dict[str, Any]:
@@ -140,14 +205,11 @@ def run_judge(ctx: RunContext) -> dict[str, Any]:
         precision=ctx.spec.resources.precision,
     )
     judge = None if adapter is None else adapter.id
-    counts = {
-        "asked": 0,
-        "consistent": 0,
-        "inconsistent": 0,
-        "unparsed": 0,
-        "first_position": 0,
-        "answered": 0,
-    }
+    verdict = _verdict_by_logprobs if hp.verdict == "logprobs" else _verdict_by_answers
+    counts: dict[str, float] = dict.fromkeys(
+        ("asked", "consistent", "inconsistent", "unparsed", "first_position", "answered", "position_bias"),
+        0.0,
+    )
     labels = []
     for position, record in enumerate(records):
         texts = [_text(r) for r in record["responses"]]
@@ -156,37 +218,33 @@ def run_judge(ctx: RunContext) -> dict[str, Any]:
         with ctx.cancel.deferred():
             for i in range(len(texts)):
                 for j in range(i + 1, len(texts)):
-                    forward = _ask(models, hp, judge, prompt, texts[i], texts[j])
-                    backward = _ask(models, hp, judge, prompt, texts[j], texts[i])
                     counts["asked"] += 1
-                    for said in (forward, backward):
-                        if said is not None:
-                            counts["answered"] += 1
-                            counts["first_position"] += int(said == 1)
-                    if forward is None or backward is None:
-                        counts["unparsed"] += 1
-                    elif (forward == 1) == (backward == 2):  # both orders name the same response
-                        counts["consistent"] += 1
-                        pairs.append([i, j, "a" if forward == 1 else "b"])
-                    else:
-                        counts["inconsistent"] += 1
+                    said = verdict(models, hp, judge, (prompt, texts[i], texts[j]), counts)
+                    if said is not None:
+                        pairs.append([i, j, said])
         labels.append({"position": position, "pairs": pairs})
         ctx.progress.progress(0.95 * (position + 1) / len(records), stage="judge")
     share = counts["first_position"] / counts["answered"] if counts["answered"] else None
+    asked = int(counts["asked"])
     ctx.progress.event(
-        f"judge {hp.name}: {counts['asked']} pairs asked in both orders on {len(records)} items; "
-        f"{counts['consistent']} consistent, {counts['inconsistent']} flipped with the order, "
-        f"{counts['unparsed']} without a 1/2 answer",
+        f"judge {hp.name} ({hp.verdict}): {asked} pairs asked in both orders on {len(records)} items; "
+        f"{int(counts['consistent'])} consistent, {int(counts['inconsistent'])} flipped with the order, "
+        f"{int(counts['unparsed'])} without a 1/2 answer",
         stage="judge",
     )
     result = {
         "name": hp.name,
+        "verdict": hp.verdict,
         "labels": labels,
-        "asked": counts["asked"],
-        "consistent": counts["consistent"],
-        "inconsistent": counts["inconsistent"],
-        "unparsed": counts["unparsed"],
+        "asked": asked,
+        "consistent": int(counts["consistent"]),
+        "inconsistent": int(counts["inconsistent"]),
+        "unparsed": int(counts["unparsed"]),
         "first_position_share": share,
+        # the mean lean to the first position in log-odds (logprobs verdicts only): what the two orders cancel
+        "position_bias": round(counts["position_bias"] / asked, 4)
+        if hp.verdict == "logprobs" and asked
+        else None,
     }
     _publish(ctx, JUDGE_LABELS_KIND, result)
     return result

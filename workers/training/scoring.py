@@ -30,7 +30,7 @@ from peft import PeftModel, get_peft_model
 from contract.graders import RewardModelGrader, ScoreModelGrader
 from contract.hyperparameters import LoraSettings
 from workers.training import data, lora, rollout
-from workers.training.errors import INVALID_ADAPTER, TrainingError
+from workers.training.errors import INVALID_ADAPTER, INVALID_SPEC, TrainingError
 from workers.training.ppo import choose_pad_token_id, load_scalar_adapter
 
 if TYPE_CHECKING:
@@ -252,6 +252,46 @@ def judge_answer(
     tokens, response_mask, _ = rollout.truncate_after_eos(raw, models.eos_token_id, models.pad_token_id)
     length = int(response_mask[0].sum())
     return str(models.tokenizer.decode(tokens[0, :length].tolist(), skip_special_tokens=True))
+
+
+def _first_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The single tokens an answer ``text`` can start with: the bare text and the space-led one, where the
+    tokenizer has each as one token (a template may or may not leave a space before the answer)."""
+    found = []
+    for variant in (text, " " + text):
+        ids = tokenizer.encode(variant, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] not in found:
+            found.append(ids[0])
+    if not found:
+        raise TrainingError(
+            INVALID_SPEC, f"verdict 'logprobs': the judge's tokenizer has no single token for {text!r}"
+        )
+    return found
+
+
+@torch.no_grad()
+def answer_log_odds(
+    models: SharedModels,
+    messages: list[dict[str, str]],
+    *,
+    judge: str | None,
+    choices: tuple[str, str] = ("1", "2"),
+    max_prompt_tokens: int | None = None,
+) -> float:
+    """log P(answer starts with choices[0]) - log P(... choices[1]) under the judge, from one forward of the
+    prompt (no generation): what a greedy judge leans to, as a number that can be compared across orders."""
+    turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+    prompt_ids = rollout.encode_prompt(models.tokenizer, turns)
+    if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
+        prompt_ids = prompt_ids[-max_prompt_tokens:]
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=models.device)
+    with models.active(judge):
+        logits = models.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    first, second = (
+        torch.logsumexp(logprobs[_first_tokens(models.tokenizer, choice)], dim=0) for choice in choices
+    )
+    return float(first - second)
 
 
 def first_number(answer: str) -> float | None:

@@ -286,6 +286,7 @@ class FeedbackSets(SyncResource):
         model: str,
         max_items: int | None = None,
         max_new_tokens: int | None = None,
+        verdict: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
@@ -293,7 +294,11 @@ class FeedbackSets(SyncResource):
     ) -> FeedbackSet:
         """An AI judge (a model id or an adapter artifact) labels the items as ``judge:<name>``, in a job."""
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        body = {"name": name, "model": model, **_options(max_items=max_items, max_new_tokens=max_new_tokens)}
+        body = {
+            "name": name,
+            "model": model,
+            **_options(max_items=max_items, max_new_tokens=max_new_tokens, verdict=verdict),
+        }
         response = self._client._post(
             f"/v1/feedback-sets/{path_id(feedback_set_id)}/judges", json=body, extras=extras
         )
@@ -513,6 +518,7 @@ class AsyncFeedbackSets(AsyncResource):
         model: str,
         max_items: int | None = None,
         max_new_tokens: int | None = None,
+        verdict: str | None = None,
         extra_headers: Headers | None = None,
         extra_query: Query | None = None,
         extra_body: Body | None = None,
@@ -520,7 +526,11 @@ class AsyncFeedbackSets(AsyncResource):
     ) -> FeedbackSet:
         """An AI judge (a model id or an adapter artifact) labels the items as ``judge:<name>``, in a job."""
         extras = RequestExtras(extra_headers, extra_query, extra_body, timeout)
-        body = {"name": name, "model": model, **_options(max_items=max_items, max_new_tokens=max_new_tokens)}
+        body = {
+            "name": name,
+            "model": model,
+            **_options(max_items=max_items, max_new_tokens=max_new_tokens, verdict=verdict),
+        }
         response = await self._client._post(
             f"/v1/feedback-sets/{path_id(feedback_set_id)}/judges", json=body, extras=extras
         )

@@ -250,7 +250,11 @@ def add_judge(
         row,
         name=body.name,
         model=body.model,
-        hyperparameters={"max_items": body.max_items, "max_new_tokens": body.max_new_tokens},
+        hyperparameters={
+            "max_items": body.max_items,
+            "max_new_tokens": body.max_new_tokens,
+            "verdict": body.verdict,
+        },
     )
     return _public(session, row)
 
