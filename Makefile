@@ -167,10 +167,11 @@ bench-sft-quick: $(STAMP) $(BENCH_STAMP)
 # Random vs uncertainty ordering of a feedback set through a real embedded alignd on the tiny model (3 seeds;
 # results in bench/results/labels_efficiency.json + .md). Only the main venv: no TRL involved.
 bench-labels: $(STAMP)
-	$(PY) bench/labels_efficiency.py --seeds 3
+	$(PY) examples/prepare_base_model.py
+	$(PY) bench/labels_efficiency.py --seeds 3 --references
 
 bench-labels-quick: $(STAMP)
-	$(PY) bench/labels_efficiency.py --quick
+	$(PY) bench/labels_efficiency.py --quick --judge tiny
 
 bench-validation: $(STAMP)
 	$(PY) bench/validation_speed.py --sizes 50,200 --repeat 3 --results validation_speed

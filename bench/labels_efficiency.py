@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -60,6 +61,9 @@ RM_HP = {
 BASE_NAMES = {"tiny": "tiny random Llama, hidden 64, 2 layers", "smollm2": "SmolLM2-135M-Instruct"}
 SMOLLM2 = Path(__file__).resolve().parents[1] / ".cache" / "models" / "SmolLM2-135M-Instruct"
 KEY = "bench-key"
+# Orderings by the true gap between the two responses' hidden scores, chosen by the script (not served by
+# alignd): a bound on what ordering by difficulty could do for this learner on this pool.
+REFERENCES = ("gap_hardest_first", "gap_easiest_first")
 JUDGED = 60  # held-out items the judge labels (two questions per item; the tiny judge is slow to read)
 
 
@@ -274,6 +278,48 @@ def run_ordering(
     }
 
 
+def _gap(record: dict[str, Any]) -> int:
+    return abs(hidden_score(record["responses"][0]) - hidden_score(record["responses"][1]))
+
+
+def run_reference(
+    client: Any,
+    *,
+    model: str,
+    pool: list[dict[str, Any]],
+    heldout: tuple[str, list[dict[str, Any]]],
+    warm: str,
+    warm_n: int,
+    ordering: str,
+    seed: int,
+    checkpoints: list[int],
+    hyperparameters: dict[str, Any],
+) -> dict[str, Any]:
+    """A reference ordering alignd does not serve: the script picks the items by their *true* hidden-score gap
+    (REFERENCES), hardest or easiest first (ties in a seeded shuffle), and the reward model is trained and
+    scored exactly as for the served orderings. It says how much any ordering by difficulty could help."""
+    order = list(range(len(pool)))
+    random.Random(seed + 1).shuffle(order)
+    order.sort(key=lambda i: _gap(pool[i]) * (1 if ordering == "gap_hardest_first" else -1))
+    accuracies: dict[int, float] = {}
+    started = time.perf_counter()
+    for target in checkpoints:
+        chosen = [pool[i] for i in order[: target - warm_n]]
+        dataset = upload(client, [_ranked(r) for r in chosen], "ranking")
+        artifact = reward_model(client, model, dataset, seed, hyperparameters, init=warm)
+        accuracies[target] = heldout_accuracy(client, heldout[0], heldout[1], artifact)
+        print(
+            f"  seed {seed} {ordering} {target:4d} labels: held-out accuracy {accuracies[target]:.3f}",
+            flush=True,
+        )
+    return {"accuracy": accuracies, "seconds": time.perf_counter() - started}
+
+
+def _ranked(record: dict[str, Any]) -> dict[str, Any]:
+    ranking = sorted((0, 1), key=lambda i: -hidden_score(record["responses"][i]))
+    return {"prompt": record["prompt"], "responses": record["responses"], "ranking": ranking}
+
+
 def judge_agreement(
     client: Any, model: str, heldout: tuple[str, list[dict[str, Any]]]
 ) -> list[dict[str, Any]]:
@@ -325,7 +371,7 @@ def judge_agreement(
 def _summary(runs: dict[str, list[dict[str, Any]]], checkpoints: list[int]) -> list[dict[str, Any]]:
     rows = []
     for ordering, results in runs.items():
-        for n in checkpoints:
+        for n in checkpoints if results else ():
             values = [r["accuracy"][n] for r in results]
             rows.append(
                 {
@@ -384,6 +430,11 @@ def main() -> None:
     parser.add_argument(
         "--judge-only", action="store_true", help="only the judge (a part run beside the seeds)"
     )
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also the REFERENCES orderings (the script picks by true gap)",
+    )
     parser.add_argument("--results", default=None, help="results name (default labels_efficiency[_quick])")
     parser.add_argument(
         "--merge",
@@ -405,6 +456,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="labels-", dir=WORK))
     hyperparameters = RM_HP[args.base]
     runs: dict[str, list[dict[str, Any]]] = {"random": [], "uncertainty": []}
+    if args.references:
+        runs |= {name: [] for name in REFERENCES}
     with Server(work / "alignd", threads=args.threads) as client:
         model = upload_base(client, args.base, work)
         judge_model = (
@@ -417,17 +470,25 @@ def main() -> None:
         for seed in seeds:
             rng = random.Random(seed)
             pool = make_pool(args.pool + args.warm, rng)
-            warm_records = [
-                {
-                    "prompt": r["prompt"],
-                    "responses": r["responses"],
-                    "ranking": sorted((0, 1), key=lambda i: -hidden_score(r["responses"][i])),
-                }
-                for r in pool[: args.warm]
-            ]
+            warm_records = [_ranked(r) for r in pool[: args.warm]]
             warm = reward_model(client, model, upload(client, warm_records, "ranking"), seed, hyperparameters)
             pool_id = upload(client, pool[args.warm :], "candidates")
-            for ordering in runs:
+            for ordering in REFERENCES if args.references else ():
+                runs[ordering].append(
+                    run_reference(
+                        client,
+                        model=model,
+                        pool=pool[args.warm :],
+                        heldout=heldout,
+                        warm=warm,
+                        warm_n=args.warm,
+                        ordering=ordering,
+                        seed=seed,
+                        checkpoints=checkpoints,
+                        hyperparameters=hyperparameters,
+                    )
+                )
+            for ordering in ("random", "uncertainty"):
                 runs[ordering].append(
                     run_ordering(
                         client,
@@ -465,6 +526,13 @@ def main() -> None:
     publish(name, stamp, runs, judge, settings, wall_s=wall_s)
 
 
+def wilson_interval(share: float, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson score interval (95% by default) of a share measured on n trials."""
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 3), round(centre + half, 3)]
+
+
 def publish(
     name: str,
     stamp: dict[str, Any],
@@ -479,6 +547,9 @@ def publish(
     for results in runs.values():  # JSON keys are strings once written; checkpoints are ints here
         for run in results:
             run["accuracy"] = {int(k): v for k, v in run["accuracy"].items()}
+    for row in judge or []:  # how far from chance the judge's agreement is, on the pairs it labelled
+        agreement, n = row["agreement_with_scripted_labels"], row["labels"]
+        row["agreement_ci95"] = wilson_interval(agreement, n) if agreement is not None and n else None
     measured = any(runs.values())  # a --judge-only part has no orderings
     rows = _summary(runs, checkpoints) if measured else []
     target = _target(rows, checkpoints) if measured else None
@@ -545,10 +616,10 @@ def merge(names: list[str], out: str) -> None:
         )
         for n in names
     ]
-    runs: dict[str, list[dict[str, Any]]] = {"random": [], "uncertainty": []}
+    runs: dict[str, list[dict[str, Any]]] = {}
     for part in parts:
-        for ordering in runs:
-            runs[ordering] += part["runs"][ordering]
+        for ordering, results in part["runs"].items():
+            runs.setdefault(ordering, []).extend(results)
     judged = next((p for p in parts if p["judge"] is not None), None)
     judge = judged["judge"] if judged else None
     settings = {
