@@ -50,8 +50,14 @@ def test_sdk_feedback_round_and_cli(
         )
         assert weighted.kind == "ranking"
         with pytest.raises(alignd.ValidationError) as info:
-            client.feedback_sets.add_judge(fbs.id, name="j", model="model_nope")
+            client.feedback_sets.add_judge(fbs.id, name="j", model="model_nope", verdict="logprobs")
         assert info.value.code == "unknown_model"
+        with pytest.raises(
+            alignd.ValidationError
+        ) as info:  # the SDK sends refresh_from; the server checks it
+            client.feedback_sets.create(name="x", candidates=dataset.id, refresh_from="newest")
+        assert info.value.code == "invalid_refresh_from"
+        assert fbs.refresh_from == "latest"
         with pytest.raises(alignd.ValidationError) as info:
             client.feedback_sets.create(name="x", candidates=dataset.id, ordering="uncertainty")
         assert info.value.code == "missing_reward_model"
@@ -62,6 +68,9 @@ def test_sdk_feedback_round_and_cli(
             assert await client.feedback_sets.next(fbs.id, annotator="sdk") is None
             assert [s.id async for s in client.feedback_sets.list()] == [fbs.id]
             assert (await client.feedback_sets.update(fbs.id, routing="all")).routing == "all"
+            with pytest.raises(alignd.ValidationError) as info:
+                await client.feedback_sets.create(name="x", candidates=dataset.id, refresh_from="newest")
+            assert info.value.code == "invalid_refresh_from"
             assert (await client.feedback_sets.annotators(fbs.id)).annotators[0]["annotator"] == "sdk"
 
     asyncio.run(async_side())

@@ -217,6 +217,18 @@ def rewards_of(
     return out
 
 
+def _judge_prompt_ids(
+    models: SharedModels, messages: list[dict[str, str]], max_prompt_tokens: int | None
+) -> list[int]:
+    """The judge's prompt (``developer`` turns as ``system``), cut from the left to ``max_prompt_tokens``:
+    the question is at the end, so the rubric is cut first."""
+    turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+    prompt_ids = rollout.encode_prompt(models.tokenizer, turns)
+    if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
+        prompt_ids = prompt_ids[-max_prompt_tokens:]
+    return prompt_ids
+
+
 @torch.no_grad()
 def judge_answer(
     models: SharedModels,
@@ -231,10 +243,7 @@ def judge_answer(
 ) -> str:
     """The judge's answer to ``messages`` (``developer`` turns as ``system``): the base when ``judge`` is
     None, else the base with that adapter; greedy at temperature 0, else sampled from ``seed``."""
-    turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
-    prompt_ids = rollout.encode_prompt(models.tokenizer, turns)
-    if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
-        prompt_ids = prompt_ids[-max_prompt_tokens:]  # the question is at the end; the rubric is cut first
+    prompt_ids = _judge_prompt_ids(models, messages, max_prompt_tokens)
     generator = torch.Generator(device=models.device).manual_seed(seed)
     ids, mask = rollout.left_pad([prompt_ids], models.pad_token_id)
     with models.active(judge):
@@ -280,10 +289,7 @@ def answer_log_odds(
 ) -> float:
     """log P(answer starts with choices[0]) - log P(... choices[1]) under the judge, from one forward of the
     prompt (no generation): what a greedy judge leans to, as a number that can be compared across orders."""
-    turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
-    prompt_ids = rollout.encode_prompt(models.tokenizer, turns)
-    if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
-        prompt_ids = prompt_ids[-max_prompt_tokens:]
+    prompt_ids = _judge_prompt_ids(models, messages, max_prompt_tokens)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=models.device)
     with models.active(judge):
         logits = models.model(input_ids=ids, use_cache=False).logits[0, -1].float()
