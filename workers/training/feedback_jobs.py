@@ -151,7 +151,7 @@ def _verdict_by_answers(
     question: tuple[str, str, str],
     counts: dict[str, float],
 ) -> str | None:
-    """ "a" or "b" when both orders' greedy answers name the same response, else None (no label)."""
+    """The verdict ("a" or "b") when both orders' greedy answers name the same response, else None."""
     prompt, a, b = question
     forward, backward = _ask(models, hp, judge, prompt, a, b), _ask(models, hp, judge, prompt, b, a)
     for said in (forward, backward):
