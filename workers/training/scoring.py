@@ -291,8 +291,8 @@ def answer_log_odds(
     prompt (no generation): what a greedy judge leans to, as a number that can be compared across orders."""
     prompt_ids = _judge_prompt_ids(models, messages, max_prompt_tokens)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=models.device)
-    with models.active(judge):
-        logits = models.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    with models.active(judge):  # the head at the last position only: the answer's first token is all we read
+        logits = models.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     first, second = (
         torch.logsumexp(logprobs[_first_tokens(models.tokenizer, choice)], dim=0) for choice in choices
