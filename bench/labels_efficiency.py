@@ -19,8 +19,10 @@ real small model), so it runs from a fresh clone on 2 CPU cores:
    that count is that same model and is used as it is), and the held-out pool is scored by it (a feedback
    set with ``reward_model`` set runs the score job): held-out pair accuracy = the share of held-out pairs
    whose better response gets the higher reward.
-5. A judge (``--judge``: SmolLM2-135M-Instruct by default, greedy, both orders, the rule as its guidelines)
-   labels held-out items; its agreement with the hidden rule is reported where it gave consistent verdicts.
+5. The scripted annotator labels JUDGED held-out items; then a judge (``--judge``: SmolLM2-135M-Instruct by
+   default, both orders, the rule as its guidelines) labels them once per verdict mode (``answer``, greedy;
+   ``logprobs``), and each mode's agreement with the scripted labels is read from the set's own report,
+   with a Wilson interval.
 
 Target: uncertainty reaches random's 200-label accuracy with at most half the labels (100).
 
@@ -64,7 +66,7 @@ KEY = "bench-key"
 # Orderings by the true gap between the two responses' hidden scores, chosen by the script (not served by
 # alignd): a bound on what ordering by difficulty could do for this learner on this pool.
 REFERENCES = ("gap_hardest_first", "gap_easiest_first")
-JUDGED = 60  # held-out items the judge labels (two questions per item; the tiny judge is slow to read)
+JUDGED = 60  # held-out items the judge labels (two questions per item and verdict mode)
 
 
 def hidden_score(text: str) -> int:
@@ -416,7 +418,7 @@ def main() -> None:
         choices=sorted(RM_HP),
         default="smollm2",
         help="the AI judge's model: an instruction-following SmolLM2-135M-Instruct, or the tiny random Llama "
-        "(which answers no usable 1 or 2: a floor)",
+        "(a floor: its greedy answers give next to no verdicts)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per training child")
     parser.add_argument("--pool", type=int, default=300)
