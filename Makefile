@@ -96,7 +96,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
 .PHONY: bench bench-quick bench-install bench-ppo bench-precision bench-ppo-quick bench-grpo bench-grpo-quick bench-sft \
-	bench-sft-quick bench-alignment bench-alignment-quick bench-labels bench-labels-quick bench-validation bench-validation-quick bench-api bench-api-quick bench-api-gc wrk
+	bench-sft-quick bench-alignment bench-alignment-quick bench-labels bench-labels-smollm2 bench-labels-quick bench-validation bench-validation-quick bench-api bench-api-quick bench-api-gc wrk
 
 # TRL only here. torch first (CPU wheel, pinned), then TRL 1.9.x (still has trl.experimental.ppo) with
 # transformers/peft pinned to the main venv's versions, then this repo (the same alignd code as .venv).
@@ -169,6 +169,18 @@ bench-sft-quick: $(STAMP) $(BENCH_STAMP)
 bench-labels: $(STAMP)
 	$(PY) examples/prepare_base_model.py
 	$(PY) bench/labels_efficiency.py --seeds 3 --references
+
+# The same on SmolLM2-135M-Instruct as the reward models' base, without the judge (bench-labels has it):
+# random to 200 labels, uncertainty to 100 (the target compares those; each of its refreshes retrains the
+# warm start on all labels so far, so its time grows faster than the labels), then one merged file.
+bench-labels-smollm2: $(STAMP)
+	$(PY) examples/prepare_base_model.py
+	$(PY) bench/labels_efficiency.py --base smollm2 --seeds 3 --no-judge --orderings random \
+		--results labels_efficiency_smollm2_random
+	$(PY) bench/labels_efficiency.py --base smollm2 --seeds 3 --no-judge --orderings uncertainty \
+		--checkpoints 50,100 --results labels_efficiency_smollm2_uncertainty
+	$(PY) bench/labels_efficiency.py --merge labels_efficiency_smollm2_random \
+		labels_efficiency_smollm2_uncertainty --results labels_efficiency_smollm2
 
 bench-labels-quick: $(STAMP)
 	$(PY) bench/labels_efficiency.py --quick --judge tiny

@@ -28,7 +28,8 @@ Target: uncertainty reaches random's 200-label accuracy with at most half the la
 
     python bench/labels_efficiency.py [--seeds 3] [--pool 300] [--heldout 200] [--base tiny|smollm2] [--quick]
 
-Writes bench/results/labels_efficiency.json + .md (``--quick``: labels_efficiency_quick.*).
+Writes bench/results/labels_efficiency.json + .md (``--base smollm2``: labels_efficiency_smollm2.*; ``--quick``
+adds ``_quick``).
 """
 
 from __future__ import annotations
@@ -55,12 +56,19 @@ GOOD, BAD = ("good", "yes"), ("bad", "no")
 FILLER = ("big", "small", "long", "short", "first", "last", "maybe", "hello")
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 # Reward-model settings per base. The tiny model is random, so its LoRA needs a large lr and many passes to
-# learn the rule at all; SmolLM2 knows the words already and learns from 3 passes at a fine-tuning lr.
+# learn the rule at all; SmolLM2 knows the words already and learns at a fine-tuning lr, but 3 passes
+# underfit small label sets (a one-seed screen, 2026-12-06, not kept: at 50 labels in random order, 6 passes
+# were about 0.1 more accurate on the held-out pairs than 3; at 100 labels, about the same).
 RM_HP = {
     "tiny": {"epochs": 10, "batch_size": 8, "learning_rate": 1e-2, "max_length": 48, "eval_fraction": 0.0},
-    "smollm2": {"epochs": 3, "batch_size": 8, "learning_rate": 5e-4, "max_length": 48, "eval_fraction": 0.0},
+    "smollm2": {"epochs": 6, "batch_size": 8, "learning_rate": 5e-4, "max_length": 48, "eval_fraction": 0.0},
 }
 BASE_NAMES = {"tiny": "tiny random Llama, hidden 64, 2 layers", "smollm2": "SmolLM2-135M-Instruct"}
+# Uncertainty's refresh cadence per base: a SmolLM2 refresh (train, then score the 300-item pool) takes minutes
+# on 2 cores, so it refreshes half as often.
+REFRESH_EVERY = {"tiny": 10, "smollm2": 20}
+# Results name per base (``--results`` overrides; ``--quick`` adds ``_quick``).
+RESULTS_NAME = {"tiny": "labels_efficiency", "smollm2": "labels_efficiency_smollm2"}
 SMOLLM2 = Path(__file__).resolve().parents[1] / ".cache" / "models" / "SmolLM2-135M-Instruct"
 KEY = "bench-key"
 # Orderings by the true gap between the two responses' hidden scores, chosen by the script (not served by
@@ -373,8 +381,10 @@ def judge_agreement(
 def _summary(runs: dict[str, list[dict[str, Any]]], checkpoints: list[int]) -> list[dict[str, Any]]:
     rows = []
     for ordering, results in runs.items():
-        for n in checkpoints if results else ():
-            values = [r["accuracy"][n] for r in results]
+        for n in checkpoints:
+            values = [r["accuracy"][n] for r in results if n in r["accuracy"]]
+            if not values:  # this ordering was run to fewer checkpoints (--checkpoints in its part)
+                continue
             rows.append(
                 {
                     "ordering": ordering,
@@ -393,7 +403,7 @@ def _target(rows: list[dict[str, Any]], checkpoints: list[int]) -> dict[str, Any
     mean = {(r["ordering"], r["labels"]): r["accuracy_mean"] for r in rows}
     top = checkpoints[-1]
     goal = mean[("random", top)]
-    reached = [n for n in checkpoints if mean[("uncertainty", n)] >= goal]
+    reached = [n for n in checkpoints if mean.get(("uncertainty", n), -1.0) >= goal]
     first = reached[0] if reached else None
     return {
         "random_accuracy_at_max_labels": goal,
@@ -424,8 +434,19 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=300)
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--warm", type=int, default=20)
-    parser.add_argument("--refresh-every", type=int, default=10)
+    parser.add_argument(
+        "--refresh-every",
+        type=int,
+        default=None,
+        help="uncertainty's refresh cadence (default per base: 10, 20)",
+    )
     parser.add_argument("--checkpoints", default="50,100,200")
+    parser.add_argument(
+        "--orderings",
+        choices=("random,uncertainty", "random", "uncertainty"),
+        default="random,uncertainty",
+        help="the served orderings to run (a part run beside another, e.g. with fewer --checkpoints)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, checkpoints 30,60: a smoke run")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
     parser.add_argument("--no-judge", action="store_true", help="skip the judge (another part measures it)")
@@ -437,7 +458,11 @@ def main() -> None:
         action="store_true",
         help="also the REFERENCES orderings (the script picks by true gap)",
     )
-    parser.add_argument("--results", default=None, help="results name (default labels_efficiency[_quick])")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="results name (default labels_efficiency[_quick], labels_efficiency_smollm2[_quick])",
+    )
     parser.add_argument(
         "--merge",
         nargs="+",
@@ -446,8 +471,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.merge:
-        merge(args.merge, args.results or "labels_efficiency")
+        merge(args.merge, args.results or RESULTS_NAME[args.base])
         return
+    refresh_every = args.refresh_every or REFRESH_EVERY[args.base]
+    name = args.results or RESULTS_NAME[args.base] + ("_quick" if args.quick else "")
     checkpoints = [int(x) for x in args.checkpoints.split(",")]
     if args.quick:
         args.seeds, args.pool, args.heldout, checkpoints = 1, 80, 60, [30, 60]
@@ -457,7 +484,8 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="labels-", dir=WORK))
     hyperparameters = RM_HP[args.base]
-    runs: dict[str, list[dict[str, Any]]] = {"random": [], "uncertainty": []}
+    orderings = args.orderings.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {ordering: [] for ordering in orderings}
     if args.references:
         runs |= {name: [] for name in REFERENCES}
     with Server(work / "alignd", threads=args.threads) as client:
@@ -490,7 +518,7 @@ def main() -> None:
                         hyperparameters=hyperparameters,
                     )
                 )
-            for ordering in ("random", "uncertainty"):
+            for ordering in orderings:
                 runs[ordering].append(
                     run_ordering(
                         client,
@@ -502,14 +530,13 @@ def main() -> None:
                         ordering=ordering,
                         seed=seed,
                         checkpoints=checkpoints,
-                        refresh_every=args.refresh_every,
+                        refresh_every=refresh_every,
                         hyperparameters=hyperparameters,
                     )
                 )
                 # what is done so far survives an interrupted run (a long one on a busy machine)
                 partial = {"machine": stamp, "runs": runs, "judge": judge, "seed": seed}
-                (WORK / f"{args.results or 'labels_efficiency'}.partial.json").write_text(json.dumps(partial))
-    name = args.results or ("labels_efficiency_quick" if args.quick else "labels_efficiency")
+                (WORK / f"{name}.partial.json").write_text(json.dumps(partial))
     settings = {
         "base": args.base,
         "judge": None if args.no_judge else args.judge,
@@ -518,7 +545,7 @@ def main() -> None:
         "warm": args.warm,
         "pool": args.pool,
         "heldout": args.heldout,
-        "refresh_every": args.refresh_every,
+        "refresh_every": refresh_every,
         "checkpoints": checkpoints,
         "seeds": list(seeds),
     }
@@ -544,6 +571,7 @@ def publish(
     *,
     wall_s: float,
     parts: list[str] | None = None,
+    assembled: dict[str, str] | None = None,
 ) -> None:
     checkpoints = settings["checkpoints"]
     for results in runs.values():  # JSON keys are strings once written; checkpoints are ints here
@@ -554,7 +582,8 @@ def publish(
         row["agreement_ci95"] = wilson_interval(agreement, n) if agreement is not None and n else None
     measured = any(runs.values())  # a --judge-only part has no orderings
     rows = _summary(runs, checkpoints) if measured else []
-    target = _target(rows, checkpoints) if measured else None
+    both = {"random", "uncertainty"} <= {r["ordering"] for r in rows}  # a part may run one ordering only
+    target = _target(rows, checkpoints) if measured and both else None
     judge_notes = (
         ["Judge: not run in this part."]
         if judge is None
@@ -577,13 +606,14 @@ def publish(
         f"{settings['reward_model']}; warm start {settings['warm']} labels (counted in the labels); pool "
         f"{settings['pool']} items per seed, held-out {settings['heldout']} pairs; uncertainty refreshes every "
         f"{settings['refresh_every']} labels; seeds {settings['seeds']}.",
-        "Target: not measured in this part (--judge-only)."
+        "Target: not measured in this part (it ran the judge or one ordering only)."
         if target is None
         else f"Target ({target['target']}): {'met' if target['met'] else 'not met'}; random's "
         f"{checkpoints[-1]}-label mean accuracy {target['random_accuracy_at_max_labels']:.3f}, first "
         f"uncertainty checkpoint reaching it: {target['uncertainty_first_checkpoint_reaching_it']}.",
         *judge_notes,
-        f"Wall time {wall_s:.0f} s" + (f" (parts run side by side: {', '.join(parts)})." if parts else "."),
+        f"Wall time {wall_s:.0f} s" + (f": the longest of the parts ({', '.join(parts)})." if parts else "."),
+        *(f"Part {name}: {how}." for name, how in (assembled or {}).items()),
     ]
     tables = {"Held-out pair accuracy by labels": rows} if rows else {}
     if judge is not None:
@@ -600,6 +630,7 @@ def publish(
             "settings": settings,
             "wall_s": round(wall_s, 1),
             "parts": parts,
+            "parts_assembled": assembled,
         },
         notes=notes,
     )
@@ -626,11 +657,21 @@ def merge(names: list[str], out: str) -> None:
     judge = judged["judge"] if judged else None
     settings = {
         **parts[0]["settings"],
-        "seeds": [s for p in parts for s in p["settings"]["seeds"]],
+        "seeds": sorted({s for p in parts for s in p["settings"]["seeds"]}),  # orderings may run in parts
         "judge": judged["settings"].get("judge", "tiny") if judged else None,
     }
     publish(
-        out, parts[0]["machine"], runs, judge, settings, wall_s=max(p["wall_s"] for p in parts), parts=names
+        out,
+        parts[0]["machine"],
+        runs,
+        judge,
+        settings,
+        wall_s=max(p["wall_s"] for p in parts),
+        parts=names,
+        # a part written by hand from a run's partial save (a run stopped early) says so in "assembled_from"
+        assembled={
+            n: p["assembled_from"] for n, p in zip(names, parts, strict=True) if "assembled_from" in p
+        },
     )
 
 
