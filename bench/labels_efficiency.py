@@ -399,9 +399,12 @@ def _summary(runs: dict[str, list[dict[str, Any]]], checkpoints: list[int]) -> l
     return rows
 
 
-def _target(rows: list[dict[str, Any]], checkpoints: list[int]) -> dict[str, Any]:
+def _target(rows: list[dict[str, Any]], checkpoints: list[int]) -> dict[str, Any] | None:
+    """Met or not; None for a part that cannot say (the judge only, or one ordering only)."""
     mean = {(r["ordering"], r["labels"]): r["accuracy_mean"] for r in rows}
     top = checkpoints[-1]
+    if ("random", top) not in mean or not any(ordering == "uncertainty" for ordering, _ in mean):
+        return None
     goal = mean[("random", top)]
     reached = [n for n in checkpoints if mean.get(("uncertainty", n), -1.0) >= goal]
     first = reached[0] if reached else None
@@ -580,10 +583,8 @@ def publish(
     for row in judge or []:  # how far from chance the judge's agreement is, on the pairs it labelled
         agreement, n = row["agreement_with_scripted_labels"], row["labels"]
         row["agreement_ci95"] = wilson_interval(agreement, n) if agreement is not None and n else None
-    measured = any(runs.values())  # a --judge-only part has no orderings
-    rows = _summary(runs, checkpoints) if measured else []
-    both = {"random", "uncertainty"} <= {r["ordering"] for r in rows}  # a part may run one ordering only
-    target = _target(rows, checkpoints) if measured and both else None
+    rows = _summary(runs, checkpoints)  # none for a --judge-only part
+    target = _target(rows, checkpoints)
     judge_notes = (
         ["Judge: not run in this part."]
         if judge is None
